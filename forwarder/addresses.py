@@ -1,0 +1,112 @@
+"""Parsing of envelope addresses and validation of redirect targets.
+
+Envelope recipients are parsed strictly: anything that an older MTA might route somewhere
+else (`%` hacks, `!` paths, quoted local parts holding an `@`, comments) is refused outright
+rather than interpreted, so the daemon can never be made into an open relay by syntax.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import email_validator
+
+# RFC 5321 4.5.3.1.1 and 4.5.3.1.2.
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+# RFC 5322 3.2.3 atext, minus the characters that older MTAs treat as routing:
+# '%' (the "percent hack") and '!' (UUCP bang paths).
+_LOCAL_ATOM = r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+"
+_LOCAL_RE = re.compile(rf"{_LOCAL_ATOM}(?:\.{_LOCAL_ATOM})*")
+# RFC 5321 4.1.2 Domain: LDH labels separated by dots.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class AddressError(ValueError):
+    """An address that cannot be used; the message is safe to show an administrator."""
+
+
+@dataclass(frozen=True)
+class Address:
+    local: str
+    domain: str
+
+    @property
+    def key(self) -> str:
+        """Directory key: local parts compare case-insensitively (PRODUCT.md)."""
+        return f"{self.local.lower()}@{self.domain}"
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+
+def has_control_chars(text: str) -> bool:
+    return bool(_CONTROL_RE.search(text))
+
+
+def normalize_domain(domain: str) -> str:
+    """Lower-case, and drop one trailing dot: `Sigma-Clermont.FR.` is our domain too."""
+    domain = domain.lower()
+    return domain[:-1] if domain.endswith(".") else domain
+
+
+def parse_address(text: str) -> Address:
+    """Parse an envelope address (without angle brackets) strictly, or raise AddressError."""
+    if has_control_chars(text):
+        raise AddressError("control characters in address")
+    if len(text) > MAX_PATH:
+        raise AddressError("address too long (RFC 5321 4.5.3.1.3)")
+    local, at, domain = text.rpartition("@")
+    if not at or not local:
+        raise AddressError("address must be local-part@domain")
+    if len(local) > MAX_LOCAL_PART:
+        raise AddressError("local part longer than 64 octets (RFC 5321 4.5.3.1.1)")
+    if not _LOCAL_RE.fullmatch(local):
+        raise AddressError("local part has characters that are not allowed")
+    domain = normalize_domain(domain)
+    if len(domain) > MAX_DOMAIN or not _DOMAIN_RE.fullmatch(domain):
+        raise AddressError("domain is not a valid host name")
+    return Address(local, domain)
+
+
+def parse_sender(text: str) -> str:
+    """The MAIL FROM reverse-path: `""` for the null sender, else a validated address."""
+    if text in ("", "<>"):
+        return ""
+    return str(parse_address(text))
+
+
+def validate_redirect_syntax(target: str, own_domains: tuple[str, ...]) -> str:
+    """Check a redirect target as declared by an admin and return it normalised.
+
+    Uses email-validator for RFC 5321/5322 syntax and lengths; refuses quoted local parts,
+    domain literals, control characters, and targets inside our own domains (a loop).
+    """
+    if has_control_chars(target):
+        raise AddressError("control characters (CR, LF, NUL...) are not allowed in a target")
+    target = target.strip()
+    if not target:
+        raise AddressError("empty target")
+    try:
+        result = email_validator.validate_email(
+            target,
+            check_deliverability=False,
+            allow_quoted_local=False,
+            allow_domain_literal=False,
+            allow_smtputf8=False,
+        )
+    except email_validator.EmailNotValidError as exc:
+        raise AddressError(str(exc)) from exc
+    parsed = parse_address(result.normalized)
+    if is_own_domain(parsed.domain, own_domains):
+        raise AddressError(f"target {parsed} is inside our own domain {parsed.domain}: a loop")
+    return str(parsed)
+
+
+def is_own_domain(domain: str, own_domains: tuple[str, ...]) -> bool:
+    return normalize_domain(domain) in own_domains

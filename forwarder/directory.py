@@ -1,0 +1,331 @@
+"""The SQLite directory of addresses: schema and migrations, admin writes, daemon reads.
+
+The directory is its own file (DESIGN.md: a bulk import never stalls the queue). It runs in
+WAL mode so the daemon's reads never wait for an admin's write transaction, and the daemon
+reads it on every RCPT with no cache, so an admin change applies to the next RCPT.
+
+Admin commands run outside any event loop and use the stdlib `sqlite3` directly; the
+daemon uses aiosqlite so that a lookup never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from forwarder.policy import Account, AccountState
+
+# Each entry upgrades the schema from version N to N+1 (PRAGMA user_version).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE accounts (
+        address    TEXT PRIMARY KEY,          -- local part lower-cased, '@', domain
+        state      TEXT NOT NULL CHECK (state IN ('active', 'deleted')),
+        redirect   TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
+    """
+    -- Append-only audit trail: triggers forbid UPDATE of history except the purge's
+    -- erasure of personal data, and forbid DELETE altogether.
+    CREATE TABLE audit (
+        id      INTEGER PRIMARY KEY,
+        at      REAL NOT NULL,
+        actor   TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        address TEXT NOT NULL,
+        old     TEXT,
+        new     TEXT
+    );
+    CREATE INDEX audit_address ON audit (address);
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class DirectoryError(Exception):
+    """A refused admin operation; the message is the one-line reason shown to the admin."""
+
+
+def connect(path: Path, busy_timeout: float = 5.0) -> sqlite3.Connection:
+    """Open (creating if needed) and migrate the directory; return an autocommit connection."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # Admin writes are rare and must survive a crash just as queue writes do.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    migrate(conn)
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise DirectoryError(
+            f"directory schema version {version} is newer than this program ({SCHEMA_VERSION})"
+        )
+    for number in range(version, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            if conn.execute("PRAGMA user_version").fetchone()[0] != number:
+                conn.execute("ROLLBACK")
+                continue
+            for statement in _split_sql(MIGRATIONS[number]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements
+
+
+def _row_to_account(row: tuple[str, str, str | None]) -> Account:
+    return Account(row[0], AccountState(row[1]), row[2])
+
+
+def invoking_user() -> str:
+    """Who runs the admin command: the sudo caller if any, else the OS user."""
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+@dataclass(frozen=True)
+class AccountRow:
+    address: str
+    state: AccountState
+    redirect: str | None
+    created_at: float
+    updated_at: float
+
+    @property
+    def account(self) -> Account:
+        return Account(self.address, self.state, self.redirect)
+
+
+@dataclass
+class ImportReport:
+    added: int = 0
+    changed: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+
+
+@dataclass(frozen=True)
+class ImportRow:
+    line: int
+    address: str
+    redirect: str | None
+    state: AccountState
+
+
+class Directory:
+    """Admin access to the directory (synchronous; CLI and tests)."""
+
+    def __init__(
+        self,
+        path: Path,
+        busy_timeout: float = 5.0,
+        actor: str | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.conn = connect(path, busy_timeout)
+        self.actor = actor or invoking_user()
+        self.now = now
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def get(self, address: str) -> AccountRow | None:
+        row = self.conn.execute(
+            "SELECT address, state, redirect, created_at, updated_at FROM accounts"
+            " WHERE address = ?",
+            (address,),
+        ).fetchone()
+        return None if row is None else AccountRow(row[0], AccountState(row[1]), *row[2:])
+
+    def require(self, address: str) -> AccountRow:
+        row = self.get(address)
+        if row is None:
+            raise DirectoryError(f"{address}: no such account")
+        return row
+
+    def accounts(
+        self, state: AccountState | None = None, with_redirect: bool | None = None
+    ) -> Iterator[AccountRow]:
+        sql = "SELECT address, state, redirect, created_at, updated_at FROM accounts"
+        where: list[str] = []
+        args: list[str] = []
+        if state is not None:
+            where.append("state = ?")
+            args.append(state.value)
+        if with_redirect is True:
+            where.append("redirect IS NOT NULL")
+        elif with_redirect is False:
+            where.append("redirect IS NULL")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        for row in self.conn.execute(sql + " ORDER BY address", args):
+            yield AccountRow(row[0], AccountState(row[1]), *row[2:])
+
+    # --- writes: each one a transaction with its audit entry ---------------------------
+
+    def add(self, address: str, redirect: str | None = None) -> AccountRow:
+        with self._transaction():
+            if self.get(address) is not None:
+                raise DirectoryError(f"{address}: account already exists")
+            self._upsert(address, AccountState.ACTIVE, redirect, None, "add")
+        return self.require(address)
+
+    def set_redirect(self, address: str, redirect: str | None) -> AccountRow:
+        with self._transaction():
+            old = self.require(address)
+            action = "redirect" if redirect else "unredirect"
+            self._upsert(address, old.state, redirect, old, action)
+        return self.require(address)
+
+    def delete(self, address: str) -> AccountRow:
+        """The school account is deleted: the redirect is kept (PRODUCT.md lifecycle)."""
+        with self._transaction():
+            old = self.require(address)
+            if old.state is AccountState.DELETED:
+                raise DirectoryError(f"{address}: account is already deleted")
+            self._upsert(address, AccountState.DELETED, old.redirect, old, "delete")
+        return self.require(address)
+
+    def purge(self, address: str) -> None:
+        """Erase the row and the personal data of its audit entries (GDPR right to erasure)."""
+        with self._transaction():
+            self.require(address)
+            self.conn.execute("DELETE FROM accounts WHERE address = ?", (address,))
+            self.conn.execute(
+                "UPDATE audit SET address = '(purged)', old = NULL, new = NULL"
+                " WHERE address = ?",
+                (address,),
+            )
+            self._audit("purge", "(purged)", None, None)
+
+    def history(self, address: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT at, actor, action, old, new FROM audit WHERE address = ? ORDER BY id",
+            (address,),
+        )
+        return [
+            {"at": at, "actor": actor, "action": action,
+             "old": json.loads(old) if old else None, "new": json.loads(new) if new else None}
+            for at, actor, action, old, new in rows
+        ]
+
+    def import_rows(self, rows: Iterable[ImportRow], dry_run: bool = False) -> ImportReport:
+        """Apply every row in one transaction (all-or-nothing); report what changed."""
+        report = ImportReport()
+        with self._transaction(commit=not dry_run):
+            for row in rows:
+                old = self.get(row.address)
+                if old is None:
+                    report.added += 1
+                elif (old.state, old.redirect) == (row.state, row.redirect):
+                    report.unchanged += 1
+                    continue
+                elif old.state is AccountState.ACTIVE and row.state is AccountState.DELETED:
+                    report.deleted += 1
+                else:
+                    report.changed += 1
+                self._upsert(row.address, row.state, row.redirect, old, "import")
+        return report
+
+    def _upsert(
+        self,
+        address: str,
+        state: AccountState,
+        redirect: str | None,
+        old: AccountRow | None,
+        action: str,
+    ) -> None:
+        now = self.now()
+        self.conn.execute(
+            "INSERT INTO accounts (address, state, redirect, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (address) DO UPDATE SET"
+            " state = excluded.state, redirect = excluded.redirect,"
+            " updated_at = excluded.updated_at",
+            (address, state.value, redirect, now, now),
+        )
+        old_doc = None if old is None else {"state": old.state.value, "redirect": old.redirect}
+        self._audit(action, address, old_doc, {"state": state.value, "redirect": redirect})
+
+    def _audit(
+        self, action: str, address: str, old: dict[str, Any] | None,
+        new: dict[str, Any] | None,
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO audit (at, actor, action, address, old, new) VALUES (?, ?, ?, ?, ?, ?)",
+            (self.now(), self.actor, action, address,
+             None if old is None else json.dumps(old), None if new is None else json.dumps(new)),
+        )
+
+    def _transaction(self, commit: bool = True) -> _Transaction:
+        return _Transaction(self.conn, commit)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error or when `commit` is false."""
+
+    def __init__(self, conn: sqlite3.Connection, commit: bool) -> None:
+        self.conn = conn
+        self.commit = commit
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.conn.execute("COMMIT" if exc_type is None and self.commit else "ROLLBACK")
+
+
+class DirectoryReader:
+    """The daemon's view: one point lookup per RCPT through aiosqlite's thread."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, path: Path, busy_timeout: float) -> DirectoryReader:
+        connect(path, busy_timeout).close()  # create and migrate before serving
+        conn = await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
+        await conn.execute("PRAGMA query_only=ON")
+        return cls(conn)
+
+    async def lookup(self, address: str) -> Account | None:
+        async with self._conn.execute(
+            "SELECT address, state, redirect FROM accounts WHERE address = ?", (address,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else _row_to_account((row[0], row[1], row[2]))
+
+    async def close(self) -> None:
+        await self._conn.close()

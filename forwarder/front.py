@@ -1,0 +1,222 @@
+"""The SMTP front: an aiosmtpd handler that turns SMTP events into policy calls and replies.
+
+Every recipient is decided at RCPT time (no backscatter), and `250` after DATA is sent only
+once the queue has committed and fsync'd the message. Any unexpected error becomes a
+`451 4.3.0` through `handle_exception`: no exception text reaches the client and no
+transient fault ever becomes a 5xx (DESIGN.md habit 4).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+from forwarder import log, replies
+from forwarder.addresses import AddressError, has_control_chars, parse_sender
+from forwarder.clock import Clock
+from forwarder.config import Settings
+from forwarder.directory import DirectoryReader
+from forwarder.policy import (
+    Accept,
+    NeedsLookup,
+    Refuse,
+    Verdict,
+    classify_recipient,
+    count_received_headers,
+    decide_account,
+)
+from forwarder.queue import (
+    LEASE_SECONDS,
+    Job,
+    NewMessage,
+    NewRecipient,
+    Queue,
+    QueueError,
+    RecipientJob,
+    new_queue_id,
+)
+
+LOG = log.get("forwarder.smtp")
+_HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An accepted RCPT: what the client said, and where the copy goes."""
+
+    orig_rcpt: str
+    verdict: Accept
+
+
+def _accepted(envelope: Any) -> list[Accepted]:
+    items: list[Accepted] | None = getattr(envelope, "forwarder_accepted", None)
+    if items is None:
+        items = []
+        envelope.forwarder_accepted = items
+    return items
+
+
+def received_header(
+    helo: str | None, peer_ip: str, hostname: str, queue_id: str, rcpt: str | None,
+    esmtp: bool, now: float,
+) -> bytes:
+    """Our trace field (RFC 5321 4.4). Client-supplied text is reduced to a safe alphabet,
+    so a HELO name can never start a new header line or break the field's syntax."""
+    helo_text = _HELO_SAFE.sub("?", helo or "unknown")[:255]
+    ip = _HELO_SAFE.sub("?", peer_ip)
+    lines = [
+        f"Received: from {helo_text} ([{ip}])",
+        f"\tby {hostname} (forwarder) with {'ESMTP' if esmtp else 'SMTP'} id {queue_id}",
+    ]
+    date = format_datetime(datetime.fromtimestamp(now, UTC))
+    if rcpt is not None:
+        lines.append(f"\tfor <{_HELO_SAFE.sub('?', rcpt) if has_control_chars(rcpt) else rcpt}>;"
+                     f" {date}")
+    else:
+        lines[-1] += f"; {date}"
+    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+
+
+class Front:
+    """aiosmtpd handler. One instance serves every session."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        directory: DirectoryReader,
+        queue: Queue,
+        submit: Callable[[Job], None],
+        clock: Clock,
+    ) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.queue = queue
+        self.submit = submit
+        self.clock = clock
+
+    # --- greeting --------------------------------------------------------------------
+
+    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
+        if has_control_chars(hostname):
+            return str(replies.BAD_ARGUMENT)
+        session.host_name = hostname
+        return f"250 {self.settings.hostname}"
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        if has_control_chars(hostname):
+            return [str(replies.BAD_ARGUMENT)]
+        session.host_name = hostname
+        return responses
+
+    # --- envelope --------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        try:
+            parse_sender(address)
+        except AddressError:
+            return str(replies.MAIL_BAD_SYNTAX)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return str(replies.MAIL_OK)
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        accepted = _accepted(envelope)
+        if len(accepted) >= self.settings.limits.max_recipients:
+            # RFC 5321 4.5.3.1.10: 452 past the limit; the client sends the rest later.
+            return str(replies.RCPT_TOO_MANY)
+        verdict = await self._verdict(address)
+        peer = _peer_ip(session)
+        if isinstance(verdict, Refuse):
+            LOG.info("rcpt", client=peer, to=address, verdict="refused", reason=verdict.reason,
+                     reply=verdict.reply.code)
+            return verdict.reply.at(address)
+        LOG.info("rcpt", client=peer, to=address, verdict="accepted", reason=verdict.reason,
+                 route=verdict.route.value)
+        accepted.append(Accepted(address, verdict))
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return str(replies.RCPT_OK)
+
+    async def _verdict(self, address: str) -> Verdict:
+        first = classify_recipient(address, self.settings.domains, self.settings.postmaster)
+        if not isinstance(first, NeedsLookup):
+            return first
+        try:
+            account = await self.directory.lookup(first.address.key)
+        except (sqlite3.Error, OSError) as exc:
+            # A locked or unreadable directory defers the mail (PRODUCT.md): never a 5xx.
+            LOG.error("directory_unavailable", error=type(exc).__name__, detail=str(exc))
+            return Refuse(replies.RCPT_TEMPFAIL, "directory_unavailable")
+        return decide_account(account, self.settings.domains,
+                              self.settings.mailbox_host is not None)
+
+    # --- data ------------------------------------------------------------------------
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        accepted = _accepted(envelope)
+        if not accepted:
+            return str(replies.NO_VALID_RECIPIENTS)
+        content: bytes = envelope.original_content
+        limit = self.settings.limits.max_received_headers
+        if count_received_headers(content) > limit:
+            # RFC 5321 6.3: a message that has passed too many hops is in a loop.
+            LOG.warning("refused", client=_peer_ip(session), reason="too_many_hops")
+            return str(replies.TOO_MANY_HOPS)
+        now = self.clock.now()
+        queue_id = new_queue_id(now)
+        message = self._message(session, envelope, accepted, content, queue_id, now)
+        try:
+            ids = await self.queue.enqueue(message, lease_until=now + LEASE_SECONDS)
+        except QueueError as exc:
+            LOG.error("queue_write_failed", client=_peer_ip(session), error=str(exc),
+                      no_space=exc.no_space)
+            return str(replies.QUEUE_FULL if exc.no_space else replies.QUEUE_UNAVAILABLE)
+        LOG.info("queued", queue_id=queue_id, size=len(message.body), client=message.client,
+                 **{"from": message.sender}, to=[r.rcpt for r in message.recipients],
+                 orig_to=[r.orig_rcpt for r in message.recipients])
+        self.submit(Job(queue_id, message.sender, now, [
+            RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0)
+            for rid, r in zip(ids, message.recipients, strict=True)
+        ], message.body))
+        return replies.queued(queue_id)
+
+    def _message(
+        self, session: Any, envelope: Any, accepted: list[Accepted], content: bytes,
+        queue_id: str, now: float,
+    ) -> NewMessage:
+        seen: set[tuple[str, str]] = set()
+        recipients: list[NewRecipient] = []
+        for item in accepted:
+            key = (item.verdict.target.lower(), item.verdict.route.value)
+            if key not in seen:
+                seen.add(key)
+                recipients.append(NewRecipient(item.orig_rcpt, item.verdict.target,
+                                               item.verdict.route))
+        single = accepted[0].orig_rcpt if len(accepted) == 1 else None
+        header = received_header(session.host_name, _peer_ip(session), self.settings.hostname,
+                                 queue_id, single, session.extended_smtp, now)
+        sender = parse_sender(envelope.mail_from)
+        return NewMessage(queue_id, sender, now, _peer_ip(session), header + content,
+                          tuple(recipients))
+
+    async def handle_exception(self, error: Exception) -> str:
+        LOG.error("session_error", error=type(error).__name__, exc_info=error)
+        return str(replies.LOCAL_ERROR)
+
+
+def _peer_ip(session: Any) -> str:
+    peer = getattr(session, "peer", None)
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "unknown")

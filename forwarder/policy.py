@@ -1,0 +1,140 @@
+"""Pure decisions: recipient verdicts, retry schedule, outcome of a destination's reply.
+
+No I/O here (no asyncio, no sqlite, no sockets), in the manner of h11's `_state.py`:
+every rule is a table or a small function, tested without an event loop.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from forwarder import replies
+from forwarder.addresses import Address, AddressError, is_own_domain, parse_address
+from forwarder.replies import Reply
+
+# RFC 5321 4.5.1: postmaster must be accepted; RFC 2142 adds abuse.
+ROLE_ACCOUNTS = frozenset({"postmaster", "abuse"})
+
+
+class Route(enum.StrEnum):
+    """Where an accepted recipient's copy goes. Also the metrics' destination class."""
+
+    MAILBOX = "mailbox"  # active account: the school's mailbox host, sender unchanged
+    REDIRECT = "redirect"  # deleted account with a redirect: forwarded with SRS
+    POSTMASTER = "postmaster"  # role account: the configured postmaster address
+    SRS_RETURN = "srs_return"  # a bounce to one of our SRS addresses: back to the sender
+    BOUNCE = "bounce"  # a DSN we generated, sent to the original sender
+
+
+class AccountState(enum.StrEnum):
+    ACTIVE = "active"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True)
+class Account:
+    address: str
+    state: AccountState
+    redirect: str | None
+
+
+@dataclass(frozen=True)
+class Accept:
+    route: Route
+    target: str  # the envelope recipient the copy is sent to
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    reply: Reply
+    reason: str
+
+
+Verdict = Accept | Refuse
+
+
+@dataclass(frozen=True)
+class NeedsLookup:
+    """The address is in our domains and not a role account: ask the directory."""
+
+    address: Address
+
+
+def classify_recipient(
+    text: str, domains: tuple[str, ...], postmaster: str | None
+) -> Verdict | NeedsLookup:
+    """First step of the RCPT verdict, before any directory access."""
+    try:
+        address = parse_address(text)
+    except AddressError:
+        return Refuse(replies.RCPT_BAD_SYNTAX, "bad_syntax")
+    if not is_own_domain(address.domain, domains):
+        # Never an open relay: only our domains are accepted (PRODUCT.md).
+        return Refuse(replies.RCPT_RELAY_DENIED, "relay_denied")
+    if address.local.lower() in ROLE_ACCOUNTS:
+        if postmaster is None:
+            return Refuse(replies.RCPT_NOT_CONFIGURED, "postmaster_unset")
+        return Accept(Route.POSTMASTER, postmaster, "postmaster")
+    return NeedsLookup(address)
+
+
+def decide_account(
+    account: Account | None, domains: tuple[str, ...], mailbox_configured: bool
+) -> Verdict:
+    """The verdict for an address of ours, given its directory row (None: not there)."""
+    if account is None:
+        return Refuse(replies.RCPT_UNKNOWN, "unknown")
+    if account.state is AccountState.ACTIVE:
+        if not mailbox_configured:
+            # PRODUCT.md: mailbox host unset for an active account -> deferred, never lost.
+            return Refuse(replies.RCPT_NOT_CONFIGURED, "mailbox_unset")
+        return Accept(Route.MAILBOX, account.address, "mailbox")
+    if not account.redirect:
+        return Refuse(replies.RCPT_CLOSED, "closed")
+    target_domain = account.redirect.rpartition("@")[2]
+    if is_own_domain(target_domain, domains):
+        # Refused when declared; if one slipped in anyway, refuse rather than loop.
+        return Refuse(replies.RCPT_LOOP, "loop")
+    return Accept(Route.REDIRECT, account.redirect, "forward")
+
+
+# --- Retry schedule -------------------------------------------------------------------
+
+
+def retry_delay(attempts: int, first: float, maximum: float) -> float:
+    """Postfix's backoff: `first` after the first failure, doubling, capped at `maximum`."""
+    if attempts < 1:
+        return 0.0
+    return float(min(first * (2 ** min(attempts - 1, 32)), maximum))
+
+
+class Outcome(enum.Enum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+
+def outcome_of_reply(code: int) -> Outcome:
+    """RFC 5321 4.2.1: 2yz done, 4yz transient, 5yz permanent. Anything else: try again."""
+    if 200 <= code < 300:
+        return Outcome.DELIVERED
+    if 500 <= code < 600:
+        return Outcome.FAILED
+    return Outcome.DEFERRED
+
+
+def is_expired(arrived_at: float, now: float, lifetime: float) -> bool:
+    return now - arrived_at >= lifetime
+
+
+def count_received_headers(message: bytes) -> int:
+    """Count `Received:` fields in the header section (RFC 5321 6.3 loop detection)."""
+    end = message.find(b"\r\n\r\n")
+    header = message if end < 0 else message[: end + 2]
+    count = 0
+    for line in header.split(b"\r\n"):
+        if line[:9].lower() == b"received:":
+            count += 1
+    return count

@@ -1,0 +1,427 @@
+"""The durable queue: SQLite in WAL mode with synchronous=FULL, in its own file.
+
+`250` after DATA is sent only once the message row, its recipients and its exact bytes are
+committed and fsync'd (PRODUCT.md, "What accepted promises"). Writes go through one writer
+thread that commits whatever has piled up while the previous commit was syncing, in one
+transaction (group commit): a lone message is committed at once, and under load one fsync
+serves many messages. The thread runs a whole batch as one call, so a batch costs one hop
+between the event loop and the database thread, not one per statement.
+
+Work on a recipient is leased: the lease is written with the batch that hands the recipient
+to a delivery worker, so a crash leaves a visible lease that start-up recovers (and counts:
+a message whose leases keep being left behind by crashes is held, not retried forever).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from forwarder.policy import Route
+
+T = TypeVar("T")
+
+SCHEMA = (
+    """
+    CREATE TABLE messages (
+        id         TEXT PRIMARY KEY,
+        sender     TEXT NOT NULL,           -- '' is the null sender
+        arrived_at REAL NOT NULL,
+        size       INTEGER NOT NULL,
+        client     TEXT NOT NULL DEFAULT '',
+        held       INTEGER NOT NULL DEFAULT 0,
+        crashes    INTEGER NOT NULL DEFAULT 0,
+        body       BLOB NOT NULL
+    );
+    CREATE TABLE recipients (
+        id           INTEGER PRIMARY KEY,
+        message_id   TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        orig_rcpt    TEXT NOT NULL,
+        rcpt         TEXT NOT NULL,
+        route        TEXT NOT NULL,
+        state        TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'failed')),
+        leased       INTEGER NOT NULL DEFAULT 0,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL NOT NULL,
+        last_attempt REAL,
+        last_error   TEXT,
+        dsn_status   TEXT,
+        remote_mta   TEXT
+    );
+    CREATE INDEX recipients_due ON recipients (next_attempt) WHERE state = 'queued';
+    CREATE INDEX recipients_message ON recipients (message_id);
+    """,
+)
+QUEUE_SCHEMA_VERSION = len(SCHEMA)
+# A message whose leases were left behind by this many crashes is held (quarantined).
+MAX_CRASHES = 3
+# How long a lease keeps a recipient away from the scanner; longer than any one attempt
+# can take (connect 30 s + data 600 s), so a slow delivery is never started twice.
+LEASE_SECONDS = 3600.0
+MAX_BATCH = 512
+
+
+class QueueError(Exception):
+    """The queue could not commit; `no_space` tells a full disk (452) from the rest (451)."""
+
+    def __init__(self, message: str, no_space: bool = False) -> None:
+        super().__init__(message)
+        self.no_space = no_space
+
+
+def new_queue_id(now: float) -> str:
+    """16 base32 characters: 40 bits of milliseconds (sortable by time) + 40 random bits."""
+    raw = (int(now * 1000) & (2**40 - 1)).to_bytes(5, "big") + secrets.token_bytes(5)
+    return base64.b32encode(raw).decode("ascii")
+
+
+@dataclass(frozen=True)
+class NewRecipient:
+    orig_rcpt: str
+    rcpt: str
+    route: Route
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    id: str
+    sender: str
+    arrived_at: float
+    client: str
+    body: bytes
+    recipients: tuple[NewRecipient, ...]
+
+
+@dataclass
+class RecipientJob:
+    id: int
+    orig_rcpt: str
+    rcpt: str
+    route: Route
+    attempts: int
+
+
+@dataclass
+class Job:
+    """A message and the recipients a worker must try now."""
+
+    message_id: str
+    sender: str
+    arrived_at: float
+    recipients: list[RecipientJob]
+    body: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """What happened to one recipient; `retry_at` None with outcome deferred is impossible."""
+
+    recipient_id: int
+    message_id: str
+    outcome: str  # "delivered" | "deferred" | "failed"
+    attempted_at: float
+    retry_at: float | None = None
+    error: str | None = None
+    dsn_status: str | None = None
+    remote_mta: str | None = None
+
+
+def open_queue_db(path: Path, busy_timeout: float = 5.0) -> sqlite3.Connection:
+    """Open and migrate the queue database. Durability: WAL + synchronous=FULL, never less."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: the WAL is fsync'd at every commit, so a 250 survives power loss.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > QUEUE_SCHEMA_VERSION:
+        raise QueueError(f"queue schema version {version} is newer than this program")
+    for number in range(version, QUEUE_SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in SCHEMA[number].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return conn
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or (isinstance(exc, OSError) and exc.errno == 28)
+
+
+class DbThread:
+    """One sqlite3 connection owned by one thread; coroutines run functions on it."""
+
+    def __init__(self, path: Path, busy_timeout: float, name: str) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+
+    def _ensure(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = open_queue_db(self._path, self._busy_timeout)
+        return self._conn
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn, args)
+
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        return fn(self._ensure(), *args)
+
+    async def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, _close)
+        self._executor.shutdown(wait=True)
+
+
+Op = Callable[[sqlite3.Connection], Any]
+
+
+def _apply_batch(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[Any]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        results = [op(conn) for op in ops]
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+@dataclass
+class _GroupCommitter:
+    """Collects write operations; commits everything pending in one transaction."""
+
+    db: DbThread
+    pending: list[tuple[Op, asyncio.Future[Any]]] = field(default_factory=list)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    closing: bool = False
+
+    def submit(self, op: Op) -> asyncio.Future[Any]:
+        if self.closing:
+            raise QueueError("queue is shutting down")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending.append((op, future))
+        self.wakeup.set()
+        return future
+
+    async def run(self) -> None:
+        while not (self.closing and not self.pending):
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while self.pending:
+                batch = self.pending[:MAX_BATCH]
+                del self.pending[:MAX_BATCH]
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self.db.run(_apply_batch, [op for op, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                _fail(batch[0][1], exc)
+                return
+            # One bad operation must not fail its neighbours: retry each on its own.
+            for op, future in batch:
+                await self._commit([(op, future)])
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    def close(self) -> None:
+        self.closing = True
+        self.wakeup.set()
+
+
+def _fail(future: asyncio.Future[Any], exc: Exception) -> None:
+    if not future.done():
+        error = QueueError(f"queue commit failed: {type(exc).__name__}", _is_no_space(exc))
+        error.__cause__ = exc
+        future.set_exception(error)
+
+
+# --- operations, run in the writer thread inside a batch transaction -------------------
+
+
+def _insert_message(msg: NewMessage, lease_until: float) -> Op:
+    def op(conn: sqlite3.Connection) -> list[int]:
+        conn.execute(
+            "INSERT INTO messages (id, sender, arrived_at, size, client, body)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (msg.id, msg.sender, msg.arrived_at, len(msg.body), msg.client, msg.body),
+        )
+        ids = []
+        for r in msg.recipients:
+            cursor = conn.execute(
+                "INSERT INTO recipients (message_id, orig_rcpt, rcpt, route, leased,"
+                " next_attempt) VALUES (?, ?, ?, ?, 1, ?)",
+                (msg.id, r.orig_rcpt, r.rcpt, r.route.value, lease_until),
+            )
+            ids.append(int(cursor.lastrowid or 0))
+        return ids
+
+    return op
+
+
+def _record(results: Sequence[Result]) -> Op:
+    def op(conn: sqlite3.Connection) -> list[str]:
+        touched: set[str] = set()
+        for r in results:
+            touched.add(r.message_id)
+            if r.outcome == "delivered":
+                conn.execute("DELETE FROM recipients WHERE id = ?", (r.recipient_id,))
+                continue
+            state = "failed" if r.outcome == "failed" else "queued"
+            conn.execute(
+                "UPDATE recipients SET state = ?, leased = 0, attempts = attempts + 1,"
+                " next_attempt = ?, last_attempt = ?, last_error = ?, dsn_status = ?,"
+                " remote_mta = ? WHERE id = ?",
+                (state, r.retry_at if r.retry_at is not None else r.attempted_at,
+                 r.attempted_at, r.error, r.dsn_status, r.remote_mta, r.recipient_id),
+            )
+        return _finished_messages(conn, touched)
+
+    return op
+
+
+def _finished_messages(conn: sqlite3.Connection, ids: Iterable[str]) -> list[str]:
+    """Delete messages with nothing left to try; return their ids."""
+    done = []
+    for message_id in ids:
+        left = conn.execute(
+            "SELECT 1 FROM recipients WHERE message_id = ? AND state = 'queued' LIMIT 1",
+            (message_id,),
+        ).fetchone()
+        if left is None:
+            conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            done.append(message_id)
+    return done
+
+
+def _lease_due(now: float, limit: int, exclude: frozenset[int]) -> Op:
+    def op(conn: sqlite3.Connection) -> list[Job]:
+        rows = conn.execute(
+            "SELECT r.id, r.message_id, r.orig_rcpt, r.rcpt, r.route, r.attempts,"
+            " m.sender, m.arrived_at FROM recipients r JOIN messages m ON m.id = r.message_id"
+            " WHERE r.state = 'queued' AND r.next_attempt <= ? AND m.held = 0"
+            " ORDER BY r.next_attempt LIMIT ?",
+            (now, limit + len(exclude)),
+        ).fetchall()
+        jobs: dict[str, Job] = {}
+        for rid, mid, orig, rcpt, route, attempts, sender, arrived in rows:
+            if rid in exclude:
+                continue
+            conn.execute(
+                "UPDATE recipients SET leased = 1, next_attempt = ? WHERE id = ?",
+                (now + LEASE_SECONDS, rid),
+            )
+            job = jobs.setdefault(mid, Job(mid, sender, arrived, []))
+            job.recipients.append(RecipientJob(rid, orig, rcpt, Route(route), attempts))
+        return list(jobs.values())
+
+    return op
+
+
+def _recover(now: float) -> Op:
+    """Start-up: leases left by a crash become due now; count them against the message."""
+
+    def op(conn: sqlite3.Connection) -> tuple[int, int]:
+        conn.execute(
+            "UPDATE messages SET crashes = crashes + 1 WHERE id IN"
+            " (SELECT DISTINCT message_id FROM recipients WHERE leased = 1)"
+        )
+        held = conn.execute(
+            "UPDATE messages SET held = 1 WHERE crashes >= ? AND held = 0", (MAX_CRASHES,)
+        ).rowcount
+        recovered = conn.execute(
+            "UPDATE recipients SET leased = 0, next_attempt = ? WHERE leased = 1", (now,)
+        ).rowcount
+        return recovered, held
+
+    return op
+
+
+def _load_body(conn: sqlite3.Connection, message_id: str) -> bytes | None:
+    row = conn.execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def _stats(conn: sqlite3.Connection) -> dict[str, Any]:
+    counts = dict(conn.execute(
+        "SELECT state, count(*) FROM recipients GROUP BY state").fetchall())
+    oldest = conn.execute("SELECT min(arrived_at) FROM messages").fetchone()[0]
+    messages = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    return {"messages": messages, "recipients": counts, "oldest": oldest}
+
+
+class Queue:
+    """The daemon's handle on the queue: group-committed writes, a separate reader."""
+
+    def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
+        self.path = path
+        self._writer_db = DbThread(path, busy_timeout, "queue-writer")
+        self._reader_db = DbThread(path, busy_timeout, "queue-reader")
+        self._committer = _GroupCommitter(self._writer_db)
+        self._task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        await self._writer_db.run(lambda conn: None)  # create and migrate first
+        self._task = asyncio.create_task(self._committer.run(), name="queue-writer")
+
+    async def close(self) -> None:
+        self._committer.close()
+        if self._task is not None:
+            await self._task
+        await self._writer_db.close()
+        await self._reader_db.close()
+
+    async def _write(self, op: Op) -> Any:
+        return await self._committer.submit(op)
+
+    async def enqueue(self, message: NewMessage, lease_until: float) -> list[int]:
+        """Commit and fsync the message; return its recipient ids (leased to the caller)."""
+        ids: list[int] = await self._write(_insert_message(message, lease_until))
+        return ids
+
+    async def record(self, results: Sequence[Result]) -> list[str]:
+        """Record outcomes; return the ids of messages that left the queue."""
+        done: list[str] = await self._write(_record(results))
+        return done
+
+    async def lease_due(self, now: float, limit: int, exclude: frozenset[int]) -> list[Job]:
+        jobs: list[Job] = await self._write(_lease_due(now, limit, exclude))
+        return jobs
+
+    async def recover(self, now: float) -> tuple[int, int]:
+        result: tuple[int, int] = await self._write(_recover(now))
+        return result
+
+    async def load_body(self, message_id: str) -> bytes | None:
+        return await self._reader_db.run(_load_body, message_id)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._reader_db.run(_stats)

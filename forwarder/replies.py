@@ -1,0 +1,70 @@
+"""Every SMTP reply the daemon sends, as named constants (RFC 5321 4.2, RFC 3463 codes).
+
+Replies are plain ASCII (PRODUCT.md). Texts that name an address take it through
+`Reply.at(address)`, which refuses to echo control characters back to the peer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+    def at(self, address: str) -> str:
+        """The reply prefixed by `<address>: `, with anything non-printable replaced."""
+        safe = "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in address)
+        return f"{self.code} {self.enhanced} <{safe}>: {self.text}"
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+
+# RCPT verdicts (PRODUCT.md, "Address lifecycle and what each state gets").
+RCPT_OK = Reply(250, "2.1.5", "Ok")
+RCPT_CLOSED = Reply(
+    550,
+    "5.1.1",
+    "address closed, no forwarding address declared / adresse fermee, aucune redirection declaree",
+)
+RCPT_UNKNOWN = Reply(550, "5.1.1", "user unknown")
+RCPT_BAD_SRS = Reply(550, "5.1.1", "invalid SRS address")
+RCPT_LOOP = Reply(550, "5.4.6", "forwarding loop: redirect points into our own domains")
+RCPT_RELAY_DENIED = Reply(554, "5.7.1", "relay access denied")
+RCPT_BAD_SYNTAX = Reply(553, "5.1.3", "bad recipient address syntax")
+RCPT_TOO_MANY = Reply(452, "4.5.3", "too many recipients")
+RCPT_TEMPFAIL = Reply(451, "4.3.0", "temporary lookup failure, try again later")
+RCPT_NOT_CONFIGURED = Reply(451, "4.3.0", "destination not configured, try again later")
+
+# MAIL and DATA.
+MAIL_OK = Reply(250, "2.1.0", "Ok")
+MAIL_BAD_SYNTAX = Reply(553, "5.1.7", "bad sender address syntax")
+SIZE_EXCEEDED = Reply(552, "5.3.4", "message size exceeds fixed maximum message size")
+QUEUED = Reply(250, "2.0.0", "Ok: queued as")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "too many hops: mail loop detected")
+BARE_LINE_END = Reply(550, "5.6.0", "bare CR or LF in message; lines must end with CRLF")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "no valid recipients")
+QUEUE_UNAVAILABLE = Reply(451, "4.3.0", "queue temporarily unavailable, try again later")
+QUEUE_FULL = Reply(452, "4.3.1", "insufficient system storage, try again later")
+
+# Session-level.
+BAD_ARGUMENT = Reply(501, "5.5.4", "syntax error in parameters or arguments")
+LOCAL_ERROR = Reply(451, "4.3.0", "local error in processing, try again later")
+SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, try again later")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections, try again later")
+
+
+def queued(queue_id: str) -> str:
+    return f"{QUEUED} {queue_id}"

@@ -1,0 +1,467 @@
+"""Sender Rewriting Scheme (Shevek's scheme), compatible with libsrs2 and postsrsd.
+
+Pure and stdlib-only: the clock is injected, nothing here does network I/O, and the only
+file I/O is the secrets file helpers and the optional `SrsKeyStore` at the bottom.
+
+Address forms (the reference is libsrs2's ``srs2.c``, as embedded in postsrsd 1.x; the
+vectors in ``tests/fixtures/srs_vectors.json`` come from running that code):
+
+* ``SRS0=HHHH=TT=orig-domain=orig-local@<srs domain>``: a sender we forward.
+  ``HHHH`` is HMAC-SHA1(secret, lower(TT + orig-domain + orig-local)), base64, truncated
+  to `hash_length` characters; ``TT`` is the day number modulo 1024 in two base32 chars.
+* ``SRS1=HHHH=first-hop==XXXX=TT=orig-domain=orig-local@<srs domain>``: a sender that was
+  already another forwarder's ``SRS0=XXXX=...@first-hop``. Our hash covers
+  lower(first-hop + "=XXXX=TT=orig-domain=orig-local") (note: the part after ``SRS0``
+  keeps its leading separator, hence the ``==``). An SRS1 sender is re-wrapped keeping
+  the first hop and its opaque part, with our own hash (libsrs2 srs_compile_guarded).
+  Reversing an SRS1 gives ``SRS0=XXXX=TT=orig-domain=orig-local@first-hop``: the bounce
+  goes back to the first forwarder, who alone can check the inner hash. SRS1 carries no
+  timestamp, so, as in libsrs2, none is checked.
+
+Long senders (postsrsd issue #108): an SRS0 local part longer than the 64 octets of
+RFC 5321 section 4.5.3.1.1 is refused by many servers. `Srs.forward` then raises
+`SrsTooLong`; the caller stores the sender under `new_key()` (for example in `SrsKeyStore`,
+for at least `max_age_days` + 1 days) and calls `Srs.forward_with_key(key)`, which returns
+
+    ``SRS0=HHHH=TT=1=<KEY>@<srs domain>``  (KEY: 16 base32 chars, 80 random bits)
+
+This is postsrsd 2.x's database-alias convention: the key sits in the user slot and the
+domain slot is the literal ``1``, which can never be a real domain (an all-numeric TLD is
+not allowed, RFC 3696 section 2). It is an ordinary SRS0 address, so the hash (covering the
+timestamp, ``1`` and the key) and the timestamp are checked like any other, and
+`Srs.reverse` returns `KeyRef(key)` instead of an address: the caller looks the key up.
+
+Verification reasons are the fixed set in `SrsReason`; `forwarder srs reverse` shows them.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import os
+import re
+import secrets as _secrets
+import sqlite3
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+__all__ = [
+    "KEY_DOMAIN",
+    "MIN_HASH_LENGTH",
+    "KeyRef",
+    "Srs",
+    "SrsError",
+    "SrsKeyStore",
+    "SrsReason",
+    "SrsTooLong",
+    "ensure_secrets",
+    "is_srs_local",
+    "load_secrets",
+    "new_key",
+    "rotate_secrets",
+    "secrets_file_problems",
+]
+
+# libsrs2 srs2.c: "Use this" separators after the tag, and the one inside the address.
+_TAG_SEPARATORS = "=-+"
+_SEP = "="
+# libsrs2 srs2.c: SRS_TIME_PRECISION, SRS_TIME_BASECHARS, SRS_TIME_SIZE, SRS_TIME_SLOTS.
+_DAY = 60 * 60 * 24
+_TIME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_TIME_SLOTS = 1024
+# Fewer than 4 base64 characters (24 bits) is forgeable by brute force; srslib 0.1.5
+# accepts 1, libsrs2 and postsrsd default to a minimum of 4.
+MIN_HASH_LENGTH = 4
+# base64 of a 20-byte SHA-1 digest, without padding.
+_MAX_HASH_LENGTH = 27
+# RFC 5321 section 4.5.3.1.1: the maximum total length of a local part is 64 octets.
+_MAX_LOCAL_OCTETS = 64
+# postsrsd 2.x srs.c: a database alias is reversed to "<key>@1".
+KEY_DOMAIN = "1"
+_KEY_BYTES = 10
+_KEY_RE = re.compile(r"[A-Z2-7]{16}")
+_MIN_SECRET_BYTES = 16
+
+
+class SrsReason(StrEnum):
+    """Why an address does not reverse; the value is what admins see."""
+
+    NOT_SRS = "not an SRS address"
+    MALFORMED = "malformed"
+    HASH_TOO_SHORT = "hash too short"
+    BAD_HASH = "bad hash"
+    EXPIRED = "expired timestamp"
+    # Raised by callers whose key store no longer knows a `KeyRef`.
+    UNKNOWN_KEY = "unknown key"
+
+
+class SrsError(Exception):
+    """An SRS address failed its check; `reason` is one of `SrsReason`."""
+
+    def __init__(self, reason: SrsReason) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+
+
+class SrsTooLong(Exception):
+    """The rewritten local part would exceed 64 octets: store the sender under a key."""
+
+    def __init__(self, sender: str) -> None:
+        super().__init__(f"SRS local part for {sender!r} would exceed 64 octets")
+        self.sender = sender
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """`Srs.reverse` result for a long-sender address: look `key` up in the key store."""
+
+    key: str
+
+
+def is_srs_local(local: str) -> bool:
+    """True if `local` looks like SRS0/SRS1 (libsrs2 SRS_IS_SRS_ADDRESS), checks nothing."""
+    return (
+        len(local) >= 5
+        and local[:3].upper() == "SRS"
+        and local[3] in "01"
+        and local[4] in _TAG_SEPARATORS
+    )
+
+
+def new_key() -> str:
+    """A fresh key for a long sender: base32 of 80 random bits, 16 chars, no padding."""
+    return base64.b32encode(_secrets.token_bytes(_KEY_BYTES)).decode("ascii")
+
+
+def _lower_ascii(text: str) -> bytes:
+    # libsrs2 lower-cases byte by byte with tolower() in the C locale: ASCII only, so a
+    # UTF-8 local part (RFC 6531) keeps its non-ASCII bytes as they are.
+    return text.encode("utf-8").lower()
+
+
+def _timestamp(now: float) -> str:
+    # libsrs2 srs_timestamp_create: day number, low 10 bits, two base32 characters.
+    day = int(now // _DAY)
+    return _TIME_CHARS[(day >> 5) & 31] + _TIME_CHARS[day & 31]
+
+
+def _timestamp_age(stamp: str, now: float) -> int | None:
+    """Age in days modulo 1024 (libsrs2 srs_timestamp_check), or None if not base32."""
+    stamp = stamp.upper()
+    if len(stamp) != 2 or any(c not in _TIME_CHARS for c in stamp):
+        return None
+    then = _TIME_CHARS.index(stamp[0]) << 5 | _TIME_CHARS.index(stamp[1])
+    # A stamp "from the future" wraps to ~1024 days old and is refused, as in libsrs2.
+    return (int(now // _DAY) - then) % _TIME_SLOTS
+
+
+def _split_sender(sender: str) -> tuple[str, str]:
+    # The last "@": a quoted local part may contain one, a domain never does (RFC 5321 4.1.2).
+    local, at, domain = sender.rpartition("@")
+    if not at or not local or not domain:
+        raise SrsError(SrsReason.MALFORMED)
+    return local, domain
+
+
+def _parse_srs1(local: str) -> tuple[str, str, str] | None:
+    """(hash, first-hop host, opaque part) of an SRS1 local part, or None if malformed."""
+    hash_, sep1, rest = local[5:].partition(_SEP)
+    host, sep2, opaque = rest.partition(_SEP)
+    if not (hash_ and sep1 and host and sep2 and opaque):
+        return None
+    return hash_, host, opaque
+
+
+class Srs:
+    """Forward and reverse SRS addresses for one SRS domain.
+
+    `secrets`: the first signs, every one verifies (rotation). `now`: epoch seconds.
+    `min_hash_length` (default: `hash_length`) is the shortest hash accepted on reverse,
+    so a deployment can lengthen `hash_length` without breaking addresses in flight.
+    """
+
+    def __init__(
+        self,
+        secrets: Sequence[bytes],
+        domain: str,
+        now: Callable[[], float],
+        hash_length: int = 4,
+        max_age_days: int = 21,
+        min_hash_length: int | None = None,
+    ) -> None:
+        if not secrets or any(not s for s in secrets):
+            raise ValueError("SRS needs at least one non-empty secret")
+        if not MIN_HASH_LENGTH <= hash_length <= _MAX_HASH_LENGTH:
+            raise ValueError(f"hash_length must be {MIN_HASH_LENGTH}..{_MAX_HASH_LENGTH}")
+        min_len = hash_length if min_hash_length is None else min_hash_length
+        if not MIN_HASH_LENGTH <= min_len <= hash_length:
+            raise ValueError(f"min_hash_length must be {MIN_HASH_LENGTH}..hash_length")
+        if not 0 <= max_age_days < _TIME_SLOTS:
+            raise ValueError(f"max_age_days must be 0..{_TIME_SLOTS - 1}")
+        if not domain or "@" in domain:
+            raise ValueError("the SRS domain must be a bare domain")
+        self._secrets = [bytes(s) for s in secrets]
+        self._domain = domain
+        self._now = now
+        self._hash_length = hash_length
+        self._min_hash_length = min_len
+        self._max_age_days = max_age_days
+
+    @property
+    def domain(self) -> str:
+        return self._domain
+
+    def _digest(self, secret: bytes, parts: Sequence[str]) -> str:
+        # libsrs2 srs_hash_create_v: HMAC-SHA1 over the lower-cased parts, concatenated
+        # without separators, then "a little base64": standard base64 of the digest.
+        mac = hmac.new(secret, b"".join(_lower_ascii(p) for p in parts), hashlib.sha1)
+        return base64.b64encode(mac.digest()).decode("ascii").rstrip("=")
+
+    def _sign(self, *parts: str) -> str:
+        return self._digest(self._secrets[0], parts)[: self._hash_length]
+
+    def _check_hash(self, given: str, *parts: str) -> None:
+        if len(given) < self._min_hash_length:
+            raise SrsError(SrsReason.HASH_TOO_SHORT)
+        # Case-insensitive because mail systems may fold local parts (libsrs2 uses
+        # strncasecmp); constant time so the check does not leak how many chars matched.
+        given_b = _lower_ascii(given)
+        ok = False
+        for secret in self._secrets:
+            want = _lower_ascii(self._digest(secret, parts)[: len(given)])
+            ok |= hmac.compare_digest(given_b, want)
+        if not ok:
+            raise SrsError(SrsReason.BAD_HASH)
+
+    def _fits(self, sender: str, address: str) -> str:
+        if len(address.rpartition("@")[0].encode("utf-8")) > _MAX_LOCAL_OCTETS:
+            raise SrsTooLong(sender)
+        return address
+
+    def forward(self, sender: str) -> str:
+        """The envelope sender to use when forwarding mail from `sender`.
+
+        The null sender stays null (RFC 5321 4.5.5) and a sender already in our SRS domain
+        is kept (libsrs2 srs_forward without alwaysrewrite). Raises `SrsTooLong` (use
+        `forward_with_key`) or `SrsError(MALFORMED)` for a sender without a domain.
+        """
+        if sender == "":
+            return ""
+        local, domain = _split_sender(sender)
+        if domain.lower() == self._domain.lower():
+            return sender
+        if domain == KEY_DOMAIN:
+            # Would reverse to a KeyRef; "1" is not a domain anyone can send from.
+            raise SrsError(SrsReason.MALFORMED)
+        guarded = self._guarded_parts(local, domain) if is_srs_local(local) else None
+        if guarded is not None:
+            host, opaque = guarded
+            address = f"SRS1={self._sign(host, opaque)}={host}={opaque}@{self._domain}"
+        else:
+            stamp = _timestamp(self._now())
+            hash_ = self._sign(stamp, domain, local)
+            address = f"SRS0={hash_}={stamp}={domain}={local}@{self._domain}"
+        return self._fits(sender, address)
+
+    @staticmethod
+    def _guarded_parts(local: str, domain: str) -> tuple[str, str] | None:
+        """(first hop, opaque part) for an SRS1 wrap (libsrs2 srs_compile_guarded)."""
+        if local[3] == "0":
+            # Another forwarder's SRS0: its domain is the first hop, and the opaque part
+            # is everything after the tag, separator included.
+            return domain, local[4:]
+        parsed = _parse_srs1(local)
+        # A malformed SRS1 is wrapped in SRS0 like any sender (libsrs2 would refuse it):
+        # its bounces still come back to us and reverse to the string we were given.
+        return None if parsed is None else parsed[1:]
+
+    def forward_with_key(self, key: str) -> str:
+        """``SRS0=HHHH=TT=1=<KEY>@domain`` for a sender stored under `key` (`new_key`)."""
+        key = key.upper()
+        if not _KEY_RE.fullmatch(key):
+            raise ValueError("not a key made by new_key()")
+        stamp = _timestamp(self._now())
+        hash_ = self._sign(stamp, KEY_DOMAIN, key)
+        return f"SRS0={hash_}={stamp}={KEY_DOMAIN}={key}@{self._domain}"
+
+    def reverse(self, address: str) -> str | KeyRef:
+        """The original sender of an SRS address (or local part), or a `KeyRef`.
+
+        The domain after "@" is ignored, as in libsrs2 srs_reverse: whether the address
+        belongs to us is the caller's routing decision. Raises `SrsError`.
+        """
+        local = address.rpartition("@")[0] if "@" in address else address
+        if not is_srs_local(local):
+            raise SrsError(SrsReason.NOT_SRS)
+        if local[3] == "1":
+            return self._reverse_srs1(local)
+        return self._reverse_srs0(local)
+
+    def _reverse_srs0(self, local: str) -> str | KeyRef:
+        fields = local[5:].split(_SEP, 3)
+        if len(fields) != 4 or not all(fields):
+            raise SrsError(SrsReason.MALFORMED)
+        hash_, stamp, host, user = fields
+        age = _timestamp_age(stamp, self._now())
+        if age is None:
+            raise SrsError(SrsReason.MALFORMED)
+        # Hash before age (libsrs2 checks the age first): a forged address whose stamp is
+        # also old is reported as forged, which is what an admin needs to know.
+        self._check_hash(hash_, stamp, host, user)
+        if age > self._max_age_days:
+            raise SrsError(SrsReason.EXPIRED)
+        if host == KEY_DOMAIN:
+            if not _KEY_RE.fullmatch(user.upper()):
+                raise SrsError(SrsReason.MALFORMED)
+            return KeyRef(user.upper())
+        return f"{user}@{host}"
+
+    def _reverse_srs1(self, local: str) -> str:
+        parsed = _parse_srs1(local)
+        if parsed is None:
+            raise SrsError(SrsReason.MALFORMED)
+        hash_, host, opaque = parsed
+        self._check_hash(hash_, host, opaque)
+        # libsrs2 srs_parse_guarded: "SRS0" + opaque (which starts with its separator).
+        return f"SRS0{opaque}@{host}"
+
+
+# --- Secrets file: one secret per line, the first signs (postsrsd's format). ---
+
+
+def load_secrets(path: str | os.PathLike[str]) -> list[bytes]:
+    """The secrets in `path`, one per line, first one signing; blank lines are skipped."""
+    lines = Path(path).read_bytes().splitlines()
+    found = [line.strip() for line in lines if line.strip()]
+    if not found:
+        raise ValueError(f"{os.fspath(path)}: no SRS secret in the file")
+    return found
+
+
+def _write_private(path: Path, data: bytes, *, replace: bool) -> bool:
+    """Write `data` to `path` atomically with mode 0600; False if it exists and not replace.
+
+    A temporary file in the same directory, fsynced, then linked (no clobber) or renamed
+    into place, then the directory fsynced, so a crash leaves the old file or the new one.
+    """
+    tmp = path.with_name(f".{path.name}.{_secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+def _new_secret() -> bytes:
+    return _secrets.token_urlsafe(32).encode("ascii")
+
+
+def ensure_secrets(path: str | os.PathLike[str]) -> bool:
+    """Create the secrets file (0600, one random secret) if missing; True if created."""
+    target = Path(path)
+    if target.exists():
+        return False
+    return _write_private(target, _new_secret() + b"\n", replace=False)
+
+
+def rotate_secrets(path: str | os.PathLike[str]) -> None:
+    """Prepend a new signing secret, keeping the old ones so addresses in flight verify."""
+    target = Path(path)
+    old = load_secrets(target)
+    _write_private(target, b"".join(s + b"\n" for s in [_new_secret(), *old]), replace=True)
+
+
+def secrets_file_problems(path: str | os.PathLike[str]) -> list[str]:
+    """What `forwarder check` should report about the secrets file; [] if all is well."""
+    target = Path(path)
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        return [f"{target}: missing (created at first start)"]
+    except OSError as exc:
+        return [f"{target}: cannot stat: {exc.strerror}"]
+    if not stat.S_ISREG(st.st_mode):
+        return [f"{target}: not a regular file"]
+    problems: list[str] = []
+    if st.st_mode & 0o077:
+        problems.append(
+            f"{target}: mode {stat.S_IMODE(st.st_mode):04o} lets other users read or "
+            "change the SRS secrets; chmod 600"
+        )
+    try:
+        found = load_secrets(target)
+    except (OSError, ValueError) as exc:
+        return [*problems, f"{target}: {getattr(exc, 'strerror', None) or exc}"]
+    short = sum(1 for s in found if len(s) < _MIN_SECRET_BYTES)
+    if short:
+        problems.append(f"{target}: {short} secret(s) shorter than {_MIN_SECRET_BYTES} bytes")
+    return problems
+
+
+# --- Long-sender key store (synchronous sqlite3: call it through asyncio.to_thread). ---
+
+
+class SrsKeyStore:
+    """key -> sender mapping for `SrsTooLong` senders, in its own SQLite file.
+
+    One row per sender: storing the same sender again refreshes its time and reuses its
+    key. Rows older than the SRS validity are useless (their addresses expire) and are
+    removed by `purge`.
+    """
+
+    _SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS srs_keys ("
+        " key TEXT PRIMARY KEY, sender TEXT NOT NULL UNIQUE, stored_at REAL NOT NULL)"
+    )
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(self._SCHEMA)
+
+    def put(self, sender: str, now: float) -> str:
+        """The key for `sender`, stored durably before it is returned."""
+        row = self._db.execute(
+            "INSERT INTO srs_keys (key, sender, stored_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (sender) DO UPDATE SET stored_at = excluded.stored_at"
+            " RETURNING key",
+            (new_key(), sender, now),
+        ).fetchone()
+        return str(row[0])
+
+    def get(self, key: str) -> str | None:
+        row = self._db.execute(
+            "SELECT sender FROM srs_keys WHERE key = ?", (key.upper(),)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def purge(self, before: float) -> int:
+        """Delete keys stored before `before` (now - (max_age_days + 1) days)."""
+        return self._db.execute("DELETE FROM srs_keys WHERE stored_at < ?", (before,)).rowcount
+
+    def close(self) -> None:
+        self._db.close()

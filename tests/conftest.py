@@ -1,0 +1,204 @@
+"""Shared test parts: a real SMTP sink on loopback, the real daemon, an SMTP client.
+
+Nothing here is a mock: the daemon listens on a real socket, the sink is an aiosmtpd
+server the daemon connects to, and the databases are real SQLite files in tmp_path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiosmtpd.smtp import SMTP
+
+from forwarder import log
+from forwarder.clock import FakeClock
+from forwarder.config import HostPort, Settings
+from forwarder.daemon import Daemon
+from forwarder.directory import Directory
+
+pytest_plugins = ["tests.dnsfixtures"]
+
+DOMAIN = "sigma-clermont.fr"
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+
+
+@dataclass
+class SinkHandler:
+    """Behaviour of the sink, changeable while a test runs."""
+
+    messages: list[Received] = field(default_factory=list)
+    rcpt_reply: Callable[[str], str | None] = lambda rcpt: None  # None: accept
+    data_reply: str | None = None  # None: accept
+    hang: bool = False
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    connections: int = 0
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        reply = self.rcpt_reply(address)
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.data_reply is not None:
+            return self.data_reply
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                      envelope.original_content))
+        self.arrived.set()
+        return "250 2.0.0 Ok: stored"
+
+
+class Sink:
+    """An aiosmtpd server on 127.0.0.1 standing in for a destination MTA."""
+
+    def __init__(self) -> None:
+        self.handler = SinkHandler()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.sessions: list[SMTP] = []
+
+    def _protocol(self) -> SMTP:
+        proto = SMTP(self.handler, hostname="sink.test", decode_data=False)
+        self.sessions.append(proto)
+        return proto
+
+    async def start(self, port: int = 0) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._protocol, "127.0.0.1", port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for proto in self.sessions:
+                if proto.transport is not None:
+                    proto.transport.close()
+            self.sessions.clear()
+            await self.server.wait_closed()
+            self.server = None
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        """Wait until `count` messages have arrived (an event, not a fixed sleep)."""
+        async def _wait() -> None:
+            while len(self.handler.messages) < count:
+                self.handler.arrived.clear()
+                await self.handler.arrived.wait()
+        await asyncio.wait_for(_wait(), timeout)
+        return self.handler.messages
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    s = Sink()
+    await s.start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs() -> None:
+    log.configure("json", "warning")
+
+
+def make_settings(state_dir: Path, **changes: Any) -> Settings:
+    base = Settings(
+        listen=HostPort("127.0.0.1", 0),
+        domains=(DOMAIN,),
+        hostname="forwarder.test",
+        state_dir=state_dir,
+        postmaster="it-team@school-it.example",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def directory(state_dir: Path) -> Directory:
+    return Directory(state_dir / "directory.sqlite3", actor="test")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+DaemonFactory = Callable[..., Awaitable[Daemon]]
+
+
+@pytest.fixture
+async def start_daemon(
+    state_dir: Path, clock: FakeClock
+) -> AsyncIterator[DaemonFactory]:
+    started: list[Daemon] = []
+
+    async def factory(**changes: Any) -> Daemon:
+        router = changes.pop("router", None)
+        d = Daemon(make_settings(state_dir, **changes), clock=clock, router=router)
+        await d.start()
+        started.append(d)
+        return d
+
+    yield factory
+    for d in started:
+        await d.stop()
+
+
+async def smtp_send(
+    port: int, sender: str, recipients: list[str], body: bytes,
+) -> tuple[dict[str, tuple[int, str]], tuple[int, str] | None]:
+    """Send one message; return each RCPT's reply, and DATA's (None if no RCPT accepted)."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10,
+                             local_hostname="client.test")
+    await client.connect()
+    try:
+        await client.ehlo()
+        await client.mail(sender)
+        rcpt_replies: dict[str, tuple[int, str]] = {}
+        for rcpt in recipients:
+            try:
+                r = await client.rcpt(rcpt)
+                rcpt_replies[rcpt] = (r.code, r.message)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                rcpt_replies[rcpt] = (exc.code, exc.message)
+        if not any(code == 250 for code, _ in rcpt_replies.values()):
+            return rcpt_replies, None
+        try:
+            d = await client.data(body)
+            data_reply = (d.code, d.message)
+        except aiosmtplib.SMTPDataError as exc:
+            data_reply = (exc.code, exc.message)
+        return rcpt_replies, data_reply
+    finally:
+        client.close()
+
+
+def simple_message(subject: str = "hello", msgid: str = "<1@jobteaser.test>") -> bytes:
+    return (
+        f"From: JobTeaser <noreply@jobteaser.com>\r\nTo: someone@{DOMAIN}\r\n"
+        f"Subject: {subject}\r\nMessage-ID: {msgid}\r\n\r\nbody line\r\n.leading dot\r\n"
+    ).encode()
