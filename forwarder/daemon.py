@@ -19,7 +19,9 @@ from forwarder.config import Settings
 from forwarder.delivery import ConnectionPool, Dispatcher, Router, Sender, StaticRouter
 from forwarder.directory import DirectoryReader
 from forwarder.front import Front
-from forwarder.queue import Queue
+from forwarder.policy import needs_srs
+from forwarder.queue import Job, Queue, RecipientJob
+from forwarder.returnpath import ReturnPath
 
 LOG = log.get("forwarder.daemon")
 
@@ -57,8 +59,16 @@ class Daemon:
         self.queue = Queue(settings.queue_path, settings.busy_timeout)
         self.directory: DirectoryReader | None = None
         self.pool = ConnectionPool(settings.delivery, settings.hostname)
+        self.return_path: ReturnPath | None = None
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
-                                     Sender(settings, self.pool), self.clock)
+                                     Sender(settings, self.pool), self.clock,
+                                     envelope_sender=self._envelope_sender)
+
+    async def _envelope_sender(self, job: Job, rcpt: RecipientJob) -> str:
+        assert self.return_path is not None
+        if needs_srs(rcpt.route, job.sender, rcpt.rcpt, self.settings.domains):
+            return await self.return_path.rewrite(job.sender)
+        return job.sender
 
     async def __aenter__(self) -> Daemon:
         await self.start()
@@ -72,6 +82,8 @@ class Daemon:
 
     async def start(self) -> None:
         self._lock_fd = lock_state_dir(self.settings.state_dir)
+        self.return_path = ReturnPath(self.settings.state_dir,
+                                      self.settings.effective_srs_domain, self.clock)
         self.directory = await DirectoryReader.open(
             self.settings.directory_path, self.settings.busy_timeout)
         await self.queue.open()
@@ -79,7 +91,7 @@ class Daemon:
         if recovered or held:
             LOG.warning("queue_recovered", recipients=recovered, held=held)
         front = Front(self.settings, self.directory, self.queue, self.dispatcher.submit,
-                      self.clock)
+                      self.clock, self.return_path)
         self._server = await asyncio.get_running_loop().create_server(
             lambda: self._protocol(front), self.settings.listen.host, self.settings.listen.port)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -111,6 +123,8 @@ class Daemon:
         await self.queue.close()
         if self.directory is not None:
             await self.directory.close()
+        if self.return_path is not None:
+            await self.return_path.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

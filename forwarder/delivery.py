@@ -217,6 +217,10 @@ def _describe(exc: BaseException) -> str:
     return text[:200]
 
 
+async def _unchanged_sender(job: Job) -> str:
+    return job.sender
+
+
 @dataclass
 class Dispatcher:
     """Leases due work, runs it with bounded concurrency, records the results."""
@@ -226,8 +230,8 @@ class Dispatcher:
     router: Router
     sender: Sender
     clock: Clock
-    envelope_sender: Callable[[Job, RecipientJob], str] = field(
-        default=lambda job, rcpt: job.sender)
+    envelope_sender: Callable[[Job, RecipientJob], Awaitable[str]] = field(
+        default=lambda job, rcpt: _unchanged_sender(job))
     on_results: Callable[[Job, list[Result], dict[int, Attempt]], Awaitable[None]] | None = None
     in_flight: set[int] = field(default_factory=set)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -316,7 +320,7 @@ class Dispatcher:
                 status = "5.1.2" if exc.permanent else "4.4.3"
                 attempts[rcpt.id] = _local_attempt(status, exc.reason)
                 continue
-            groups[(self.envelope_sender(job, rcpt), tuple(dests))].append(rcpt)
+            groups[(await self.envelope_sender(job, rcpt), tuple(dests))].append(rcpt)
         sends = [self._send_group(sender, dests, rcpts, body)
                  for (sender, dests), rcpts in groups.items()]
         for result in await asyncio.gather(*sends):

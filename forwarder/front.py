@@ -24,7 +24,9 @@ from forwarder.directory import DirectoryReader
 from forwarder.policy import (
     Accept,
     NeedsLookup,
+    NeedsSrsCheck,
     Refuse,
+    Route,
     Verdict,
     classify_recipient,
     count_received_headers,
@@ -40,6 +42,8 @@ from forwarder.queue import (
     RecipientJob,
     new_queue_id,
 )
+from forwarder.returnpath import ReturnPath
+from forwarder.srs import SrsError
 
 LOG = log.get("forwarder.smtp")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
@@ -92,12 +96,14 @@ class Front:
         queue: Queue,
         submit: Callable[[Job], None],
         clock: Clock,
+        return_path: ReturnPath,
     ) -> None:
         self.settings = settings
         self.directory = directory
         self.queue = queue
         self.submit = submit
         self.clock = clock
+        self.return_path = return_path
 
     # --- greeting --------------------------------------------------------------------
 
@@ -149,7 +155,10 @@ class Front:
         return str(replies.RCPT_OK)
 
     async def _verdict(self, address: str) -> Verdict:
-        first = classify_recipient(address, self.settings.domains, self.settings.postmaster)
+        first = classify_recipient(address, self.settings.domains, self.settings.postmaster,
+                                   self.return_path.domain)
+        if isinstance(first, NeedsSrsCheck):
+            return await self._srs_verdict(str(first.address))
         if not isinstance(first, NeedsLookup):
             return first
         try:
@@ -160,6 +169,18 @@ class Front:
             return Refuse(replies.RCPT_TEMPFAIL, "directory_unavailable")
         return decide_account(account, self.settings.domains,
                               self.settings.mailbox_host is not None)
+
+    async def _srs_verdict(self, address: str) -> Verdict:
+        """A bounce to one of our SRS addresses goes back to the original sender, once its
+        hash, age and secret check out; anything else is refused, so the return path is
+        never an open relay."""
+        try:
+            original = await self.return_path.reverse(address)
+        except SrsError as exc:
+            return Refuse(replies.RCPT_BAD_SRS, f"srs_invalid: {exc.reason.value}")
+        except (sqlite3.Error, OSError):
+            return Refuse(replies.RCPT_TEMPFAIL, "srs_store_unavailable")
+        return Accept(Route.SRS_RETURN, original, "srs_return")
 
     # --- data ------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from forwarder import replies
 from forwarder.addresses import Address, AddressError, is_own_domain, parse_address
 from forwarder.replies import Reply
+from forwarder.srs import is_srs_local
 
 # RFC 5321 4.5.1: postmaster must be accepted; RFC 2142 adds abuse.
 ROLE_ACCOUNTS = frozenset({"postmaster", "abuse"})
@@ -62,14 +63,23 @@ class NeedsLookup:
     address: Address
 
 
+@dataclass(frozen=True)
+class NeedsSrsCheck:
+    """An SRS address in our SRS domain: a bounce of mail we forwarded, to be verified."""
+
+    address: Address
+
+
 def classify_recipient(
-    text: str, domains: tuple[str, ...], postmaster: str | None
-) -> Verdict | NeedsLookup:
+    text: str, domains: tuple[str, ...], postmaster: str | None, srs_domain: str | None = None
+) -> Verdict | NeedsLookup | NeedsSrsCheck:
     """First step of the RCPT verdict, before any directory access."""
     try:
         address = parse_address(text)
     except AddressError:
         return Refuse(replies.RCPT_BAD_SYNTAX, "bad_syntax")
+    if srs_domain is not None and address.domain == srs_domain and is_srs_local(address.local):
+        return NeedsSrsCheck(address)
     if not is_own_domain(address.domain, domains):
         # Never an open relay: only our domains are accepted (PRODUCT.md).
         return Refuse(replies.RCPT_RELAY_DENIED, "relay_denied")
@@ -98,6 +108,14 @@ def decide_account(
         # Refused when declared; if one slipped in anyway, refuse rather than loop.
         return Refuse(replies.RCPT_LOOP, "loop")
     return Accept(Route.REDIRECT, account.redirect, "forward")
+
+
+def needs_srs(route: Route, sender: str, target: str, domains: tuple[str, ...]) -> bool:
+    """Rewrite the envelope sender only for copies forwarded out of our domains: not for
+    the school mailbox host, not for returned bounces, and never the null sender."""
+    if not sender or route not in (Route.REDIRECT, Route.POSTMASTER):
+        return False
+    return not is_own_domain(target.rpartition("@")[2], domains)
 
 
 # --- Retry schedule -------------------------------------------------------------------

@@ -1,0 +1,259 @@
+"""Prometheus metrics, and a tiny /metrics HTTP endpoint served from the asyncio loop.
+
+Callers report events (`rcpt_verdict`, `message_accepted`, `delivered`, ...) and never touch
+prometheus objects, so the metric names and labels live in this file and in docs/metrics.md
+only. Each `Metrics` owns its own CollectorRegistry rather than the process-global one, so
+tests (and a daemon restarted in-process) can build as many as they like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = [
+    "DELIVERY_RESULTS",
+    "DESTINATION_CLASSES",
+    "LATENCY_BUCKETS",
+    "Metrics",
+    "MetricsServer",
+    "start_metrics_server",
+]
+
+# Label values with a fixed set (policy.Outcome and policy.Route): a typo must not silently
+# create a new time series, and pre-creating them makes rate() see the very first event.
+DELIVERY_RESULTS = ("delivered", "deferred", "failed")
+DESTINATION_CLASSES = ("mailbox", "redirect", "postmaster", "srs_return", "bounce")
+
+# Acceptance-to-delivery: a relay hop takes tens of milliseconds, a greylisted destination
+# minutes, a down one hours, and the queue lifetime is 5 days (then the message bounces).
+LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0,
+    86400.0, 2 * 86400.0, 3 * 86400.0, 5 * 86400.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """Every metric the daemon exports, behind one method per event."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        verdicts: Iterable[str] = (),
+        refusal_reasons: Iterable[str] = (),
+        queue_states: Iterable[str] = (),
+    ) -> None:
+        """`verdicts`, `refusal_reasons`, `queue_states`: label values to export at 0 from
+        the start (the free-form labels come from policy/queue enums, not from this file)."""
+        self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
+        self._build_counters()
+        self._build_gauges()
+        self._queue_states: set[str] = set()
+        self._preinit(verdicts, refusal_reasons, queue_states)
+
+    def _build_counters(self) -> None:
+        reg = self.registry
+        self._rcpt = Counter(
+            "forwarder_rcpt_verdicts", "RCPT TO verdicts, by reason.", ["verdict"], registry=reg
+        )
+        self._accepted = Counter(
+            "forwarder_messages_accepted",
+            "Messages committed to the queue (250 after DATA).",
+            registry=reg,
+        )
+        self._refused = Counter(
+            "forwarder_messages_refused",
+            "Messages refused or deferred at or after DATA.",
+            ["reason"],
+            registry=reg,
+        )
+        self._bytes = Counter(
+            "forwarder_accepted_bytes", "Size of accepted messages, in bytes.", registry=reg
+        )
+        self._deliveries = Counter(
+            "forwarder_deliveries",
+            "Delivery attempts per recipient, by result and destination.",
+            ["result", "destination"],
+            registry=reg,
+        )
+        self._sessions_total = Counter(
+            "forwarder_smtp_sessions", "SMTP sessions opened since start.", registry=reg
+        )
+
+    def _build_gauges(self) -> None:
+        reg = self.registry
+        self._queue_depth = Gauge(
+            "forwarder_queue_depth", "Queued recipients, by state.", ["state"], registry=reg
+        )
+        self._oldest = Gauge(
+            "forwarder_queue_oldest_age_seconds",
+            "Age of the oldest message still queued (0 when the queue is empty).",
+            registry=reg,
+        )
+        self._latency = Histogram(
+            "forwarder_delivery_latency_seconds",
+            "Time from acceptance to successful delivery, per recipient.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self._open_sessions = Gauge(
+            "forwarder_smtp_sessions_open", "SMTP sessions currently open.", registry=reg
+        )
+
+    def _preinit(
+        self, verdicts: Iterable[str], reasons: Iterable[str], states: Iterable[str]
+    ) -> None:
+        for result in DELIVERY_RESULTS:
+            for destination in DESTINATION_CLASSES:
+                self._deliveries.labels(result=result, destination=destination)
+        for verdict in verdicts:
+            self._rcpt.labels(verdict=verdict)
+        for reason in reasons:
+            self._refused.labels(reason=reason)
+        self.queue_snapshot(dict.fromkeys(states, 0), None)
+
+    # --- SMTP front -------------------------------------------------------------------
+
+    def session_opened(self) -> None:
+        self._sessions_total.inc()
+        self._open_sessions.inc()
+
+    def session_closed(self) -> None:
+        self._open_sessions.dec()
+
+    def rcpt_verdict(self, verdict: str) -> None:
+        """One RCPT TO decided; `verdict` is the policy's reason (`forward`, `unknown`...)."""
+        self._rcpt.labels(verdict=verdict).inc()
+
+    def message_accepted(self, size_bytes: int) -> None:
+        self._accepted.inc()
+        self._bytes.inc(size_bytes)
+
+    def message_refused(self, reason: str) -> None:
+        """A message refused or deferred at DATA (`size`, `bare_lf`, `loop`, `queue_error`...)."""
+        self._refused.labels(reason=reason).inc()
+
+    # --- delivery ---------------------------------------------------------------------
+
+    def delivered(self, destination: str, latency_seconds: float) -> None:
+        """A recipient's copy accepted downstream, `latency_seconds` after we accepted it."""
+        self._delivery("delivered", destination)
+        self._latency.observe(max(0.0, latency_seconds))
+
+    def deferred(self, destination: str) -> None:
+        """A temporary failure: the recipient stays queued for a later retry."""
+        self._delivery("deferred", destination)
+
+    def failed(self, destination: str) -> None:
+        """A permanent failure (or the queue lifetime expired): the recipient is bounced."""
+        self._delivery("failed", destination)
+
+    def delivery_result(
+        self, result: str, destination: str, latency_seconds: float | None = None
+    ) -> None:
+        """The same as delivered/deferred/failed, for callers holding a policy.Outcome value."""
+        if result == "delivered":
+            self.delivered(destination, latency_seconds if latency_seconds is not None else 0.0)
+        else:
+            self._delivery(result, destination)
+
+    def _delivery(self, result: str, destination: str) -> None:
+        if result not in DELIVERY_RESULTS:
+            raise ValueError(f"unknown delivery result {result!r}")
+        if destination not in DESTINATION_CLASSES:
+            raise ValueError(f"unknown destination class {destination!r}")
+        self._deliveries.labels(result=result, destination=destination).inc()
+
+    # --- queue ------------------------------------------------------------------------
+
+    def queue_snapshot(self, depth_by_state: Mapping[str, int], oldest_age: float | None) -> None:
+        """The queue as last counted: recipients per state and the oldest message's age.
+
+        A state seen before but missing now is set to 0 rather than left at its old value.
+        `oldest_age` None means the queue is empty.
+        """
+        self._queue_states.update(depth_by_state)
+        for state in self._queue_states:
+            self._queue_depth.labels(state=state).set(depth_by_state.get(state, 0))
+        self._oldest.set(max(0.0, oldest_age) if oldest_age is not None else 0.0)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)
+
+
+# --- the /metrics endpoint ------------------------------------------------------------
+
+_REQUEST_TIMEOUT = 10.0
+_MAX_HEADER_LINES = 100
+
+
+@dataclass
+class MetricsServer:
+    """A running /metrics endpoint; `port` is the bound one (useful with port 0)."""
+
+    server: asyncio.Server
+    host: str
+    port: int
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def start_metrics_server(metrics: Metrics, host: str, port: int) -> MetricsServer:
+    """Serve GET /metrics over HTTP/1.0 from the running event loop (no extra thread).
+
+    Bind it to loopback: there is no authentication. Returns once the socket is listening.
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(_REQUEST_TIMEOUT):
+                status, body, content_type = await _respond(metrics, reader)
+                head = (
+                    f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                )
+                writer.write(head.encode("ascii") + body)
+                await writer.drain()
+        except (TimeoutError, ConnectionError, ValueError, asyncio.IncompleteReadError):
+            pass  # a scraper that went away or sent garbage: nothing worth reporting
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, host, port)
+    bound_port: int = server.sockets[0].getsockname()[1]
+    return MetricsServer(server, host, bound_port)
+
+
+async def _respond(metrics: Metrics, reader: asyncio.StreamReader) -> tuple[str, bytes, str]:
+    """Read one request; return (status line, body, content type)."""
+    request_line = (await reader.readline()).decode("latin-1").split()
+    # Headers are read and ignored so the client sees a clean close, not a reset.
+    for _ in range(_MAX_HEADER_LINES):
+        if (await reader.readline()).strip() == b"":
+            break
+    if len(request_line) < 2:
+        return "400 Bad Request", b"bad request\n", "text/plain"
+    method, target = request_line[0], request_line[1]
+    if target.partition("?")[0] != "/metrics":
+        return "404 Not Found", b"not found: try /metrics\n", "text/plain"
+    if method != "GET":
+        return "405 Method Not Allowed", b"method not allowed\n", "text/plain"
+    return "200 OK", metrics.render(), CONTENT_TYPE_LATEST
