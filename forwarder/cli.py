@@ -253,7 +253,8 @@ def cmd_queue_delete(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from forwarder import daemon
 
-    return daemon.run(settings)
+    # SIGHUP re-reads the same file with the same flags on top (flags keep precedence).
+    return daemon.run(settings, reload_settings=lambda: _settings(args))
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:

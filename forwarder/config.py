@@ -105,6 +105,8 @@ class Settings:
     log_format: str = "json"
     log_level: str = "info"
     metrics_listen: HostPort | None = None
+    # SIGTERM: how long sessions in flight may take to finish their transaction.
+    stop_timeout: float = 30.0
     limits: Limits = field(default_factory=Limits)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     config_file: Path | None = None
@@ -145,9 +147,10 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
         return tuple(d.strip().lower().rstrip(".") for d in value)
     if key == "state_dir":
         return Path(str(value))
-    if key == "busy_timeout":
-        if not isinstance(value, int | float) or value < 0:
-            problems.append("busy_timeout: must be a number of seconds >= 0")
+    if key in ("busy_timeout", "stop_timeout"):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            problems.append(f"{key}: must be a number of seconds >= 0")
+            return None
         return float(value)
     if key == "log_format" and value not in ("json", "console"):
         problems.append("log_format: must be 'json' or 'console'")

@@ -22,6 +22,7 @@ import aiosmtplib
 from forwarder import log
 from forwarder.clock import Clock
 from forwarder.config import DeliverySettings, HostPort, Settings
+from forwarder.metrics import Metrics
 from forwarder.policy import Outcome, Route, is_expired, outcome_of_reply, retry_delay
 from forwarder.queue import Job, Queue, RecipientJob, Result
 
@@ -230,6 +231,7 @@ class Dispatcher:
     router: Router
     sender: Sender
     clock: Clock
+    metrics: Metrics
     envelope_sender: Callable[[Job, RecipientJob], Awaitable[str]] = field(
         default=lambda job, rcpt: _unchanged_sender(job))
     on_results: Callable[[Job, list[Result], dict[int, Attempt]], Awaitable[None]] | None = None
@@ -276,13 +278,18 @@ class Dispatcher:
             self.submit(job)
         return len(jobs)
 
-    async def stop(self) -> None:
-        """Stop: in-flight deliveries are cancelled and simply retried after restart."""
+    async def stop(self, grace: float = 0.0) -> list[int]:
+        """Stop: deliveries get `grace` seconds to finish; the rest are cancelled and their
+        recipient ids returned, to be released for a retry after restart."""
         self._stopping = True
         self._wake.set()
+        if self._tasks and grace > 0:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        interrupted = sorted(self.in_flight)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        return interrupted
 
     async def _run_job(self, job: Job) -> None:
         try:
@@ -307,6 +314,8 @@ class Dispatcher:
         await self.queue.record(results)
         for rcpt, result in zip(job.recipients, results, strict=True):
             self._log(job, rcpt, result, attempts[rcpt.id], now)
+            latency = now - job.arrived_at if result.outcome == "delivered" else None
+            self.metrics.delivery_result(result.outcome, rcpt.route.value, latency)
         if self.on_results is not None:
             await self.on_results(job, results, attempts)
 

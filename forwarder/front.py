@@ -21,6 +21,7 @@ from forwarder.addresses import AddressError, has_control_chars, parse_sender
 from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.directory import DirectoryReader
+from forwarder.metrics import Metrics
 from forwarder.policy import (
     Accept,
     NeedsLookup,
@@ -97,6 +98,7 @@ class Front:
         submit: Callable[[Job], None],
         clock: Clock,
         return_path: ReturnPath,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.directory = directory
@@ -104,6 +106,7 @@ class Front:
         self.submit = submit
         self.clock = clock
         self.return_path = return_path
+        self.metrics = metrics
 
     # --- greeting --------------------------------------------------------------------
 
@@ -142,6 +145,7 @@ class Front:
             # RFC 5321 4.5.3.1.10: 452 past the limit; the client sends the rest later.
             return str(replies.RCPT_TOO_MANY)
         verdict = await self._verdict(address)
+        self.metrics.rcpt_verdict(verdict.reason)
         peer = _peer_ip(session)
         if isinstance(verdict, Refuse):
             LOG.info("rcpt", client=peer, to=address, verdict="refused", reason=verdict.reason,
@@ -177,7 +181,8 @@ class Front:
         try:
             original = await self.return_path.reverse(address)
         except SrsError as exc:
-            return Refuse(replies.RCPT_BAD_SRS, f"srs_invalid: {exc.reason.value}")
+            LOG.info("srs_refused", to=address, reason=exc.reason.value)
+            return Refuse(replies.RCPT_BAD_SRS, "srs_invalid")
         except (sqlite3.Error, OSError):
             return Refuse(replies.RCPT_TEMPFAIL, "srs_store_unavailable")
         return Accept(Route.SRS_RETURN, original, "srs_return")
@@ -193,6 +198,7 @@ class Front:
         if count_received_headers(content) > limit:
             # RFC 5321 6.3: a message that has passed too many hops is in a loop.
             LOG.warning("refused", client=_peer_ip(session), reason="too_many_hops")
+            self.metrics.message_refused("loop")
             return str(replies.TOO_MANY_HOPS)
         now = self.clock.now()
         queue_id = new_queue_id(now)
@@ -202,7 +208,9 @@ class Front:
         except QueueError as exc:
             LOG.error("queue_write_failed", client=_peer_ip(session), error=str(exc),
                       no_space=exc.no_space)
+            self.metrics.message_refused("no_space" if exc.no_space else "queue_error")
             return str(replies.QUEUE_FULL if exc.no_space else replies.QUEUE_UNAVAILABLE)
+        self.metrics.message_accepted(len(content))
         LOG.info("queued", queue_id=queue_id, size=len(message.body), client=message.client,
                  **{"from": message.sender}, to=[r.rcpt for r in message.recipients],
                  orig_to=[r.orig_rcpt for r in message.recipients])

@@ -365,6 +365,14 @@ def _recover(now: float) -> Op:
     return op
 
 
+def _release(ids: list[int], now: float) -> Op:
+    def op(conn: sqlite3.Connection) -> None:
+        conn.executemany("UPDATE recipients SET leased = 0, next_attempt = ? WHERE id = ?",
+                         [(now, rid) for rid in ids])
+
+    return op
+
+
 def _load_body(conn: sqlite3.Connection, message_id: str) -> bytes | None:
     row = conn.execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchone()
     return None if row is None else bytes(row[0])
@@ -419,6 +427,12 @@ class Queue:
     async def recover(self, now: float) -> tuple[int, int]:
         result: tuple[int, int] = await self._write(_recover(now))
         return result
+
+    async def release_leases(self, recipient_ids: Sequence[int], now: float) -> None:
+        """Clean stop: interrupted deliveries are due again at once, and not counted as
+        crashes (only leases found at start-up are)."""
+        if recipient_ids:
+            await self._write(_release(list(recipient_ids), now))
 
     async def load_body(self, message_id: str) -> bytes | None:
         return await self._reader_db.run(_load_body, message_id)
