@@ -1,0 +1,182 @@
+"""The daemon as systemd runs it: a real `forwarder serve` subprocess with NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from forwarder.directory import Directory
+from tests.conftest import DOMAIN, Sink, simple_message, smtp_send
+
+GRAD = f"jean.dupont@{DOMAIN}"
+
+
+class Service:
+    """`forwarder serve` in a subprocess, with a notify socket owned by the test."""
+
+    def __init__(self, tmp_path: Path, config: str) -> None:
+        self.tmp = tmp_path
+        self.config = tmp_path / "forwarder.toml"
+        self.config.write_text(config)
+        self.notify_path = tmp_path / "notify.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.setblocking(False)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self.logs: list[dict[str, object]] = []
+        self.messages: list[str] = []
+
+    async def start(self, watchdog_usec: int = 200_000) -> None:
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path),
+                   WATCHDOG_USEC=str(watchdog_usec))
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "forwarder.cli", "serve", "--config", str(self.config),
+            "--state-dir", str(self.tmp / "state"), env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        self._reader = asyncio.create_task(self._read_logs())
+
+    async def _read_logs(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            self.logs.append(event)
+            if event.get("event") == "listening":
+                self.port = int(str(event["port"]))
+            if event.get("event") == "metrics_listening":
+                self.metrics_port = int(str(event["port"]))
+
+    async def next_notify(self, timeout: float = 10.0) -> str:
+        loop = asyncio.get_running_loop()
+        data = await asyncio.wait_for(loop.sock_recv(self.notify, 4096), timeout)
+        text = data.decode()
+        self.messages.append(text)
+        return text
+
+    async def wait_notify(self, field: str, timeout: float = 10.0) -> str:
+        async def _wait() -> str:
+            while True:
+                text = await self.next_notify(timeout)
+                if field in text.split("\n"):
+                    return text
+        return await asyncio.wait_for(_wait(), timeout)
+
+    async def wait_log(self, event: str, timeout: float = 10.0) -> dict[str, object]:
+        async def _wait() -> dict[str, object]:
+            while True:
+                for entry in self.logs:
+                    if entry.get("event") == event:
+                        return entry
+                await asyncio.sleep(0.02)
+        return await asyncio.wait_for(_wait(), timeout)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def close(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.proc.wait(), 30)
+        await self._reader
+        self.notify.close()
+        return code
+
+
+def config_text(domains: list[str], smarthost: int | None = None, extra: str = "") -> str:
+    lines = ['listen = "127.0.0.1:0"', f"domains = {json.dumps(domains)}",
+             'hostname = "forwarder.test"', 'metrics_listen = "127.0.0.1:0"']
+    if smarthost:
+        lines.append(f'smarthost = "127.0.0.1:{smarthost}"')
+    return "\n".join(lines) + "\n" + extra
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[Service]:
+    svc = Service(tmp_path, config_text([DOMAIN]))
+    yield svc
+    if svc.proc is not None and svc.proc.returncode is None:
+        await svc.close()
+
+
+async def test_ready_only_once_listening_then_watchdog_then_stopping(service: Service) -> None:
+    await service.start()
+    ready = await service.wait_notify("READY=1")
+    # READY=1 means the port is bound: a client connects at once and gets the greeting.
+    assert service.port, "the listening event precedes READY"
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    assert (await reader.readline()).startswith(b"220 ")
+    writer.close()
+    assert "STATUS=" in ready
+    # Pings every WATCHDOG_USEC/2 from the event loop.
+    await service.wait_notify("WATCHDOG=1", timeout=2)
+    await service.wait_notify("WATCHDOG=1", timeout=2)
+    service.signal(signal.SIGTERM)
+    await service.wait_notify("STOPPING=1")
+    assert await service.close() == 0
+
+
+async def test_sighup_reloads_config_and_refuses_a_broken_one(service: Service) -> None:
+    await service.start()
+    await service.wait_notify("READY=1")
+    rcpt = "someone@new-school.example"
+    rcpts, _ = await smtp_send(service.port, "a@b.example", [rcpt], simple_message())
+    assert rcpts[rcpt][0] == 554  # not our domain yet
+    service.config.write_text(config_text([DOMAIN, "new-school.example"]))
+    service.signal(signal.SIGHUP)
+    await service.wait_notify("RELOADING=1")
+    await service.wait_log("reloaded")
+    rcpts, _ = await smtp_send(service.port, "a@b.example", [rcpt], simple_message())
+    assert rcpts[rcpt][0] == 550  # ours now: unknown user, not relay denied
+    service.config.write_text("domains = 42\nbogus_key = true\n")
+    service.signal(signal.SIGHUP)
+    await service.wait_log("reload_refused")
+    rcpts, _ = await smtp_send(service.port, "a@b.example", [rcpt], simple_message())
+    assert rcpts[rcpt][0] == 550  # the old (valid) configuration stays in force
+    assert await service.close() == 0
+
+
+async def test_metrics_scraped_over_http(tmp_path: Path, sink: Sink) -> None:
+    svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port))
+    directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
+    directory.add(GRAD, "jd@perso.example")
+    directory.delete(GRAD)
+    await svc.start()
+    try:
+        await svc.wait_notify("READY=1")
+        await svc.wait_log("metrics_listening")
+        body = simple_message()
+        await smtp_send(svc.port, "noreply@jobteaser.com", [GRAD], body)
+        await smtp_send(svc.port, "noreply@jobteaser.com", [f"nobody@{DOMAIN}"], body)
+        await sink.wait_for(1)
+        await svc.wait_log("delivery")
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.metrics_port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        raw = await reader.read()
+        writer.close()
+        text = raw.split(b"\r\n\r\n", 1)[1].decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        assert samples[("forwarder_rcpt_verdicts_total", (("verdict", "forward"),))] == 1
+        assert samples[("forwarder_rcpt_verdicts_total", (("verdict", "unknown"),))] == 1
+        assert samples[("forwarder_messages_accepted_total", ())] == 1
+        assert samples[("forwarder_accepted_bytes_total", ())] == len(body)
+        assert samples[("forwarder_deliveries_total",
+                        (("destination", "redirect"), ("result", "delivered")))] == 1
+        assert samples[("forwarder_delivery_latency_seconds_count", ())] == 1
+    finally:
+        assert await svc.close() == 0
