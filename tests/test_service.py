@@ -23,8 +23,10 @@ GRAD = f"jean.dupont@{DOMAIN}"
 class Service:
     """`forwarder serve` in a subprocess, with a notify socket owned by the test."""
 
-    def __init__(self, tmp_path: Path, config: str) -> None:
+    def __init__(self, tmp_path: Path, config: str, state_dir: Path | None = None) -> None:
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp_path
+        self.state_dir = state_dir or tmp_path / "state"
         self.config = tmp_path / "forwarder.toml"
         self.config.write_text(config)
         self.notify_path = tmp_path / "notify.sock"
@@ -42,7 +44,7 @@ class Service:
                    WATCHDOG_USEC=str(watchdog_usec))
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "forwarder.cli", "serve", "--config", str(self.config),
-            "--state-dir", str(self.tmp / "state"), env=env,
+            "--state-dir", str(self.state_dir), env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         self._reader = asyncio.create_task(self._read_logs())
 
@@ -180,3 +182,31 @@ async def test_metrics_scraped_over_http(tmp_path: Path, sink: Sink) -> None:
         assert samples[("forwarder_delivery_latency_seconds_count", ())] == 1
     finally:
         assert await svc.close() == 0
+
+
+async def test_sigkill_after_250_then_restart_delivers(tmp_path: Path, sink: Sink) -> None:
+    directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
+    directory.add(GRAD, "jd@perso.example")
+    directory.delete(GRAD)
+    sink.handler.hang = True  # the destination takes the message but never answers the dot
+    svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port))
+    await svc.start()
+    await svc.wait_notify("READY=1")
+    _, data = await smtp_send(svc.port, "noreply@jobteaser.com", [GRAD], simple_message())
+    assert data is not None and data[0] == 250
+    queue_id = data[1].rsplit(" ", 1)[1]
+    svc.signal(signal.SIGKILL)  # between our 250 and any delivery: the worst moment
+    assert await svc.close() == -signal.SIGKILL
+    assert sink.messages == []
+
+    sink.handler.hang = False
+    again = Service(tmp_path / "again", config_text([DOMAIN], smarthost=sink.port),
+                    state_dir=svc.state_dir)
+    await again.start()
+    try:
+        (got,) = await sink.wait_for(1)
+        assert got.rcpt_tos == ["jd@perso.example"]
+        assert f"id {queue_id}".encode() in got.content
+        await again.wait_log("queue_recovered")
+    finally:
+        assert await again.close() == 0
