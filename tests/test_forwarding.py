@@ -51,7 +51,7 @@ async def test_active_account_goes_to_mailbox_host(
 ) -> None:
     directory.add(GRAD, TARGET)  # active: the redirect is not used yet
     d = await start_daemon(mailbox_host=HostPort("127.0.0.1", sink.port))
-    rcpts, data = await smtp_send(d.port, "noreply@jobteaser.com", [GRAD.upper()],
+    rcpts, _ = await smtp_send(d.port, "noreply@jobteaser.com", [GRAD.upper()],
                                   simple_message())
     assert rcpts[GRAD.upper()][0] == 250
     (got,) = await sink.wait_for(1)
