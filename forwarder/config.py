@@ -89,6 +89,8 @@ class DeliverySettings:
     data_timeout: float = 600.0
     idle_connection_time: float = 30.0
     poll_interval: float = 1.0
+    # The port MX hosts are contacted on (25; tests point it at their sinks).
+    mx_port: int = 25
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,9 @@ class Settings:
     log_format: str = "json"
     log_level: str = "info"
     metrics_listen: HostPort | None = None
+    # Nameservers for MX lookups and redirect checks ("host" or "host:port", one port for
+    # all); empty: the system's /etc/resolv.conf.
+    dns_servers: tuple[HostPort, ...] = ()
     # SIGTERM: how long sessions in flight may take to finish their transaction.
     stop_timeout: float = 30.0
     limits: Limits = field(default_factory=Limits)
@@ -138,6 +143,17 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
             return None
+    if key == "dns_servers":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.append("dns_servers: must be a list of \"host\" or \"host:port\"")
+            return ()
+        try:
+            return tuple(parse_hostport(v, 53) for v in value)
+        except ValueError as exc:
+            problems.append(f"dns_servers: {exc}")
+            return ()
     if key == "domains":
         if isinstance(value, str):
             value = [value]

@@ -25,13 +25,15 @@ from aiosmtpd.smtp import SMTP
 from forwarder import __version__, log
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, Settings
-from forwarder.delivery import ConnectionPool, Dispatcher, Router, Sender, StaticRouter
+from forwarder.delivery import Dispatcher, MailRouter, Router
 from forwarder.directory import DirectoryReader
+from forwarder.dns import CachingResolver, MxRouter
 from forwarder.front import Front
 from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
 from forwarder.policy import needs_srs
 from forwarder.queue import Job, Queue, RecipientJob
 from forwarder.returnpath import ReturnPath
+from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
 
 LOG = log.get("forwarder.daemon")
@@ -68,7 +70,7 @@ class Daemon:
         self.settings = settings
         self.clock = clock or SystemClock()
         self._fixed_router = router
-        self.router = router or StaticRouter(settings.mailbox_host, settings.smarthost)
+        self.router = router or self._router(settings)
         self.reload_settings = reload_settings
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
@@ -84,8 +86,25 @@ class Daemon:
         self.front: Front | None = None
         self.pool = ConnectionPool(settings.delivery, settings.hostname)
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
-                                     Sender(settings, self.pool), self.clock, self.metrics,
+                                     Sender(settings.delivery, self.pool), self.clock,
+                                     self.metrics,
                                      envelope_sender=self._envelope_sender)
+
+    def _router(self, settings: Settings) -> MailRouter:
+        return MailRouter(settings.mailbox_host, settings.smarthost, self._mx_router(settings))
+
+    def _mx_router(self, settings: Settings) -> MxRouter | None:
+        servers = settings.dns_servers
+        try:
+            if servers:
+                resolver = CachingResolver([s.host for s in servers], port=servers[0].port,
+                                           now=self.clock.now)
+            else:
+                resolver = CachingResolver(use_system_config=True, now=self.clock.now)
+        except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
+            LOG.error("dns_unavailable", error=str(exc))
+            return None
+        return MxRouter(resolver, port=settings.delivery.mx_port)
 
     async def _envelope_sender(self, job: Job, rcpt: RecipientJob) -> str:
         assert self.return_path is not None
@@ -199,7 +218,7 @@ class Daemon:
     def _apply(self, new: Settings) -> None:
         self.settings = new
         if self._fixed_router is None:
-            self.router = StaticRouter(new.mailbox_host, new.smarthost)
+            self.router = self._router(new)
             self.dispatcher.router = self.router
         self.dispatcher.settings = new
         if self.front is not None:

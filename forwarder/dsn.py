@@ -96,19 +96,16 @@ def is_bounce(sender: str, headers: Message | Iterable[tuple[str, str]]) -> bool
     """True when a failure of this message must NOT be reported: never a bounce of a bounce.
 
     - the null sender asks for no notification at all (RFC 5321 4.5.5 and 6.1);
-    - a message that is itself a report (multipart/report, RFC 6522 / RFC 3464);
-    - an automatic message (Auto-Submitted other than "no", RFC 3834 section 5).
+    - a message that is itself a delivery report (multipart/report with
+      report-type=delivery-status, RFC 3464) whose sender was rewritten on the way.
+    Auto-Submitted mail (a password reset, say) is still reported, as Postfix does:
+    RFC 5321 decides by the envelope sender, and RFC 3834 governs responders, not DSNs.
     """
     if is_null_sender(sender):
         return True
     message = headers if isinstance(headers, Message) else _message_of(headers)
-    if message.get_content_type() == "multipart/report":
-        return True
-    auto = message.get("Auto-Submitted")
-    if auto is not None:
-        keyword = str(auto).split(";")[0].strip().lower()
-        return keyword not in ("", "no")
-    return False
+    return (message.get_content_type() == "multipart/report"
+            and str(message.get_param("report-type", "")).lower() == "delivery-status")
 
 
 def _message_of(headers: Iterable[tuple[str, str]]) -> Message:

@@ -58,6 +58,10 @@ SCHEMA = (
     CREATE INDEX recipients_due ON recipients (next_attempt) WHERE state = 'queued';
     CREATE INDEX recipients_message ON recipients (message_id);
     """,
+    # v2: a delay warning (RFC 3464 Action: delayed) is sent at most once per recipient.
+    """
+    ALTER TABLE recipients ADD COLUMN warned INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 QUEUE_SCHEMA_VERSION = len(SCHEMA)
 # A message whose leases were left behind by this many crashes is held (quarantined).
@@ -106,6 +110,7 @@ class RecipientJob:
     rcpt: str
     route: Route
     attempts: int
+    warned: bool = False
 
 
 @dataclass
@@ -131,6 +136,7 @@ class Result:
     error: str | None = None
     dsn_status: str | None = None
     remote_mta: str | None = None
+    warned: bool = False  # a delay warning was sent with this result
 
 
 def open_queue_db(path: Path, busy_timeout: float = 5.0) -> sqlite3.Connection:
@@ -287,23 +293,41 @@ def _insert_message(msg: NewMessage, lease_until: float) -> Op:
     return op
 
 
-def _record(results: Sequence[Result]) -> Op:
-    def op(conn: sqlite3.Connection) -> list[str]:
+def _record(results: Sequence[Result], new_messages: Sequence[NewMessage], now: float) -> Op:
+    """Outcomes and the DSNs they cause, in one transaction: a failed recipient leaves the
+    queue in the same commit that queues its bounce, so a crash can lose neither."""
+
+    def op(conn: sqlite3.Connection) -> tuple[list[str], list[list[int]]]:
         touched: set[str] = set()
         for r in results:
             touched.add(r.message_id)
-            if r.outcome == "delivered":
+            if r.outcome in ("delivered", "failed"):
                 conn.execute("DELETE FROM recipients WHERE id = ?", (r.recipient_id,))
                 continue
-            state = "failed" if r.outcome == "failed" else "queued"
             conn.execute(
-                "UPDATE recipients SET state = ?, leased = 0, attempts = attempts + 1,"
+                "UPDATE recipients SET leased = 0, attempts = attempts + 1,"
                 " next_attempt = ?, last_attempt = ?, last_error = ?, dsn_status = ?,"
-                " remote_mta = ? WHERE id = ?",
-                (state, r.retry_at if r.retry_at is not None else r.attempted_at,
-                 r.attempted_at, r.error, r.dsn_status, r.remote_mta, r.recipient_id),
+                " remote_mta = ?, warned = max(warned, ?) WHERE id = ?",
+                (r.retry_at if r.retry_at is not None else r.attempted_at, r.attempted_at,
+                 r.error, r.dsn_status, r.remote_mta, int(r.warned), r.recipient_id),
             )
-        return _finished_messages(conn, touched)
+        new_ids = [_insert_message(m, now + LEASE_SECONDS)(conn) for m in new_messages]
+        return _finished_messages(conn, touched), new_ids
+
+    return op
+
+
+def _crashed(message_id: str, recipient_ids: Sequence[int], retry_at: float) -> Op:
+    """A worker raised on this message: count it, retry later, hold it past MAX_CRASHES."""
+
+    def op(conn: sqlite3.Connection) -> bool:
+        conn.executemany(
+            "UPDATE recipients SET leased = 0, next_attempt = ? WHERE id = ?",
+            [(retry_at, rid) for rid in recipient_ids])
+        conn.execute("UPDATE messages SET crashes = crashes + 1 WHERE id = ?", (message_id,))
+        return bool(conn.execute(
+            "UPDATE messages SET held = 1 WHERE id = ? AND crashes >= ?",
+            (message_id, MAX_CRASHES)).rowcount)
 
     return op
 
@@ -325,14 +349,14 @@ def _finished_messages(conn: sqlite3.Connection, ids: Iterable[str]) -> list[str
 def _lease_due(now: float, limit: int, exclude: frozenset[int]) -> Op:
     def op(conn: sqlite3.Connection) -> list[Job]:
         rows = conn.execute(
-            "SELECT r.id, r.message_id, r.orig_rcpt, r.rcpt, r.route, r.attempts,"
+            "SELECT r.id, r.message_id, r.orig_rcpt, r.rcpt, r.route, r.attempts, r.warned,"
             " m.sender, m.arrived_at FROM recipients r JOIN messages m ON m.id = r.message_id"
             " WHERE r.state = 'queued' AND r.next_attempt <= ? AND m.held = 0"
             " ORDER BY r.next_attempt LIMIT ?",
             (now, limit + len(exclude)),
         ).fetchall()
         jobs: dict[str, Job] = {}
-        for rid, mid, orig, rcpt, route, attempts, sender, arrived in rows:
+        for rid, mid, orig, rcpt, route, attempts, warned, sender, arrived in rows:
             if rid in exclude:
                 continue
             conn.execute(
@@ -340,7 +364,8 @@ def _lease_due(now: float, limit: int, exclude: frozenset[int]) -> Op:
                 (now + LEASE_SECONDS, rid),
             )
             job = jobs.setdefault(mid, Job(mid, sender, arrived, []))
-            job.recipients.append(RecipientJob(rid, orig, rcpt, Route(route), attempts))
+            job.recipients.append(
+                RecipientJob(rid, orig, rcpt, Route(route), attempts, bool(warned)))
         return list(jobs.values())
 
     return op
@@ -415,10 +440,21 @@ class Queue:
         ids: list[int] = await self._write(_insert_message(message, lease_until))
         return ids
 
-    async def record(self, results: Sequence[Result]) -> list[str]:
-        """Record outcomes; return the ids of messages that left the queue."""
-        done: list[str] = await self._write(_record(results))
+    async def record(
+        self, results: Sequence[Result], new_messages: Sequence[NewMessage] = (),
+        now: float = 0.0,
+    ) -> tuple[list[str], list[list[int]]]:
+        """Record outcomes and queue the DSNs they cause; return the ids of messages that
+        left the queue, and the (leased) recipient ids of each new message."""
+        done: tuple[list[str], list[list[int]]] = await self._write(
+            _record(results, new_messages, now))
         return done
+
+    async def crashed(self, message_id: str, recipient_ids: Sequence[int],
+                      retry_at: float) -> bool:
+        """Record a worker crash; True if the message is now held (quarantined)."""
+        held: bool = await self._write(_crashed(message_id, recipient_ids, retry_at))
+        return held
 
     async def lease_due(self, now: float, limit: int, exclude: frozenset[int]) -> list[Job]:
         jobs: list[Job] = await self._write(_lease_due(now, limit, exclude))

@@ -33,6 +33,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     content: bytes
+    tls: bool = False
 
 
 @dataclass
@@ -60,7 +61,7 @@ class SinkHandler:
         if self.data_reply is not None:
             return self.data_reply
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                      envelope.original_content))
+                                      envelope.original_content, bool(session.ssl)))
         self.arrived.set()
         return "250 2.0.0 Ok: stored"
 
@@ -68,20 +69,25 @@ class SinkHandler:
 class Sink:
     """An aiosmtpd server on 127.0.0.1 standing in for a destination MTA."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", tls_context: Any = None) -> None:
+        self.host = host
+        self.tls_context = tls_context
+        self.connections = 0
         self.handler = SinkHandler()
         self.server: asyncio.Server | None = None
         self.port = 0
         self.sessions: list[SMTP] = []
 
     def _protocol(self) -> SMTP:
-        proto = SMTP(self.handler, hostname="sink.test", decode_data=False)
+        proto = SMTP(self.handler, hostname="sink.test", decode_data=False,
+                     tls_context=self.tls_context)
         self.sessions.append(proto)
+        self.connections += 1
         return proto
 
     async def start(self, port: int = 0) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._protocol, "127.0.0.1", port)
+        self.server = await loop.create_server(self._protocol, self.host, port)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -220,10 +220,12 @@ def test_recipient_status_validated(action: str, status: str) -> None:
             [("Content-Type", 'multipart/report; report-type="delivery-status"; boundary=x')],
             True,
         ),
-        ("alice@example.org", [("Content-Type", "multipart/report; report-type=x")], True),
+        # Only delivery-status reports count as bounces; other reports are ordinary mail.
+        ("alice@example.org", [("Content-Type", "multipart/report; report-type=x")], False),
         ("alice@example.org", [("Content-Type", "multipart/mixed; boundary=x")], False),
-        ("alice@example.org", [("Auto-Submitted", "auto-replied")], True),
-        ("alice@example.org", [("Auto-Submitted", "auto-generated; owner-email=x@y")], True),
+        # Automatic mail (a password reset) is still reported to its sender, as Postfix does.
+        ("alice@example.org", [("Auto-Submitted", "auto-replied")], False),
+        ("alice@example.org", [("Auto-Submitted", "auto-generated; owner-email=x@y")], False),
         ("alice@example.org", [("Auto-Submitted", "no")], False),
         ("alice@example.org", [("auto-submitted", "No ")], False),
     ],

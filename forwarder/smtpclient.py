@@ -1,0 +1,232 @@
+"""Outbound SMTP: reused connections per destination, opportunistic STARTTLS, and the
+destination's verdict on each recipient.
+
+Like Postfix's `smtp` client at TLS level `may`: STARTTLS is used when offered, without
+authenticating the server (RFC 7435 opportunistic security); if the handshake fails the
+address is remembered as "clear only" for a while and the delivery is retried in clear.
+Timeouts follow RFC 5321 4.5.3.2; the wait after the final dot is long on purpose, since
+giving up there while the server is still writing to disk duplicates mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from forwarder.config import DeliverySettings
+from forwarder.dns import Destination
+from forwarder.policy import Outcome, outcome_of_reply
+
+# How long an address whose TLS handshake failed is contacted in clear only.
+NO_TLS_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The destination's verdict on one recipient."""
+
+    outcome: Outcome
+    status: str  # enhanced status code (RFC 3463), e.g. "2.0.0", "4.4.1", "5.1.1"
+    text: str  # diagnostic as in a DSN: "smtp; 550 5.1.1 ..." or "x-local; ..."
+    relay: str | None
+    # Not an answer from the destination: could not talk to it (try the next address).
+    unreachable: bool = False
+    tls_failed: bool = False
+
+
+def relay_name(dest: Destination) -> str:
+    """Postfix's `relay=` form: host[address]:port."""
+    return f"{dest.host}[{dest.address}]:{dest.port}"
+
+
+def _enhanced(code: int, message: str) -> str:
+    first = message.split(" ", 1)[0]
+    parts = first.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] == str(code // 100):
+        return first
+    return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
+
+
+def reply_attempt(code: int, message: str, relay: str) -> Attempt:
+    text = " ".join(message.split())  # one line: never a raw CR/LF in a log or a DSN
+    return Attempt(outcome_of_reply(code), _enhanced(code, text), f"smtp; {code} {text}", relay)
+
+
+def local_attempt(status: str, reason: str, relay: str | None = None, *,
+                  unreachable: bool = False, tls_failed: bool = False) -> Attempt:
+    outcome = Outcome.FAILED if status.startswith("5") else Outcome.DEFERRED
+    return Attempt(outcome, status, f"x-local; {reason}", relay, unreachable, tls_failed)
+
+
+class TlsHandshakeFailed(Exception):
+    pass
+
+
+class ConnectionPool:
+    """Open SMTP sessions per destination, reused for several messages."""
+
+    def __init__(self, settings: DeliverySettings, hostname: str) -> None:
+        self._settings = settings
+        self._hostname = hostname
+        self._idle: dict[Destination, list[aiosmtplib.SMTP]] = defaultdict(list)
+        self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._no_tls: dict[tuple[str, int], float] = {}
+        self._all = asyncio.Semaphore(max(1, settings.concurrency))
+        self._tls = ssl.create_default_context()
+        # Opportunistic TLS (RFC 7435): encrypt when offered, do not authenticate.
+        self._tls.check_hostname = False
+        self._tls.verify_mode = ssl.CERT_NONE
+
+    def slot(self, dest: Destination) -> asyncio.Semaphore:
+        """A cap on concurrent sessions per destination address."""
+        key = (dest.address, dest.port)
+        if key not in self._limits:
+            self._limits[key] = asyncio.Semaphore(self._settings.per_destination)
+        return self._limits[key]
+
+    @property
+    def total(self) -> asyncio.Semaphore:
+        """A cap on concurrent sessions in all."""
+        return self._all
+
+    async def acquire(self, dest: Destination) -> aiosmtplib.SMTP:
+        idle = self._idle[dest]
+        while idle:
+            client = idle.pop()
+            if client.is_connected:
+                return client
+        return await self._connect(dest)
+
+    def _tls_allowed(self, dest: Destination) -> bool:
+        until = self._no_tls.get((dest.address, dest.port))
+        loop_now = asyncio.get_running_loop().time()
+        return until is None or loop_now >= until
+
+    async def _connect(self, dest: Destination) -> aiosmtplib.SMTP:
+        client = aiosmtplib.SMTP(
+            hostname=dest.address, port=dest.port, local_hostname=self._hostname,
+            timeout=self._settings.command_timeout, start_tls=False,
+        )
+        await client.connect(timeout=self._settings.connect_timeout)
+        await client.ehlo()
+        if client.supports_extension("starttls") and self._tls_allowed(dest):
+            try:
+                await client.starttls(tls_context=self._tls, server_hostname=dest.host)
+            except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
+                client.close()
+                key = (dest.address, dest.port)
+                self._no_tls[key] = asyncio.get_running_loop().time() + NO_TLS_SECONDS
+                raise TlsHandshakeFailed(str(exc) or type(exc).__name__) from exc
+        return client
+
+    def release(self, dest: Destination, client: aiosmtplib.SMTP, reusable: bool) -> None:
+        if reusable and client.is_connected:
+            self._idle[dest].append(client)
+        else:
+            client.close()
+
+    async def close(self) -> None:
+        for clients in self._idle.values():
+            for client in clients:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.quit(), 2)
+                client.close()
+        self._idle.clear()
+
+
+_TEMP_ERRORS = (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError)
+
+
+class Sender:
+    """Sends one message to a group of recipients at one destination address."""
+
+    def __init__(self, settings: DeliverySettings, pool: ConnectionPool) -> None:
+        self._settings = settings
+        self._pool = pool
+
+    async def send(
+        self, dest: Destination, sender: str, recipients: Sequence[str], body: bytes
+    ) -> dict[str, Attempt]:
+        relay = relay_name(dest)
+        async with self._pool.total, self._pool.slot(dest):
+            try:
+                client = await self._pool.acquire(dest)
+            except TlsHandshakeFailed as exc:
+                return _all(recipients, local_attempt(
+                    "4.7.5", f"TLS handshake with {relay} failed: {exc}", relay,
+                    unreachable=True, tls_failed=True))
+            except _TEMP_ERRORS as exc:
+                return _all(recipients, local_attempt(
+                    "4.4.1", f"connect to {relay}: {describe(exc)}", relay, unreachable=True))
+            return await self._on(client, dest, sender, recipients, body, relay)
+
+    async def _on(
+        self, client: aiosmtplib.SMTP, dest: Destination, sender: str,
+        recipients: Sequence[str], body: bytes, relay: str,
+    ) -> dict[str, Attempt]:
+        reusable = False
+        try:
+            results = await self._transaction(client, sender, recipients, body, relay)
+            reusable = True
+            return results
+        except aiosmtplib.SMTPResponseException as exc:
+            # 421: the server is closing the session (RFC 5321 3.8).
+            reusable = exc.code != 421
+            return _all(recipients, reply_attempt(exc.code, exc.message, relay))
+        except _TEMP_ERRORS as exc:
+            return _all(recipients, local_attempt(
+                "4.4.2", f"{relay}: {describe(exc)}", relay, unreachable=True))
+        finally:
+            if reusable:
+                reusable = await _reset(client)
+            self._pool.release(dest, client, reusable)
+
+    async def _transaction(
+        self, client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], body: bytes,
+        relay: str,
+    ) -> dict[str, Attempt]:
+        await client.mail(sender)
+        results: dict[str, Attempt] = {}
+        accepted: list[str] = []
+        for rcpt in recipients:
+            try:
+                reply = await client.rcpt(rcpt)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                results[rcpt] = reply_attempt(exc.code, exc.message, relay)
+                continue
+            accepted.append(rcpt)
+        if not accepted:
+            return results
+        # RFC 5321 4.5.3.2.6: wait 10 minutes for the reply to the final dot.
+        # aiosmtplib turns bare CR/LF into CRLF and dot-stuffs, so no byte sequence we
+        # relay can be read as an end of data by the destination (SMTP smuggling).
+        reply = await client.data(body, timeout=self._settings.data_timeout)
+        for rcpt in accepted:
+            results[rcpt] = reply_attempt(reply.code, reply.message, relay)
+        return results
+
+
+def _all(recipients: Sequence[str], attempt: Attempt) -> dict[str, Attempt]:
+    return dict.fromkeys(recipients, attempt)
+
+
+async def _reset(client: aiosmtplib.SMTP) -> bool:
+    """RSET between transactions on a reused connection; False if the session is unusable."""
+    try:
+        await client.rset()
+    except _TEMP_ERRORS:
+        return False
+    return True
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError | aiosmtplib.SMTPTimeoutError):
+        return "timed out"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
