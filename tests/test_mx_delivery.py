@@ -8,8 +8,8 @@ import dataclasses
 import datetime
 import email
 import socket
-import ssl
 import sqlite3
+import ssl
 from collections.abc import AsyncIterator
 from email.message import Message
 from pathlib import Path
