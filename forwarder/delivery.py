@@ -99,6 +99,7 @@ class Dispatcher:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stopping: bool = False
+    _more_due: bool = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -108,7 +109,16 @@ class Dispatcher:
         self.in_flight.update(r.id for r in job.recipients)
         task = asyncio.create_task(self._run_job(job))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # The last scan filled every slot, so more is probably due: look again once half
+        # the slots are free instead of at the next poll, or a backlog drains at
+        # 4 x concurrency messages per poll_interval (80/s) whatever the destination's speed.
+        if self._more_due and len(self._tasks) <= 2 * self.settings.delivery.concurrency:
+            self._more_due = False
+            self._wake.set()
 
     async def run(self) -> None:
         while not self._stopping:
@@ -130,6 +140,7 @@ class Dispatcher:
             return 0
         for job in jobs:
             self.submit(job)
+        self._more_due = len(jobs) >= room
         return len(jobs)
 
     async def stop(self, grace: float = 0.0) -> list[int]:
