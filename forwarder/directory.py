@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
     """,
+    """
+    -- The only change allowed to a past entry is a purge's erasure of personal data
+    -- (GDPR art. 17): the address and values go, who did what and when stays.
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        WHEN NOT (NEW.id = OLD.id AND NEW.at = OLD.at AND NEW.actor = OLD.actor
+                  AND NEW.action = OLD.action AND NEW.address = '(purged)'
+                  AND NEW.old IS NULL AND NEW.new IS NULL)
+        BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    """,
 )
+PURGED = "(purged)"
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -91,6 +101,44 @@ def migrate(conn: sqlite3.Connection) -> None:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+def inspect_database(path: Path, newest: int, busy_timeout: float = 5.0) -> list[str]:
+    """Problems with an SQLite file, opened read-only (for `forwarder check`: it must not
+    create or migrate anything). A missing file is no problem: it is created at start."""
+    if not path.exists():
+        return []
+    try:
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True,
+                               timeout=busy_timeout)
+        try:
+            problems = []
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > newest:
+                problems.append(f"{path}: schema version {version} is newer than this "
+                                f"program ({newest})")
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                problems.append(f"{path}: damaged ({result})")
+            return problems
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return [f"{path}: cannot read: {exc}"]
+
+
+def count_active(path: Path, busy_timeout: float = 5.0) -> int:
+    """Active accounts in the directory, read-only; 0 if there is no directory yet."""
+    if not path.exists():
+        return 0
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=busy_timeout)
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] < 1:
+            return 0
+        return int(conn.execute(
+            "SELECT count(*) FROM accounts WHERE state = 'active'").fetchone()[0])
+    finally:
+        conn.close()
 
 
 def _split_sql(script: str) -> list[str]:
@@ -133,7 +181,7 @@ class AccountRow:
 class ImportReport:
     added: int = 0
     changed: int = 0
-    deleted: int = 0
+    deleted: int = 0  # active -> deleted: graduations
     unchanged: int = 0
 
 
@@ -145,8 +193,41 @@ class ImportRow:
     state: AccountState
 
 
+@dataclass
+class ImportPlan:
+    """What an import would do against the directory as it is now."""
+
+    report: ImportReport
+    # (row, old state and redirect or None when new) for every row that changes something
+    writes: list[tuple[ImportRow, tuple[str, str | None] | None]]
+
+    def declared(self) -> list[tuple[int, str]]:
+        """(line, target) of each redirect this import declares or changes: the ones to
+        validate (PRODUCT.md: a target is validated when declared, not every term again)."""
+        return [(row.line, row.redirect) for row, old in self.writes
+                if row.redirect and (old is None or old[1] != row.redirect)]
+
+    def new_targets(self) -> set[str]:
+        return {target for _, target in self.declared()}
+
+
+_COLUMNS = "address, state, redirect, created_at, updated_at"
+
+
+def _account_row(row: tuple[Any, ...]) -> AccountRow:
+    return AccountRow(row[0], AccountState(row[1]), row[2], row[3], row[4])
+
+
+def _values(state: str, redirect: str | None) -> str:
+    return json.dumps({"state": state, "redirect": redirect})
+
+
 class Directory:
-    """Admin access to the directory (synchronous; CLI and tests)."""
+    """Admin access to the directory (synchronous; CLI and tests).
+
+    Every write is one transaction holding its audit entries (who: the invoking OS user,
+    when, what, old and new values), so the trail cannot miss a change.
+    """
 
     def __init__(
         self,
@@ -164,11 +245,8 @@ class Directory:
 
     def get(self, address: str) -> AccountRow | None:
         row = self.conn.execute(
-            "SELECT address, state, redirect, created_at, updated_at FROM accounts"
-            " WHERE address = ?",
-            (address,),
-        ).fetchone()
-        return None if row is None else AccountRow(row[0], AccountState(row[1]), *row[2:])
+            f"SELECT {_COLUMNS} FROM accounts WHERE address = ?", (address,)).fetchone()
+        return None if row is None else _account_row(row)
 
     def require(self, address: str) -> AccountRow:
         row = self.get(address)
@@ -179,7 +257,6 @@ class Directory:
     def accounts(
         self, state: AccountState | None = None, with_redirect: bool | None = None
     ) -> Iterator[AccountRow]:
-        sql = "SELECT address, state, redirect, created_at, updated_at FROM accounts"
         where: list[str] = []
         args: list[str] = []
         if state is not None:
@@ -189,25 +266,29 @@ class Directory:
             where.append("redirect IS NOT NULL")
         elif with_redirect is False:
             where.append("redirect IS NULL")
+        sql = f"SELECT {_COLUMNS} FROM accounts"
         if where:
             sql += " WHERE " + " AND ".join(where)
         for row in self.conn.execute(sql + " ORDER BY address", args):
-            yield AccountRow(row[0], AccountState(row[1]), *row[2:])
+            yield _account_row(row)
 
     # --- writes: each one a transaction with its audit entry ---------------------------
 
     def add(self, address: str, redirect: str | None = None) -> AccountRow:
         with self._transaction():
-            if self.get(address) is not None:
-                raise DirectoryError(f"{address}: account already exists")
+            old = self.get(address)
+            if old is not None:
+                raise DirectoryError(f"{address}: account already exists ({old.state.value})")
             self._upsert(address, AccountState.ACTIVE, redirect, None, "add")
         return self.require(address)
 
     def set_redirect(self, address: str, redirect: str | None) -> AccountRow:
+        """Declare, change (or with None withdraw) the redirect; no-op if unchanged."""
         with self._transaction():
             old = self.require(address)
-            action = "redirect" if redirect else "unredirect"
-            self._upsert(address, old.state, redirect, old, action)
+            if old.redirect != redirect:
+                action = "redirect" if redirect else "unredirect"
+                self._upsert(address, old.state, redirect, old, action)
         return self.require(address)
 
     def delete(self, address: str) -> AccountRow:
@@ -220,16 +301,19 @@ class Directory:
         return self.require(address)
 
     def purge(self, address: str) -> None:
-        """Erase the row and the personal data of its audit entries (GDPR right to erasure)."""
+        """Erase the row and the personal data of its audit entries (GDPR right to erasure).
+
+        The entries themselves stay (who changed something, when, what kind of change),
+        so the trail still shows that an erasure happened, but no longer of whom.
+        """
         with self._transaction():
             self.require(address)
             self.conn.execute("DELETE FROM accounts WHERE address = ?", (address,))
             self.conn.execute(
-                "UPDATE audit SET address = '(purged)', old = NULL, new = NULL"
-                " WHERE address = ?",
-                (address,),
+                "UPDATE audit SET address = ?, old = NULL, new = NULL WHERE address = ?",
+                (PURGED, address),
             )
-            self._audit("purge", "(purged)", None, None)
+            self._audit("purge", PURGED, None, None)
 
     def history(self, address: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(
@@ -242,23 +326,69 @@ class Directory:
             for at, actor, action, old, new in rows
         ]
 
-    def import_rows(self, rows: Iterable[ImportRow], dry_run: bool = False) -> ImportReport:
-        """Apply every row in one transaction (all-or-nothing); report what changed."""
+    # --- import --------------------------------------------------------------------------
+
+    def plan_import(self, rows: Iterable[ImportRow]) -> ImportPlan:
+        """Compare the rows with the directory in one read (no query per row)."""
+        current: dict[str, tuple[str, str | None]] = {
+            address: (state, redirect) for address, state, redirect
+            in self.conn.execute("SELECT address, state, redirect FROM accounts")}
         report = ImportReport()
-        with self._transaction(commit=not dry_run):
-            for row in rows:
-                old = self.get(row.address)
-                if old is None:
-                    report.added += 1
-                elif (old.state, old.redirect) == (row.state, row.redirect):
-                    report.unchanged += 1
-                    continue
-                elif old.state is AccountState.ACTIVE and row.state is AccountState.DELETED:
-                    report.deleted += 1
-                else:
-                    report.changed += 1
-                self._upsert(row.address, row.state, row.redirect, old, "import")
-        return report
+        writes: list[tuple[ImportRow, tuple[str, str | None] | None]] = []
+        for row in rows:
+            old = current.get(row.address)
+            if old is None:
+                report.added += 1
+            elif old == (row.state.value, row.redirect):
+                report.unchanged += 1
+                continue
+            elif old[0] == AccountState.ACTIVE.value and row.state is AccountState.DELETED:
+                report.deleted += 1
+            else:
+                report.changed += 1
+            writes.append((row, old))
+        return ImportPlan(report, writes)
+
+    def import_rows(
+        self,
+        rows: Sequence[ImportRow],
+        dry_run: bool = False,
+        verify: Callable[[ImportPlan], None] | None = None,
+    ) -> ImportReport:
+        """Apply every row in one transaction (all-or-nothing); report what changed.
+
+        The plan is recomputed under the write lock, so a change made by another admin
+        since a dry run is counted right; `verify` may refuse the plan (by raising).
+        """
+        if dry_run:
+            plan = self.plan_import(rows)
+            if verify is not None:
+                verify(plan)
+            return plan.report
+        with self._transaction():
+            plan = self.plan_import(rows)
+            if verify is not None:
+                verify(plan)
+            self._write_plan(plan)
+        return plan.report
+
+    def _write_plan(self, plan: ImportPlan) -> None:
+        now = self.now()
+        self.conn.executemany(
+            "INSERT INTO accounts (address, state, redirect, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (address) DO UPDATE SET"
+            " state = excluded.state, redirect = excluded.redirect,"
+            " updated_at = excluded.updated_at",
+            [(row.address, row.state.value, row.redirect, now, now) for row, _ in plan.writes],
+        )
+        self.conn.executemany(
+            "INSERT INTO audit (at, actor, action, address, old, new)"
+            " VALUES (?, ?, 'import', ?, ?, ?)",
+            [(now, self.actor, row.address, None if old is None else _values(*old),
+              _values(row.state.value, row.redirect)) for row, old in plan.writes],
+        )
+
+    # --- helpers -------------------------------------------------------------------------
 
     def _upsert(
         self,

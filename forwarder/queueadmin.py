@@ -1,14 +1,16 @@
-"""Admin access to the queue (`forwarder queue ...`), like postqueue/postsuper.
+"""Admin access to the queue (`forwarder queue ...`), like postqueue -p / postsuper.
 
-These run against the same SQLite file as the daemon, in short transactions; the daemon's
-scanner sees a `retry` or `release` on its next pass (at most `poll_interval` later), and
-a `hold` keeps it from leasing the message again.
+These run against the same SQLite file as the running daemon, in short transactions
+(WAL: the daemon keeps reading and writing meanwhile). The daemon's scanner sees a `retry`
+or `release` on its next pass (at most `delivery.poll_interval` later); a `hold` keeps it
+from leasing the message again, though an attempt already in progress (a leased
+recipient, shown as "in delivery") is allowed to finish.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
@@ -23,13 +25,18 @@ class QueueAdminError(Exception):
 
 @dataclass
 class RecipientInfo:
+    id: int
     rcpt: str
     orig_rcpt: str
     route: str
-    state: str
+    state: str  # queued | failed
+    leased: bool  # a delivery attempt is in progress
     attempts: int
     next_attempt: float
+    last_attempt: float | None
     last_error: str | None
+    dsn_status: str | None
+    remote_mta: str | None
 
 
 @dataclass
@@ -38,11 +45,26 @@ class MessageInfo:
     arrived_at: float
     size: int
     sender: str
+    client: str
     held: bool
+    crashes: int
     recipients: list[RecipientInfo]
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+_MESSAGE_COLUMNS = "id, arrived_at, size, sender, client, held, crashes"
+_RECIPIENT_COLUMNS = ("id, rcpt, orig_rcpt, route, state, leased, attempts, next_attempt,"
+                      " last_attempt, last_error, dsn_status, remote_mta")
+
+
+def _message(row: Any) -> MessageInfo:
+    mid, arrived, size, sender, client, held, crashes = row
+    return MessageInfo(mid, arrived, size, sender, client, bool(held), crashes, [])
+
+
+def _recipient(row: Any) -> RecipientInfo:
+    rid, rcpt, orig, route, state, leased, attempts, next_at, last_at, error, dsn, mta = row
+    return RecipientInfo(rid, rcpt, orig, route, state, bool(leased), attempts, next_at,
+                         last_at, error, dsn, mta)
 
 
 class QueueAdmin:
@@ -52,60 +74,97 @@ class QueueAdmin:
     def close(self) -> None:
         self.conn.close()
 
-    def list(self) -> list[MessageInfo]:
-        messages: dict[str, MessageInfo] = {}
-        for mid, arrived, size, sender, held in self.conn.execute(
-            "SELECT id, arrived_at, size, sender, held FROM messages ORDER BY arrived_at"
-        ):
-            messages[mid] = MessageInfo(mid, arrived, size, sender, bool(held), [])
-        for row in self.conn.execute(
-            "SELECT message_id, rcpt, orig_rcpt, route, state, attempts, next_attempt,"
-            " last_error FROM recipients ORDER BY id"
-        ):
-            if row[0] in messages:
-                messages[row[0]].recipients.append(RecipientInfo(*row[1:]))
+    def messages(self) -> list[MessageInfo]:
+        """Every message, oldest first, with its recipients; one read transaction so the
+        listing is consistent while the daemon works."""
+        with self._read():
+            messages = {m.id: m for m in map(_message, self.conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages ORDER BY arrived_at, id"))}
+            for row in self.conn.execute(
+                    f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipients ORDER BY id"):
+                if row[0] in messages:
+                    messages[row[0]].recipients.append(_recipient(row[1:]))
         return list(messages.values())
 
-    def show(self, queue_id: str) -> dict[str, Any]:
-        info = next((m for m in self.list() if m.id == queue_id), None)
-        if info is None:
-            raise QueueAdminError(f"{queue_id}: no such message in the queue")
-        row = self.conn.execute(
-            "SELECT client, crashes, body FROM messages WHERE id = ?", (queue_id,)).fetchone()
-        headers = BytesHeaderParser(policy=compat32).parsebytes(bytes(row[2]))
-        doc = info.as_dict()
-        doc.update(client=row[0], crashes=row[1],
-                   headers=[[k, str(v)] for k, v in headers.items()])
-        return doc
+    def get(self, queue_id: str) -> MessageInfo:
+        with self._read():
+            row = self.conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (queue_id,)).fetchone()
+            if row is None:
+                raise QueueAdminError(f"{queue_id}: no such message in the queue")
+            info = _message(row)
+            info.recipients = [_recipient(r) for r in self.conn.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ? ORDER BY id",
+                (queue_id,))]
+        return info
 
-    def _update(self, sql: str, args: tuple[Any, ...], queue_id: str | None) -> int:
-        with self.conn:
-            self.conn.execute("BEGIN IMMEDIATE")
-            count = self.conn.execute(sql, args).rowcount
-        if queue_id is not None and count == 0:
+    def headers(self, queue_id: str) -> list[tuple[str, str]]:
+        """The header fields as received (the body is never shown: PRODUCT.md, Logs)."""
+        row = self.conn.execute(
+            "SELECT substr(body, 1, 65536) FROM messages WHERE id = ?", (queue_id,)).fetchone()
+        if row is None:
             raise QueueAdminError(f"{queue_id}: no such message in the queue")
-        return count
+        parsed = BytesHeaderParser(policy=compat32).parsebytes(bytes(row[0]))
+        return [(name, str(value)) for name, value in parsed.items()]
 
     def retry(self, queue_id: str | None, now: float) -> int:
-        """Make deferred recipients due now (all of them, or one message's)."""
+        """Make deferred recipients due now (all of them, or one message's); return how
+        many. Recipients in delivery are left alone; held messages stay held."""
         sql = "UPDATE recipients SET next_attempt = ? WHERE state = 'queued' AND leased = 0"
         if queue_id is None:
-            return self._update(sql, (now,), None)
-        self._require(queue_id)
-        return self._update(sql + " AND message_id = ?", (now, queue_id), None)
+            return self._update(sql, (now,))
+        with self._write():
+            self._require(queue_id)
+            return self.conn.execute(sql + " AND message_id = ?", (now, queue_id)).rowcount
 
-    def hold(self, queue_id: str, held: bool) -> None:
-        self._update("UPDATE messages SET held = ? WHERE id = ?", (int(held), queue_id),
-                     queue_id)
+    def hold(self, queue_id: str, held: bool) -> bool:
+        """Hold (or release) a message; return whether it was already so."""
+        with self._write():
+            was = self._require(queue_id).held
+            # Releasing also forgives past crashes, so the next crash does not re-hold it
+            # at once (queue.py quarantines a message at MAX_CRASHES).
+            extra = "" if held else ", crashes = 0"
+            self.conn.execute(f"UPDATE messages SET held = ?{extra} WHERE id = ?",
+                              (int(held), queue_id))
+        return was == held
 
-    def delete(self, queue_id: str) -> None:
-        self._update("DELETE FROM messages WHERE id = ?", (queue_id,), queue_id)
+    def delete(self, queue_id: str) -> MessageInfo:
+        """Delete a message (recipients go with it: ON DELETE CASCADE); return what it was."""
+        with self._write():
+            info = self._require(queue_id)
+            info.recipients = [_recipient(r) for r in self.conn.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ?",
+                (queue_id,))]
+            self.conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
+        return info
 
-    def _require(self, queue_id: str) -> None:
-        if self.conn.execute("SELECT 1 FROM messages WHERE id = ?", (queue_id,)).fetchone() \
-                is None:
+    def _require(self, queue_id: str) -> MessageInfo:
+        row = self.conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (queue_id,)).fetchone()
+        if row is None:
             raise QueueAdminError(f"{queue_id}: no such message in the queue")
+        return _message(row)
+
+    def _update(self, sql: str, args: tuple[object, ...]) -> int:
+        with self._write():
+            return self.conn.execute(sql, args).rowcount
+
+    def _read(self) -> _Txn:
+        return _Txn(self.conn, "BEGIN")
+
+    def _write(self) -> _Txn:
+        # IMMEDIATE: take the write lock up front, so a concurrent daemon commit makes us
+        # wait (busy_timeout) instead of failing half way.
+        return _Txn(self.conn, "BEGIN IMMEDIATE")
 
 
-def is_locked_error(exc: BaseException) -> bool:
-    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+class _Txn:
+    def __init__(self, conn: sqlite3.Connection, begin: str) -> None:
+        self.conn = conn
+        self.begin = begin
+
+    def __enter__(self) -> None:
+        self.conn.execute(self.begin)
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")

@@ -1,0 +1,296 @@
+"""`forwarder lookup`, `check`, `srs rotate|reverse` and `serve`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sqlite3
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from forwarder import replies
+from forwarder.cli_common import (
+    CliError,
+    add_command,
+    add_group,
+    emit,
+    one_line,
+)
+from forwarder.config import ConfigError, Settings
+from forwarder.directory import SCHEMA_VERSION, Directory, count_active, inspect_database
+from forwarder.dns import CachingResolver
+from forwarder.policy import (
+    Accept,
+    Account,
+    NeedsLookup,
+    NeedsSrsCheck,
+    Refuse,
+    Route,
+    Verdict,
+    classify_recipient,
+    decide_account,
+)
+from forwarder.queue import QUEUE_SCHEMA_VERSION
+from forwarder.returnpath import KEYS_FILE, MAX_AGE_DAYS, secrets_path
+from forwarder.srs import (
+    KeyRef,
+    Srs,
+    SrsError,
+    SrsKeyStore,
+    SrsReason,
+    ensure_secrets,
+    load_secrets,
+    rotate_secrets,
+    secrets_file_problems,
+)
+
+# --- SRS ------------------------------------------------------------------------------
+
+
+def srs_reverse(settings: Settings, address: str) -> str:
+    """The original sender behind one of our SRS addresses, as the daemon would find it;
+    raises SrsError. Read-only: a missing secrets file or key store means "not ours"."""
+    path = secrets_path(settings.state_dir)
+    if not path.exists():
+        raise SrsError(SrsReason.BAD_HASH)  # the daemon would start with a fresh secret
+    srs = Srs(load_secrets(path), settings.effective_srs_domain, time.time,
+              max_age_days=MAX_AGE_DAYS)
+    result = srs.reverse(address)
+    if not isinstance(result, KeyRef):
+        return result
+    keys = settings.state_dir / KEYS_FILE
+    found = None
+    if keys.exists():
+        store = SrsKeyStore(keys)
+        try:
+            found = store.get(result.key)
+        finally:
+            store.close()
+    if found is None:
+        raise SrsError(SrsReason.UNKNOWN_KEY)
+    return found
+
+
+def cmd_srs_reverse(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        original = srs_reverse(settings, args.address)
+    except SrsError as exc:
+        raise CliError(f"{one_line(args.address)}: invalid SRS address: {exc.reason.value}",
+                       {"address": args.address, "valid": False, "reason": exc.reason.value,
+                        "original": None}) from exc
+    emit(args, {"address": args.address, "valid": True, "reason": None, "original": original},
+         original)
+    return 0
+
+
+def cmd_srs_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    path = secrets_path(settings.state_dir)
+    settings.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    if ensure_secrets(path):
+        action = "created"
+    else:
+        rotate_secrets(path)
+        action = "rotated"
+    count = len(load_secrets(path))
+    emit(args, {"file": str(path), "action": action, "secrets": count},
+         f"{path}: {action}; {count} secret(s), the first one signs. Run "
+         "'systemctl reload forwarder' so the daemon signs with it; keep the old ones "
+         f"at least {MAX_AGE_DAYS + 1} days so bounces of mail already forwarded verify.")
+    return 0
+
+
+# --- lookup ---------------------------------------------------------------------------
+
+
+def _verdict(address: str, settings: Settings) -> tuple[Verdict, Account | None, str | None]:
+    """What the daemon's RCPT handler would decide now (front.py), with the account row
+    and a detail for the admin."""
+    first = classify_recipient(address, settings.domains, settings.postmaster,
+                               settings.effective_srs_domain)
+    if isinstance(first, NeedsSrsCheck):
+        try:
+            original = srs_reverse(settings, str(first.address))
+        except SrsError as exc:
+            return Refuse(replies.RCPT_BAD_SRS, "srs_invalid"), None, exc.reason.value
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            return Refuse(replies.RCPT_TEMPFAIL, "srs_store_unavailable"), None, str(exc)
+        return Accept(Route.SRS_RETURN, original, "srs_return"), None, None
+    if not isinstance(first, NeedsLookup):
+        return first, None, None
+    try:
+        directory = Directory(settings.directory_path, settings.busy_timeout)
+        row = directory.get(first.address.key)
+        directory.close()
+    except (sqlite3.Error, OSError) as exc:
+        return Refuse(replies.RCPT_TEMPFAIL, "directory_unavailable"), None, str(exc)
+    account = None if row is None else row.account
+    return decide_account(account, settings.domains, settings.mailbox_host is not None), \
+        account, None
+
+
+def _next_hop(verdict: Accept, settings: Settings) -> str:
+    """Where delivery would connect (delivery.MailRouter), without resolving anything."""
+    if verdict.route is Route.MAILBOX:
+        return f"mailbox host {settings.mailbox_host}"
+    if settings.smarthost is not None:
+        return f"smarthost {settings.smarthost}"
+    return f"MX of {verdict.target.rpartition('@')[2]}"
+
+
+def cmd_lookup(args: argparse.Namespace, settings: Settings) -> int:
+    verdict, account, detail = _verdict(args.address, settings)
+    doc: dict[str, Any] = {
+        "address": args.address, "reason": verdict.reason, "detail": detail,
+        "account": None if account is None else
+        {"address": account.address, "state": account.state.value,
+         "redirect": account.redirect},
+        "route": None, "target": None, "next_hop": None}
+    if isinstance(verdict, Refuse):
+        kind = "deferred" if verdict.reply.is_temporary else "refused"
+        doc.update(verdict=kind, reply=verdict.reply.at(args.address))
+    else:
+        doc.update(verdict="accepted", reply=str(replies.RCPT_OK), route=verdict.route.value,
+                   target=verdict.target, next_hop=_next_hop(verdict, settings))
+    emit(args, doc, _lookup_text(doc))
+    return 0
+
+
+def _lookup_text(doc: dict[str, Any]) -> str:
+    lines = [f"{one_line(doc['address'])}: {doc['verdict']} ({doc['reason']})",
+             f"reply: {doc['reply']}"]
+    if doc["account"] is not None:
+        account = doc["account"]
+        lines.append(f"account: {account['address']} {account['state']}, "
+                     f"redirect {account['redirect'] or '-'}")
+    if doc["detail"]:
+        lines.append(f"detail: {one_line(doc['detail'])}")
+    if doc["route"]:
+        srs = " (SRS reverse of the address)" if doc["route"] == Route.SRS_RETURN else ""
+        lines.append(f"route: {doc['route']} -> {doc['target']}{srs} via {doc['next_hop']}")
+    return "\n".join(lines)
+
+
+# --- check ----------------------------------------------------------------------------
+
+
+def fallback_settings(args: argparse.Namespace) -> Settings:
+    """Settings to go on checking with when the file has problems: defaults, the file's
+    state_dir if it can be read, then the flags."""
+    settings = Settings()
+    with_file = args.config or os.environ.get("FORWARDER_CONFIG")
+    try:
+        with open(with_file or os.devnull, "rb") as fh:
+            state_dir = tomllib.load(fh).get("state_dir") if with_file else None
+        if isinstance(state_dir, str):
+            settings = dataclasses.replace(settings, state_dir=Path(state_dir))
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
+    if args.state_dir:
+        settings = dataclasses.replace(settings, state_dir=Path(args.state_dir))
+    return settings
+
+
+def _state_dir_problems(state_dir: Path) -> list[str]:
+    if not state_dir.exists():
+        return [f"state_dir {state_dir}: does not exist"]
+    if not state_dir.is_dir():
+        return [f"state_dir {state_dir}: not a directory"]
+    if not os.access(state_dir, os.R_OK | os.W_OK | os.X_OK):
+        return [f"state_dir {state_dir}: not readable and writable by this user "
+                f"(uid {os.getuid()})"]
+    return []
+
+
+def _storage_problems(settings: Settings) -> list[str]:
+    problems = _state_dir_problems(settings.state_dir)
+    problems += inspect_database(settings.directory_path, SCHEMA_VERSION)
+    problems += inspect_database(settings.queue_path, QUEUE_SCHEMA_VERSION)
+    problems += secrets_file_problems(secrets_path(settings.state_dir))
+    if settings.mailbox_host is None:
+        try:
+            active = count_active(settings.directory_path, settings.busy_timeout)
+        except sqlite3.Error:
+            active = 0  # already reported by inspect_database
+        if active:
+            problems.append(f"mailbox_host: not set, but {active} active account(s) exist: "
+                            "their mail is deferred (451) until it is")
+    if settings.smarthost is None and not settings.dns_servers:
+        try:
+            CachingResolver(use_system_config=True)
+        except Exception as exc:
+            problems.append(f"no smarthost and no DNS resolver ({type(exc).__name__}): "
+                            "forwarded mail cannot be routed; set dns_servers or smarthost")
+    return problems
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    problems = [f"config: {p}" for p in getattr(args, "config_problems", [])]
+    problems += _storage_problems(settings)
+    warnings = []
+    if settings.postmaster is None:
+        warnings.append("postmaster: not set; mail to postmaster@ and abuse@ our domains is "
+                        "deferred (RFC 5321 4.5.1 requires postmaster)")
+    for problem in problems:
+        print(f"forwarder: problem: {problem}", file=sys.stderr)
+    for warning in warnings:
+        print(f"forwarder: warning: {warning}", file=sys.stderr)
+    text = (f"{len(problems)} problem(s), {len(warnings)} warning(s)" if problems or warnings
+            else "configuration and storage OK")
+    emit(args, {"ok": not problems, "problems": problems, "warnings": warnings,
+                "config_file": None if settings.config_file is None else
+                str(settings.config_file), "state_dir": str(settings.state_dir)}, text)
+    return 1 if problems else 0
+
+
+# --- serve ----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from forwarder import daemon
+    from forwarder.cli_common import settings_for
+
+    # SIGHUP re-reads the same file with the same flags on top (flags keep precedence).
+    return daemon.run(settings, reload_settings=lambda: settings_for(args))
+
+
+def register(sub: Any) -> None:
+    p = add_command(sub, "serve", cmd_serve, "run the daemon",
+                    "forwarder serve --listen 0.0.0.0:25 --smarthost relay.example:25")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on")
+    p.add_argument("--smarthost", metavar="HOST:PORT", help="relay all forwarded mail here")
+    p.add_argument("--mailbox-host", metavar="HOST:PORT", help="where active accounts' mail goes")
+    p.add_argument("--log-format", choices=["json", "console"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p = add_command(sub, "lookup", cmd_lookup,
+                    "what mail to ADDRESS would get now, and why (any address)",
+                    "forwarder lookup marie.curie@sigma-clermont.fr", json_flag=True)
+    p.add_argument("address")
+    # The same overrides as `serve`, to ask what a daemon started with them would say.
+    p.add_argument("--smarthost", metavar="HOST:PORT", help="as for serve")
+    p.add_argument("--mailbox-host", metavar="HOST:PORT", help="as for serve")
+    p = add_command(sub, "check", cmd_check,
+                    "validate the configuration and the storage; report every problem",
+                    "forwarder check --config /etc/forwarder/forwarder.toml", json_flag=True)
+    p.set_defaults(collect_config_problems=True)
+    srs = add_group(sub, "srs", "SRS secrets and addresses",
+                    "forwarder srs reverse SRS0=HHHH=TT=example.org=jane@sigma-clermont.fr")
+    add_command(srs, "rotate", cmd_srs_rotate,
+                "add a new signing secret, keeping the old ones for verification",
+                "forwarder srs rotate && systemctl reload forwarder", json_flag=True)
+    p = add_command(srs, "reverse", cmd_srs_reverse,
+                    "the original sender of an SRS address, or why it is invalid",
+                    "forwarder srs reverse SRS0=HHHH=TT=example.org=jane@sigma-clermont.fr",
+                    json_flag=True)
+    p.add_argument("address")
+
+
+def config_error_settings(args: argparse.Namespace, exc: ConfigError) -> Settings | None:
+    """For `check`: remember the problems and go on with fallback settings."""
+    if not getattr(args, "collect_config_problems", False):
+        return None
+    args.config_problems = exc.problems
+    return fallback_settings(args)
