@@ -68,8 +68,17 @@ class Limits:
     max_connections: int = 500
     max_connections_per_client: int = 20
     # RFC 5321 4.5.3.2.7: the server should wait at least 5 minutes for the next command.
+    # A deadline for the whole command line, not an idle timer reset by each byte (slowloris).
     command_timeout: float = 300.0
     max_received_headers: int = 50
+    # --- issue 7 (forwarder/smtp.py) ---
+    # Deadline for the whole DATA body, from the 354 to the final dot (10 minutes: the
+    # RFC 5321 4.5.3.2.6 data termination timeout; 25 MiB at 43 kB/s).
+    data_timeout: float = 600.0
+    # RFC 5321 4.5.3.1.4 and 4.5.3.1.6: both lengths include the CRLF.
+    max_command_line: int = 512
+    max_line_length: int = 1000
+    # --- end issue 7 ---
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,9 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     config_file: Path | None = None
+    # Inbound STARTTLS (RFC 3207) is offered when both are set (issue 7, forwarder/smtp.py).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @property
     def directory_path(self) -> Path:
@@ -163,6 +175,8 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
         return tuple(d.strip().lower().rstrip(".") for d in value)
     if key == "state_dir":
         return Path(str(value))
+    if key in ("tls_cert", "tls_key"):  # issue 7: inbound STARTTLS
+        return Path(str(value)) if value else None
     if key in ("busy_timeout", "stop_timeout"):
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             problems.append(f"{key}: must be a number of seconds >= 0")

@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP
 from forwarder import __version__, log
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, Settings
+from forwarder.connections import Connections, load_tls_context
 from forwarder.delivery import Dispatcher, MailRouter, Router
 from forwarder.directory import DirectoryReader
 from forwarder.dns import CachingResolver, MxRouter
@@ -33,6 +34,7 @@ from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
 from forwarder.policy import needs_srs
 from forwarder.queue import Job, Queue, RecipientJob
 from forwarder.returnpath import ReturnPath
+from forwarder.smtp import ForwarderSMTP
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
 
@@ -81,6 +83,8 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self.queue = Queue(settings.queue_path, settings.busy_timeout)
+        # Issue 7: live sessions (caps, shutdown notice) and the STARTTLS context.
+        self.connections = Connections()
         self.directory: DirectoryReader | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
@@ -130,6 +134,8 @@ class Daemon:
                                       self.settings.effective_srs_domain, self.clock)
         self.directory = await DirectoryReader.open(
             self.settings.directory_path, self.settings.busy_timeout)
+        self.connections.tls_context = load_tls_context(self.settings.tls_cert,
+                                                        self.settings.tls_key)
         await self.queue.open()
         recovered, held = await self.queue.recover(self.clock.now())
         if recovered or held:
@@ -162,16 +168,8 @@ class Daemon:
             LOG.info("metrics_listening", host=where.host, port=self._metrics_server.port)
 
     def _protocol(self, front: Front) -> SMTP:
-        limits = self.settings.limits
-        return SMTP(
-            front,
-            hostname=self.settings.hostname,
-            ident="forwarder",
-            data_size_limit=limits.max_message_size,
-            timeout=limits.command_timeout,
-            enable_SMTPUTF8=False,
-            decode_data=False,
-        )
+        # Issue 7: aiosmtpd's SMTP made strict (limits, smuggling, caps): forwarder/smtp.py.
+        return ForwarderSMTP(front, self.settings, self.connections)
 
     async def _status_loop(self) -> None:
         """Queue depth for metrics and for `systemctl status` (STATUS=)."""
@@ -230,6 +228,8 @@ class Daemon:
         self.notifier.stopping()
         if self._server is not None:
             self._server.close()
+            # Issue 7: 421 to idle sessions, transactions in flight finish (bounded).
+            await self.connections.shutdown(self.settings.stop_timeout)
         interrupted = await self.dispatcher.stop(grace=min(5.0, self.settings.stop_timeout))
         for task in self._tasks:
             task.cancel()

@@ -65,6 +65,22 @@ LOCAL_ERROR = Reply(451, "4.3.0", "local error in processing, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections, try again later")
 
+# --- issue 7: the session layer (forwarder/smtp.py); choices in docs/security.md ---
+START_DATA = "354 End data with <CR><LF>.<CR><LF>"  # 3yz replies carry no enhanced code
+COMMAND_UNRECOGNIZED = Reply(500, "5.5.1", "command unrecognized")
+SYNTAX_ERROR = Reply(500, "5.5.2", "syntax error")
+# RFC 5321 4.5.3.1.4: "500 Line too long".
+COMMAND_TOO_LONG = Reply(500, "5.5.2", "line too long: command lines are limited to 512 octets")
+BAD_SEQUENCE = Reply(503, "5.5.1", "bad sequence of commands")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "command not implemented")
+# RFC 5321 4.5.3.1.6 and RFC 5322 2.1.1: refused after the final dot, like bare CR or LF.
+TEXT_LINE_TOO_LONG = Reply(550, "5.6.0", "line longer than 1000 octets in message")
+# RFC 5322 2.3 and RFC 6152: NUL is never allowed in message text (no BINARYMIME here).
+NUL_IN_MESSAGE = Reply(550, "5.6.0", "NUL character in message")
+TIMEOUT = Reply(421, "4.4.2", "timeout exceeded, closing connection")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "too many errors, closing connection")
+# --- end issue 7 ---
+
 
 def queued(queue_id: str) -> str:
     return f"{QUEUED} {queue_id}"

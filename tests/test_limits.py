@@ -1,0 +1,342 @@
+"""Limits over real sockets (issue 7, PRODUCT.md "Limits"): message size, recipients, line
+lengths, address lengths, connection caps, deadlines against idle and drip-feeding clients,
+and pipelining."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from forwarder.clock import FakeClock
+from forwarder.config import HostPort, Limits
+from forwarder.daemon import Daemon
+from forwarder.directory import Directory
+from tests.conftest import DOMAIN, DaemonFactory, Sink, make_settings, simple_message, smtp_send
+from tests.test_hostile import GRAD, RawClient, forwarding, queue_messages, stuffed
+
+SMALL = 64 * 1024
+ENVELOPE = f"MAIL FROM:<a@sender.example>\r\nRCPT TO:<{GRAD}>\r\nDATA\r\n".encode()
+
+
+async def _start_data(client: RawClient) -> None:
+    await client.send(ENVELOPE)
+    assert [(await client.reply())[0] for _ in range(3)] == [250, 250, 354]
+
+
+def test_defaults_are_the_product_limits() -> None:
+    limits = Limits()
+    assert (limits.max_message_size, limits.max_recipients) == (25 * 1024 * 1024, 100)
+    assert (limits.max_connections, limits.max_connections_per_client) == (500, 20)
+    assert (limits.max_command_line, limits.max_line_length) == (512, 1000)
+    assert limits.command_timeout >= 300  # RFC 5321 4.5.3.2.7
+
+
+# --- message size --------------------------------------------------------------------
+
+
+async def test_size_parameter_over_the_limit_is_refused_at_mail(
+    start_daemon: DaemonFactory, directory: Directory,
+) -> None:
+    forwarding(directory)
+    d = await start_daemon(limits=Limits(max_message_size=SMALL))
+    client = await RawClient.open(d.port)
+    await client.greet()
+    code, text = await client.cmd(f"MAIL FROM:<a@sender.example> SIZE={SMALL + 1}")
+    assert (code, text) == (552, "5.3.4 message size exceeds fixed maximum message size")
+    assert (await client.cmd(f"MAIL FROM:<a@sender.example> SIZE={SMALL}"))[0] == 250
+    await client.close()
+
+
+async def test_body_over_the_limit_gets_552_after_the_dot_and_nothing_queued(
+    start_daemon: DaemonFactory, sink: Sink, directory: Directory,
+) -> None:
+    forwarding(directory)
+    d = await start_daemon(limits=Limits(max_message_size=SMALL),
+                           smarthost=HostPort("127.0.0.1", sink.port))
+    client = await RawClient.open(d.port)
+    await client.greet()
+    await _start_data(client)
+    await client.send(b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n")
+    await client.send((b"y" * 998 + b"\r\n") * 70 + b".\r\n")
+    code, text = await client.reply()
+    assert (code, text[:5]) == (552, "5.3.4")
+    # The session goes on; a message at the limit is accepted.
+    await _start_data(client)
+    await client.send(stuffed(simple_message()))
+    assert (await client.reply())[0] == 250
+    await client.close()
+    assert len(await sink.wait_for(1)) == 1
+    await asyncio.sleep(0.05)
+    assert len(sink.messages) == 1
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def test_memory_stays_bounded_while_an_oversized_body_streams_in(
+    start_daemon: DaemonFactory, directory: Directory,
+) -> None:
+    forwarding(directory)
+    d = await start_daemon(limits=Limits(max_message_size=1024 * 1024))
+    client = await RawClient.open(d.port)
+    await client.greet()
+    await _start_data(client)
+    chunk = (b"z" * 998 + b"\r\n") * 1024  # 1 MiB
+    base, peak = _rss(), 0
+    for _ in range(48):
+        await client.send(chunk)
+        peak = max(peak, _rss())
+    await client.send(b".\r\n")
+    assert (await client.reply(timeout=30))[0] == 552
+    await client.close()
+    # 48 MiB went through; had it been kept, RSS would have grown by more than that.
+    assert peak - base < 16 * 1024 * 1024, (base, peak)
+    assert queue_messages(d.settings.state_dir) == 0
+
+
+# --- recipients ----------------------------------------------------------------------
+
+
+async def test_recipient_101_gets_452_and_the_first_100_are_delivered(
+    start_daemon: DaemonFactory, sink: Sink, directory: Directory,
+) -> None:
+    people = [f"student{i}@{DOMAIN}" for i in range(101)]
+    for address in people:
+        directory.add(address)  # active: relayed to the mailbox host
+    d = await start_daemon(mailbox_host=HostPort("127.0.0.1", sink.port))
+    rcpts, data = await smtp_send(d.port, "a@sender.example", people, simple_message())
+    assert all(rcpts[p][0] == 250 for p in people[:100])
+    assert rcpts[people[100]] == (452, "4.5.3 too many recipients")
+    assert data is not None and data[0] == 250
+    deadline = time.monotonic() + 10
+    while {r for m in sink.messages for r in m.rcpt_tos} != set(people[:100]):
+        assert time.monotonic() < deadline, "the 100 accepted recipients were not delivered"
+        await asyncio.sleep(0.02)
+
+
+# --- line lengths --------------------------------------------------------------------
+
+
+async def test_command_line_is_limited_to_512_octets_with_crlf(
+    start_daemon: DaemonFactory,
+) -> None:
+    d = await start_daemon()
+    client = await RawClient.open(d.port)
+    await client.greet()
+    assert (await client.cmd(b"NOOP " + b"a" * (512 - 7)))[0] == 250  # exactly 512
+    code, text = await client.cmd(b"NOOP " + b"a" * (512 - 6))
+    assert (code, text[:5]) == (500, "5.5.2")
+    # Far past the stream buffer, without a CRLF for 100 kB: skipped, and the session goes on.
+    code, text = await client.cmd(b"NOOP " + b"b" * 100_000)
+    assert (code, text[:5]) == (500, "5.5.2")
+    assert (await client.cmd("NOOP"))[0] == 250
+    await client.close()
+
+
+async def test_text_line_is_limited_to_1000_octets_with_crlf(
+    start_daemon: DaemonFactory, sink: Sink, directory: Directory,
+) -> None:
+    forwarding(directory)
+    d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
+    client = await RawClient.open(d.port)
+    await client.greet()
+    longest = b"." + b"d" * 997 + b"\r\n"  # 1000 octets; 1001 on the wire once stuffed
+    await _start_data(client)
+    await client.send(stuffed(b"Subject: long\r\n\r\n" + longest))
+    assert (await client.reply())[0] == 250
+    for too_long in (b"e" * 999 + b"\r\n", b"f" * 5000 + b"\r\n"):
+        await _start_data(client)
+        await client.send(stuffed(b"Subject: long\r\n\r\n" + too_long))
+        code, text = await client.reply()
+        assert (code, text[:5]) == (550, "5.6.0")
+    await client.close()
+    (got,) = await sink.wait_for(1)
+    assert got.content.endswith(longest)
+
+
+@pytest.mark.parametrize(("command", "reply"), [
+    ("MAIL FROM:<{}@sender.example>", (553, "5.1.7")),
+    ("RCPT TO:<{}@" + DOMAIN + ">", (553, "5.1.3")),
+])
+async def test_local_part_over_64_octets_is_refused(
+    start_daemon: DaemonFactory, directory: Directory, command: str, reply: tuple[int, str],
+) -> None:
+    directory.add(f"{'l' * 64}@{DOMAIN}")
+    d = await start_daemon()
+    client = await RawClient.open(d.port)
+    await client.greet()
+    if command.startswith("RCPT"):
+        await client.cmd("MAIL FROM:<a@sender.example>")
+    code, text = await client.cmd(command.format("l" * 65))
+    assert (code, text[:5]) == reply
+    ok = await client.cmd(command.format("l" * 64))
+    assert ok[0] in (250, 451)  # accepted syntax (451: the active account has no mailbox)
+    await client.close()
+
+
+async def test_domain_over_255_octets_is_refused(start_daemon: DaemonFactory) -> None:
+    d = await start_daemon()
+    client = await RawClient.open(d.port)
+    await client.greet()
+    domain = ".".join(["a" * 63] * 4)  # 255 octets
+    code, text = await client.cmd(f"MAIL FROM:<a@{domain}a>")
+    assert (code, text[:5]) == (553, "5.1.7")
+    await client.cmd("MAIL FROM:<a@sender.example>")
+    code, text = await client.cmd(f"RCPT TO:<a@{domain}a>")
+    assert (code, text[:5]) == (553, "5.1.3")
+    await client.close()
+
+
+# --- connections ---------------------------------------------------------------------
+
+
+async def test_connections_per_client_are_capped(start_daemon: DaemonFactory) -> None:
+    d = await start_daemon()
+    clients = [await RawClient.open(d.port) for _ in range(20)]
+    for c in clients:
+        assert (await c.reply())[0] == 220
+    extra = await RawClient.open(d.port)
+    assert await extra.reply() == (421, "4.7.0 too many connections, try again later")
+    assert await extra.closed()
+    other = await RawClient.open(d.port, source="127.0.0.2")  # another client is served
+    assert (await other.reply())[0] == 220
+    await clients[0].cmd("QUIT")
+    await clients[0].close()
+    for _ in range(100):
+        if d.connections.count("127.0.0.1") < 20:
+            break
+        await asyncio.sleep(0.01)
+    again = await RawClient.open(d.port)
+    assert (await again.reply())[0] == 220
+    for c in [*clients[1:], other, again]:
+        await c.close()
+
+
+async def test_500_idle_connections_do_not_stop_a_new_client(
+    start_daemon: DaemonFactory, sink: Sink, directory: Directory,
+) -> None:
+    forwarding(directory)
+    d = await start_daemon(limits=Limits(max_connections=501),
+                           smarthost=HostPort("127.0.0.1", sink.port))
+    sources = [f"127.0.0.{2 + i // 20}" for i in range(500)]
+    idle: list[RawClient] = []
+    for batch in range(0, 500, 50):  # within the listen backlog (100)
+        opened = await asyncio.gather(*(RawClient.open(d.port, s)
+                                        for s in sources[batch:batch + 50]))
+        assert {(await c.reply())[0] for c in opened} == {220}
+        idle += opened
+    assert len(d.connections) == 500
+    started = time.monotonic()
+    _, data = await smtp_send(d.port, "a@sender.example", [GRAD], simple_message())
+    assert data is not None and data[0] == 250
+    assert time.monotonic() - started < 2.0
+    refused = await RawClient.open(d.port, "127.0.0.100")  # the 502nd: over the total cap
+    assert (await refused.reply())[0] == 421
+    await refused.close()
+    await asyncio.gather(*(c.close() for c in idle))
+    await sink.wait_for(1)
+
+
+async def test_idle_client_is_disconnected_with_421(start_daemon: DaemonFactory) -> None:
+    d = await start_daemon(limits=Limits(command_timeout=0.5))
+    client = await RawClient.open(d.port)
+    started = time.monotonic()
+    assert (await client.reply())[0] == 220
+    assert await client.reply(timeout=3) == (421, "4.4.2 timeout exceeded, closing connection")
+    assert await client.closed()
+    assert 0.4 < time.monotonic() - started < 2.0
+    assert len(d.connections) == 0
+
+
+async def _drip(client: RawClient, data: bytes, pause: float) -> None:
+    """Send `data` in pieces, one every `pause` seconds, until cancelled."""
+    for i in range(len(data)):
+        client.writer.write(data[i : i + 1])
+        await asyncio.sleep(pause)
+
+
+async def test_drip_fed_command_hits_the_command_deadline(start_daemon: DaemonFactory) -> None:
+    """Slowloris: one byte every 0.1 s never resets the deadline for the whole line."""
+    d = await start_daemon(limits=Limits(command_timeout=0.5))
+    client = await RawClient.open(d.port)
+    await client.greet()
+    started = time.monotonic()
+    dripper = asyncio.create_task(_drip(client, b"MAIL FROM:<slow@sender.example>", 0.1))
+    try:
+        assert await client.reply() == (421, "4.4.2 timeout exceeded, closing connection")
+    finally:
+        dripper.cancel()
+    assert time.monotonic() - started < 1.5
+    assert await client.closed()
+    assert len(d.connections) == 0
+
+
+async def test_drip_fed_data_hits_the_data_deadline(
+    start_daemon: DaemonFactory, directory: Directory,
+) -> None:
+    forwarding(directory)
+    d = await start_daemon(limits=Limits(command_timeout=5, data_timeout=1.0))
+    client = await RawClient.open(d.port)
+    await client.greet()
+    await _start_data(client)
+    started = time.monotonic()
+    dripper = asyncio.create_task(_drip(client, b"Subject: slow\r\n" * 10, 0.01))
+    try:
+        assert (await client.reply())[:1] == (421,)
+    finally:
+        dripper.cancel()
+    assert 0.9 < time.monotonic() - started < 2.5
+    assert await client.closed()
+    assert len(d.connections) == 0 and queue_messages(d.settings.state_dir) == 0
+
+
+async def test_shutdown_says_421_to_idle_sessions_and_lets_a_transaction_finish(
+    state_dir: Path, clock: FakeClock, sink: Sink, directory: Directory,
+) -> None:
+    forwarding(directory)
+    d = Daemon(make_settings(state_dir, smarthost=HostPort("127.0.0.1", sink.port),
+                             stop_timeout=5), clock=clock)
+    await d.start()
+    idle, busy = await RawClient.open(d.port), await RawClient.open(d.port)
+    await idle.greet()
+    await busy.greet()
+    assert (await busy.cmd("MAIL FROM:<a@sender.example>"))[0] == 250
+    assert (await busy.cmd(f"RCPT TO:<{GRAD}>"))[0] == 250
+    stopping = asyncio.create_task(d.stop())
+    shutting_down = (421, "4.3.2 service shutting down, try again later")
+    assert await idle.reply() == shutting_down
+    assert await idle.closed()
+    assert (await busy.cmd("DATA"))[0] == 354
+    await busy.send(stuffed(simple_message()))
+    assert (await busy.reply())[0] == 250  # the transaction in flight is honoured
+    assert await busy.cmd("NOOP") == shutting_down
+    assert await busy.closed()
+    await asyncio.wait_for(stopping, 10)
+    assert queue_messages(state_dir) + len(sink.messages) == 1
+
+
+# --- pipelining ----------------------------------------------------------------------
+
+
+async def test_pipelined_transactions_are_answered_in_order(
+    start_daemon: DaemonFactory, sink: Sink, directory: Directory,
+) -> None:
+    """RFC 2920: PIPELINING is advertised; a whole session in one packet works."""
+    forwarding(directory)
+    d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
+    client = await RawClient.open(d.port)
+    assert (await client.reply())[0] == 220
+    batch = b"EHLO client.test\r\n" + (ENVELOPE + stuffed(simple_message())) * 2
+    await client.send(batch + b"RCPT TO:<x@other.example>\r\nQUIT\r\n")
+    codes = [(await client.reply())[0] for _ in range(10)]
+    assert codes == [250, 250, 250, 354, 250, 250, 250, 354, 250, 503]
+    assert (await client.reply())[0] == 221
+    assert await client.closed()
+    assert len(await sink.wait_for(2)) == 2
