@@ -22,7 +22,8 @@ from forwarder.redirects import DEFAULT_DNS_TIMEOUT
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 # Settings that a command-line flag may override (flags beat the file: PRODUCT.md).
-_OVERRIDES = ("state_dir", "listen", "smarthost", "mailbox_host", "log_format", "log_level")
+_OVERRIDES = ("state_dir", "listen", "smarthost", "mailbox_host", "log_format", "log_level",
+              "acceptors")
 
 
 class CliError(Exception):

@@ -249,12 +249,27 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 # --- serve ----------------------------------------------------------------------------
 
 
+def _acceptor_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """The acceptors re-read the same file with the same flags (and re-read them on
+    SIGHUP), so they always agree with the main process."""
+    argv = ["--state-dir", str(settings.state_dir)]
+    if args.config:
+        argv += ["--config", args.config]
+    for flag in ("listen", "smarthost", "mailbox_host", "log_format", "log_level"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    return argv
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from forwarder import daemon
     from forwarder.cli_common import settings_for
 
     # SIGHUP re-reads the same file with the same flags on top (flags keep precedence).
-    return daemon.run(settings, reload_settings=lambda: settings_for(args))
+    return daemon.run(settings, reload_settings=lambda: settings_for(args),
+                      acceptor_argv=_acceptor_argv(args, settings),
+                      listen_fd=args.listen_fd, control_fd=args.control_fd)
 
 
 def register(sub: Any) -> None:
@@ -265,6 +280,11 @@ def register(sub: Any) -> None:
     p.add_argument("--mailbox-host", metavar="HOST:PORT", help="where active accounts' mail goes")
     p.add_argument("--log-format", choices=["json", "console"])
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--acceptors", type=int, metavar="N",
+                   help="extra accepting processes (default: one per CPU beyond the first)")
+    # Set by the main process when it starts an acceptor (forwarder/workers.py).
+    p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
     p = add_command(sub, "lookup", cmd_lookup,
                     "what mail to ADDRESS would get now, and why (any address)",
                     "forwarder lookup marie.curie@sigma-clermont.fr", json_flag=True)

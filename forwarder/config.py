@@ -121,6 +121,9 @@ class Settings:
     dns_servers: tuple[HostPort, ...] = ()
     # SIGTERM: how long sessions in flight may take to finish their transaction.
     stop_timeout: float = 30.0
+    # Extra processes accepting SMTP on the same socket (forwarder/workers.py); -1: one
+    # per CPU beyond the first, 0: everything in one process.
+    acceptors: int = -1
     limits: Limits = field(default_factory=Limits)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     config_file: Path | None = None
@@ -135,6 +138,12 @@ class Settings:
     @property
     def queue_path(self) -> Path:
         return self.state_dir / "queue.sqlite3"
+
+    @property
+    def acceptor_count(self) -> int:
+        if self.acceptors >= 0:
+            return self.acceptors
+        return max(0, (os.cpu_count() or 1) - 1)
 
     @property
     def effective_srs_domain(self) -> str:
@@ -177,6 +186,11 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
         return Path(str(value))
     if key in ("tls_cert", "tls_key"):  # issue 7: inbound STARTTLS
         return Path(str(value)) if value else None
+    if key == "acceptors":
+        if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 64:
+            problems.append("acceptors: must be a whole number from -1 (auto) to 64")
+            return -1
+        return value
     if key in ("busy_timeout", "stop_timeout"):
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             problems.append(f"{key}: must be a number of seconds >= 0")

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from forwarder import log, replies
 from forwarder.config import Limits, Settings
+from forwarder.metrics import Metrics
 from forwarder.replies import Reply
 
 LOG = log.get("forwarder.smtp")
@@ -38,8 +39,10 @@ def load_tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | No
 class Connections:
     """Live sessions, counted in all and per client address; the TLS context they use."""
 
-    def __init__(self, tls_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, tls_context: ssl.SSLContext | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.tls_context = tls_context
+        self.metrics = metrics
         self.closing = False
         self._sessions: set[Session] = set()
         self._per_client: dict[str, int] = {}
@@ -63,12 +66,18 @@ class Connections:
         self._sessions.add(session)
         self._per_client[client] = self.count(client) + 1
         self._empty.clear()
+        if self.metrics is not None:
+            self.metrics.session_opened()
+        LOG.info("connect", client=client, sessions=len(self._sessions))
         return None
 
     def release(self, session: Session, client: str) -> None:
         if session not in self._sessions:
             return
         self._sessions.discard(session)
+        if self.metrics is not None:
+            self.metrics.session_closed()
+        LOG.info("disconnect", client=client)
         left = self.count(client) - 1
         if left > 0:
             self._per_client[client] = left

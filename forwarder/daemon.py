@@ -15,7 +15,9 @@ import dataclasses
 import fcntl
 import os
 import signal
-from collections.abc import Callable
+import socket
+import ssl
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,9 +39,13 @@ from forwarder.returnpath import ReturnPath
 from forwarder.smtp import ForwarderSMTP
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
+from forwarder.workers import Acceptors, MainLink, listening_socket
 
 LOG = log.get("forwarder.daemon")
 STATUS_INTERVAL = 5.0
+# Pending connections the kernel holds for us: bursts of 500 clients must not wait for a
+# SYN retransmission (asyncio's default is 100).
+BACKLOG = 1024
 
 
 class StateLockError(Exception):
@@ -68,8 +74,19 @@ class Daemon:
         router: Router | None = None,
         reload_settings: Callable[[], Settings] | None = None,
         notifier: Notifier | None = None,
+        acceptor_argv: Sequence[str] | None = None,
+        listen_fd: int | None = None,
+        control_fd: int | None = None,
     ) -> None:
         self.settings = settings
+        # Several accepting processes (forwarder/workers.py): the main process is given
+        # the argv to start acceptors with; an acceptor is given the two inherited fds.
+        self.acceptor_argv = acceptor_argv
+        self.listen_fd = listen_fd
+        self.control_fd = control_fd
+        self.acceptors: Acceptors | None = None
+        self.link: MainLink | None = None
+        self._listener: socket.socket | None = None
         self.clock = clock or SystemClock()
         self._fixed_router = router
         self.router = router or self._router(settings)
@@ -84,7 +101,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self.queue = Queue(settings.queue_path, settings.busy_timeout)
         # Issue 7: live sessions (caps, shutdown notice) and the STARTTLS context.
-        self.connections = Connections()
+        self.connections = Connections(metrics=self.metrics)
         self.directory: DirectoryReader | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
@@ -129,7 +146,9 @@ class Daemon:
     # --- start ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._lock_fd = lock_state_dir(self.settings.state_dir)
+        acceptor = self.control_fd is not None
+        if not acceptor:  # the main process owns the state directory and the leases
+            self._lock_fd = lock_state_dir(self.settings.state_dir)
         self.return_path = ReturnPath(self.settings.state_dir,
                                       self.settings.effective_srs_domain, self.clock)
         self.directory = await DirectoryReader.open(
@@ -137,15 +156,14 @@ class Daemon:
         self.connections.tls_context = load_tls_context(self.settings.tls_cert,
                                                         self.settings.tls_key)
         await self.queue.open()
-        recovered, held = await self.queue.recover(self.clock.now())
-        if recovered or held:
-            LOG.warning("queue_recovered", recipients=recovered, held=held)
-        self.front = Front(self.settings, self.directory, self.queue, self.dispatcher.submit,
-                           self.clock, self.return_path, self.metrics)
-        front = self.front
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: self._protocol(front), self.settings.listen.host, self.settings.listen.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        if not acceptor:
+            recovered, held = await self.queue.recover(self.clock.now())
+            if recovered or held:
+                LOG.warning("queue_recovered", recipients=recovered, held=held)
+        await self._listen(acceptor)
+        if acceptor:
+            self._start_acceptor()
+            return
         await self._start_metrics()
         self._spawn(self.dispatcher.run(), "dispatcher")
         self._spawn(self._status_loop(), "status")
@@ -153,9 +171,55 @@ class Daemon:
         if interval is not None and self.notifier.enabled:
             self._spawn(watchdog_loop(self.notifier, interval), "watchdog")
         self.dispatcher.wake()
+        await self._start_acceptors()
         LOG.info("listening", host=self.settings.listen.host, port=self.port,
-                 domains=list(self.settings.domains), version=__version__)
+                 domains=list(self.settings.domains), version=__version__,
+                 acceptors=self.acceptors.count if self.acceptors else 0)
         self.notifier.ready(f"listening on {self.settings.listen.host}:{self.port}")
+
+    async def _listen(self, acceptor: bool) -> None:
+        """Bind (or, in an acceptor, take over the inherited socket) and serve SMTP."""
+        if acceptor:
+            submit: Callable[[Job], None] = lambda job: self._wake_main()  # noqa: E731
+        else:
+            submit = self.dispatcher.submit
+        assert self.directory is not None and self.return_path is not None
+        self.front = Front(self.settings, self.directory, self.queue, submit, self.clock,
+                           self.return_path, self.metrics, in_memory=not acceptor)
+        front = self.front
+        loop = asyncio.get_running_loop()
+        listen = self.settings.listen
+        if self.listen_fd is not None:
+            self._listener = socket.socket(fileno=self.listen_fd)
+        elif self.settings.acceptor_count > 0 and self.acceptor_argv is not None:
+            self._listener = listening_socket(listen.host, listen.port, BACKLOG)
+        if self._listener is not None:
+            self._server = await loop.create_server(lambda: self._protocol(front),
+                                                    sock=self._listener)
+        else:
+            self._server = await loop.create_server(lambda: self._protocol(front), listen.host,
+                                                    listen.port, backlog=BACKLOG)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def _wake_main(self) -> None:
+        if self.link is not None:
+            self.link.wake()
+
+    def _start_acceptor(self) -> None:
+        assert self.control_fd is not None
+        self.link = MainLink(self.control_fd, on_lost=self.request_stop)
+        self.link.start()
+        self._spawn(self.link.report_loop(self.metrics), "report")
+        self.link.ready()
+
+    async def _start_acceptors(self) -> None:
+        count = self.settings.acceptor_count
+        if count <= 0 or self.acceptor_argv is None or self._listener is None:
+            return
+        self.acceptors = Acceptors(count, self.acceptor_argv, self._listener,
+                                   self.dispatcher.wake, self.metrics,
+                                   self.settings.stop_timeout)
+        await self.acceptors.start()
 
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
@@ -196,11 +260,14 @@ class Daemon:
         if self.reload_settings is None:
             return False
         self.notifier.reloading()
+        if self.acceptors is not None:
+            self.acceptors.signal_all(signal.SIGHUP)  # they re-read the same file
         try:
             new = self.reload_settings()
             assert self.return_path is not None
             self.return_path.reload(new.effective_srs_domain)
-        except (ConfigError, OSError, ValueError) as exc:
+            self.connections.reload_tls(new)
+        except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
             LOG.error("reload_refused", error=str(exc))
             self.notifier.ready("reload refused: configuration invalid, old one kept")
             return False
@@ -228,12 +295,18 @@ class Daemon:
         self.notifier.stopping()
         if self._server is not None:
             self._server.close()
-            # Issue 7: 421 to idle sessions, transactions in flight finish (bounded).
-            await self.connections.shutdown(self.settings.stop_timeout)
+        # 421 to idle sessions; transactions in flight finish (bounded), here and in each
+        # acceptor process at the same time.
+        await asyncio.gather(
+            self.connections.shutdown(self.settings.stop_timeout),
+            self.acceptors.stop() if self.acceptors is not None else asyncio.sleep(0))
         interrupted = await self.dispatcher.stop(grace=min(5.0, self.settings.stop_timeout))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.link is not None:
+            self.link.report(self.metrics)
+            self.link.close()
         await self.queue.release_leases(interrupted, self.clock.now())
         await self.pool.close()
         if self._metrics_server is not None:
@@ -264,10 +337,21 @@ class Daemon:
             await self.stop()
 
 
-def run(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> int:
-    """Entry point of `forwarder serve`."""
+def run(
+    settings: Settings,
+    reload_settings: Callable[[], Settings] | None = None,
+    acceptor_argv: Sequence[str] | None = None,
+    listen_fd: int | None = None,
+    control_fd: int | None = None,
+) -> int:
+    """Entry point of `forwarder serve` (and of the acceptor processes it starts)."""
     log.configure(settings.log_format, settings.log_level)
-    daemon = Daemon(settings, reload_settings=reload_settings, notifier=Notifier())
+    acceptor = control_fd is not None
+    # Only the main process speaks to systemd (NotifyAccess=main).
+    notifier = Notifier({}) if acceptor else Notifier()
+    daemon = Daemon(settings, reload_settings=reload_settings, notifier=notifier,
+                    acceptor_argv=None if acceptor else acceptor_argv,
+                    listen_fd=listen_fd, control_fd=control_fd)
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop  # optional: faster event loop where installed

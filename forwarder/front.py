@@ -99,6 +99,7 @@ class Front:
         clock: Clock,
         return_path: ReturnPath,
         metrics: Metrics,
+        in_memory: bool = True,
     ) -> None:
         self.settings = settings
         self.directory = directory
@@ -107,6 +108,7 @@ class Front:
         self.clock = clock
         self.return_path = return_path
         self.metrics = metrics
+        self.in_memory = in_memory
 
     # --- greeting --------------------------------------------------------------------
 
@@ -204,7 +206,8 @@ class Front:
         queue_id = new_queue_id(now)
         message = self._message(session, envelope, accepted, content, queue_id, now)
         try:
-            ids = await self.queue.enqueue(message, lease_until=now + LEASE_SECONDS)
+            ids = await self.queue.enqueue(
+                message, lease_until=now + LEASE_SECONDS if self.in_memory else None)
         except QueueError as exc:
             LOG.error("queue_write_failed", client=_peer_ip(session), error=str(exc),
                       no_space=exc.no_space)
@@ -214,6 +217,8 @@ class Front:
         LOG.info("queued", queue_id=queue_id, size=len(message.body), client=message.client,
                  **{"from": message.sender}, to=[r.rcpt for r in message.recipients],
                  orig_to=[r.orig_rcpt for r in message.recipients])
+        # In one process the bytes go straight to delivery; an acceptor process only
+        # tells the main process that work is due (forwarder/workers.py).
         self.submit(Job(queue_id, message.sender, now, [
             RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0)
             for rid, r in zip(ids, message.recipients, strict=True)

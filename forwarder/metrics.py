@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -112,6 +113,18 @@ class Metrics:
         self._open_sessions = Gauge(
             "forwarder_smtp_sessions_open", "SMTP sessions currently open.", registry=reg
         )
+        self._own_open = 0
+        self._child_open: dict[str, int] = {}
+        self._absorbed: dict[str, dict[str, float]] = {}
+        self._open_sessions.set_function(
+            lambda: self._own_open + sum(self._child_open.values()))
+        self._front_counters: dict[str, Counter] = {
+            "forwarder_rcpt_verdicts_total": self._rcpt,
+            "forwarder_messages_accepted_total": self._accepted,
+            "forwarder_messages_refused_total": self._refused,
+            "forwarder_accepted_bytes_total": self._bytes,
+            "forwarder_smtp_sessions_total": self._sessions_total,
+        }
 
     def _preinit(
         self, verdicts: Iterable[str], reasons: Iterable[str], states: Iterable[str]
@@ -129,10 +142,46 @@ class Metrics:
 
     def session_opened(self) -> None:
         self._sessions_total.inc()
-        self._open_sessions.inc()
+        self._own_open += 1
 
     def session_closed(self) -> None:
-        self._open_sessions.dec()
+        self._own_open -= 1
+
+    # --- several accepting processes ------------------------------------------------------
+    # Each acceptor process counts its own SMTP-side events; the main process, which serves
+    # /metrics, absorbs their running totals so one scrape sees the whole daemon.
+
+    def front_totals(self) -> dict[str, float]:
+        """This process's SMTP-side counters, as running totals keyed by sample."""
+        totals: dict[str, float] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name in self._front_counters:
+                    key = json.dumps([sample.name, sorted(sample.labels.items())])
+                    totals[key] = sample.value
+        return totals
+
+    @property
+    def open_sessions(self) -> int:
+        return self._own_open
+
+    def absorb(self, source: str, totals: Mapping[str, float], open_sessions: int) -> None:
+        """Add what `source` (an acceptor) counted since its last report."""
+        seen = self._absorbed.setdefault(source, {})
+        for key, value in totals.items():
+            delta = value - seen.get(key, 0.0)
+            if delta <= 0:
+                continue
+            seen[key] = value
+            name, labels = json.loads(key)
+            counter = self._front_counters[name]
+            (counter.labels(**dict(labels)) if labels else counter).inc(delta)
+        self._child_open[source] = open_sessions
+
+    def forget(self, source: str) -> None:
+        """An acceptor exited: its sessions are gone (its counts stay in the totals)."""
+        self._child_open.pop(source, None)
+        self._absorbed.pop(source, None)
 
     def rcpt_verdict(self, verdict: str) -> None:
         """One RCPT TO decided; `verdict` is the policy's reason (`forward`, `unknown`...)."""

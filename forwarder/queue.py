@@ -273,7 +273,11 @@ def _fail(future: asyncio.Future[Any], exc: Exception) -> None:
 # --- operations, run in the writer thread inside a batch transaction -------------------
 
 
-def _insert_message(msg: NewMessage, lease_until: float) -> Op:
+def _insert_message(msg: NewMessage, lease_until: float | None) -> Op:
+    """Insert a message; its recipients are leased to this process until `lease_until`,
+    or, with None, left for the scanner (another process delivers them)."""
+    leased, next_attempt = (0, msg.arrived_at) if lease_until is None else (1, lease_until)
+
     def op(conn: sqlite3.Connection) -> list[int]:
         conn.execute(
             "INSERT INTO messages (id, sender, arrived_at, size, client, body)"
@@ -284,8 +288,8 @@ def _insert_message(msg: NewMessage, lease_until: float) -> Op:
         for r in msg.recipients:
             cursor = conn.execute(
                 "INSERT INTO recipients (message_id, orig_rcpt, rcpt, route, leased,"
-                " next_attempt) VALUES (?, ?, ?, ?, 1, ?)",
-                (msg.id, r.orig_rcpt, r.rcpt, r.route.value, lease_until),
+                " next_attempt) VALUES (?, ?, ?, ?, ?, ?)",
+                (msg.id, r.orig_rcpt, r.rcpt, r.route.value, leased, next_attempt),
             )
             ids.append(int(cursor.lastrowid or 0))
         return ids
@@ -435,8 +439,9 @@ class Queue:
     async def _write(self, op: Op) -> Any:
         return await self._committer.submit(op)
 
-    async def enqueue(self, message: NewMessage, lease_until: float) -> list[int]:
-        """Commit and fsync the message; return its recipient ids (leased to the caller)."""
+    async def enqueue(self, message: NewMessage, lease_until: float | None) -> list[int]:
+        """Commit and fsync the message; return its recipient ids (leased to the caller
+        until `lease_until`, or due at once for the scanner with None)."""
         ids: list[int] = await self._write(_insert_message(message, lease_until))
         return ids
 

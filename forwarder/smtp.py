@@ -29,6 +29,7 @@ from forwarder import log, replies
 from forwarder.config import Settings
 from forwarder.connections import Connections
 from forwarder.replies import Reply
+from forwarder.smtpfast import FAST_INIT, fast_init
 
 LOG = log.get("forwarder.smtp")
 
@@ -189,12 +190,18 @@ class ForwarderSMTP(SMTP):
         # The stream buffer limit: the longest text line, dot-stuffed (RFC 5321 4.5.2).
         self.line_length_limit = max(self.limits.max_line_length + 1,
                                      self.limits.max_command_line + SIZE_EXTENSION_OCTETS)
-        super().__init__(
-            handler, hostname=settings.hostname, ident="forwarder",
-            data_size_limit=self.limits.max_message_size,
-            timeout=self.limits.command_timeout, enable_SMTPUTF8=False, decode_data=False,
-            tls_context=connections.tls_context, auth_exclude_mechanism=["LOGIN", "PLAIN"],
-        )
+        if FAST_INIT:
+            fast_init(self, handler, hostname=settings.hostname, ident="forwarder",
+                      data_size_limit=self.limits.max_message_size,
+                      timeout=self.limits.command_timeout, tls_context=connections.tls_context)
+        else:
+            super().__init__(
+                handler, hostname=settings.hostname, ident="forwarder",
+                data_size_limit=self.limits.max_message_size,
+                timeout=self.limits.command_timeout, enable_SMTPUTF8=False,
+                decode_data=False, tls_context=connections.tls_context,
+                auth_exclude_mechanism=["LOGIN", "PLAIN"],
+            )
         # No AUTH: this server relays for nobody, authenticated or not.
         self._smtp_methods.pop("AUTH", None)
         self._client = "unknown"

@@ -85,6 +85,12 @@ class Service:
                 await asyncio.sleep(0.02)
         return await asyncio.wait_for(_wait(), timeout)
 
+    async def wait_log_count(self, event: str, count: int, timeout: float = 10.0) -> None:
+        async def _wait() -> None:
+            while sum(1 for e in self.logs if e.get("event") == event) < count:
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(_wait(), timeout)
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
@@ -105,6 +111,28 @@ def config_text(domains: list[str], smarthost: int | None = None, extra: str = "
     if smarthost:
         lines.append(f'smarthost = "127.0.0.1:{smarthost}"')
     return "\n".join(lines) + "\n" + extra
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+    raw = await reader.read()
+    writer.close()
+    text = raw.split(b"\r\n\r\n", 1)[1].decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def scrape_until(
+    port: int, key: tuple[str, tuple[tuple[str, str], ...]], timeout: float = 10.0
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async def _wait() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        while True:
+            samples = await scrape(port)
+            if samples.get(key):
+                return samples
+            await asyncio.sleep(0.1)
+    return await asyncio.wait_for(_wait(), timeout)
 
 
 @pytest.fixture
@@ -166,13 +194,8 @@ async def test_metrics_scraped_over_http(tmp_path: Path, sink: Sink) -> None:
         await smtp_send(svc.port, "noreply@jobteaser.com", [f"nobody@{DOMAIN}"], body)
         await sink.wait_for(1)
         await svc.wait_log("delivery")
-        reader, writer = await asyncio.open_connection("127.0.0.1", svc.metrics_port)
-        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
-        raw = await reader.read()
-        writer.close()
-        text = raw.split(b"\r\n\r\n", 1)[1].decode()
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for family in text_string_to_metric_families(text) for s in family.samples}
+        # Acceptor processes report their counts to the main process every second.
+        samples = await scrape_until(svc.metrics_port, ("forwarder_messages_accepted_total", ()))
         assert samples[("forwarder_rcpt_verdicts_total", (("verdict", "forward"),))] == 1
         assert samples[("forwarder_rcpt_verdicts_total", (("verdict", "unknown"),))] == 1
         assert samples[("forwarder_messages_accepted_total", ())] == 1
@@ -210,3 +233,58 @@ async def test_sigkill_after_250_then_restart_delivers(tmp_path: Path, sink: Sin
         await again.wait_log("queue_recovered")
     finally:
         assert await again.close() == 0
+
+
+async def test_acceptor_processes_share_the_port_and_are_replaced(
+    tmp_path: Path, sink: Sink
+) -> None:
+    directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
+    directory.add(GRAD, "jd@perso.example")
+    directory.delete(GRAD)
+    svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port, extra="acceptors = 2\n"))
+    await svc.start()
+    try:
+        await svc.wait_notify("READY=1")
+        started = [e for e in svc.logs if e.get("event") == "acceptor_started"]
+        assert len(started) == 2
+        # Mail accepted by whichever process takes the connection is delivered once.
+        for i in range(40):
+            _, data = await smtp_send(svc.port, "noreply@jobteaser.com", [GRAD],
+                                      simple_message(msgid=f"<{i}@jobteaser.test>"))
+            assert data is not None and data[0] == 250
+        got = await sink.wait_for(40)
+        ids = sorted(m.content.split(b"Message-ID: ")[1].split(b"\r\n")[0] for m in got)
+        assert len(set(ids)) == 40
+        # An acceptor that dies is replaced, and service goes on.
+        victim = int(str(started[0]["pid"]))
+        os.kill(victim, signal.SIGKILL)
+        await svc.wait_log("acceptor_exited")
+        await svc.wait_log_count("acceptor_started", 3)
+        _, data = await smtp_send(svc.port, "noreply@jobteaser.com", [GRAD], simple_message())
+        assert data is not None and data[0] == 250
+        await sink.wait_for(41)
+    finally:
+        assert await svc.close() == 0
+    # No acceptor outlives the main process.
+    for entry in svc.logs:
+        if entry.get("event") == "acceptor_started":
+            with pytest.raises(ProcessLookupError):
+                os.kill(int(str(entry["pid"])), 0)
+
+
+async def test_acceptor_exits_when_main_process_is_killed(tmp_path: Path) -> None:
+    svc = Service(tmp_path, config_text([DOMAIN], extra="acceptors = 1\n"))
+    await svc.start()
+    await svc.wait_notify("READY=1")
+    (started,) = [e for e in svc.logs if e.get("event") == "acceptor_started"]
+    svc.signal(signal.SIGKILL)
+    assert await svc.close() == -signal.SIGKILL
+
+    async def gone() -> None:
+        while True:
+            try:
+                os.kill(int(str(started["pid"])), 0)
+            except ProcessLookupError:
+                return
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(gone(), 10)
