@@ -161,7 +161,12 @@ class Daemon:
 def wait_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.5):
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), 2) as s:
+            # Read the greeting and say QUIT, so this probe's session is over (and not
+            # counted against the per-client cap) before the load starts.
+            s.recv(512)
+            s.sendall(b"QUIT\r\n")
+            s.recv(512)
             return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listening on {HOST}:{port}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
@@ -181,6 +181,15 @@ async def read_body(reader: asyncio.StreamReader, max_size: int, max_line: int) 
 # --- the session ---------------------------------------------------------------------
 
 
+def _stream(transport: object) -> asyncio.Transport | None:
+    """The transport as a stream we can write to and abort. Duck-typed, not isinstance:
+    uvloop's transports implement the interface without deriving from asyncio's classes."""
+    if all(hasattr(transport, name) for name in ("write", "close", "abort")):
+        return cast(asyncio.Transport, transport)
+    return None
+
+
+
 class ForwarderSMTP(SMTP):
     """One SMTP session. See the module docstring for what it changes in aiosmtpd."""
 
@@ -222,9 +231,10 @@ class ForwarderSMTP(SMTP):
         if refusal is not None:
             LOG.warning("connection_refused", client=self._client, reply=refusal.code,
                         reason=refusal.enhanced)
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(f"{refusal}\r\n".encode("ascii"))
-            transport.close()
+            stream = _stream(transport)
+            if stream is not None:
+                stream.write(f"{refusal}\r\n".encode("ascii"))
+                stream.close()
             return
         self._admitted = True
         super().connection_made(transport)
@@ -247,8 +257,8 @@ class ForwarderSMTP(SMTP):
         self._say_and_close(replies.TIMEOUT)
 
     def _say_and_close(self, reply: Reply) -> None:
-        transport = self.transport
-        if not isinstance(transport, asyncio.Transport):
+        transport = _stream(self.transport)
+        if transport is None:
             return
         transport.write(f"{reply}\r\n".encode("ascii"))
         transport.close()
@@ -261,8 +271,9 @@ class ForwarderSMTP(SMTP):
             self._say_and_close(replies.SHUTTING_DOWN)
 
     def abort(self) -> None:
-        if isinstance(self.transport, asyncio.Transport):
-            self.transport.abort()
+        transport = _stream(self.transport)
+        if transport is not None:
+            transport.abort()
 
     def _between_transactions(self) -> bool:
         return self.envelope is None or self.envelope.mail_from is None

@@ -123,13 +123,15 @@ async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-async def scrape_until(
-    port: int, key: tuple[str, tuple[tuple[str, str], ...]], timeout: float = 10.0
-) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async def _wait() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape_until(port: int, expected: Samples, timeout: float = 10.0) -> Samples:
+    """Scrape until every expected sample has its value (acceptors report each second)."""
+    async def _wait() -> Samples:
         while True:
             samples = await scrape(port)
-            if samples.get(key):
+            if all(samples.get(k) == v for k, v in expected.items()):
                 return samples
             await asyncio.sleep(0.1)
     return await asyncio.wait_for(_wait(), timeout)
@@ -167,14 +169,16 @@ async def test_sighup_reloads_config_and_refuses_a_broken_one(service: Service) 
     rcpts, _ = await smtp_send(service.port, "a@b.example", [rcpt], simple_message())
     assert rcpts[rcpt][0] == 554  # not our domain yet
     service.config.write_text(config_text([DOMAIN, "new-school.example"]))
+    processes = 1 + int(str((await service.wait_log("listening"))["acceptors"]))
     service.signal(signal.SIGHUP)
     await service.wait_notify("RELOADING=1")
-    await service.wait_log("reloaded")
+    # The main process and each acceptor process re-read the file.
+    await service.wait_log_count("reloaded", processes)
     rcpts, _ = await smtp_send(service.port, "a@b.example", [rcpt], simple_message())
     assert rcpts[rcpt][0] == 550  # ours now: unknown user, not relay denied
     service.config.write_text("domains = 42\nbogus_key = true\n")
     service.signal(signal.SIGHUP)
-    await service.wait_log("reload_refused")
+    await service.wait_log_count("reload_refused", processes)
     rcpts, _ = await smtp_send(service.port, "a@b.example", [rcpt], simple_message())
     assert rcpts[rcpt][0] == 550  # the old (valid) configuration stays in force
     assert await service.close() == 0
@@ -194,25 +198,33 @@ async def test_metrics_scraped_over_http(tmp_path: Path, sink: Sink) -> None:
         await smtp_send(svc.port, "noreply@jobteaser.com", [f"nobody@{DOMAIN}"], body)
         await sink.wait_for(1)
         await svc.wait_log("delivery")
+        expected = {
+            ("forwarder_rcpt_verdicts_total", (("verdict", "forward"),)): 1,
+            ("forwarder_rcpt_verdicts_total", (("verdict", "unknown"),)): 1,
+            ("forwarder_messages_accepted_total", ()): 1,
+            ("forwarder_accepted_bytes_total", ()): len(body),
+            ("forwarder_deliveries_total",
+             (("destination", "redirect"), ("result", "delivered"))): 1,
+        }
         # Acceptor processes report their counts to the main process every second.
-        samples = await scrape_until(svc.metrics_port, ("forwarder_messages_accepted_total", ()))
-        assert samples[("forwarder_rcpt_verdicts_total", (("verdict", "forward"),))] == 1
-        assert samples[("forwarder_rcpt_verdicts_total", (("verdict", "unknown"),))] == 1
-        assert samples[("forwarder_messages_accepted_total", ())] == 1
-        assert samples[("forwarder_accepted_bytes_total", ())] == len(body)
-        assert samples[("forwarder_deliveries_total",
-                        (("destination", "redirect"), ("result", "delivered")))] == 1
+        samples = await scrape_until(svc.metrics_port, expected)
+        for key, value in expected.items():
+            assert samples[key] == value, key
         assert samples[("forwarder_delivery_latency_seconds_count", ())] == 1
     finally:
         assert await svc.close() == 0
 
 
-async def test_sigkill_after_250_then_restart_delivers(tmp_path: Path, sink: Sink) -> None:
+@pytest.mark.parametrize("acceptors", [0, 1])
+async def test_sigkill_after_250_then_restart_delivers(
+    tmp_path: Path, sink: Sink, acceptors: int
+) -> None:
     directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
     directory.add(GRAD, "jd@perso.example")
     directory.delete(GRAD)
     sink.handler.hang = True  # the destination takes the message but never answers the dot
-    svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port))
+    extra = f"acceptors = {acceptors}\n"
+    svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port, extra=extra))
     await svc.start()
     await svc.wait_notify("READY=1")
     _, data = await smtp_send(svc.port, "noreply@jobteaser.com", [GRAD], simple_message())
@@ -223,14 +235,18 @@ async def test_sigkill_after_250_then_restart_delivers(tmp_path: Path, sink: Sin
     assert sink.messages == []
 
     sink.handler.hang = False
-    again = Service(tmp_path / "again", config_text([DOMAIN], smarthost=sink.port),
+    again = Service(tmp_path / "again", config_text([DOMAIN], smarthost=sink.port, extra=extra),
                     state_dir=svc.state_dir)
     await again.start()
     try:
         (got,) = await sink.wait_for(1)
         assert got.rcpt_tos == ["jd@perso.example"]
         assert f"id {queue_id}".encode() in got.content
-        await again.wait_log("queue_recovered")
+        if acceptors == 0:
+            # One process: the message was leased in memory when it was queued, so the
+            # restart must find and recover that lease. (With an acceptor, the kill may
+            # come before the main process leased it: then there is nothing to recover.)
+            await again.wait_log("queue_recovered")
     finally:
         assert await again.close() == 0
 
@@ -288,3 +304,20 @@ async def test_acceptor_exits_when_main_process_is_killed(tmp_path: Path) -> Non
                 return
             await asyncio.sleep(0.05)
     await asyncio.wait_for(gone(), 10)
+
+
+async def test_idle_client_is_cut_off_under_the_production_event_loop(tmp_path: Path) -> None:
+    """`forwarder serve` runs on uvloop where installed: the deadline path must work there
+    too (its transports are not asyncio.Transport instances)."""
+    svc = Service(tmp_path, config_text([DOMAIN], extra="[limits]\ncommand_timeout = 1\n"))
+    await svc.start()
+    try:
+        await svc.wait_notify("READY=1")
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        assert (await reader.readline()).startswith(b"220 ")
+        reply = await asyncio.wait_for(reader.readline(), 10)
+        assert reply.startswith(b"421 4.4.2")
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # and closed
+        writer.close()
+    finally:
+        assert await svc.close() == 0
