@@ -175,6 +175,7 @@ class Daemon:
         LOG.info("listening", host=self.settings.listen.host, port=self.port,
                  domains=list(self.settings.domains), version=__version__,
                  acceptors=self.acceptors.count if self.acceptors else 0)
+        log.flush()  # the "listening" line is in the journal before systemd hears READY
         self.notifier.ready(f"listening on {self.settings.listen.host}:{self.port}")
 
     async def _listen(self, acceptor: bool) -> None:
@@ -320,6 +321,7 @@ class Daemon:
             os.close(self._lock_fd)
             self._lock_fd = None
         LOG.info("stopped")
+        log.flush()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -365,4 +367,6 @@ def run(
     except OSError as exc:
         LOG.error("start_failed", error=f"{exc.strerror or exc}")
         return 1
+    finally:
+        log.flush()
     return 0

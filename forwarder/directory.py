@@ -451,11 +451,12 @@ class DirectoryReader:
         return cls(conn)
 
     async def lookup(self, address: str) -> Account | None:
-        async with self._conn.execute(
-            "SELECT address, state, redirect FROM accounts WHERE address = ?", (address,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else _row_to_account((row[0], row[1], row[2]))
+        # One hop to aiosqlite's thread (execute, fetch and close there), not three.
+        rows = await self._conn.execute_fetchall(
+            "SELECT address, state, redirect FROM accounts WHERE address = ?", (address,))
+        for row in rows:
+            return _row_to_account((row[0], row[1], row[2]))
+        return None
 
     async def close(self) -> None:
         await self._conn.close()

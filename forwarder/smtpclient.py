@@ -170,27 +170,31 @@ class Sender:
         self, client: aiosmtplib.SMTP, dest: Destination, sender: str,
         recipients: Sequence[str], body: bytes, relay: str,
     ) -> dict[str, Attempt]:
-        reusable = False
+        reusable = needs_reset = False
         try:
-            results = await self._transaction(client, sender, recipients, body, relay)
+            results, needs_reset = await self._transaction(client, sender, recipients, body,
+                                                           relay)
             reusable = True
             return results
         except aiosmtplib.SMTPResponseException as exc:
             # 421: the server is closing the session (RFC 5321 3.8).
-            reusable = exc.code != 421
+            reusable = needs_reset = exc.code != 421
             return _all(recipients, reply_attempt(exc.code, exc.message, relay))
         except _TEMP_ERRORS as exc:
             return _all(recipients, local_attempt(
                 "4.4.2", f"{relay}: {describe(exc)}", relay, unreachable=True))
         finally:
-            if reusable:
+            if needs_reset:
                 reusable = await _reset(client)
             self._pool.release(dest, client, reusable)
 
     async def _transaction(
         self, client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], body: bytes,
         relay: str,
-    ) -> dict[str, Attempt]:
+    ) -> tuple[dict[str, Attempt], bool]:
+        """Per-recipient attempts, and whether the session needs RSET before reuse: not
+        after a completed DATA, which ends the transaction (RFC 5321 4.1.1.4), so a
+        reused connection costs four round trips a message, not five."""
         await client.mail(sender)
         results: dict[str, Attempt] = {}
         accepted: list[str] = []
@@ -202,14 +206,14 @@ class Sender:
                 continue
             accepted.append(rcpt)
         if not accepted:
-            return results
+            return results, True
         # RFC 5321 4.5.3.2.6: wait 10 minutes for the reply to the final dot.
         # aiosmtplib turns bare CR/LF into CRLF and dot-stuffs, so no byte sequence we
         # relay can be read as an end of data by the destination (SMTP smuggling).
         reply = await client.data(body, timeout=self._settings.data_timeout)
         for rcpt in accepted:
             results[rcpt] = reply_attempt(reply.code, reply.message, relay)
-        return results
+        return results, False
 
 
 def _all(recipients: Sequence[str], attempt: Attempt) -> dict[str, Attempt]:
