@@ -78,7 +78,10 @@ class Daemon:
         listen_fd: int | None = None,
         control_fd: int | None = None,
     ) -> None:
-        self.settings = settings
+        multi = control_fd is not None or (acceptor_argv is not None
+                                           and settings.acceptor_count > 0)
+        self._processes = 1 + settings.acceptor_count if multi else 1
+        self.settings = settings = self._per_process(settings)
         # Several accepting processes (forwarder/workers.py): the main process is given
         # the argv to start acceptors with; an acceptor is given the two inherited fds.
         self.acceptor_argv = acceptor_argv
@@ -281,7 +284,18 @@ class Daemon:
         self.notifier.ready("reloaded")
         return True
 
+    def _per_process(self, settings: Settings) -> Settings:
+        """With several accepting processes, each takes its share of the total connection
+        cap, so "500 in all" holds for the daemon; the per-client cap stays whole in each
+        (a client's connections are not spread evenly, and 20 must always be possible)."""
+        if self._processes == 1:
+            return settings
+        share = -(-settings.limits.max_connections // self._processes)
+        return dataclasses.replace(
+            settings, limits=dataclasses.replace(settings.limits, max_connections=share))
+
     def _apply(self, new: Settings) -> None:
+        new = self._per_process(new)
         self.settings = new
         if self._fixed_router is None:
             self.router = self._router(new)
