@@ -59,7 +59,8 @@ def parse_address(text: str) -> Address:
     """Parse an envelope address (without angle brackets) strictly, or raise AddressError."""
     if has_control_chars(text):
         raise AddressError("control characters in address")
-    if len(text) > MAX_PATH:
+    # The path's 256 octets include its angle brackets; the address comes without them.
+    if len(text) + 2 > MAX_PATH:
         raise AddressError("address too long (RFC 5321 4.5.3.1.3)")
     local, at, domain = text.rpartition("@")
     if not at or not local:

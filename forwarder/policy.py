@@ -74,6 +74,9 @@ def classify_recipient(
     text: str, domains: tuple[str, ...], postmaster: str | None, srs_domain: str | None = None
 ) -> Verdict | NeedsLookup | NeedsSrsCheck:
     """First step of the RCPT verdict, before any directory access."""
+    if text.lower() == "postmaster":
+        # RFC 5321 4.1.1.3: "RCPT TO:<Postmaster>" without a domain must be accepted.
+        return _postmaster(postmaster)
     try:
         address = parse_address(text)
     except AddressError:
@@ -84,10 +87,14 @@ def classify_recipient(
         # Never an open relay: only our domains are accepted (PRODUCT.md).
         return Refuse(replies.RCPT_RELAY_DENIED, "relay_denied")
     if address.local.lower() in ROLE_ACCOUNTS:
-        if postmaster is None:
-            return Refuse(replies.RCPT_NOT_CONFIGURED, "postmaster_unset")
-        return Accept(Route.POSTMASTER, postmaster, "postmaster")
+        return _postmaster(postmaster)
     return NeedsLookup(address)
+
+
+def _postmaster(postmaster: str | None) -> Verdict:
+    if postmaster is None:
+        return Refuse(replies.RCPT_NOT_CONFIGURED, "postmaster_unset")
+    return Accept(Route.POSTMASTER, postmaster, "postmaster")
 
 
 def decide_account(

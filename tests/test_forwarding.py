@@ -221,3 +221,16 @@ async def _until(predicate: object, timeout: float = 10.0) -> None:
         while not predicate():  # type: ignore[operator]
             await asyncio.sleep(0.01)
     await asyncio.wait_for(_wait(), timeout)
+
+
+async def test_bare_postmaster_without_domain_is_accepted(
+    start_daemon: DaemonFactory, sink: Sink
+) -> None:
+    """RFC 5321 4.1.1.3: RCPT TO:<Postmaster> (no domain) must be accepted."""
+    d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
+    rcpts, data = await smtp_send(d.port, "someone@outside.example", ["Postmaster"],
+                                  simple_message())
+    assert rcpts["Postmaster"][0] == 250
+    assert data is not None and data[0] == 250
+    (got,) = await sink.wait_for(1)
+    assert got.rcpt_tos == ["it-team@school-it.example"]

@@ -1,0 +1,159 @@
+"""Pure decisions, table-driven, with no I/O and no event loop (DESIGN.md, h11 style)."""
+
+from __future__ import annotations
+
+import pytest
+
+from forwarder import replies
+from forwarder.addresses import AddressError, parse_address, parse_sender
+from forwarder.policy import (
+    Accept,
+    Account,
+    AccountState,
+    NeedsLookup,
+    NeedsSrsCheck,
+    Outcome,
+    Refuse,
+    Route,
+    classify_recipient,
+    count_received_headers,
+    decide_account,
+    is_expired,
+    needs_srs,
+    outcome_of_reply,
+    retry_delay,
+)
+
+OURS = ("sigma-clermont.fr",)
+PM = "it@school-it.example"
+
+
+@pytest.mark.parametrize(
+    ("rcpt", "expected"),
+    [
+        ("jean.dupont@sigma-clermont.fr", NeedsLookup),
+        ("Jean.Dupont@SIGMA-CLERMONT.FR.", NeedsLookup),  # case and trailing dot: ours
+        ("SRS0=HHHH=TT=example.org=x@sigma-clermont.fr", NeedsSrsCheck),
+        ("postmaster@sigma-clermont.fr", Accept),
+        ("ABUSE@sigma-clermont.fr", Accept),
+        ("Postmaster", Accept),  # RFC 5321 4.1.1.3
+        ("x@other.example", Refuse),
+        ("x@sigma-clermont.fr.evil.example", Refuse),
+        ("x%other.example@sigma-clermont.fr", Refuse),
+        ("other.example!x@sigma-clermont.fr", Refuse),
+        ('"x@other.example"@sigma-clermont.fr', Refuse),
+        ("x@other.example@sigma-clermont.fr", Refuse),
+        ("x@[127.0.0.1]", Refuse),
+        ("a" * 65 + "@sigma-clermont.fr", Refuse),
+        ("", Refuse),
+    ],
+)
+def test_classify_recipient(rcpt: str, expected: type) -> None:
+    verdict = classify_recipient(rcpt, OURS, PM, "sigma-clermont.fr")
+    assert isinstance(verdict, expected)
+    if isinstance(verdict, Accept):
+        assert verdict.route is Route.POSTMASTER and verdict.target == PM
+
+
+def test_relay_and_syntax_replies_are_distinct() -> None:
+    relay = classify_recipient("x@other.example", OURS, PM)
+    syntax = classify_recipient("x%y@sigma-clermont.fr", OURS, PM)
+    assert isinstance(relay, Refuse) and relay.reply is replies.RCPT_RELAY_DENIED
+    assert isinstance(syntax, Refuse) and syntax.reply is replies.RCPT_BAD_SYNTAX
+
+
+def test_postmaster_unset_is_deferred_not_refused() -> None:
+    verdict = classify_recipient("postmaster@sigma-clermont.fr", OURS, None)
+    assert isinstance(verdict, Refuse) and verdict.reply.code == 451
+
+
+A = "jean.dupont@sigma-clermont.fr"
+
+
+@pytest.mark.parametrize(
+    ("account", "mailbox", "reply", "route"),
+    [
+        (None, True, replies.RCPT_UNKNOWN, None),
+        (Account(A, AccountState.ACTIVE, None), True, None, Route.MAILBOX),
+        (Account(A, AccountState.ACTIVE, "x@perso.example"), True, None, Route.MAILBOX),
+        (Account(A, AccountState.ACTIVE, None), False, replies.RCPT_NOT_CONFIGURED, None),
+        (Account(A, AccountState.DELETED, "x@perso.example"), False, None, Route.REDIRECT),
+        (Account(A, AccountState.DELETED, None), True, replies.RCPT_CLOSED, None),
+        (Account(A, AccountState.DELETED, "y@sigma-clermont.fr"), True, replies.RCPT_LOOP,
+         None),
+    ],
+)
+def test_decide_account(
+    account: Account | None, mailbox: bool, reply: replies.Reply | None, route: Route | None
+) -> None:
+    verdict = decide_account(account, OURS, mailbox)
+    if reply is not None:
+        assert isinstance(verdict, Refuse) and verdict.reply is reply
+    else:
+        assert isinstance(verdict, Accept) and verdict.route is route
+
+
+@pytest.mark.parametrize(
+    ("attempts", "delay"),
+    [(0, 0.0), (1, 300.0), (2, 600.0), (3, 1200.0), (4, 2400.0), (5, 4000.0), (50, 4000.0)],
+)
+def test_retry_delay_is_postfix_backoff(attempts: int, delay: float) -> None:
+    assert retry_delay(attempts, 300.0, 4000.0) == delay
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [(250, Outcome.DELIVERED), (251, Outcome.DELIVERED), (421, Outcome.DEFERRED),
+     (451, Outcome.DEFERRED), (550, Outcome.FAILED), (554, Outcome.FAILED),
+     (999, Outcome.DEFERRED), (0, Outcome.DEFERRED)],
+)
+def test_outcome_of_reply(code: int, outcome: Outcome) -> None:
+    assert outcome_of_reply(code) is outcome
+
+
+def test_queue_lifetime() -> None:
+    assert not is_expired(1000.0, 1000.0 + 5 * 86400 - 1, 5 * 86400)
+    assert is_expired(1000.0, 1000.0 + 5 * 86400, 5 * 86400)
+
+
+@pytest.mark.parametrize(
+    ("route", "sender", "target", "rewrite"),
+    [
+        (Route.REDIRECT, "noreply@jobteaser.com", "x@gmail.example", True),
+        (Route.REDIRECT, "", "x@gmail.example", False),  # the null sender stays null
+        (Route.MAILBOX, "noreply@jobteaser.com", A, False),
+        (Route.POSTMASTER, "a@b.example", "it@school-it.example", True),
+        (Route.POSTMASTER, "a@b.example", "it@sigma-clermont.fr", False),
+        (Route.SRS_RETURN, "", "noreply@jobteaser.com", False),
+        (Route.BOUNCE, "", "noreply@jobteaser.com", False),
+    ],
+)
+def test_needs_srs(route: Route, sender: str, target: str, rewrite: bool) -> None:
+    assert needs_srs(route, sender, target, OURS) is rewrite
+
+
+@pytest.mark.parametrize(
+    ("message", "count"),
+    [
+        (b"Received: a\r\nReceived: b\r\nSubject: x\r\n\r\nReceived: in body\r\n", 2),
+        (b"Subject: x\r\n\r\n", 0),
+        (b"received: lower\r\nX-Received: not one\r\n\r\n", 1),
+    ],
+)
+def test_count_received_headers(message: bytes, count: int) -> None:
+    assert count_received_headers(message) == count
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["no-at-sign", "@sigma-clermont.fr", "a b@x.example", "a@x_y.example", "a\r\n@x.example",
+     "a@" + "x" * 250 + ".example", "a..b@x.example", ".a@x.example"],
+)
+def test_parse_address_refuses(bad: str) -> None:
+    with pytest.raises(AddressError):
+        parse_address(bad)
+
+
+def test_parse_sender_null_and_normal() -> None:
+    assert parse_sender("<>") == "" and parse_sender("") == ""
+    assert parse_sender("Noreply@JobTeaser.COM") == "Noreply@jobteaser.com"
