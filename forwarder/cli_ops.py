@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sqlite3
+import ssl
 import sys
 import time
 import tomllib
@@ -227,9 +228,23 @@ def _storage_problems(settings: Settings) -> list[str]:
     return problems
 
 
+def _tls_problems(settings: Settings) -> list[str]:
+    """The STARTTLS certificate and key load together, as the daemon will load them."""
+    if settings.tls_cert is None and settings.tls_key is None:
+        return []
+    from forwarder.connections import load_tls_context
+
+    try:
+        load_tls_context(settings.tls_cert, settings.tls_key)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        return [f"tls_cert/tls_key: {exc}"]
+    return []
+
+
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     problems = [f"config: {p}" for p in getattr(args, "config_problems", [])]
     problems += _storage_problems(settings)
+    problems += _tls_problems(settings)
     warnings = []
     if settings.postmaster is None:
         warnings.append("postmaster: not set; mail to postmaster@ and abuse@ our domains is "
@@ -255,7 +270,7 @@ def _acceptor_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
     argv = ["--state-dir", str(settings.state_dir)]
     if args.config:
         argv += ["--config", args.config]
-    for flag in ("listen", "smarthost", "mailbox_host", "log_format", "log_level"):
+    for flag in ("listen", "smarthost", "mailbox_host", "log_format", "log_level", "acceptors"):
         value = getattr(args, flag, None)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]

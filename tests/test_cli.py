@@ -267,6 +267,14 @@ def test_check_reports_every_problem(run: Run, state_dir: Path, tmp_path: Path) 
     assert run("account", "list", "--config", str(config))[0] == 1
 
 
+def test_check_loads_the_starttls_certificate(run: Run, tmp_path: Path) -> None:
+    config = tmp_path / "tls.toml"
+    config.write_text(f'tls_cert = "{tmp_path}/none.pem"\ntls_key = "{tmp_path}/none.key"\n')
+    run("srs", "rotate")
+    code, _, err = run("check", "--config", str(config))
+    assert code == 1 and "tls_cert/tls_key: [Errno 2]" in err
+
+
 def test_check_ok_and_bad_state_dir(
     run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
