@@ -321,3 +321,45 @@ async def test_idle_client_is_cut_off_under_the_production_event_loop(tmp_path: 
         writer.close()
     finally:
         assert await svc.close() == 0
+
+
+async def test_sigterm_during_data_never_loses_a_250(tmp_path: Path, sink: Sink) -> None:
+    directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
+    directory.add(GRAD, "jd@perso.example")
+    directory.delete(GRAD)
+    svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port))
+    await svc.start()
+    await svc.wait_notify("READY=1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+
+    async def say(line: bytes) -> bytes:
+        writer.write(line)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 10)
+
+    assert (await reader.readline()).startswith(b"220")
+    writer.write(b"EHLO slow.client.test\r\n")
+    while not (await reader.readline()).startswith(b"250 "):
+        pass
+    assert (await say(b"MAIL FROM:<noreply@jobteaser.com>\r\n")).startswith(b"250")
+    assert (await say(f"RCPT TO:<{GRAD}>\r\n".encode())).startswith(b"250")
+    assert (await say(b"DATA\r\n")).startswith(b"354")
+    writer.write(b"Subject: slow\r\nMessage-ID: <slow@jobteaser.test>\r\n\r\nfirst half\r\n")
+    await writer.drain()
+    svc.signal(signal.SIGTERM)  # mid-transfer: stop accepting, let this one finish
+    await svc.wait_notify("STOPPING=1")
+    reply = await say(b"second half\r\n.\r\n")
+    writer.close()
+    assert reply[:1] in (b"2", b"4"), reply  # completed or deferred, never refused
+    assert await svc.close() == 0
+    if reply.startswith(b"250"):
+        # Accepted: delivered before the stop, or kept in the queue for the next start.
+        if not sink.messages:
+            again = Service(tmp_path / "again", config_text([DOMAIN], smarthost=sink.port),
+                            state_dir=svc.state_dir)
+            await again.start()
+            try:
+                await sink.wait_for(1)
+            finally:
+                assert await again.close() == 0
+        assert b"<slow@jobteaser.test>" in sink.messages[0].content
