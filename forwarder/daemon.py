@@ -254,8 +254,9 @@ class Daemon:
         age = None if oldest is None else max(0.0, self.clock.now() - oldest)
         self.metrics.queue_snapshot(depth, age)
         self.notifier.status(
-            f"queue: {stats['messages']} messages, {sum(stats['recipients'].values())} "
-            f"recipients, {len(self.dispatcher.in_flight)} in delivery")
+            f"{self.metrics.all_open_sessions} SMTP sessions; queue: {stats['messages']} "
+            f"messages, {sum(stats['recipients'].values())} recipients, "
+            f"{len(self.dispatcher.in_flight)} in delivery")
 
     # --- reload -----------------------------------------------------------------------
 

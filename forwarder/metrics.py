@@ -163,7 +163,13 @@ class Metrics:
 
     @property
     def open_sessions(self) -> int:
+        """SMTP sessions open in this process."""
         return self._own_open
+
+    @property
+    def all_open_sessions(self) -> int:
+        """SMTP sessions open in this process and in the acceptors that report to it."""
+        return self._own_open + sum(self._child_open.values())
 
     def absorb(self, source: str, totals: Mapping[str, float], open_sessions: int) -> None:
         """Add what `source` (an acceptor) counted since its last report."""
