@@ -448,7 +448,8 @@ def scenario_d(env: Env) -> None:
     n = a.backlog
     print(f"(d) backlog: {n:,} messages queued while the sink is down, then drained",
           flush=True)
-    with env.daemon("d", a.directory, start_sink=False) as (daemon, sink):
+    # smtp-source numbers its recipients 1..n: the directory must hold every one.
+    with env.daemon("d", max(a.directory, n), start_sink=False) as (daemon, sink):
         t0 = time.monotonic()
         smtp_source(daemon.port, n, a.sessions, a.size)
         report("queued", messages=n, seconds=f"{time.monotonic() - t0:.0f}",
