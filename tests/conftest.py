@@ -208,3 +208,14 @@ def simple_message(subject: str = "hello", msgid: str = "<1@jobteaser.test>") ->
         f"From: JobTeaser <noreply@jobteaser.com>\r\nTo: someone@{DOMAIN}\r\n"
         f"Subject: {subject}\r\nMessage-ID: {msgid}\r\n\r\nbody line\r\n.leading dot\r\n"
     ).encode()
+
+
+async def scan_due(d: Daemon, timeout: float = 10.0) -> int:
+    """Run the dispatcher's scan once no delivery is in flight. A test that saw a result in
+    the queue file may get there before the worker that wrote it has let go of its
+    recipients; scanning then would (rightly) skip them."""
+    async def _idle() -> None:
+        while d.dispatcher.in_flight:
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(_idle(), timeout)
+    return await d.dispatcher.scan()

@@ -19,7 +19,7 @@ from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.directory import Directory
 from forwarder.srs import Srs, load_secrets
-from tests.conftest import DOMAIN, DaemonFactory, Sink, simple_message, smtp_send
+from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send
 from tests.dnsserver import Behaviour, DnsServer
 
 GRAD = f"jean.dupont@{DOMAIN}"
@@ -334,12 +334,12 @@ async def test_queue_tools_steer_the_running_daemon(
     try:
         assert run("queue", "hold", qid)[0] == 0
         assert run_json(run, "queue", "retry", qid)["retried"] == 1
-        assert await d.dispatcher.scan() == 0  # due, but held: not leased
+        assert await scan_due(d) == 0  # due, but held: not leased
         await asyncio.sleep(0.2)
         assert up.messages == [] and listing()["held"] == 1
         assert run("queue", "release", qid)[0] == 0
         assert run("queue", "retry")[0] == 0
-        await d.dispatcher.scan()
+        await scan_due(d)
         (got,) = await up.wait_for(1)
         assert got.rcpt_tos == [TARGET]
         await _until(lambda: listing()["count"] == 0)
@@ -370,4 +370,4 @@ async def test_queue_delete_and_unknown_ids(
     assert run_json(run, "queue", "delete", qid, "--yes")["deleted"] is True
     assert run("queue", "list")[1].strip() == "Mail queue is empty"
     clock.advance(4000)
-    assert await d.dispatcher.scan() == 0
+    assert await scan_due(d) == 0

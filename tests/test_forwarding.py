@@ -12,7 +12,7 @@ import pytest
 from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.directory import Directory
-from tests.conftest import DOMAIN, DaemonFactory, Sink, simple_message, smtp_send
+from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send
 
 GRAD = f"jean.dupont@{DOMAIN}"
 TARGET = "jean.dupont@perso.example"
@@ -137,9 +137,9 @@ async def test_sink_down_then_up_is_retried_on_backoff(
     await up.start(port)
     try:
         clock.advance(299)
-        assert await d.dispatcher.scan() == 0  # not due before 300 s (first backoff step)
+        assert await scan_due(d) == 0  # not due before 300 s (first backoff step)
         clock.advance(1)
-        assert await d.dispatcher.scan() == 1
+        assert await scan_due(d) == 1
         (got,) = await up.wait_for(1)
         assert got.rcpt_tos == [TARGET]
         await _until(lambda: queue_rows(d.settings.state_dir) == [])
@@ -157,13 +157,13 @@ async def test_destination_tempfail_then_permfail(
     await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], simple_message())
     await _until(lambda: queue_rows(d.settings.state_dir) == [(TARGET, "queued", 1)])
     clock.advance(300)
-    await d.dispatcher.scan()
+    await scan_due(d)
     await _until(lambda: queue_rows(d.settings.state_dir) == [(TARGET, "queued", 2)])
     clock.advance(599)  # second step is 600 s
-    assert await d.dispatcher.scan() == 0
+    assert await scan_due(d) == 0
     sink.handler.rcpt_reply = lambda rcpt: "550 5.1.1 no such user"
     clock.advance(1)
-    assert await d.dispatcher.scan() == 1
+    assert await scan_due(d) == 1
     # A permanent failure ends the recipient at once (no further retries).
     await _until(lambda: queue_rows(d.settings.state_dir) in ([], [(TARGET, "failed", 3)]))
     assert sink.messages == []

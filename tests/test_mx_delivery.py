@@ -24,7 +24,7 @@ from forwarder.clock import FakeClock
 from forwarder.config import DeliverySettings, HostPort
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
-from tests.conftest import DOMAIN, DaemonFactory, Sink, simple_message, smtp_send
+from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send
 from tests.dnsserver import Behaviour, DnsServer
 
 GRAD = f"lea.bernard@{DOMAIN}"
@@ -167,7 +167,7 @@ async def test_servfail_is_retried_later(
     world.dns.set_behaviour("flaky.test", Behaviour.NORMAL)
     world.dns.set_records("flaky.test", "MX", [(10, "mx1.gmail.test.")])
     clock.advance(300)
-    assert await d.dispatcher.scan() == 1
+    assert await scan_due(d) == 1
     (got,) = await world.mx1.wait_for(1)
     assert got.rcpt_tos == ["lea@flaky.test"]
     assert world.jobteaser.messages == []
@@ -207,7 +207,7 @@ async def test_tempfail_past_lifetime_gives_exactly_one_dsn(
     await until(lambda: queue_rows(d) == [("lea@gmail.test", 1)])
     while queue_rows(d):
         clock.advance(4000)  # past every backoff step; the lifetime ends after ~108 rounds
-        if await d.dispatcher.scan():
+        if await scan_due(d):
             attempts += 1
             await until(lambda n=attempts: queue_rows(d) in ([], [("lea@gmail.test", n)]))
     (dsn,) = await world.jobteaser.wait_for(1)
@@ -215,7 +215,7 @@ async def test_tempfail_past_lifetime_gives_exactly_one_dsn(
     assert rcpt["Action"] == "failed" and rcpt["Status"] == "4.4.7"
     assert rcpt["Diagnostic-Code"] == "smtp; 451 4.7.1 greylisted, try later"
     clock.advance(86400)
-    await d.dispatcher.scan()
+    await scan_due(d)
     await asyncio.sleep(0.1)
     assert len(world.jobteaser.messages) == 1  # exactly one
 
@@ -244,7 +244,7 @@ async def test_delay_warning_once_when_enabled(
     await until(lambda: queue_rows(d) == [("lea@gmail.test", 1)])
     for n in (2, 3, 4, 5):
         clock.advance(4000)
-        await d.dispatcher.scan()
+        await scan_due(d)
         await until(lambda n=n: queue_rows(d) == [("lea@gmail.test", n)])
     (dsn,) = await world.jobteaser.wait_for(1)
     _, (rcpt,) = delivery_status(dsn.content)
