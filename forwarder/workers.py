@@ -39,6 +39,17 @@ RESPAWN_DELAY = 1.0
 START_TIMEOUT = 60.0
 
 
+def _receive(sock: socket.socket, size: int) -> bytes | None:
+    """One message from a non-blocking socketpair: None if there is none now, b"" at the
+    end (the other process is gone: a reset counts as the end too)."""
+    try:
+        return sock.recv(size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 @dataclass
 class _Child:
     index: int
@@ -87,13 +98,7 @@ class Acceptors:
         LOG.info("acceptor_started", index=index, pid=proc.pid)
 
     def _read(self, child: _Child) -> None:
-        while True:
-            try:
-                data = child.link.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
+        while (data := _receive(child.link, 65536)) is not None:
             if not data:
                 asyncio.get_running_loop().remove_reader(child.link.fileno())
                 return
@@ -162,13 +167,8 @@ class MainLink:
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._read)
 
     def _read(self) -> None:
-        try:
-            data = self.sock.recv(16)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
+        data = _receive(self.sock, 16)
+        if data is not None and not data:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
             LOG.error("main_process_gone")
             self.on_lost()

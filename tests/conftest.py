@@ -219,3 +219,11 @@ async def scan_due(d: Daemon, timeout: float = 10.0) -> int:
             await asyncio.sleep(0.005)
     await asyncio.wait_for(_idle(), timeout)
     return await d.dispatcher.scan()
+
+
+async def until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll a condition on real state (queue rows, a sink) until it holds, with a deadline."""
+    async def _wait() -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(_wait(), timeout)

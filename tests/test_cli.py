@@ -19,7 +19,7 @@ from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.directory import Directory
 from forwarder.srs import Srs, load_secrets
-from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send
+from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send, until
 from tests.dnsserver import Behaviour, DnsServer
 
 GRAD = f"jean.dupont@{DOMAIN}"
@@ -295,13 +295,6 @@ def test_check_ok_and_bad_state_dir(
 # --- queue tools while the daemon runs ------------------------------------------------
 
 
-async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async def _wait() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-    await asyncio.wait_for(_wait(), timeout)
-
-
 async def test_queue_tools_steer_the_running_daemon(
     start_daemon: DaemonFactory, directory: Directory, state_dir: Path, run: Run,
 ) -> None:
@@ -318,7 +311,7 @@ async def test_queue_tools_steer_the_running_daemon(
         _code, out, _ = run("queue", "list", "--json")
         return json.loads(out)
 
-    await _until(lambda: [r["attempts"] for m in listing()["messages"]
+    await until(lambda: [r["attempts"] for m in listing()["messages"]
                           for r in m["recipients"]] == [1])
     (message,) = listing()["messages"]
     (rcpt,) = message["recipients"]
@@ -342,7 +335,7 @@ async def test_queue_tools_steer_the_running_daemon(
         await scan_due(d)
         (got,) = await up.wait_for(1)
         assert got.rcpt_tos == [TARGET]
-        await _until(lambda: listing()["count"] == 0)
+        await until(lambda: listing()["count"] == 0)
     finally:
         await up.stop()
 
@@ -357,7 +350,7 @@ async def test_queue_delete_and_unknown_ids(
     await down.stop()
     d = await start_daemon(smarthost=HostPort("127.0.0.1", down.port))
     await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], simple_message())
-    await _until(lambda: run_json(run, "queue", "list")["recipients"] == 1)
+    await until(lambda: run_json(run, "queue", "list")["recipients"] == 1)
     qid = run_json(run, "queue", "list")["messages"][0]["id"]
     for argv in (["show", "NOSUCHID"], ["hold", "NOSUCHID"], ["retry", "NOSUCHID"],
                  ["delete", "NOSUCHID", "--yes"]):
@@ -365,7 +358,7 @@ async def test_queue_delete_and_unknown_ids(
         assert code == 1 and "no such message" in err, argv
     code, _, err = run("queue", "delete", qid)
     assert code == 1 and "--yes" in err
-    await _until(lambda: run_json(run, "queue", "list")["messages"][0]["recipients"][0][
+    await until(lambda: run_json(run, "queue", "list")["messages"][0]["recipients"][0][
         "in_delivery"] is False)
     assert run_json(run, "queue", "delete", qid, "--yes")["deleted"] is True
     assert run("queue", "list")[1].strip() == "Mail queue is empty"

@@ -12,7 +12,7 @@ import pytest
 from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.directory import Directory
-from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send
+from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send, until
 
 GRAD = f"jean.dupont@{DOMAIN}"
 TARGET = "jean.dupont@perso.example"
@@ -132,7 +132,7 @@ async def test_sink_down_then_up_is_retried_on_backoff(
     d = await start_daemon(smarthost=HostPort("127.0.0.1", port))
     _, data = await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], simple_message())
     assert data is not None and data[0] == 250
-    await _until(lambda: queue_rows(d.settings.state_dir) == [(TARGET, "queued", 1)])
+    await until(lambda: queue_rows(d.settings.state_dir) == [(TARGET, "queued", 1)])
     up = Sink()
     await up.start(port)
     try:
@@ -142,7 +142,7 @@ async def test_sink_down_then_up_is_retried_on_backoff(
         assert await scan_due(d) == 1
         (got,) = await up.wait_for(1)
         assert got.rcpt_tos == [TARGET]
-        await _until(lambda: queue_rows(d.settings.state_dir) == [])
+        await until(lambda: queue_rows(d.settings.state_dir) == [])
     finally:
         await up.stop()
 
@@ -155,17 +155,17 @@ async def test_destination_tempfail_then_permfail(
     sink.handler.rcpt_reply = lambda rcpt: "450 4.2.0 mailbox busy"
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
     await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], simple_message())
-    await _until(lambda: queue_rows(d.settings.state_dir) == [(TARGET, "queued", 1)])
+    await until(lambda: queue_rows(d.settings.state_dir) == [(TARGET, "queued", 1)])
     clock.advance(300)
     await scan_due(d)
-    await _until(lambda: queue_rows(d.settings.state_dir) == [(TARGET, "queued", 2)])
+    await until(lambda: queue_rows(d.settings.state_dir) == [(TARGET, "queued", 2)])
     clock.advance(599)  # second step is 600 s
     assert await scan_due(d) == 0
     sink.handler.rcpt_reply = lambda rcpt: "550 5.1.1 no such user"
     clock.advance(1)
     assert await scan_due(d) == 1
     # A permanent failure ends the recipient at once (no further retries).
-    await _until(lambda: queue_rows(d.settings.state_dir) in ([], [(TARGET, "failed", 3)]))
+    await until(lambda: queue_rows(d.settings.state_dir) in ([], [(TARGET, "failed", 3)]))
     assert sink.messages == []
 
 
@@ -213,14 +213,6 @@ async def test_corrupted_directory_gives_451(
     path.write_bytes(bytes(data))
     rcpts, _ = await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], simple_message())
     assert rcpts[GRAD][0] == 451
-
-
-async def _until(predicate: object, timeout: float = 10.0) -> None:
-    """Poll a condition on real state (queue rows) until it holds."""
-    async def _wait() -> None:
-        while not predicate():  # type: ignore[operator]
-            await asyncio.sleep(0.01)
-    await asyncio.wait_for(_wait(), timeout)
 
 
 async def test_bare_postmaster_without_domain_is_accepted(

@@ -24,7 +24,7 @@ from forwarder.clock import FakeClock
 from forwarder.config import DeliverySettings, HostPort
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
-from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send
+from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send, until
 from tests.dnsserver import Behaviour, DnsServer
 
 GRAD = f"lea.bernard@{DOMAIN}"
@@ -86,13 +86,6 @@ def graduate(directory: Directory, target: str) -> None:
 def queue_rows(d: Daemon) -> list[tuple[str, int]]:
     with sqlite3.connect(d.settings.queue_path) as conn:
         return conn.execute("SELECT rcpt, attempts FROM recipients").fetchall()
-
-
-async def until(predicate: object, timeout: float = 10.0) -> None:
-    async def _wait() -> None:
-        while not predicate():  # type: ignore[operator]
-            await asyncio.sleep(0.01)
-    await asyncio.wait_for(_wait(), timeout)
 
 
 def delivery_status(dsn: bytes) -> tuple[Message, list[Message]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 
 from forwarder.clock import FakeClock
@@ -13,7 +12,7 @@ from forwarder.directory import Directory
 from forwarder.dns import Destination
 from forwarder.policy import Route
 from forwarder.queue import MAX_CRASHES
-from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send
+from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send, until
 
 GRAD = f"jean.dupont@{DOMAIN}"
 
@@ -30,13 +29,6 @@ class BuggyRouter(MailRouter):
 def rows(d: Daemon, sql: str) -> list[tuple[object, ...]]:
     with sqlite3.connect(d.settings.queue_path) as conn:
         return conn.execute(sql).fetchall()
-
-
-async def until(predicate: object, timeout: float = 10.0) -> None:
-    async def _wait() -> None:
-        while not predicate():  # type: ignore[operator]
-            await asyncio.sleep(0.01)
-    await asyncio.wait_for(_wait(), timeout)
 
 
 async def test_message_that_keeps_crashing_a_worker_is_held(
