@@ -206,9 +206,13 @@ class MainLink:
 
 
 def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """The listener shared with the acceptors (inherited, not reopened, so port 0 works)."""
+    """The listener shared with the acceptors (inherited, not reopened, so port 0 works).
+
+    SO_REUSEPORT lets a main process restarted after a crash bind the port while an
+    acceptor of the dead one is still finishing its sessions (it stops as soon as it sees
+    the main process gone); whatever that acceptor still commits goes to the same queue."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=backlog)
+    sock = socket.create_server((host, port), family=family, backlog=backlog, reuse_port=True)
     sock.setblocking(False)
     sock.set_inheritable(True)
     return sock
