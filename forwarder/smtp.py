@@ -239,6 +239,14 @@ class ForwarderSMTP(SMTP):
         self._admitted = True
         super().connection_made(transport)
 
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        if not arg and self._admitted:
+            # The client is leaving: free its slot now, not when the close completes, or a
+            # client that reconnects at once (a new connection per message, at exactly the
+            # per-client cap) would race its own departing session and get 421.
+            self.connections.release(self, self._client)
+        await super().smtp_QUIT(arg)
+
     def connection_lost(self, error: Exception | None) -> None:
         if not self._admitted:
             return

@@ -350,3 +350,25 @@ async def test_pipelined_transactions_are_answered_in_order(
     assert (await client.reply())[0] == 221
     assert await client.closed()
     assert len(await sink.wait_for(2)) == 2
+
+
+async def test_client_at_the_cap_can_reconnect_right_after_quit(
+    start_daemon: DaemonFactory,
+) -> None:
+    """smtp-source's pattern: 20 sessions, a new connection per message. A session that
+    said QUIT frees its slot at once, so the reconnect does not race the close."""
+    d = await start_daemon(limits=Limits(max_connections_per_client=20))
+    clients = [await asyncio.open_connection("127.0.0.1", d.port) for _ in range(20)]
+    for reader, _ in clients:
+        assert (await reader.readline()).startswith(b"220")
+    for _ in range(30):
+        reader, writer = clients.pop(0)
+        writer.write(b"QUIT\r\n")
+        assert (await reader.readline()).startswith(b"221")
+        assert d.connections.count("127.0.0.1") == 19  # freed at QUIT, before the close
+        writer.close()  # and reconnect at once
+        new_reader, new_writer = await asyncio.open_connection("127.0.0.1", d.port)
+        assert (await new_reader.readline()).startswith(b"220 ")
+        clients.append((new_reader, new_writer))
+    for _, writer in clients:
+        writer.close()
