@@ -134,6 +134,10 @@ def make_settings(state_dir: Path, **changes: Any) -> Settings:
         hostname="forwarder.test",
         state_dir=state_dir,
         postmaster="it-team@school-it.example",
+        # Never the machine's resolver: a test that needs DNS starts its own server on
+        # loopback (tests/dnsserver.py); nothing answers on this port, so MX routing fails
+        # as a temporary error.
+        dns_servers=(HostPort("127.0.0.1", 9),),
     )
     return dataclasses.replace(base, **changes)
 

@@ -107,7 +107,8 @@ class Service:
 
 def config_text(domains: list[str], smarthost: int | None = None, extra: str = "") -> str:
     lines = ['listen = "127.0.0.1:0"', f"domains = {json.dumps(domains)}",
-             'hostname = "forwarder.test"', 'metrics_listen = "127.0.0.1:0"']
+             'hostname = "forwarder.test"', 'metrics_listen = "127.0.0.1:0"',
+             'dns_servers = ["127.0.0.1:9"]']  # never the machine's resolver
     if smarthost:
         lines.append(f'smarthost = "127.0.0.1:{smarthost}"')
     return "\n".join(lines) + "\n" + extra
