@@ -7,7 +7,9 @@ server the daemon connects to, and the databases are real SQLite files in tmp_pa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,3 +233,31 @@ async def until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
         while not predicate():
             await asyncio.sleep(0.01)
     await asyncio.wait_for(_wait(), timeout)
+
+
+@contextlib.asynccontextmanager
+async def held_by_another_process(code: str, path: Path) -> AsyncIterator[None]:
+    """Run `code` (Python, with the file as sys.argv[1]) in another process, which takes a
+    lock on `path` and holds it while the block runs. Locks must come from another
+    process: POSIX locks of our own never conflict with each other."""
+    locker = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        f"import sys\n{code}\nprint('locked', flush=True)\nsys.stdin.read()", str(path),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert locker.stdout is not None and locker.stdin is not None
+    assert await locker.stdout.readline() == b"locked\n"
+    try:
+        yield
+    finally:
+        locker.stdin.close()
+        await locker.wait()
+
+
+async def refused_port() -> int:
+    """A loopback port where connections are refused (a destination that is down); a Sink
+    can be started on it later to bring the destination back."""
+    down = Sink()
+    await down.start()
+    port = down.port
+    await down.stop()
+    return port

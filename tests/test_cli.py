@@ -19,7 +19,16 @@ from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.directory import Directory
 from forwarder.srs import Srs, load_secrets
-from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send, until
+from tests.conftest import (
+    DOMAIN,
+    DaemonFactory,
+    Sink,
+    refused_port,
+    scan_due,
+    simple_message,
+    smtp_send,
+    until,
+)
 from tests.dnsserver import Behaviour, DnsServer
 
 GRAD = f"jean.dupont@{DOMAIN}"
@@ -300,10 +309,7 @@ async def test_queue_tools_steer_the_running_daemon(
 ) -> None:
     directory.add(GRAD, TARGET)
     directory.delete(GRAD)
-    down = Sink()
-    await down.start()
-    port = down.port
-    await down.stop()  # connection refused: the first attempt defers
+    port = await refused_port()  # connection refused: the first attempt defers
     d = await start_daemon(smarthost=HostPort("127.0.0.1", port))
     await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], simple_message("reset"))
 
@@ -345,10 +351,7 @@ async def test_queue_delete_and_unknown_ids(
 ) -> None:
     directory.add(GRAD, TARGET)
     directory.delete(GRAD)
-    down = Sink()
-    await down.start()
-    await down.stop()
-    d = await start_daemon(smarthost=HostPort("127.0.0.1", down.port))
+    d = await start_daemon(smarthost=HostPort("127.0.0.1", await refused_port()))
     await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], simple_message())
     await until(lambda: run_json(run, "queue", "list")["recipients"] == 1)
     qid = run_json(run, "queue", "list")["messages"][0]["id"]

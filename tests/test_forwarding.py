@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,17 @@ import pytest
 from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.directory import Directory
-from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send, until
+from tests.conftest import (
+    DOMAIN,
+    DaemonFactory,
+    Sink,
+    held_by_another_process,
+    refused_port,
+    scan_due,
+    simple_message,
+    smtp_send,
+    until,
+)
 
 GRAD = f"jean.dupont@{DOMAIN}"
 TARGET = "jean.dupont@perso.example"
@@ -125,10 +133,7 @@ async def test_sink_down_then_up_is_retried_on_backoff(
 ) -> None:
     directory.add(GRAD, TARGET)
     directory.delete(GRAD)
-    down = Sink()
-    await down.start()
-    port = down.port
-    await down.stop()  # connection refused from now on
+    port = await refused_port()
     d = await start_daemon(smarthost=HostPort("127.0.0.1", port))
     _, data = await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], simple_message())
     assert data is not None and data[0] == 250
@@ -177,22 +182,12 @@ async def test_directory_locked_gives_451_not_5xx(
     # Another process holds every WAL lock byte of the directory's shared-memory index,
     # as a process stuck in a checkpoint or recovery would (SQLite's unix VFS: bytes
     # 120..127 of the -shm file). Our reads cannot start: the RCPT must be deferred.
-    locker = await asyncio.create_subprocess_exec(
-        sys.executable, "-c",
-        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR);"
-        " fcntl.lockf(fd, fcntl.LOCK_EX, 8, 120, 0); print('locked', flush=True);"
-        " sys.stdin.read()",
-        str(state_dir / "directory.sqlite3-shm"),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-    assert locker.stdout is not None and locker.stdin is not None
-    assert await locker.stdout.readline() == b"locked\n"
-    try:
+    lock = ("import fcntl, os\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX, 8, 120, 0)")
+    async with held_by_another_process(lock, state_dir / "directory.sqlite3-shm"):
         rcpts, _ = await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], simple_message())
         assert rcpts[GRAD][0] == 451
         assert rcpts[GRAD][1].startswith(f"4.3.0 <{GRAD}>: temporary lookup failure")
-    finally:
-        locker.stdin.close()
-        await locker.wait()
     # The fault cleared: the next RCPT is answered normally, without a restart.
     rcpts, _ = await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], simple_message())
     assert rcpts[GRAD][0] == 451 and "not configured" in rcpts[GRAD][1]  # active, no mailbox

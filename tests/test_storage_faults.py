@@ -25,7 +25,14 @@ from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
-from tests.conftest import DaemonFactory, Sink, make_settings, simple_message, smtp_send
+from tests.conftest import (
+    DaemonFactory,
+    Sink,
+    held_by_another_process,
+    make_settings,
+    simple_message,
+    smtp_send,
+)
 from tests.test_hostile import GRAD, forwarding, queue_messages
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,20 +169,11 @@ async def test_queue_locked_by_another_process_gives_451_then_resumes(
 ) -> None:
     forwarding(directory)
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port), busy_timeout=0.2)
-    locker = await asyncio.create_subprocess_exec(
-        sys.executable, "-c",
-        "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None);"
-        " c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); sys.stdin.read()",
-        str(state_dir / "queue.sqlite3"),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-    assert locker.stdout is not None and locker.stdin is not None
-    assert await locker.stdout.readline() == b"locked\n"
-    try:
+    lock = ("import sqlite3\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE')")
+    async with held_by_another_process(lock, state_dir / "queue.sqlite3"):
         code, text = await _send(d)
         assert (code, text[:5]) == (451, "4.3.0")
-    finally:
-        locker.stdin.close()
-        await locker.wait()
     assert (await _send(d))[0] == 250
     await _drained(d, sink, 1)
 
