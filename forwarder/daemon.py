@@ -195,7 +195,7 @@ class Daemon:
         listen = self.settings.listen
         if self.listen_fd is not None:
             self._listener = socket.socket(fileno=self.listen_fd)
-        elif self.settings.acceptor_count > 0 and self.acceptor_argv is not None:
+        elif self._processes > 1:  # the main process of several: a socket to share
             self._listener = listening_socket(listen.host, listen.port, BACKLOG)
         if self._listener is not None:
             self._server = await loop.create_server(lambda: self._protocol(front),
@@ -217,10 +217,9 @@ class Daemon:
         self.link.ready()
 
     async def _start_acceptors(self) -> None:
-        count = self.settings.acceptor_count
-        if count <= 0 or self.acceptor_argv is None or self._listener is None:
+        if self._processes == 1 or self.acceptor_argv is None or self._listener is None:
             return
-        self.acceptors = Acceptors(count, self.acceptor_argv, self._listener,
+        self.acceptors = Acceptors(self._processes - 1, self.acceptor_argv, self._listener,
                                    self.dispatcher.wake, self.metrics,
                                    self.settings.stop_timeout)
         await self.acceptors.start()

@@ -214,5 +214,4 @@ def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=backlog, reuse_port=True)
     sock.setblocking(False)
-    sock.set_inheritable(True)
     return sock
