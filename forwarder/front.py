@@ -132,7 +132,8 @@ class Front:
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
         try:
-            parse_sender(address)
+            # Parsed once here; DATA queues this normalised form.
+            envelope.forwarder_sender = parse_sender(address)
         except AddressError:
             return str(replies.MAIL_BAD_SYNTAX)
         envelope.mail_from = address
@@ -240,7 +241,7 @@ class Front:
         single = accepted[0].orig_rcpt if len(accepted) == 1 else None
         header = received_header(session.host_name, _peer_ip(session), self.settings.hostname,
                                  queue_id, single, session.extended_smtp, now)
-        sender = parse_sender(envelope.mail_from)
+        sender: str = envelope.forwarder_sender
         return NewMessage(queue_id, sender, now, _peer_ip(session), header + content,
                           tuple(recipients))
 

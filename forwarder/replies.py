@@ -24,10 +24,6 @@ class Reply:
         return f"{self.code} {self.enhanced} <{safe}>: {self.text}"
 
     @property
-    def is_permanent(self) -> bool:
-        return self.code >= 500
-
-    @property
     def is_temporary(self) -> bool:
         return 400 <= self.code < 500
 
