@@ -80,6 +80,10 @@ class RawClient:
         """True once the server has closed the connection (EOF), within `timeout`."""
         try:
             rest = await asyncio.wait_for(self.reader.read(), timeout)
+        except (ConnectionResetError, BrokenPipeError):
+            # The server closed while we were still sending (a drip-feeding test client):
+            # TCP answers our late bytes with a reset. The server did close.
+            return True
         except (ConnectionError, TimeoutError):
             return False
         finally:
