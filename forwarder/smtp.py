@@ -254,10 +254,13 @@ class ForwarderSMTP(SMTP):
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
-        if not self._admitted:
-            return False
-        result: bool | None = super().eof_received()
-        return result
+        """The client closed its side: close ours. aiosmtpd cancels the session task here
+        and would keep the socket half-open for that task to close; but a connection that
+        reaches us already at EOF has its task cancelled before it ever ran, nothing would
+        close it, and it would hold a connection slot (and a file descriptor) for good."""
+        if self._admitted:
+            super().eof_received()  # cancels the session task
+        return False
 
     def _timeout_cb(self) -> None:
         """The command or DATA deadline passed (RFC 5321 4.5.3.2): say so and close."""
@@ -289,13 +292,21 @@ class ForwarderSMTP(SMTP):
     # --- replies ----------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
+        await self._send([status])
+
+    async def _send(self, statuses: list[str] | list[str | bytes]) -> None:
+        """Write reply lines in one segment: a multiline reply (EHLO) is one send, not one
+        per line. Wait for the peer only when the transport is holding data back."""
+        self._writer.write(b"".join(self._reply_line(s) for s in statuses))
+        if self._writer.transport.get_write_buffer_size():
+            await self._writer.drain()
+
+    def _reply_line(self, status: str | bytes) -> bytes:
         text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
         if self._current not in _NO_ENHANCED:
             text = with_enhanced_code(text)
         # A reply is one line: nothing a handler returns may add another (RFC 5321 4.2).
-        data = _LINE_BREAKS.sub(" ", text).encode("ascii", "replace") + b"\r\n"
-        self._writer.write(data)
-        await self._writer.drain()
+        return _LINE_BREAKS.sub(" ", text).encode("ascii", "replace") + b"\r\n"
 
     async def _refuse(self, reply: Reply) -> None:
         self._bad_commands += 1
@@ -416,8 +427,7 @@ class ForwarderSMTP(SMTP):
         if result is MISSING:
             self.session.host_name = hostname
             result = lines
-        for line in result:
-            await self.push(line)
+        await self._send(list(result))
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         """aiosmtpd's MAIL, with SIZE= over the limit answered 552 5.3.4 (RFC 1870 6.1)."""

@@ -5,6 +5,7 @@ and pipelining."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 
@@ -225,6 +226,23 @@ async def test_connections_per_client_are_capped(start_daemon: DaemonFactory) ->
     assert (await again.reply())[0] == 220
     for c in [*clients[1:], other, again]:
         await c.close()
+
+
+async def test_clients_that_close_before_the_greeting_free_their_slots(
+    start_daemon: DaemonFactory,
+) -> None:
+    """Connections opened and closed while the event loop is busy elsewhere reach the
+    server already at EOF: the session must still be counted out and its socket closed,
+    or twenty such probes lock the client address out for good (and 500 lock out all)."""
+    d = await start_daemon()
+    for _ in range(40):  # twice the per-client cap, all before the loop runs again
+        with socket.create_connection(("127.0.0.1", d.port)):
+            pass
+    await until(lambda: len(d.connections) == 0)
+    assert d.connections.count("127.0.0.1") == 0
+    client = await RawClient.open(d.port)
+    assert (await client.reply())[0] == 220
+    await client.close()
 
 
 async def test_500_idle_connections_do_not_stop_a_new_client(
