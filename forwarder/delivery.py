@@ -197,6 +197,9 @@ class Dispatcher:
     def _reports(self, job: Job, body: bytes, results: list[Result],
                  now: float) -> list[NewMessage]:
         """The DSNs this round causes: one for failures, one for first delay warnings."""
+        if all(r.outcome == "delivered" or (r.outcome == "deferred" and not r.warned)
+               for r in results):
+            return []  # nothing to report: spare the header parse on the common path
         if not should_report(job.sender, body):
             return []
         by_id = {r.id: r for r in job.recipients}

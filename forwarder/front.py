@@ -8,6 +8,7 @@ transient fault ever becomes a 5xx (DESIGN.md habit 4).
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 from collections.abc import Callable
@@ -66,6 +67,12 @@ def _accepted(envelope: Any) -> list[Accepted]:
     return items
 
 
+@functools.lru_cache(maxsize=4)
+def _date_field(second: int) -> str:
+    """RFC 5322 3.3 date-time, computed once per second rather than once per message."""
+    return format_datetime(datetime.fromtimestamp(second, UTC))
+
+
 def received_header(
     helo: str | None, peer_ip: str, hostname: str, queue_id: str, rcpt: str | None,
     esmtp: bool, now: float,
@@ -78,7 +85,7 @@ def received_header(
         f"Received: from {helo_text} ([{ip}])",
         f"\tby {hostname} (forwarder) with {'ESMTP' if esmtp else 'SMTP'} id {queue_id}",
     ]
-    date = format_datetime(datetime.fromtimestamp(now, UTC))
+    date = _date_field(int(now))
     if rcpt is not None:
         lines.append(f"\tfor <{_HELO_SAFE.sub('?', rcpt) if has_control_chars(rcpt) else rcpt}>;"
                      f" {date}")
