@@ -139,43 +139,59 @@ def content_fault(content: bytes) -> Reply | None:
     return None
 
 
-async def read_body(reader: asyncio.StreamReader, max_size: int, max_line: int) -> bytes | Reply:
-    """Read a DATA body up to the line `.` (RFC 5321 4.5.2), undoing dot-stuffing.
+# The end of DATA: "." CRLF at the start of a line (RFC 5321 4.5.2).
+_DOT_CRLF = b".\r\n"
+# Dot-stuffing adds one octet to a line of at least three (".x" CRLF): the stuffed form of a
+# body within the size limit is never longer than this.
+_STUFFED = 4 / 3
 
-    Only `.` CRLF at the start of a line ends the body. On the first fault the lines kept so
-    far are dropped and the rest is read and discarded, so memory stays bounded by
-    `max_size` and the client's remaining bytes are never taken for commands.
+
+def finish_body(raw: bytes, max_size: int, max_line: int) -> bytes | Reply:
+    """A whole DATA body as read from the wire, without its final `.` CRLF -> the message,
+    or what is wrong with it. Undoes dot-stuffing (RFC 5321 4.5.2: a line's leading "." is
+    removed) and checks the size, the text line length (RFC 5321 4.5.3.1.6) and the line
+    ends, each in one pass at C speed."""
+    content = raw[1:] if raw[:1] == b"." else raw
+    content = content.replace(b"\r\n.", b"\r\n")
+    if len(content) > max_size:
+        return replies.SIZE_EXCEEDED
+    if content and max(map(len, content.split(b"\r\n"))) + 2 > max_line:
+        return replies.TEXT_LINE_TOO_LONG
+    return content_fault(content) or content
+
+
+async def read_body(reader: asyncio.StreamReader, max_size: int, max_line: int) -> bytes | Reply:
+    """Read a DATA body up to the line `.` (RFC 5321 4.5.2) and check it (`finish_body`).
+
+    Read in pieces that end at each `.` CRLF (or at the reader's buffer limit), not line by
+    line: a `.` CRLF ends the body only where the two octets before it are a CRLF, or at the
+    very start. Past the size limit the pieces are dropped but the reading goes on to that
+    real end, so memory stays bounded and the client's remaining bytes are never taken for
+    commands.
     """
-    lines: list[bytes] = []
-    size = 0
-    fault: Reply | None = None
-    at_start = True
+    pieces: list[bytes] = []
+    kept = 0
+    oversized = False
+    last_two = b"\r\n"  # the body starts at the start of a line
     while True:
         try:
-            line = await reader.readuntil(b"\r\n")
+            piece = await reader.readuntil(_DOT_CRLF)
+            ended = (last_two + piece)[-5:-3] == b"\r\n"
         except asyncio.LimitOverrunError as exc:
-            # Longer than the reader's buffer limit: discard it in pieces.
-            await reader.readexactly(exc.consumed)
-            fault, at_start = fault or replies.TEXT_LINE_TOO_LONG, False
-            lines.clear()
-            continue
-        if line[0] == 0x2E and at_start:  # "."
-            if line == b".\r\n":
-                break
-            line = line[1:]
-        at_start = True
-        if fault is not None:
-            continue
-        size += len(line)
-        if size > max_size or len(line) > max_line:
-            fault = replies.SIZE_EXCEEDED if size > max_size else replies.TEXT_LINE_TOO_LONG
-            lines.clear()
-        else:
-            lines.append(line)
-    if fault is not None:
-        return fault
-    content = b"".join(lines)
-    return content_fault(content) or content
+            piece = await reader.readexactly(exc.consumed)
+            ended = False
+        last_two = (last_two + piece)[-2:]
+        kept += len(piece)
+        if kept > max_size * _STUFFED + len(_DOT_CRLF):
+            oversized = True
+            pieces.clear()
+        elif not oversized:
+            pieces.append(piece)
+        if ended:
+            break
+    if oversized:
+        return replies.SIZE_EXCEEDED
+    return finish_body(b"".join(pieces)[: -len(_DOT_CRLF)], max_size, max_line)
 
 
 # --- the session ---------------------------------------------------------------------
