@@ -226,6 +226,9 @@ class Dispatcher:
             groups[(await self.envelope_sender(job, rcpt), tuple(dests))].append(rcpt)
         sends = [self._send_group(sender, list(dests), rcpts, body)
                  for (sender, dests), rcpts in groups.items()]
+        if len(sends) == 1:  # the usual case: no task per group to run one coroutine
+            attempts.update(await sends[0])
+            return attempts
         for result in await asyncio.gather(*sends):
             attempts.update(result)
         return attempts

@@ -230,6 +230,7 @@ class ForwarderSMTP(SMTP):
         # No AUTH: this server relays for nobody, authenticated or not.
         self._smtp_methods.pop("AUTH", None)
         self._client = "unknown"
+        self._deadline = 0.0
         self._admitted = False
         self._waiting = False
         self._current: str | None = None
@@ -278,8 +279,22 @@ class ForwarderSMTP(SMTP):
             super().eof_received()  # cancels the session task
         return False
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Set the session's deadline. One timer per session, moved lazily: a timer that
+        fires before the current deadline re-arms itself for what is left, so a command
+        costs a clock read, not a cancelled timer and a new one (seven a message)."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+
     def _timeout_cb(self) -> None:
         """The command or DATA deadline passed (RFC 5321 4.5.3.2): say so and close."""
+        if self.loop.time() < self._deadline:  # moved since the timer was set
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+            return
         LOG.info("session_timeout", client=self._client, command=self._current)
         self._say_and_close(replies.TIMEOUT)
 
