@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import gc
 import os
 import signal
 import socket
@@ -353,6 +354,19 @@ class Daemon:
             await self.stop()
 
 
+# Python's cyclic garbage collector runs a young-generation pass every 700 allocations,
+# and under load a message allocates thousands of objects (sessions, futures, tasks), most
+# of them freed by reference counting anyway. Collecting every 20,000 allocations, with
+# the objects of start-up frozen out of every pass, gave +19 % accepted messages a second
+# (docs/performance.md); cyclic garbage just waits a little longer.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_gc() -> None:
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run(
     settings: Settings,
     reload_settings: Callable[[], Settings] | None = None,
@@ -368,6 +382,7 @@ def run(
     daemon = Daemon(settings, reload_settings=reload_settings, notifier=notifier,
                     acceptor_argv=None if acceptor else acceptor_argv,
                     listen_fd=listen_fd, control_fd=control_fd)
+    tune_gc()
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop  # optional: faster event loop where installed
