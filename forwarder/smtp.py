@@ -363,6 +363,14 @@ class ForwarderSMTP(SMTP):
             raise
         except (ConnectionError, asyncio.IncompleteReadError):
             self._close()
+        finally:
+            # The session is over: break its reference cycles (the command table's bound
+            # methods, the stream writer's link back to us) so that reference counting frees
+            # it now, instead of leaving a few dozen objects per connection to the cyclic
+            # garbage collector.
+            self._smtp_methods = {}
+            self._client_connected_cb = None
+            del self._writer
 
     async def _one_command(self) -> None:
         if self.connections.closing and self._between_transactions():
