@@ -197,21 +197,17 @@ class Dispatcher:
     def _reports(self, job: Job, body: bytes, results: list[Result],
                  now: float) -> list[NewMessage]:
         """The DSNs this round causes: one for failures, one for first delay warnings."""
-        if all(r.outcome == "delivered" or (r.outcome == "deferred" and not r.warned)
-               for r in results):
-            return []  # nothing to report: spare the header parse on the common path
-        if not should_report(job.sender, body):
-            return []
         by_id = {r.id: r for r in job.recipients}
-        dsns = []
         plan: tuple[tuple[Literal["failed", "delayed"], str], ...] = (
             ("failed", "failed"), ("delayed", "deferred"))
-        for action, wanted in plan:
-            chosen = [(by_id[r.recipient_id], r) for r in results
-                      if r.outcome == wanted and (wanted == "failed" or r.warned)]
-            if chosen:
-                dsns.append(make_dsn(self.settings, job, body, action, chosen, now))
-        return dsns
+        reports = [(action, [(by_id[r.recipient_id], r) for r in results
+                             if r.outcome == wanted and (wanted == "failed" or r.warned)])
+                   for action, wanted in plan]
+        # Parse the headers (is it a bounce?) only when there is something to report.
+        if not any(chosen for _, chosen in reports) or not should_report(job.sender, body):
+            return []
+        return [make_dsn(self.settings, job, body, action, chosen, now)
+                for action, chosen in reports if chosen]
 
     async def _attempt_all(self, job: Job, body: bytes) -> dict[int, Attempt]:
         groups: dict[tuple[str, tuple[Destination, ...]], list[RecipientJob]] = \

@@ -170,7 +170,7 @@ async def read_body(reader: asyncio.StreamReader, max_size: int, max_line: int) 
     commands.
     """
     pieces: list[bytes] = []
-    kept = 0
+    received = 0
     oversized = False
     last_two = b"\r\n"  # the body starts at the start of a line
     while True:
@@ -181,8 +181,8 @@ async def read_body(reader: asyncio.StreamReader, max_size: int, max_line: int) 
             piece = await reader.readexactly(exc.consumed)
             ended = False
         last_two = (last_two + piece)[-2:]
-        kept += len(piece)
-        if kept > max_size * _STUFFED + len(_DOT_CRLF):
+        received += len(piece)
+        if received > max_size * _STUFFED + len(_DOT_CRLF):
             oversized = True
             pieces.clear()
         elif not oversized:
