@@ -5,6 +5,9 @@ the SMTP front (their bytes are still in memory, and their recipients were lease
 same commit that queued them); retries are found by scanning the queue, which leases what
 it hands out. Recipients of one message are grouped by envelope sender and destination,
 so one transaction carries all the copies that go to the same place.
+
+A message suspected of crashing the daemon is tried alone in a lane of its own, one at a
+time, beside the ordinary traffic (forwarder/queue.py says how crashes are charged).
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ class Dispatcher:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stopping: bool = False
     _more_due: bool = False
+    _lane_busy: bool = False  # a suspect is being tried alone
 
     def wake(self) -> None:
         self._wake.set()
@@ -131,14 +135,16 @@ class Dispatcher:
     async def scan(self) -> int:
         """Lease whatever is due now and start it; return how many jobs started."""
         room = max(0, 4 * self.settings.delivery.concurrency - len(self._tasks))
-        if room == 0:
+        if room == 0 and self._lane_busy:  # a full house does not starve the suspect lane
             return 0
         try:
-            jobs = await self.queue.lease_due(self.clock.now(), room, frozenset(self.in_flight))
+            jobs = await self.queue.lease_due(self.clock.now(), room, frozenset(self.in_flight),
+                                              lane_free=not self._lane_busy)
         except Exception as exc:
             LOG.error("queue_scan_failed", error=type(exc).__name__)
             return 0
         for job in jobs:
+            self._lane_busy = self._lane_busy or job.isolated
             self.submit(job)
         self._more_due = len(jobs) >= room
         return len(jobs)
@@ -168,6 +174,9 @@ class Dispatcher:
             await self._crashed(job)
         finally:
             self.in_flight.difference_update(r.id for r in job.recipients)
+            if job.isolated:  # the next suspect need not wait for the poll
+                self._lane_busy = False
+                self._wake.set()
 
     async def _crashed(self, job: Job) -> None:
         retry_at = self.clock.now() + self.settings.delivery.first_retry
@@ -184,7 +193,9 @@ class Dispatcher:
         now = self.clock.now()
         results = [self._result(job, rcpt, attempts[rcpt.id], now) for rcpt in job.recipients]
         dsns = self._reports(job, body, results, now)
-        _, new_ids = await self.queue.record(results, dsns, now)
+        # A suspect whose lone attempt got this far did not bring the daemon down.
+        cleared = [job.message_id] if job.isolated else []
+        _, new_ids = await self.queue.record(results, dsns, now, cleared)
         for rcpt, result in zip(job.recipients, results, strict=True):
             self._log(job, rcpt, result, attempts[rcpt.id], now)
             latency = now - job.arrived_at if result.outcome == "delivered" else None

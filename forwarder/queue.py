@@ -8,8 +8,22 @@ serves many messages. The thread runs a whole batch as one call, so a batch cost
 between the event loop and the database thread, not one per statement.
 
 Work on a recipient is leased: the lease is written with the batch that hands the recipient
-to a delivery worker, so a crash leaves a visible lease that start-up recovers (and counts:
-a message whose leases keep being left behind by crashes is held, not retried forever).
+to a delivery worker, so a crash leaves a visible lease that start-up recovers. A crash is
+charged to a message only when it can be blamed on it (Mailman's switchboard quarantines
+the one file a runner was working on; a daemon delivering hundreds at once needs more care):
+
+- messages in delivery when the process died become suspects (crashes = 1). The scanner
+  no longer hands a suspect out with the others: it goes through a lane of its own, one
+  message at a time in the whole daemon (lease value ISOLATED);
+- a process that dies while a suspect is alone in that lane charges that suspect (+1), and
+  the messages delivered beside it are only suspected, never charged twice;
+- a worker that raises on a message charges it directly (forwarder/delivery.py);
+- at MAX_CRASHES the message is held; an attempt that completes (whatever its outcome)
+  clears the count, since the message evidently does not bring the daemon down.
+
+So a poison message is held after crashing the daemon twice on its own, and mail that only
+happened to be in flight during crashes (an OOM kill under load, an administrator's kill -9
+in a loop) is retried, not quarantined.
 """
 
 from __future__ import annotations
@@ -62,10 +76,18 @@ SCHEMA = (
     """
     ALTER TABLE recipients ADD COLUMN warned INTEGER NOT NULL DEFAULT 0;
     """,
+    # v3: suspects (crashed once, not held) are found without walking the due index.
+    """
+    CREATE INDEX messages_suspect ON messages (id) WHERE crashes > 0 AND held = 0;
+    """,
 )
 QUEUE_SCHEMA_VERSION = len(SCHEMA)
-# A message whose leases were left behind by this many crashes is held (quarantined).
+# A message charged with this many crashes is held (quarantined): suspected once, then
+# twice alone in the suspect lane when the process died (or a worker raising on it).
 MAX_CRASHES = 3
+# recipients.leased: 0 free, LEASED in a normal delivery, ISOLATED alone in the suspect lane.
+LEASED = 1
+ISOLATED = 2
 # How long a lease keeps a recipient away from the scanner; longer than any one attempt
 # can take (connect 30 s + data 600 s), so a slow delivery is never started twice.
 LEASE_SECONDS = 3600.0
@@ -127,6 +149,7 @@ class Job:
     arrived_at: float
     recipients: list[RecipientJob]
     body: bytes | None = None
+    isolated: bool = False  # a suspect, alone in the lane: a crash now is charged to it
 
 
 @dataclass(frozen=True)
@@ -281,7 +304,8 @@ def _fail(future: asyncio.Future[Any], exc: Exception) -> None:
 def _insert_message(msg: NewMessage, lease_until: float | None) -> Op:
     """Insert a message; its recipients are leased to this process until `lease_until`,
     or, with None, left for the scanner (another process delivers them)."""
-    leased, next_attempt = (0, msg.arrived_at) if lease_until is None else (1, lease_until)
+    leased, next_attempt = ((0, msg.arrived_at) if lease_until is None
+                            else (LEASED, lease_until))
 
     def op(conn: sqlite3.Connection) -> list[int]:
         conn.execute(
@@ -302,11 +326,15 @@ def _insert_message(msg: NewMessage, lease_until: float | None) -> Op:
     return op
 
 
-def _record(results: Sequence[Result], new_messages: Sequence[NewMessage], now: float) -> Op:
+def _record(results: Sequence[Result], new_messages: Sequence[NewMessage], now: float,
+            cleared: Sequence[str]) -> Op:
     """Outcomes and the DSNs they cause, in one transaction: a failed recipient leaves the
-    queue in the same commit that queues its bounce, so a crash can lose neither."""
+    queue in the same commit that queues its bounce, so a crash can lose neither. The
+    `cleared` messages (suspects whose lone attempt completed) are suspects no more."""
 
     def op(conn: sqlite3.Connection) -> tuple[list[str], list[list[int]]]:
+        conn.executemany("UPDATE messages SET crashes = 0 WHERE id = ?",
+                         [(mid,) for mid in cleared])
         touched: set[str] = set()
         for r in results:
             touched.add(r.message_id)
@@ -355,44 +383,74 @@ def _finished_messages(conn: sqlite3.Connection, ids: Iterable[str]) -> list[str
     return done
 
 
-def _lease_due(now: float, limit: int, exclude: frozenset[int]) -> Op:
+_DUE_COLUMNS = ("SELECT r.id, r.message_id, r.orig_rcpt, r.rcpt, r.route, r.attempts,"
+                " r.warned, m.sender, m.arrived_at"
+                " FROM recipients r JOIN messages m ON m.id = r.message_id")
+
+
+def _lease_due(now: float, limit: int, exclude: frozenset[int], lane_free: bool) -> Op:
+    """Lease up to `limit` due recipients of unsuspected messages and, if the suspect lane
+    is free, every due recipient of the suspect that has waited longest (one message)."""
+
     def op(conn: sqlite3.Connection) -> list[Job]:
         rows = conn.execute(
-            "SELECT r.id, r.message_id, r.orig_rcpt, r.rcpt, r.route, r.attempts, r.warned,"
-            " m.sender, m.arrived_at FROM recipients r JOIN messages m ON m.id = r.message_id"
-            " WHERE r.state = 'queued' AND r.next_attempt <= ? AND m.held = 0"
-            " ORDER BY r.next_attempt LIMIT ?",
+            f"{_DUE_COLUMNS} WHERE r.state = 'queued' AND r.next_attempt <= ?"
+            " AND m.held = 0 AND m.crashes = 0 ORDER BY r.next_attempt LIMIT ?",
             (now, limit + len(exclude)),
         ).fetchall()
-        jobs: dict[str, Job] = {}
-        for rid, mid, orig, rcpt, route, attempts, warned, sender, arrived in rows:
-            if rid in exclude:
-                continue
-            conn.execute(
-                "UPDATE recipients SET leased = 1, next_attempt = ? WHERE id = ?",
-                (now + LEASE_SECONDS, rid),
-            )
-            job = jobs.setdefault(mid, Job(mid, sender, arrived, []))
-            job.recipients.append(
-                RecipientJob(rid, orig, rcpt, Route(route), attempts, bool(warned)))
-        return list(jobs.values())
+        fresh = [row for row in rows if row[0] not in exclude][:limit]
+        jobs = _lease_rows(conn, fresh, now, LEASED)
+        if lane_free:
+            jobs += _lease_rows(conn, _due_suspect(conn, now, exclude), now, ISOLATED)
+        return jobs
 
     return op
 
 
+def _due_suspect(conn: sqlite3.Connection, now: float,
+                 exclude: frozenset[int]) -> list[tuple[Any, ...]]:
+    """The due recipients of the oldest suspect that has any. Suspects are few (the partial
+    index holds only them), so this costs nothing while there are none, whatever the
+    backlog."""
+    suspects = conn.execute("SELECT id FROM messages WHERE crashes > 0 AND held = 0"
+                            " ORDER BY arrived_at").fetchall()
+    for (mid,) in suspects:
+        rows = [row for row in conn.execute(
+            f"{_DUE_COLUMNS} WHERE r.message_id = ? AND r.state = 'queued'"
+            " AND r.next_attempt <= ?", (mid, now)) if row[0] not in exclude]
+        if rows:
+            return rows
+    return []
+
+
+def _lease_rows(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], now: float,
+                lease: int) -> list[Job]:
+    jobs: dict[str, Job] = {}
+    for rid, mid, orig, rcpt, route, attempts, warned, sender, arrived in rows:
+        conn.execute("UPDATE recipients SET leased = ?, next_attempt = ? WHERE id = ?",
+                     (lease, now + LEASE_SECONDS, rid))
+        job = jobs.setdefault(mid, Job(mid, sender, arrived, [], isolated=lease == ISOLATED))
+        job.recipients.append(
+            RecipientJob(rid, orig, rcpt, Route(route), attempts, bool(warned)))
+    return list(jobs.values())
+
+
 def _recover(now: float) -> Op:
-    """Start-up: leases left by a crash become due now; count them against the message."""
+    """Start-up: leases left by a crash become due now. The suspect that was alone in the
+    lane is charged; the messages in ordinary delivery become suspects (module docstring)."""
 
     def op(conn: sqlite3.Connection) -> tuple[int, int]:
         conn.execute(
             "UPDATE messages SET crashes = crashes + 1 WHERE id IN"
-            " (SELECT DISTINCT message_id FROM recipients WHERE leased = 1)"
-        )
+            " (SELECT message_id FROM recipients WHERE leased = ?)", (ISOLATED,))
+        conn.execute(
+            "UPDATE messages SET crashes = 1 WHERE crashes = 0 AND id IN"
+            " (SELECT message_id FROM recipients WHERE leased = ?)", (LEASED,))
         held = conn.execute(
             "UPDATE messages SET held = 1 WHERE crashes >= ? AND held = 0", (MAX_CRASHES,)
         ).rowcount
         recovered = conn.execute(
-            "UPDATE recipients SET leased = 0, next_attempt = ? WHERE leased = 1", (now,)
+            "UPDATE recipients SET leased = 0, next_attempt = ? WHERE leased != 0", (now,)
         ).rowcount
         return recovered, held
 
@@ -452,12 +510,12 @@ class Queue:
 
     async def record(
         self, results: Sequence[Result], new_messages: Sequence[NewMessage] = (),
-        now: float = 0.0,
+        now: float = 0.0, cleared: Sequence[str] = (),
     ) -> tuple[list[str], list[list[int]]]:
         """Record outcomes and queue the DSNs they cause; return the ids of messages that
         left the queue, and the (leased) recipient ids of each new message."""
         done: tuple[list[str], list[list[int]]] = await self._write(
-            _record(results, new_messages, now))
+            _record(results, new_messages, now, cleared))
         return done
 
     async def crashed(self, message_id: str, recipient_ids: Sequence[int],
@@ -466,8 +524,9 @@ class Queue:
         held: bool = await self._write(_crashed(message_id, recipient_ids, retry_at))
         return held
 
-    async def lease_due(self, now: float, limit: int, exclude: frozenset[int]) -> list[Job]:
-        jobs: list[Job] = await self._write(_lease_due(now, limit, exclude))
+    async def lease_due(self, now: float, limit: int, exclude: frozenset[int],
+                        lane_free: bool = False) -> list[Job]:
+        jobs: list[Job] = await self._write(_lease_due(now, limit, exclude, lane_free))
         return jobs
 
     async def recover(self, now: float) -> tuple[int, int]:

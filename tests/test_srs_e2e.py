@@ -72,7 +72,9 @@ async def test_forged_tampered_and_expired_srs_are_refused(
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
     good = await forward_once(d, sink)
     tag, hash_, rest = good.split("=", 2)
-    flipped = ("B" if hash_[0] != "B" else "C") + hash_[1:]
+    # Hashes compare case-insensitively (srs.py), so the flip must change the letter, not
+    # only its case: "b" -> "B" would be the same hash (a 1-in-64 flaky test before).
+    flipped = ("B" if hash_[0].upper() != "B" else "C") + hash_[1:]
     candidates = {
         "forged": f"SRS0=AAAA=AB=other.example=victim@{DOMAIN}",
         "tampered hash": f"{tag}={flipped}={rest}",
