@@ -19,6 +19,7 @@ docs/security.md):
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import Callable
 from typing import Any, cast
@@ -194,6 +195,16 @@ async def read_body(reader: asyncio.StreamReader, max_size: int, max_line: int) 
     return finish_body(b"".join(pieces)[: -len(_DOT_CRLF)], max_size, max_line)
 
 
+@functools.lru_cache(maxsize=512)
+def render_reply(text: str, enhanced: bool) -> bytes:
+    """A reply line on the wire. Cached: almost every reply is one of a few constants, and
+    this was a regular expression or two per reply (docs/performance.md)."""
+    if enhanced:
+        text = with_enhanced_code(text)
+    # A reply is one line: nothing a handler returns may add another (RFC 5321 4.2).
+    return _LINE_BREAKS.sub(" ", text).encode("ascii", "replace") + b"\r\n"
+
+
 # --- the session ---------------------------------------------------------------------
 
 
@@ -323,21 +334,26 @@ class ForwarderSMTP(SMTP):
     # --- replies ----------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
-        await self._send([status])
+        await self._write(self._reply_line(status))
 
     async def _send(self, statuses: list[str] | list[str | bytes]) -> None:
         """Write reply lines in one segment: a multiline reply (EHLO) is one send, not one
-        per line. Wait for the peer only when the transport is holding data back."""
-        self._writer.write(b"".join(self._reply_line(s) for s in statuses))
-        if self._writer.transport.get_write_buffer_size():
+        per line."""
+        await self._write(b"".join(self._reply_line(s) for s in statuses))
+
+    async def _write(self, data: bytes) -> None:
+        """Straight to the transport (the current one, TLS after STARTTLS); wait for the
+        peer only when the transport is holding data back."""
+        transport = self.transport
+        if transport is None:
+            return
+        transport.write(data)  # type: ignore[attr-defined]
+        if transport.get_write_buffer_size():  # type: ignore[attr-defined]
             await self._writer.drain()
 
     def _reply_line(self, status: str | bytes) -> bytes:
         text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
-        if self._current not in _NO_ENHANCED:
-            text = with_enhanced_code(text)
-        # A reply is one line: nothing a handler returns may add another (RFC 5321 4.2).
-        return _LINE_BREAKS.sub(" ", text).encode("ascii", "replace") + b"\r\n"
+        return render_reply(text, self._current not in _NO_ENHANCED)
 
     async def _refuse(self, reply: Reply) -> None:
         self._bad_commands += 1

@@ -49,7 +49,7 @@ def fast_init(
 ) -> None:
     """What aiosmtpd 1.4's SMTP.__init__ does for our options, with cached tables."""
     proto.__ident__ = ident
-    proto.loop = _smtp.make_loop()
+    proto.loop = asyncio.get_running_loop()  # protocols are made inside the loop
     asyncio.StreamReaderProtocol.__init__(
         proto, asyncio.StreamReader(loop=proto.loop, limit=proto.line_length_limit),
         client_connected_cb=proto._cb_client_connected, loop=proto.loop)
