@@ -32,6 +32,7 @@ from tests.conftest import (
     make_settings,
     simple_message,
     smtp_send,
+    until,
 )
 from tests.test_hostile import GRAD, forwarding, queue_messages
 
@@ -175,6 +176,25 @@ async def test_queue_locked_by_another_process_gives_451_then_resumes(
         code, text = await _send(d)
         assert (code, text[:5]) == (451, "4.3.0")
     assert (await _send(d))[0] == 250
+    await _drained(d, sink, 1)
+
+
+async def test_a_commit_waits_for_another_writer_and_then_succeeds(
+    start_daemon: DaemonFactory, sink: Sink, directory: Directory, state_dir: Path,
+) -> None:
+    """Another process (an acceptor, the CLI) holding the queue's write lock delays the
+    commit, within busy_timeout; the writer polls for the lock itself (forwarder/queue.py)
+    and the message is accepted as soon as the lock is free."""
+    forwarding(directory)
+    d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port), busy_timeout=30)
+    lock = ("import sqlite3\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE')")
+    async with held_by_another_process(lock, state_dir / "queue.sqlite3"):
+        sending = asyncio.create_task(_send(d))
+        await until(lambda: d.queue.committing or sending.done())
+        assert not sending.done()  # waiting for the lock, not refused
+    code, _ = await sending
+    assert code == 250
     await _drained(d, sink, 1)
 
 
