@@ -23,8 +23,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from aiosmtpd.smtp import SMTP
-
 from forwarder import __version__, log
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, Settings
@@ -235,8 +233,8 @@ class Daemon:
                                                               where.port)
             LOG.info("metrics_listening", host=where.host, port=self._metrics_server.port)
 
-    def _protocol(self, front: Front) -> SMTP:
-        # Issue 7: aiosmtpd's SMTP made strict (limits, smuggling, caps): forwarder/smtp.py.
+    def _protocol(self, front: Front) -> ForwarderSMTP:
+        # Issue 7: a strict SMTP session (limits, smuggling, caps): forwarder/smtp.py.
         return ForwarderSMTP(front, self.settings, self.connections)
 
     async def _status_loop(self) -> None:

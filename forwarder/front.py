@@ -95,7 +95,9 @@ def received_header(
 
 
 class Front:
-    """aiosmtpd handler. One instance serves every session."""
+    """The session's handler (forwarder/smtp.py), with aiosmtpd's hook names and
+    arguments. One instance serves every session. HELO, EHLO and MAIL decide at once;
+    RCPT (the directory) and DATA (the queue) wait, and are coroutines."""
 
     def __init__(
         self,
@@ -119,13 +121,13 @@ class Front:
 
     # --- greeting --------------------------------------------------------------------
 
-    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
+    def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
         if has_control_chars(hostname):
             return str(replies.BAD_ARGUMENT)
         session.host_name = hostname
         return f"250 {self.settings.hostname}"
 
-    async def handle_EHLO(
+    def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         if has_control_chars(hostname):
@@ -135,7 +137,7 @@ class Front:
 
     # --- envelope --------------------------------------------------------------------
 
-    async def handle_MAIL(
+    def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
         try:
@@ -253,7 +255,7 @@ class Front:
         return NewMessage(queue_id, sender, now, _peer_ip(session), header + content,
                           tuple(recipients))
 
-    async def handle_exception(self, error: Exception) -> str:
+    def exception_reply(self, error: BaseException) -> str:
         LOG.error("session_error", error=type(error).__name__, exc_info=error)
         return str(replies.LOCAL_ERROR)
 

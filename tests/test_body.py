@@ -1,6 +1,6 @@
-"""Reading a DATA body (forwarder/smtp.py `read_body`): the reader that takes the body in
-pieces ending at each `.` CRLF gives exactly what reading it line by line gives, for any
-body and any way the bytes arrive, and leaves the reader just past the real end."""
+"""Reading a DATA body (forwarder/smtp.py `BodyReader`): the reader that takes the body as
+it arrives and looks for CRLF `.` CRLF gives exactly what reading it line by line gives,
+for any body and any way the bytes arrive, and hands back exactly what follows the end."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from forwarder import replies
 from forwarder.replies import Reply
-from forwarder.smtp import content_fault, read_body
+from forwarder.smtp import BodyReader, content_fault
 
 LIMIT = 16  # the reader's buffer limit: small, so bodies cross it all the time
 MAX_LINE = 12
@@ -29,14 +29,25 @@ async def _read(data: bytes, cuts: list[int], new: bool) -> tuple[bytes | Reply,
             await asyncio.sleep(0)
         reader.feed_eof()
 
-    feeder = asyncio.create_task(feed())
     if new:
-        got = await read_body(reader, MAX_SIZE, MAX_LINE)
-    else:
-        got = await _reference(reader)
+        return _read_new(data, points)
+    feeder = asyncio.create_task(feed())
+    got = await _reference(reader)
     rest = await reader.read()
     await feeder
     return got, rest
+
+
+def _read_new(data: bytes, points: list[int]) -> tuple[bytes | Reply, bytes]:
+    """BodyReader fed the same pieces; what follows the end is its rest plus what was
+    not fed yet."""
+    body = BodyReader(MAX_SIZE, MAX_LINE)
+    for a, b in itertools.pairwise(points):
+        done = body.feed(data[a:b])
+        if done is not None:
+            got, rest = done
+            return got, rest + data[b:]
+    raise AssertionError("the end of data was not found")
 
 
 async def _reference(reader: asyncio.StreamReader) -> bytes | Reply:
@@ -97,8 +108,15 @@ def test_pieces_read_like_lines(body: bytes, cuts: list[int], stuff: bool) -> No
         assert new == old
 
 
-async def test_oversized_body_is_refused_and_the_reader_is_past_its_end() -> None:
-    reader = asyncio.StreamReader(limit=LIMIT)
-    reader.feed_data(b"abcdefghij\r\n" * 50 + b".\r\nNOOP\r\n")
-    assert await read_body(reader, MAX_SIZE, MAX_LINE) == replies.SIZE_EXCEEDED
-    assert await reader.readuntil(b"\r\n") == b"NOOP\r\n"
+def test_oversized_body_is_refused_with_bounded_memory_and_the_rest_kept() -> None:
+    body = BodyReader(MAX_SIZE, MAX_LINE)
+    for _ in range(1000):
+        assert body.feed(b"abcdefghij\r\n") is None
+        assert len(body._buf) <= 2 * MAX_SIZE  # past the limit, the bytes are dropped
+    assert body.feed(b".\r\nNOOP\r\n") == (replies.SIZE_EXCEEDED, b"NOOP\r\n")
+
+
+def test_the_end_may_straddle_two_pieces_after_the_limit() -> None:
+    body = BodyReader(MAX_SIZE, MAX_LINE)
+    assert body.feed(b"x" * 500 + b"\r\n.") is None
+    assert body.feed(b"\r\nQUIT\r\n") == (replies.SIZE_EXCEEDED, b"QUIT\r\n")

@@ -63,13 +63,13 @@ class Live:
                                            smarthost=HostPort("127.0.0.1", self.sink.port)))
         await self.daemon.start()
         assert self.daemon.front is not None
-        record = self.daemon.front.handle_exception
+        record = self.daemon.front.exception_reply
 
-        async def handle_exception(error: Exception) -> str:
+        def exception_reply(error: BaseException) -> str:
             self.errors.append(error)  # any exception reaching the session is a bug
-            return await record(error)
+            return record(error)
 
-        self.daemon.front.handle_exception = handle_exception  # type: ignore[method-assign]
+        self.daemon.front.exception_reply = exception_reply  # type: ignore[method-assign]
 
     async def stop(self) -> None:
         if self.daemon is not None:

@@ -399,6 +399,30 @@ async def test_pipelined_transactions_are_answered_in_order(
     assert len(await sink.wait_for(2)) == 2
 
 
+async def test_a_client_that_floods_commands_without_reading_is_held_back(
+    start_daemon: DaemonFactory,
+) -> None:
+    """Pipelined NOOPs from a client that never reads the replies: once our replies back up,
+    the session stops answering and then stops reading; TCP holds the client back, and
+    the input we hold stays bounded (forwarder/smtp.py `_flow`)."""
+    d = await start_daemon()
+    _reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+    chunk = b"NOOP\r\n" * 10_000
+    blocked = False
+    for _ in range(2000):  # up to 120 MB, far more than the socket buffers hold
+        writer.write(chunk)
+        try:
+            await asyncio.wait_for(writer.drain(), 0.5)
+        except TimeoutError:
+            blocked = True
+            break
+    assert blocked, "the daemon kept reading a client that does not read"
+    (session,) = list(d.connections._sessions)
+    assert isinstance(session, ForwarderSMTP)
+    assert len(session._buf) <= 2 * 65536
+    writer.transport.abort()  # a reset: the daemon need not wait to flush its replies
+
+
 async def test_client_at_the_cap_can_reconnect_right_after_quit(
     start_daemon: DaemonFactory,
 ) -> None:
