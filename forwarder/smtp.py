@@ -2,7 +2,7 @@
 
 It speaks the protocol aiosmtpd speaks (same replies, same handler interface: forwarder/
 front.py), on asyncio's Protocol interface rather than aiosmtpd's streams, which cost
-more than three times as much CPU a message (docs/performance.md). What a hostile peer
+about twice as much CPU a message (docs/performance.md section 11). What a hostile peer
 gets (issue 7, docs/security.md):
 
 - lines end only at CRLF, commands and text alike (RFC 5321 2.3.8); DATA ends only at a real
@@ -257,7 +257,7 @@ _SYNTAX = {
     "NOOP": "NOOP [ignored]", "QUIT": "QUIT", "RCPT": "RCPT TO: <address> [SP <mail-parameters>]",
     "RSET": "RSET", "STARTTLS": "STARTTLS", "VRFY": "VRFY <address>",
 }
-# A session whose handler is busy stops reading past this much unprocessed input.
+# Past this much input held (a command waiting, replies backed up), stop reading.
 _HIGH_WATER = 65536
 
 
@@ -267,8 +267,8 @@ class ForwarderSMTP(asyncio.Protocol):
     Commands are parsed and answered as their bytes arrive, in `data_received`; only the
     steps that wait for something (the directory at RCPT, the queue commit after the dot,
     the TLS handshake) run as a task, and input is held meanwhile, so replies keep the
-    order of the commands (RFC 2920). aiosmtpd's stream-based session spent more than
-    three times as much CPU a message on the same work (docs/performance.md)."""
+    order of the commands (RFC 2920). aiosmtpd's stream-based session spent about twice
+    as much CPU a message on the same work (docs/performance.md section 11)."""
 
     def __init__(self, handler: Any, settings: Settings, connections: Connections) -> None:
         self.handler = handler
@@ -302,17 +302,17 @@ class ForwarderSMTP(asyncio.Protocol):
     # --- connection life --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = _stream(transport)
+        if stream is None:  # not a stream transport: nothing to speak SMTP over
+            return
         peer = transport.get_extra_info("peername")
         self._client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
         refusal = self.connections.admit(self, self._client, self.limits)
-        stream = _stream(transport)
-        if refusal is not None or stream is None:
-            reply = refusal or replies.LOCAL_ERROR
-            LOG.warning("connection_refused", client=self._client, reply=reply.code,
-                        reason=reply.enhanced)
-            if stream is not None:
-                stream.write(f"{reply}\r\n".encode("ascii"))
-                stream.close()
+        if refusal is not None:
+            LOG.warning("connection_refused", client=self._client, reply=refusal.code,
+                        reason=refusal.enhanced)
+            stream.write(f"{refusal}\r\n".encode("ascii"))
+            stream.close()
             return
         self._admitted = True
         self.transport = stream
