@@ -185,6 +185,8 @@ class BodyReader:
     def __init__(self, max_size: int, max_line: int) -> None:
         self.max_size = max_size
         self.max_line = max_line
+        # Dot-stuffing adds at most a third: more octets than this is over the limit.
+        self._ceiling = int(max_size * _STUFFED) + len(_DOT_CRLF)
         self._buf = bytearray()
         self._dropped = 0  # octets discarded past the size limit
         self._scanned = 0  # where the next search for the end may start
@@ -209,11 +211,6 @@ class BodyReader:
         if self._dropped or end + 3 > self._ceiling:
             return replies.SIZE_EXCEEDED, rest
         return finish_body(bytes(buf[:end]), self.max_size, self.max_line), rest
-
-    @property
-    def _ceiling(self) -> int:
-        """Dot-stuffing adds at most a third: more octets than this is over the limit."""
-        return int(self.max_size * _STUFFED) + len(_DOT_CRLF)
 
 
 # --- the session ---------------------------------------------------------------------
@@ -606,24 +603,14 @@ class ForwarderSMTP(asyncio.Protocol):
                 and self.session.extended_smtp and self.envelope.mail_from is None):
             self.push(str(replies.SIZE_EXCEEDED))
             return
-        syntax = "501 Syntax: MAIL FROM: <address>"
-        if self.session.extended_smtp:
-            syntax += " [SP <mail-parameters>]"
-        path = _after_keyword("FROM:", arg)
-        if path is None:
-            self.push(syntax)
-            return
-        address, params = split_path(path)
-        if address is None:
-            self.push("553 5.1.3 Error: malformed address")
-            return
-        if not address or (params and not self.session.extended_smtp):
-            self.push(syntax)
+        syntax = self._syntax("MAIL FROM: <address>")
+        parsed = self._envelope_path("FROM:", arg, syntax)
+        if parsed is None:
             return
         if self.envelope.mail_from:
             self.push("503 Error: nested MAIL command")
             return
-        options = (params or "").upper().split()
+        address, options = parsed
         problem = _mail_parameters(options, self.limits.max_message_size)
         if problem is not None:
             self.push(syntax if problem is _SYNTAX_ERROR else problem)
@@ -638,21 +625,11 @@ class ForwarderSMTP(asyncio.Protocol):
         if not self.envelope.mail_from:
             self.push("503 Error: need MAIL command")
             return
-        syntax = "501 Syntax: RCPT TO: <address>"
-        if self.session.extended_smtp:
-            syntax += " [SP <mail-parameters>]"
-        path = _after_keyword("TO:", arg)
+        syntax = self._syntax("RCPT TO: <address>")
+        path = self._envelope_path("TO:", arg, syntax)
         if path is None:
-            self.push(syntax)
             return
-        address, params = split_path(path)
-        if address is None:
-            self.push("553 5.1.3 Error: malformed address")
-            return
-        if not address or (params and not self.session.extended_smtp):
-            self.push(syntax)
-            return
-        options = (params or "").upper().split()
+        address, options = path
         parsed = _parameters(options)
         if parsed is None:
             self.push(syntax)
@@ -662,6 +639,29 @@ class ForwarderSMTP(asyncio.Protocol):
             return
         self._wait_for(self.handler.handle_RCPT(self, self.session, self.envelope, address,
                                                 options), self.push)
+
+    def _syntax(self, usage: str) -> str:
+        assert self.session is not None
+        extended = " [SP <mail-parameters>]" if self.session.extended_smtp else ""
+        return f"501 Syntax: {usage}{extended}"
+
+    def _envelope_path(self, keyword: str, arg: str | None,
+                       syntax: str) -> tuple[str, list[str]] | None:
+        """MAIL's and RCPT's `KEYWORD:<path> [params]` -> (mailbox, upper-cased params),
+        or None once the reply refusing it is sent (aiosmtpd's replies)."""
+        assert self.session is not None
+        path = _after_keyword(keyword, arg)
+        if path is None:
+            self.push(syntax)
+            return None
+        address, params = split_path(path)
+        if address is None:
+            self.push("553 5.1.3 Error: malformed address")
+            return None
+        if not address or (params and not self.session.extended_smtp):
+            self.push(syntax)
+            return None
+        return address, (params or "").upper().split()
 
     def smtp_RSET(self, arg: str | None) -> None:
         if arg:
