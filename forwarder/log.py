@@ -119,9 +119,6 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
         logger_factory=lambda *args: output,
         cache_logger_on_first_use=True,
     )
-    # aiosmtpd logs every command line at INFO through the stdlib logger "mail.log":
-    # that would put addresses and volume we do not want in the journal.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def get(name: str) -> Any:
