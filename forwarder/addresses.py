@@ -1,8 +1,8 @@
 """Parsing of envelope addresses and validation of redirect targets.
 
 Envelope recipients are parsed strictly: anything that an older MTA might route somewhere
-else (`%` hacks, `!` paths, quoted local parts holding an `@`, comments) is refused outright
-rather than interpreted, so the daemon can never be made into an open relay by syntax.
+else (`%` hacks, `!` paths, quoted local parts, comments) is refused outright rather than
+interpreted, so the daemon can never be made into an open relay by syntax.
 """
 
 from __future__ import annotations

@@ -71,14 +71,12 @@ class Limits:
     # A deadline for the whole command line, not an idle timer reset by each byte (slowloris).
     command_timeout: float = 300.0
     max_received_headers: int = 50
-    # --- issue 7 (forwarder/smtp.py) ---
     # Deadline for the whole DATA body, from the 354 to the final dot (10 minutes: the
     # RFC 5321 4.5.3.2.6 data termination timeout; 25 MiB at 43 kB/s).
     data_timeout: float = 600.0
     # RFC 5321 4.5.3.1.4 and 4.5.3.1.6: both lengths include the CRLF.
     max_command_line: int = 512
     max_line_length: int = 1000
-    # --- end issue 7 ---
 
 
 @dataclass(frozen=True)
@@ -127,7 +125,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     config_file: Path | None = None
-    # Inbound STARTTLS (RFC 3207) is offered when both are set (issue 7, forwarder/smtp.py).
+    # Inbound STARTTLS (RFC 3207) is offered when both are set (forwarder/smtp.py).
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
@@ -184,7 +182,7 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
         return tuple(d.strip().lower().rstrip(".") for d in value)
     if key == "state_dir":
         return Path(str(value))
-    if key in ("tls_cert", "tls_key"):  # issue 7: inbound STARTTLS
+    if key in ("tls_cert", "tls_key"):  # inbound STARTTLS
         return Path(str(value)) if value else None
     if key == "acceptors":
         if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 64:

@@ -102,7 +102,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self.queue = Queue(settings.queue_path, settings.busy_timeout)
-        # Issue 7: live sessions (caps, shutdown notice) and the STARTTLS context.
+        # Live sessions (caps, shutdown notice), the STARTTLS context, the session's metrics.
         self.connections = Connections(metrics=self.metrics)
         self.directory: DirectoryReader | None = None
         self.return_path: ReturnPath | None = None
@@ -234,7 +234,7 @@ class Daemon:
             LOG.info("metrics_listening", host=where.host, port=self._metrics_server.port)
 
     def _protocol(self, front: Front) -> ForwarderSMTP:
-        # Issue 7: a strict SMTP session (limits, smuggling, caps): forwarder/smtp.py.
+        # A strict SMTP session (limits, smuggling, caps): forwarder/smtp.py.
         return ForwarderSMTP(front, self.settings, self.connections)
 
     async def _status_loop(self) -> None:

@@ -1,4 +1,5 @@
-"""Where to deliver mail for a domain: MX routing (RFC 5321 section 5) or a smarthost.
+"""Where to deliver mail for a domain by its MX records (RFC 5321 section 5); the fixed
+destinations (smarthost, mailbox host) are chosen in delivery.MailRouter.
 
 The decisions (MX ordering, equal-preference shuffling, the address cap, null MX, which DNS
 errors are temporary) are plain functions with no I/O, so they are tested from tables. The

@@ -24,9 +24,10 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 class BatchedLines:
     """A structlog logger that writes the lines of one event-loop iteration in one call.
 
-    Under load a message makes about five lines; one write(2) each was 6 % of the daemon's
-    CPU (docs/performance.md). Lines wait at most until the loop's next iteration, so
-    journald sees them at once; outside a running loop they are written immediately.
+    Under load a message makes about five lines, and logging was a measured share of the
+    daemon's CPU (docs/performance.md): one write(2) per loop iteration instead of one per
+    line. Lines wait at most until the loop's next iteration, so journald sees them at
+    once; outside a running loop they are written immediately.
     """
 
     def __init__(self, stream: TextIO) -> None:
@@ -119,9 +120,6 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
         logger_factory=lambda *args: output,
         cache_logger_on_first_use=True,
     )
-    # aiosmtpd logs every command line at INFO through the stdlib logger "mail.log":
-    # that would put addresses and volume we do not want in the journal.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def get(name: str) -> Any:

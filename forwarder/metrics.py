@@ -23,10 +23,15 @@ from prometheus_client import (
     generate_latest,
 )
 
+from forwarder import replies
+from forwarder.replies import Reply
+
 __all__ = [
     "DELIVERY_RESULTS",
     "DESTINATION_CLASSES",
     "LATENCY_BUCKETS",
+    "QUEUE_STATES",
+    "REFUSAL_REASONS",
     "Metrics",
     "MetricsServer",
     "start_metrics_server",
@@ -36,6 +41,19 @@ __all__ = [
 # create a new time series, and pre-creating them makes rate() see the very first event.
 DELIVERY_RESULTS = ("delivered", "deferred", "failed")
 DESTINATION_CLASSES = ("mailbox", "redirect", "postmaster", "srs_return", "bounce")
+# Why a message was refused or deferred at or after DATA (forwarder_messages_refused_total).
+REFUSAL_REASONS = ("size", "bare_lf", "nul", "line_too_long", "loop", "queue_error",
+                   "no_space")
+# The session's own refusals after the final dot, by the reply it sent.
+_BODY_REFUSALS = {
+    replies.SIZE_EXCEEDED: "size",
+    replies.BARE_LINE_END: "bare_lf",
+    replies.NUL_IN_MESSAGE: "nul",
+    replies.TEXT_LINE_TOO_LONG: "line_too_long",
+}
+# forwarder_queue_depth: the queue's recipient rows (`queued`, leased ones included) and,
+# among them, those being delivered right now (`in_flight`, the daemon's count).
+QUEUE_STATES = ("queued", "in_flight")
 
 # Acceptance-to-delivery: a relay hop takes tens of milliseconds, a greylisted destination
 # minutes, a down one hours, and the queue lifetime is 5 days (then the message bounces).
@@ -54,16 +72,15 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         *,
         verdicts: Iterable[str] = (),
-        refusal_reasons: Iterable[str] = (),
-        queue_states: Iterable[str] = (),
+        queue_states: Iterable[str] = QUEUE_STATES,
     ) -> None:
-        """`verdicts`, `refusal_reasons`, `queue_states`: label values to export at 0 from
-        the start (the free-form labels come from policy/queue enums, not from this file)."""
+        """`verdicts`, `queue_states`: label values to export at 0 from the start (the
+        verdicts are the policy's reasons, not listed in this file)."""
         self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
         self._build_counters()
         self._build_gauges()
         self._queue_states: set[str] = set()
-        self._preinit(verdicts, refusal_reasons, queue_states)
+        self._preinit(verdicts, queue_states)
 
     def _build_counters(self) -> None:
         reg = self.registry
@@ -126,15 +143,13 @@ class Metrics:
             "forwarder_smtp_sessions_total": self._sessions_total,
         }
 
-    def _preinit(
-        self, verdicts: Iterable[str], reasons: Iterable[str], states: Iterable[str]
-    ) -> None:
+    def _preinit(self, verdicts: Iterable[str], states: Iterable[str]) -> None:
         for result in DELIVERY_RESULTS:
             for destination in DESTINATION_CLASSES:
                 self._deliveries.labels(result=result, destination=destination)
         for verdict in verdicts:
             self._rcpt.labels(verdict=verdict)
-        for reason in reasons:
+        for reason in REFUSAL_REASONS:
             self._refused.labels(reason=reason)
         self.queue_snapshot(dict.fromkeys(states, 0), None)
 
@@ -198,8 +213,18 @@ class Metrics:
         self._bytes.inc(size_bytes)
 
     def message_refused(self, reason: str) -> None:
-        """A message refused or deferred at DATA (`size`, `bare_lf`, `loop`, `queue_error`...)."""
+        """A message refused or deferred at or after DATA; `reason` is in REFUSAL_REASONS."""
+        if reason not in REFUSAL_REASONS:
+            raise ValueError(f"unknown refusal reason {reason!r}")
         self._refused.labels(reason=reason).inc()
+
+    def body_refused(self, reply: Reply) -> None:
+        """The session refused a message after its final dot with `reply` (too big, bare
+        CR or LF, NUL, a text line too long)."""
+        reason = _BODY_REFUSALS.get(reply)
+        if reason is None:
+            raise ValueError(f"no refusal reason for {reply}")
+        self.message_refused(reason)
 
     # --- delivery ---------------------------------------------------------------------
 

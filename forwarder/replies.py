@@ -61,7 +61,7 @@ LOCAL_ERROR = Reply(451, "4.3.0", "local error in processing, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections, try again later")
 
-# --- issue 7: the session layer (forwarder/smtp.py); choices in docs/security.md ---
+# The session layer (forwarder/smtp.py); the choices are explained in docs/security.md.
 START_DATA = "354 End data with <CR><LF>.<CR><LF>"  # 3yz replies carry no enhanced code
 COMMAND_UNRECOGNIZED = Reply(500, "5.5.1", "command unrecognized")
 SYNTAX_ERROR = Reply(500, "5.5.2", "syntax error")
@@ -75,7 +75,6 @@ TEXT_LINE_TOO_LONG = Reply(550, "5.6.0", "line longer than 1000 octets in messag
 NUL_IN_MESSAGE = Reply(550, "5.6.0", "NUL character in message")
 TIMEOUT = Reply(421, "4.4.2", "timeout exceeded, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "too many errors, closing connection")
-# --- end issue 7 ---
 
 
 def queued(queue_id: str) -> str:

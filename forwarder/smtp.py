@@ -772,6 +772,7 @@ class ForwarderSMTP(asyncio.Protocol):
         envelope, self.envelope = self.envelope, Envelope()
         if isinstance(body, Reply):
             LOG.info("data_refused", client=self._client, reply=str(body))
+            self.connections.count_refusal(body)
             self.push(str(body))
             return
         assert envelope is not None

@@ -181,11 +181,12 @@ async def start_daemon(
 
 
 async def smtp_send(
-    port: int, sender: str, recipients: list[str], body: bytes,
+    port: int, sender: str, recipients: list[str], body: bytes, timeout: float = 10.0,
 ) -> tuple[dict[str, tuple[int, str]], tuple[int, str] | None]:
-    """Send one message; return each RCPT's reply, and DATA's (None if no RCPT accepted)."""
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10,
-                             local_hostname="client.test")
+    """Send one message; return each RCPT's reply, and DATA's (None if no RCPT accepted).
+    `timeout` bounds the wait for each reply."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
+                             timeout=timeout, local_hostname="client.test")
     await client.connect()
     try:
         await client.ehlo()

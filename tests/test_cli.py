@@ -334,7 +334,7 @@ async def test_queue_tools_steer_the_running_daemon(
         assert run("queue", "hold", qid)[0] == 0
         assert run_json(run, "queue", "retry", qid)["retried"] == 1
         assert await scan_due(d) == 0  # due, but held: not leased
-        await asyncio.sleep(0.2)
+        assert not d.dispatcher.in_flight  # so nothing can be on its way to `up`
         assert up.messages == [] and listing()["held"] == 1
         assert run("queue", "release", qid)[0] == 0
         assert run("queue", "retry")[0] == 0

@@ -9,14 +9,17 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from forwarder.config import Limits
 from forwarder.metrics import (
     DELIVERY_RESULTS,
     DESTINATION_CLASSES,
     LATENCY_BUCKETS,
+    REFUSAL_REASONS,
     Metrics,
     MetricsServer,
     start_metrics_server,
 )
+from tests.conftest import DOMAIN, DaemonFactory
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -151,6 +154,8 @@ def test_unknown_fixed_labels_are_programming_errors() -> None:
         metrics.delivered("elsewhere", 1.0)
     with pytest.raises(ValueError, match="result"):
         metrics.delivery_result("lost", "mailbox")
+    with pytest.raises(ValueError, match="refusal reason"):
+        metrics.message_refused("tired")
 
 
 def test_registries_are_independent() -> None:
@@ -190,3 +195,43 @@ async def test_a_silent_client_does_not_block_scrapes(
     finally:
         idle.close()
         await idle.wait_closed()
+
+
+async def _reply(reader: asyncio.StreamReader) -> int:
+    """The code of one reply, multiline or not."""
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        if line[3:4] != b"-":
+            return int(line[:3])
+
+
+async def test_the_sessions_own_refusals_are_counted_by_reason(
+    start_daemon: DaemonFactory,
+) -> None:
+    """What the session refuses after the final dot, by itself, shows in
+    forwarder_messages_refused_total under the reason docs/metrics.md gives."""
+    d = await start_daemon(limits=Limits(max_message_size=4096))
+    bodies = {
+        "size": (b"x" * 998 + b"\r\n") * 5,
+        "bare_lf": b"Subject: a\r\n\r\nbare\nLF\r\n",
+        "nul": b"Subject: a\r\n\r\nNUL \x00 here\r\n",
+        "line_too_long": b"Subject: a\r\n\r\n" + b"y" * 1200 + b"\r\n",
+    }
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+    try:
+        assert await _reply(reader) == 220
+        writer.write(b"EHLO client.test\r\n")
+        assert await _reply(reader) == 250
+        for body in bodies.values():
+            writer.write(f"MAIL FROM:<a@sender.example>\r\nRCPT TO:<postmaster@{DOMAIN}>\r\n"
+                         "DATA\r\n".encode())
+            assert [await _reply(reader) for _ in range(3)] == [250, 250, 354]
+            writer.write(body + b".\r\n")
+            assert await _reply(reader) in (550, 552)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    for reason in REFUSAL_REASONS:
+        counted = d.metrics.registry.get_sample_value(
+            "forwarder_messages_refused_total", {"reason": reason})
+        assert counted == (1 if reason in bodies else 0), reason

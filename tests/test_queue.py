@@ -45,7 +45,10 @@ async def test_message_that_keeps_crashing_a_worker_is_held(
     for n in range(2, MAX_CRASHES + 1):
         clock.advance(300)
         assert await scan_due(d) == 1
-        await until(lambda n=n: rows(d, "SELECT crashes FROM messages") == [(n,)])
+        def charged(n: int = n) -> bool:
+            return rows(d, "SELECT crashes FROM messages") == [(n,)]
+
+        await until(charged)
     assert rows(d, "SELECT held FROM messages") == [(1,)]
     clock.advance(86400)
     assert await scan_due(d) == 0  # held: no longer tried, kept for the admin

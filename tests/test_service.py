@@ -199,7 +199,7 @@ async def test_metrics_scraped_over_http(tmp_path: Path, sink: Sink) -> None:
         await smtp_send(svc.port, "noreply@jobteaser.com", [f"nobody@{DOMAIN}"], body)
         await sink.wait_for(1)
         await svc.wait_log("delivery")
-        expected = {
+        expected: Samples = {
             ("forwarder_rcpt_verdicts_total", (("verdict", "forward"),)): 1,
             ("forwarder_rcpt_verdicts_total", (("verdict", "unknown"),)): 1,
             ("forwarder_messages_accepted_total", ()): 1,
