@@ -95,8 +95,6 @@ RCPT_PARAMETERS_UNKNOWN = Reply(555, "5.5.4",
                                 "RCPT TO parameters not recognized or not implemented")
 BODY_UNSUPPORTED = Reply(555, "5.5.4", "Error: BODY can only be one of 7BIT, 8BITMIME")
 SMTPUTF8_ARGUMENT = Reply(501, "5.5.4", "Error: SMTPUTF8 takes no arguments")
-SIZE_EXCEEDED_AT_MAIL = Reply(552, "5.3.4",
-                              "Error: message size exceeds fixed maximum message size")
 RSET_SYNTAX = Reply(501, "5.5.4", "Syntax: RSET")
 QUIT_SYNTAX = Reply(501, "5.5.4", "Syntax: QUIT")
 STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")

@@ -33,7 +33,6 @@ from forwarder.smtpbody import BodyReader
 from forwarder.smtpsyntax import (
     SIZE_EXTENSION_OCTETS,
     after_keyword,
-    declared_size,
     decode_argument,
     mail_parameters_fault,
     parameters,
@@ -124,9 +123,10 @@ class Handler(Protocol[T]):
 
 
 # --- events: what the adapter must act on -----------------------------------------------
+# (not frozen: a frozen dataclass is built through object.__setattr__, a cost per event)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hello:
     """HELO or EHLO: answer with `reply_lines` (EHLO's lines are offered in `lines`)."""
 
@@ -134,39 +134,39 @@ class Hello:
     lines: list[str]  # EHLO: the reply lines with our extensions; HELO: empty
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MailFrom:
     address: str
     options: list[str]  # upper-cased parameters, as aiosmtpd gives them
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RcptTo:
     address: str
     options: list[str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageReceived(Generic[T]):
     """The body ended with a real CRLF.CRLF and passed its checks."""
 
     envelope: Envelope[T]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageRefused:
     """The body ended but was refused (already answered): for logs and counters."""
 
     reply: Reply
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartTls:
     """The client asked for TLS and was told to go ahead: drop what it sent after the
     command (`discard_input`), then start the handshake."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Closing:
     """The session is over (the reply is in the output): write it, then close. `quit`: the
     client said goodbye (its connection slot can be freed at once)."""
@@ -229,6 +229,8 @@ class Session(Generic[T]):
         self._in.clear()
 
     def data_to_send(self) -> bytes:
+        if not self._out:
+            return b""
         out = bytes(self._out)
         self._out.clear()
         return out
@@ -402,11 +404,6 @@ class Session(Generic[T]):
         """MAIL FROM (RFC 5321 4.1.1.2) with the SIZE (RFC 1870) and BODY (RFC 6152)
         parameters; SIZE over the limit is 552 5.3.4 (RFC 1870 6.1)."""
         if self._helo_needed():
-            return None
-        size = declared_size(arg)
-        if (size is not None and size > self.limits.max_message_size
-                and self.info.extended_smtp and self.envelope.mail_from is None):
-            self.say(replies.SIZE_EXCEEDED)
             return None
         syntax = replies.MAIL_SYNTAX_ESMTP if self.info.extended_smtp else replies.MAIL_SYNTAX
         parsed = self._envelope_path("FROM:", arg, syntax)

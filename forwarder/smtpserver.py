@@ -139,8 +139,10 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
     def _pump(self) -> None:
         """Answer every complete command buffered, until one has to wait."""
         session = self.session
-        while (session is not None and self.transport is not None and not self._busy
-               and not self._write_paused and not self.transport.is_closing()):
+        transport = self.transport
+        if session is None or transport is None:
+            return
+        while not self._busy and not self._write_paused and not transport.is_closing():
             if self.connections.closing and session.between_transactions:
                 session.close_with(replies.SHUTTING_DOWN)
                 self._flush()
@@ -150,16 +152,16 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             if event is None:
                 break
             _DISPATCH[type(event)](self, event)
-        if session is not None and self.transport is not None:
-            if session.progressed and not self._busy:
-                session.progressed = False
-                self._reset_timeout(self._timeout(session))
-            self._flush()
+        if session.progressed and not self._busy:
+            session.progressed = False
+            limits = self.settings.limits
+            self._reset_timeout(limits.data_timeout if session.in_body
+                                else limits.command_timeout)
+        out = session.data_to_send()
+        if out and self.transport is not None:
+            self.transport.write(out)
+        if self._read_paused or session.buffered > _HIGH_WATER:
             self._flow()
-
-    def _timeout(self, session: Session[T]) -> float:
-        limits = self.settings.limits
-        return limits.data_timeout if session.in_body else limits.command_timeout
 
     def _flush(self) -> None:
         if self.session is not None and self.transport is not None:
@@ -184,7 +186,8 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
     # --- events -----------------------------------------------------------------------
 
     def _on_hello(self, event: Hello) -> None:
-        session = self._session()
+        session = self.session
+        assert session is not None
         try:
             if event.lines:
                 lines = self.handler.handle_EHLO(self, session.info, session.envelope,
@@ -197,7 +200,8 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         session.reply_lines(lines)
 
     def _on_mail(self, event: MailFrom) -> None:
-        session = self._session()
+        session = self.session
+        assert session is not None
         try:
             reply = self.handler.handle_MAIL(self, session.info, session.envelope,
                                              event.address, event.options)
@@ -206,12 +210,14 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         session.reply(reply)
 
     def _on_rcpt(self, event: RcptTo) -> None:
-        session = self._session()
+        session = self.session
+        assert session is not None
         self._wait_for(self.handler.handle_RCPT(self, session.info, session.envelope,
                                                 event.address, event.options))
 
     def _on_message(self, event: MessageReceived[T]) -> None:
-        session = self._session()
+        session = self.session
+        assert session is not None
         # A client leaving after the dot must not cancel the queue commit half-way (the
         # message would sit leased, unannounced to delivery): the task is kept apart.
         self._wait_for(self.handler.handle_DATA(self, session.info, event.envelope),

@@ -75,6 +75,9 @@ def _path_end(text: str) -> int:
     """Index of the `>` closing a path that starts with `<`, or -1. A quoted local part
     (RFC 5321 4.1.2 Quoted-string) may hold `>`, `<` and spaces, and a backslash quotes
     the character after it."""
+    end = text.find(">")
+    if end < 0 or '"' not in text[:end]:
+        return end  # the usual path: no quoted local part
     quoted = False
     i = 1
     while i < len(text):
@@ -152,6 +155,8 @@ def parameters(params: str) -> dict[str, str | bool] | None:
     """RFC 5321 4.1.2 esmtp-param list as a dict (keywords upper-cased, values as sent);
     None if one is malformed."""
     result: dict[str, str | bool] = {}
+    if not params:
+        return result
     for param in params.split():
         key, eq, value = param.partition("=")
         if not _KEYWORD.fullmatch(key) or (eq and not _VALUE.fullmatch(value)):
@@ -160,23 +165,12 @@ def parameters(params: str) -> dict[str, str | bool] | None:
     return result
 
 
-def declared_size(arg: str | None) -> int | None:
-    """The `SIZE=` parameter of a MAIL FROM argument (RFC 1870), if well formed."""
-    path = after_keyword("FROM:", arg)
-    if path is None:
-        return None
-    _, params = split_path(path)
-    for param in (params or "").upper().split():
-        key, eq, value = param.partition("=")
-        if key == "SIZE" and eq and value.isdigit():
-            return int(value)
-    return None
-
-
 def mail_parameters_fault(params: dict[str, str | bool], max_size: int) -> Reply | None:
     """What is wrong with MAIL FROM's parameters, or None. RFC 5321 4.1.1.11: a parameter
     we do not implement is a 555 (so is SMTPUTF8, which we do not advertise); a malformed
     one a 501."""
+    if not params:
+        return None
     params = dict(params)
     body = params.pop("BODY", "7BIT")
     if not isinstance(body, str) or body.upper() not in ("7BIT", "8BITMIME"):
@@ -190,7 +184,7 @@ def mail_parameters_fault(params: dict[str, str | bool], max_size: int) -> Reply
         if isinstance(size, bool) or not size.isdigit():
             return replies.MAIL_SYNTAX_ESMTP
         if int(size) > max_size:
-            return replies.SIZE_EXCEEDED_AT_MAIL
+            return replies.SIZE_EXCEEDED
     if params or smtputf8:
         return replies.MAIL_PARAMETERS_UNKNOWN
     return None
