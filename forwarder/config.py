@@ -125,7 +125,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     config_file: Path | None = None
-    # Inbound STARTTLS (RFC 3207) is offered when both are set (forwarder/smtp.py).
+    # Inbound STARTTLS (RFC 3207) is offered when both are set (forwarder/session.py).
     tls_cert: Path | None = None
     tls_key: Path | None = None
 

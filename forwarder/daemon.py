@@ -30,13 +30,13 @@ from forwarder.connections import Connections, load_tls_context
 from forwarder.delivery import Dispatcher, MailRouter, Router
 from forwarder.directory import DirectoryReader
 from forwarder.dns import CachingResolver, MxRouter
-from forwarder.front import Front
+from forwarder.front import Accepted, Front
 from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
 from forwarder.policy import needs_srs
 from forwarder.queue import Job, Queue, RecipientJob
 from forwarder.returnpath import ReturnPath
-from forwarder.smtp import ForwarderSMTP
 from forwarder.smtpclient import ConnectionPool, Sender
+from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
 from forwarder.workers import Acceptors, MainLink, listening_socket
 
@@ -233,9 +233,8 @@ class Daemon:
                                                               where.port)
             LOG.info("metrics_listening", host=where.host, port=self._metrics_server.port)
 
-    def _protocol(self, front: Front) -> ForwarderSMTP:
-        # A strict SMTP session (limits, smuggling, caps): forwarder/smtp.py.
-        return ForwarderSMTP(front, self.settings, self.connections)
+    def _protocol(self, front: Front) -> SmtpProtocol[Accepted]:
+        return SmtpProtocol(front, self.settings, self.connections)
 
     async def _status_loop(self) -> None:
         """Queue depth for metrics and for `systemctl status` (STATUS=)."""

@@ -1,8 +1,8 @@
-"""The SMTP front: an aiosmtpd handler that turns SMTP events into policy calls and replies.
+"""The SMTP front: the session's handler, turning SMTP events into policy calls and replies.
 
 Every recipient is decided at RCPT time (no backscatter), and `250` after DATA is sent only
 once the queue has committed and fsync'd the message. Any unexpected error becomes a
-`451 4.3.0` through `handle_exception`: no exception text reaches the client and no
+`451 4.3.0` through `exception_reply`: no exception text reaches the client and no
 transient fault ever becomes a 5xx (DESIGN.md habit 4).
 """
 
@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
 
 from forwarder import log, replies
 from forwarder.addresses import AddressError, has_control_chars, parse_sender
@@ -45,6 +44,7 @@ from forwarder.queue import (
     new_queue_id,
 )
 from forwarder.returnpath import ReturnPath
+from forwarder.session import Envelope, SessionInfo
 from forwarder.srs import SrsError
 
 LOG = log.get("forwarder.smtp")
@@ -57,14 +57,6 @@ class Accepted:
 
     orig_rcpt: str
     verdict: Accept
-
-
-def _accepted(envelope: Any) -> list[Accepted]:
-    items: list[Accepted] | None = getattr(envelope, "forwarder_accepted", None)
-    if items is None:
-        items = []
-        envelope.forwarder_accepted = items
-    return items
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,7 +87,7 @@ def received_header(
 
 
 class Front:
-    """The session's handler (forwarder/smtp.py), with aiosmtpd's hook names and
+    """The session's handler (forwarder/session.py `Handler`), with aiosmtpd's hook names and
     arguments. One instance serves every session. HELO, EHLO and MAIL decide at once;
     RCPT (the directory) and DATA (the queue) wait, and are coroutines."""
 
@@ -121,45 +113,42 @@ class Front:
 
     # --- greeting --------------------------------------------------------------------
 
-    def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
+    def handle_HELO(self, server: object, session: SessionInfo, envelope: Envelope[Accepted],
+                    hostname: str) -> str:
         if has_control_chars(hostname):
             return str(replies.BAD_ARGUMENT)
-        session.host_name = hostname
         return f"250 {self.settings.hostname}"
 
-    def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
+    def handle_EHLO(self, server: object, session: SessionInfo, envelope: Envelope[Accepted],
+                    hostname: str, responses: list[str]) -> list[str]:
         if has_control_chars(hostname):
             return [str(replies.BAD_ARGUMENT)]
-        session.host_name = hostname
         return responses
 
     # --- envelope --------------------------------------------------------------------
 
-    def handle_MAIL(
-        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
-    ) -> str:
+    def handle_MAIL(self, server: object, session: SessionInfo, envelope: Envelope[Accepted],
+                    address: str, mail_options: list[str]) -> str:
         try:
             # Parsed once here; DATA queues this normalised form.
-            envelope.forwarder_sender = parse_sender(address)
+            envelope.sender = parse_sender(address)
         except AddressError:
             return str(replies.MAIL_BAD_SYNTAX)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return str(replies.MAIL_OK)
 
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
-    ) -> str:
-        accepted = _accepted(envelope)
+    async def handle_RCPT(self, server: object, session: SessionInfo,
+                          envelope: Envelope[Accepted], address: str,
+                          rcpt_options: list[str]) -> str:
+        accepted = envelope.accepted
         if len(accepted) >= self.settings.limits.max_recipients:
             # RFC 5321 4.5.3.1.10: 452 past the limit; the client sends the rest later.
             return str(replies.RCPT_TOO_MANY)
         verdict = await self._verdict(address)
         self.metrics.rcpt_verdict(verdict.reason)
         if isinstance(verdict, Refuse):
-            LOG.info("rcpt", client=_peer_ip(session), to=address, verdict="refused",
+            LOG.info("rcpt", client=session.client, to=address, verdict="refused",
                      reason=verdict.reason, reply=verdict.reply.code)
             return verdict.reply.at(address)
         # An accepted recipient is logged once, in the "queued" line (with its route): a
@@ -201,15 +190,16 @@ class Front:
 
     # --- data ------------------------------------------------------------------------
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        accepted = _accepted(envelope)
-        if not accepted:
+    async def handle_DATA(self, server: object, session: SessionInfo,
+                          envelope: Envelope[Accepted]) -> str:
+        accepted = envelope.accepted
+        if not accepted or envelope.content is None:
             return str(replies.NO_VALID_RECIPIENTS)
-        content: bytes = envelope.original_content
+        content = envelope.content
         limit = self.settings.limits.max_received_headers
         if count_received_headers(content) > limit:
             # RFC 5321 6.3: a message that has passed too many hops is in a loop.
-            LOG.warning("refused", client=_peer_ip(session), reason="too_many_hops")
+            LOG.warning("refused", client=session.client, reason="too_many_hops")
             self.metrics.message_refused("loop")
             return str(replies.TOO_MANY_HOPS)
         now = self.clock.now()
@@ -219,7 +209,7 @@ class Front:
             ids = await self.queue.enqueue(
                 message, lease_until=now + LEASE_SECONDS if self.in_memory else None)
         except QueueError as exc:
-            LOG.error("queue_write_failed", client=_peer_ip(session), error=str(exc),
+            LOG.error("queue_write_failed", client=session.client, error=str(exc),
                       no_space=exc.no_space)
             self.metrics.message_refused("no_space" if exc.no_space else "queue_error")
             return str(replies.QUEUE_FULL if exc.no_space else replies.QUEUE_UNAVAILABLE)
@@ -237,8 +227,8 @@ class Front:
         return replies.queued(queue_id)
 
     def _message(
-        self, session: Any, envelope: Any, accepted: list[Accepted], content: bytes,
-        queue_id: str, now: float,
+        self, session: SessionInfo, envelope: Envelope[Accepted], accepted: list[Accepted],
+        content: bytes, queue_id: str, now: float,
     ) -> NewMessage:
         seen: set[tuple[str, str]] = set()
         recipients: list[NewRecipient] = []
@@ -249,19 +239,12 @@ class Front:
                 recipients.append(NewRecipient(item.orig_rcpt, item.verdict.target,
                                                item.verdict.route))
         single = accepted[0].orig_rcpt if len(accepted) == 1 else None
-        header = received_header(session.host_name, _peer_ip(session), self.settings.hostname,
+        header = received_header(session.host_name, session.client, self.settings.hostname,
                                  queue_id, single, session.extended_smtp, now)
-        sender: str = envelope.forwarder_sender
-        return NewMessage(queue_id, sender, now, _peer_ip(session), header + content,
+        return NewMessage(queue_id, envelope.sender, now, session.client, header + content,
                           tuple(recipients))
 
     def exception_reply(self, error: BaseException) -> str:
         LOG.error("session_error", error=type(error).__name__, exc_info=error)
         return str(replies.LOCAL_ERROR)
 
-
-def _peer_ip(session: Any) -> str:
-    peer = getattr(session, "peer", None)
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return str(peer or "unknown")

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Reply:
     code: int
-    enhanced: str
+    enhanced: str  # RFC 3463 code; "" for the replies that carry none (RFC 2034 4)
     text: str
 
     def __str__(self) -> str:
+        if not self.enhanced:
+            return f"{self.code} {self.text}"
         return f"{self.code} {self.enhanced} {self.text}"
 
     def at(self, address: str) -> str:
@@ -61,8 +63,9 @@ LOCAL_ERROR = Reply(451, "4.3.0", "local error in processing, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections, try again later")
 
-# The session layer (forwarder/smtp.py); the choices are explained in docs/security.md.
-START_DATA = "354 End data with <CR><LF>.<CR><LF>"  # 3yz replies carry no enhanced code
+# The SMTP session (forwarder/session.py); choices in docs/security.md. Texts follow
+# aiosmtpd's, which clients and tests have long seen.
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")  # 3yz: no enhanced code
 COMMAND_UNRECOGNIZED = Reply(500, "5.5.1", "command unrecognized")
 SYNTAX_ERROR = Reply(500, "5.5.2", "syntax error")
 # RFC 5321 4.5.3.1.4: "500 Line too long".
@@ -75,6 +78,38 @@ TEXT_LINE_TOO_LONG = Reply(550, "5.6.0", "line longer than 1000 octets in messag
 NUL_IN_MESSAGE = Reply(550, "5.6.0", "NUL character in message")
 TIMEOUT = Reply(421, "4.4.2", "timeout exceeded, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "too many errors, closing connection")
+# Replies to HELO and EHLO carry no enhanced code (RFC 2034 4).
+HELO_SYNTAX = Reply(501, "", "Syntax: HELO hostname")
+HELO_NEEDED = Reply(503, "5.5.1", "Error: send HELO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+MALFORMED_ADDRESS = Reply(553, "5.1.3", "Error: malformed address")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM: <address>")
+MAIL_SYNTAX_ESMTP = Reply(501, "5.5.4", "Syntax: MAIL FROM: <address> [SP <mail-parameters>]")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO: <address>")
+RCPT_SYNTAX_ESMTP = Reply(501, "5.5.4", "Syntax: RCPT TO: <address> [SP <mail-parameters>]")
+# RFC 5321 4.1.1.11: a parameter we do not recognise or implement is a 555.
+MAIL_PARAMETERS_UNKNOWN = Reply(555, "5.5.4",
+                                "MAIL FROM parameters not recognized or not implemented")
+RCPT_PARAMETERS_UNKNOWN = Reply(555, "5.5.4",
+                                "RCPT TO parameters not recognized or not implemented")
+BODY_UNSUPPORTED = Reply(555, "5.5.4", "Error: BODY can only be one of 7BIT, 8BITMIME")
+SMTPUTF8_ARGUMENT = Reply(501, "5.5.4", "Error: SMTPUTF8 takes no arguments")
+RSET_SYNTAX = Reply(501, "5.5.4", "Syntax: RSET")
+QUIT_SYNTAX = Reply(501, "5.5.4", "Syntax: QUIT")
+STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
+VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY <address>")
+OK = Reply(250, "2.0.0", "OK")
+BYE = Reply(221, "2.0.0", "Bye")
+# RFC 5321 3.5.3: 252, neither confirmed nor denied (no address harvesting).
+CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+VRFY_UNPARSABLE = Reply(502, "5.5.1", "Could not VRFY")
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
+TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+# RFC 5321 4.1.1.8 and 4.2.2: 214 is the help reply.
+HELP = Reply(214, "2.0.0", "Supported commands:")
+HELP_SYNTAX = Reply(214, "2.0.0", "Syntax:")
+HELP_UNKNOWN = Reply(501, "5.5.4", "Supported commands:")
 
 
 def queued(queue_id: str) -> str:

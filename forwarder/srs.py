@@ -81,6 +81,10 @@ MIN_HASH_LENGTH = 4
 _MAX_HASH_LENGTH = 27
 # RFC 5321 section 4.5.3.1.1: the maximum total length of a local part is 64 octets.
 _MAX_LOCAL_OCTETS = 64
+# RFC 5321 4.1.2 Dot-string: what an SRS local part must stay, whatever it wraps (UTF-8
+# allowed: RFC 6531 3.3 extends atext).
+_DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
+                         r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+)*")
 # postsrsd 2.x srs.c: a database alias is reversed to "<key>@1".
 KEY_DOMAIN = "1"
 _KEY_BYTES = 10
@@ -109,10 +113,12 @@ class SrsError(Exception):
 
 
 class SrsTooLong(Exception):
-    """The rewritten local part would exceed 64 octets: store the sender under a key."""
+    """The rewritten local part would exceed 64 octets, or would not be a Dot-string (a
+    sender with a quoted local part or an address literal, RFC 5321 4.1.2): store the
+    sender under a key."""
 
     def __init__(self, sender: str) -> None:
-        super().__init__(f"SRS local part for {sender!r} would exceed 64 octets")
+        super().__init__(f"SRS local part for {sender!r} would not be a valid local part")
         self.sender = sender
 
 
@@ -239,7 +245,8 @@ class Srs:
             raise SrsError(SrsReason.BAD_HASH)
 
     def _fits(self, sender: str, address: str) -> str:
-        if len(address.rpartition("@")[0].encode("utf-8")) > _MAX_LOCAL_OCTETS:
+        local = address.rpartition("@")[0]
+        if len(local.encode("utf-8")) > _MAX_LOCAL_OCTETS or not _DOT_STRING.fullmatch(local):
             raise SrsTooLong(sender)
         return address
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from forwarder import replies
 from forwarder.replies import Reply
-from forwarder.smtp import BodyReader, content_fault
+from forwarder.smtpbody import BodyReader, content_fault
 
 LIMIT = 16  # the reader's buffer limit: small, so bodies cross it all the time
 MAX_LINE = 12

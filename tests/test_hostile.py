@@ -27,7 +27,8 @@ from cryptography.x509.oid import NameOID
 from forwarder import replies
 from forwarder.config import HostPort
 from forwarder.directory import Directory
-from forwarder.smtp import content_fault, split_path, with_enhanced_code
+from forwarder.smtpbody import content_fault
+from forwarder.smtpsyntax import split_path, with_enhanced_code
 from tests.conftest import DOMAIN, DaemonFactory, Sink, simple_message, until
 
 GRAD = f"jean.dupont@{DOMAIN}"

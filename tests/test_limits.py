@@ -16,7 +16,7 @@ from forwarder.clock import FakeClock
 from forwarder.config import HostPort, Limits
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
-from forwarder.smtp import ForwarderSMTP
+from forwarder.smtpserver import SmtpProtocol
 from tests.conftest import (
     DOMAIN,
     DaemonFactory,
@@ -264,7 +264,7 @@ async def test_a_finished_session_is_freed_without_the_cycle_collector(
         await until(lambda: len(d.connections) == 0)
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, ForwarderSMTP)]
+        left = [o for o in gc.garbage if isinstance(o, SmtpProtocol)]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
@@ -419,8 +419,8 @@ async def test_a_client_that_floods_commands_without_reading_is_held_back(
             break
     assert blocked, "the daemon kept reading a client that does not read"
     (session,) = list(d.connections._sessions)
-    assert isinstance(session, ForwarderSMTP)
-    assert len(session._buf) <= 2 * 65536
+    assert isinstance(session, SmtpProtocol)
+    assert session.session is not None and session.session.buffered <= 2 * 65536
     writer.transport.abort()  # a reset: the daemon need not wait to flush its replies
 
 

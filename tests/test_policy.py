@@ -157,3 +157,28 @@ def test_parse_address_refuses(bad: str) -> None:
 def test_parse_sender_null_and_normal() -> None:
     assert parse_sender("<>") == "" and parse_sender("") == ""
     assert parse_sender("Noreply@JobTeaser.COM") == "Noreply@jobteaser.com"
+
+
+@pytest.mark.parametrize(("sender", "parsed"), [
+    ('"john doe"@example.net', '"john doe"@example.net'),
+    ('"a>b"@Example.NET', '"a>b"@example.net'),
+    ('"a\\"b"@example.net', '"a\\"b"@example.net'),
+    ("user%relay@example.net", "user%relay@example.net"),
+    ("bang!user@example.net", "bang!user@example.net"),
+    ("user@[192.0.2.1]", "user@[192.0.2.1]"),
+    ("user@[IPv6:2001:db8::1]", "user@[IPv6:2001:db8::1]"),
+    ("user@[x-tag:opaque]", "user@[x-tag:opaque]"),
+])
+def test_senders_are_taken_liberally(sender: str, parsed: str) -> None:
+    """PRODUCT.md: any RFC 5321 4.1.2 reverse-path is a valid MAIL FROM."""
+    assert parse_sender(sender) == parsed
+
+
+@pytest.mark.parametrize("sender", [
+    "john doe@example.net", '"unterminated@example.net', '"a"b"@example.net',
+    "user@[300.1.1.1]", "user@[IPv6:zz]", "user@[]", "a..b@example.net", "a@-bad.example",
+    "no-at-sign", "a@b\x00.example", '"' + "x" * 63 + '"@example.net',
+])
+def test_senders_that_are_not_rfc5321_paths_are_refused(sender: str) -> None:
+    with pytest.raises(AddressError):
+        parse_sender(sender)

@@ -1,0 +1,190 @@
+"""SMTP command syntax, pure: command words, arguments, paths, ESMTP parameters, replies.
+
+No I/O and no state: the session (forwarder/session.py) calls these on each command line,
+and tests run them from tables.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from forwarder import replies
+from forwarder.replies import Reply
+
+# RFC 1870 6: the SIZE parameter lengthens MAIL FROM by up to 26 octets.
+SIZE_EXTENSION_OCTETS = 26
+
+_COMMAND_WORD = re.compile(rb"[A-Za-z]{1,16}")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_REPLY = re.compile(r"([245])(\d\d)([ -])(.*)", re.DOTALL)
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_LINE_BREAKS = re.compile(r"[\r\n]+")
+# RFC 5321 4.1.2: esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-"), and
+# esmtp-value = 1*(%d33-60 / %d62-126): printable, no "=", no space.
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
+# RFC 3463 codes for the replies (aiosmtpd's wording) that carry none.
+_DEFAULT_ENHANCED = {
+    500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0",
+    552: "5.3.4", 553: "5.1.3", 555: "5.5.4", 454: "4.7.0", 421: "4.3.0",
+}
+
+
+def with_enhanced_code(status: str) -> str:
+    """Give a 2yz/4yz/5yz reply an RFC 3463 code when it has none; others pass unchanged."""
+    match = _REPLY.fullmatch(status)
+    if match is None:
+        return status
+    klass, rest, sep, text = match.groups()
+    if _ENHANCED.match(text):
+        return status
+    code = int(klass + rest)
+    enhanced = _DEFAULT_ENHANCED.get(code, f"{klass}.0.0")
+    return f"{code}{sep}{enhanced} {text}".rstrip()
+
+
+@functools.lru_cache(maxsize=512)
+def render_reply(text: str, enhanced: bool) -> bytes:
+    """A reply line on the wire. Cached: almost every reply is one of a few constants, and
+    this was a regular expression or two per reply (docs/performance.md)."""
+    if enhanced:
+        text = with_enhanced_code(text)
+    # A reply is one line: nothing a handler returns may add another (RFC 5321 4.2).
+    return _LINE_BREAKS.sub(" ", text).encode("ascii", "replace") + b"\r\n"
+
+
+def split_command(line: bytes) -> tuple[str, bytes] | Reply:
+    """`line` without its CRLF -> (COMMAND, raw argument), or the reply refusing it."""
+    word, _, arg = line.partition(b" ")
+    if not _COMMAND_WORD.fullmatch(word):
+        return replies.SYNTAX_ERROR
+    return word.decode("ascii").upper(), arg.strip(b" ")
+
+
+def decode_argument(arg: bytes) -> str | Reply | None:
+    """An argument as text; control characters or 8-bit octets are a 501 (no SMTPUTF8)."""
+    if not arg:
+        return None
+    if _CONTROL.search(arg) or not arg.isascii():
+        return replies.BAD_ARGUMENT
+    return arg.decode("ascii")
+
+
+def _path_end(text: str) -> int:
+    """Index of the `>` closing a path that starts with `<`, or -1. A quoted local part
+    (RFC 5321 4.1.2 Quoted-string) may hold `>`, `<` and spaces, and a backslash quotes
+    the character after it."""
+    end = text.find(">")
+    if end < 0 or '"' not in text[:end]:
+        return end  # the usual path: no quoted local part
+    quoted = False
+    i = 1
+    while i < len(text):
+        c = text[i]
+        if quoted and c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return i
+        i += 1
+    return -1
+
+
+def _unquoted_has(mailbox: str, chars: str) -> bool:
+    """Whether any of `chars` appears in `mailbox` outside a quoted local part."""
+    if mailbox.startswith('"'):
+        close = _quote_end(mailbox)
+        if close < 0:
+            return True
+        mailbox = mailbox[close + 1:]
+    return any(c in mailbox for c in chars)
+
+
+def _quote_end(text: str) -> int:
+    """Index of the `"` closing the quoted string that `text` starts with, or -1."""
+    i = 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+        elif text[i] == '"':
+            return i
+        else:
+            i += 1
+    return -1
+
+
+def split_path(arg: str) -> tuple[str | None, str | None]:
+    """RFC 5321 4.1.2 `Path [SP params]` -> (mailbox, params); (None, None) if malformed.
+
+    Deliberately simpler than RFC 5322 parsing (no comments, no folding): the mailbox is
+    returned verbatim for addresses.py to judge. A source route (`@a,@b:x@y`) is dropped, as
+    RFC 5321 4.1.1.3 and Appendix C ask; the null path is returned as `<>`.
+    """
+    text = arg.lstrip(" ")
+    if not text:
+        return "", ""
+    if text.startswith("<"):
+        end = _path_end(text)
+        if end < 0:
+            return None, None
+        mailbox, rest = text[1:end], text[end + 1:]
+        if not mailbox:
+            return "<>", rest
+    else:
+        mailbox, _, rest = text.partition(" ")
+    if mailbox.startswith("@"):
+        _, colon, mailbox = mailbox.partition(":")
+        if not colon:
+            return None, None
+    if not mailbox or _unquoted_has(mailbox, " <>"):
+        return None, None
+    return mailbox, rest
+
+
+def after_keyword(keyword: str, arg: str | None) -> str | None:
+    """`FROM:<a>` -> `<a>`; None if the keyword is missing."""
+    if arg is None or arg[:len(keyword)].upper() != keyword:
+        return None
+    return arg[len(keyword):].strip()
+
+
+def parameters(params: str) -> dict[str, str | bool] | None:
+    """RFC 5321 4.1.2 esmtp-param list as a dict (keywords upper-cased, values as sent);
+    None if one is malformed."""
+    result: dict[str, str | bool] = {}
+    if not params:
+        return result
+    for param in params.split():
+        key, eq, value = param.partition("=")
+        if not _KEYWORD.fullmatch(key) or (eq and not _VALUE.fullmatch(value)):
+            return None
+        result[key.upper()] = value if eq else True
+    return result
+
+
+def mail_parameters_fault(params: dict[str, str | bool], max_size: int) -> Reply | None:
+    """What is wrong with MAIL FROM's parameters, or None. RFC 5321 4.1.1.11: a parameter
+    we do not implement is a 555 (so is SMTPUTF8, which we do not advertise); a malformed
+    one a 501."""
+    if not params:
+        return None
+    params = dict(params)
+    body = params.pop("BODY", "7BIT")
+    if not isinstance(body, str) or body.upper() not in ("7BIT", "8BITMIME"):
+        # RFC 6152 2: 7BIT or 8BITMIME; BINARYMIME (RFC 3030) is not offered.
+        return replies.BODY_UNSUPPORTED
+    smtputf8 = params.pop("SMTPUTF8", False)
+    if not isinstance(smtputf8, bool):
+        return replies.SMTPUTF8_ARGUMENT
+    size = params.pop("SIZE", None)
+    if size is not None:
+        if isinstance(size, bool) or not size.isdigit():
+            return replies.MAIL_SYNTAX_ESMTP
+        if int(size) > max_size:
+            return replies.SIZE_EXCEEDED
+    if params or smtputf8:
+        return replies.MAIL_PARAMETERS_UNKNOWN
+    return None
