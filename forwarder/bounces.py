@@ -47,6 +47,15 @@ def _status(rcpt: RecipientJob, result: Result, action: Literal["failed", "delay
     )
 
 
+def report_to(settings: Settings, job: Job) -> tuple[str, Route]:
+    """Where a DSN about `job` goes: the original sender, except for our own notices to
+    redirect targets, whose DSNs go to the admin address (`postmaster`), so that the
+    school hears of a target that bounced (their route tells them apart)."""
+    if job.recipients and all(r.route is Route.NOTICE for r in job.recipients):
+        return settings.postmaster or job.sender, Route.NOTICE_BOUNCE
+    return job.sender, Route.BOUNCE
+
+
 def make_dsn(
     settings: Settings, job: Job, body: bytes, action: Literal["failed", "delayed"],
     chosen: Sequence[tuple[RecipientJob, Result]], now: float,
@@ -63,5 +72,5 @@ def make_dsn(
         message_id_domain=settings.hostname,
         now=_when(now),
     )
-    return NewMessage(new_queue_id(now), "", now, "", dsn,
-                      (NewRecipient(job.sender, job.sender, Route.BOUNCE),))
+    to, route = report_to(settings, job)
+    return NewMessage(new_queue_id(now), "", now, "", dsn, (NewRecipient(to, to, route),))

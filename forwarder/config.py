@@ -101,6 +101,22 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class TargetSettings:
+    """Redirect targets (forwarder/targets.py, docs/admin.md "Redirect targets")."""
+
+    # The dead-target rule: this many mailbox failures (5.1.x, 5.2.1) spanning at least
+    # this many days, with no success in between, make a target `failing` (PRODUCT.md).
+    max_failures: int = 5
+    failure_days: float = 30.0
+    # How long a notice's confirm+ and refuse+ addresses stay valid.
+    token_days: float = 30.0
+    # Seconds between two notices of one import, so that a term's thousands of new
+    # targets are not mailed in one burst (a provider's rate limits, our reputation);
+    # a target declared on its own gets its notice at once.
+    notice_interval: float = 1.0
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: HostPort = field(default_factory=lambda: parse_hostport(DEFAULT_LISTEN))
     domains: tuple[str, ...] = (DEFAULT_DOMAIN,)
@@ -124,6 +140,10 @@ class Settings:
     acceptors: int = -1
     limits: Limits = field(default_factory=Limits)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    targets: TargetSettings = field(default_factory=TargetSettings)
+    # From: and envelope sender of the notices to redirect targets; None: postmaster@ the
+    # first domain (whose mail reaches `postmaster`, the admin address).
+    notice_sender: str | None = None
     config_file: Path | None = None
     # Inbound STARTTLS (RFC 3207) is offered when both are set (forwarder/session.py).
     tls_cert: Path | None = None
@@ -147,10 +167,15 @@ class Settings:
     def effective_srs_domain(self) -> str:
         return self.srs_domain or self.domains[0]
 
+    @property
+    def effective_notice_sender(self) -> str:
+        return self.notice_sender or f"postmaster@{self.domains[0]}"
+
 
 _HOSTPORT_KEYS = {"listen": 2525, "smarthost": 25, "mailbox_host": 25, "metrics_listen": 9325}
 _TOP_KEYS = {f.name for f in dataclasses.fields(Settings)} - {"config_file"}
-_SECTIONS: dict[str, type[Any]] = {"limits": Limits, "delivery": DeliverySettings}
+_SECTIONS: dict[str, type[Any]] = {"limits": Limits, "delivery": DeliverySettings,
+                                   "targets": TargetSettings}
 
 
 def _convert_top(key: str, value: Any, problems: list[str]) -> Any:

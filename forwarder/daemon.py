@@ -28,20 +28,24 @@ from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, Settings
 from forwarder.connections import Connections, load_tls_context
 from forwarder.delivery import Dispatcher, MailRouter, Router
-from forwarder.directory import DirectoryReader
+from forwarder.directory import SqliteDaemonDirectory
 from forwarder.dns import CachingResolver, MxRouter
 from forwarder.front import Accepted, Front
 from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
+from forwarder.noticesender import NoticeSender
 from forwarder.policy import needs_srs
 from forwarder.queue import Job, Queue, RecipientJob
 from forwarder.returnpath import ReturnPath
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
+from forwarder.targetwatch import TargetWatch
 from forwarder.workers import Acceptors, MainLink, listening_socket
 
 LOG = log.get("forwarder.daemon")
 STATUS_INTERVAL = 5.0
+# How often the redirect targets are counted for forwarder_targets (a scan of the table).
+TARGETS_INTERVAL = 60.0
 # Pending connections the kernel holds for us: bursts of 500 clients must not wait for a
 # SYN retransmission (asyncio's default is 100).
 BACKLOG = 1024
@@ -104,7 +108,9 @@ class Daemon:
         self.queue = Queue(settings.queue_path, settings.busy_timeout)
         # Live sessions (caps, shutdown notice), the STARTTLS context, the session's metrics.
         self.connections = Connections(metrics=self.metrics)
-        self.directory: DirectoryReader | None = None
+        self.directory: SqliteDaemonDirectory | None = None
+        self.watch: TargetWatch | None = None
+        self.notices: NoticeSender | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
         self.pool = ConnectionPool(settings.delivery, settings.hostname)
@@ -153,7 +159,7 @@ class Daemon:
             self._lock_fd = lock_state_dir(self.settings.state_dir)
         self.return_path = ReturnPath(self.settings.state_dir,
                                       self.settings.effective_srs_domain, self.clock)
-        self.directory = await DirectoryReader.open(
+        self.directory = await SqliteDaemonDirectory.open(
             self.settings.directory_path, self.settings.busy_timeout)
         self.connections.tls_context = load_tls_context(self.settings.tls_cert,
                                                         self.settings.tls_key)
@@ -167,8 +173,16 @@ class Daemon:
             self._start_acceptor()
             return
         await self._start_metrics()
+        self.watch = TargetWatch(self.settings, self.directory, self.queue,
+                                 self.dispatcher.wake, self.clock)
+        self.dispatcher.observe = self.watch.observe
+        await self.watch.start()
+        self.notices = NoticeSender(self.settings, self.directory, self.queue,
+                                    self.dispatcher.wake, self.clock)
+        self.notices.start()
         self._spawn(self.dispatcher.run(), "dispatcher")
         self._spawn(self._status_loop(), "status")
+        self._spawn(self._targets_loop(), "targets")
         interval = watchdog_interval()
         if interval is not None and self.notifier.enabled:
             self._spawn(watchdog_loop(self.notifier, interval), "watchdog")
@@ -189,6 +203,7 @@ class Daemon:
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, self.queue, submit, self.clock,
                            self.return_path, self.metrics, in_memory=not acceptor)
+        self.front.token_secrets = self.directory.token_secrets()
         front = self.front
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
@@ -255,6 +270,18 @@ class Daemon:
             f"messages, {sum(stats['recipients'].values())} recipients, "
             f"{len(self.dispatcher.in_flight)} in delivery")
 
+    async def _targets_loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.refresh_targets()
+            await asyncio.sleep(TARGETS_INTERVAL)
+
+    async def refresh_targets(self) -> None:
+        """Count the redirect targets by state for forwarder_targets."""
+        assert self.directory is not None
+        counts = await self.directory.target_counts()
+        self.metrics.targets_snapshot({state.value: n for state, n in counts.items()})
+
     # --- reload -----------------------------------------------------------------------
 
     def reload(self) -> bool:
@@ -266,8 +293,9 @@ class Daemon:
             self.acceptors.signal_all(signal.SIGHUP)  # they re-read the same file
         try:
             new = self.reload_settings()
-            assert self.return_path is not None
+            assert self.return_path is not None and self.directory is not None
             self.return_path.reload(new.effective_srs_domain)
+            token_secrets = self.directory.token_secrets()
             self.connections.reload_tls(new)
         except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
             LOG.error("reload_refused", error=str(exc))
@@ -278,6 +306,10 @@ class Daemon:
             new = dataclasses.replace(new, listen=self.settings.listen,
                                       state_dir=self.settings.state_dir)
         self._apply(new)
+        if self.front is not None:
+            self.front.token_secrets = token_secrets
+        if self.watch is not None and self.notices is not None:
+            self.watch.settings = self.notices.settings = new
         LOG.info("reloaded", domains=list(new.domains))
         self.notifier.ready("reloaded")
         return True
@@ -317,6 +349,10 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.notices is not None:
+            await self.notices.stop()
+        if self.watch is not None:
+            await self.watch.stop()
         if self.link is not None:
             self.link.report(self.metrics)
             self.link.close()

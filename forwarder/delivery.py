@@ -98,6 +98,8 @@ class Dispatcher:
     metrics: Metrics
     envelope_sender: Callable[[Job, RecipientJob], Awaitable[str]] = field(
         default=lambda job, rcpt: _unchanged_sender(job))
+    # Told every round's results (forwarder/targetwatch.py: the dead-target rule).
+    observe: Callable[[Job, list[Result]], None] | None = None
     in_flight: set[int] = field(default_factory=set)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -196,13 +198,15 @@ class Dispatcher:
         # A suspect whose lone attempt got this far did not bring the daemon down.
         cleared = [job.message_id] if job.isolated else []
         _, new_ids = await self.queue.record(results, dsns, now, cleared)
+        if self.observe is not None:
+            self.observe(job, results)
         for rcpt, result in zip(job.recipients, results, strict=True):
             self._log(job, rcpt, result, attempts[rcpt.id], now)
             latency = now - job.arrived_at if result.outcome == "delivered" else None
             self.metrics.delivery_result(result.outcome, rcpt.route.value, latency)
         for dsn, ids in zip(dsns, new_ids, strict=True):
             LOG.info("bounce_queued", queue_id=dsn.id, orig_queue_id=job.message_id,
-                     to=job.sender)
+                     to=dsn.recipients[0].rcpt, route=dsn.recipients[0].route.value)
             self.submit(_job_of(dsn, ids))
 
     def _reports(self, job: Job, body: bytes, results: list[Result],

@@ -32,6 +32,7 @@ __all__ = [
     "LATENCY_BUCKETS",
     "QUEUE_STATES",
     "REFUSAL_REASONS",
+    "TARGET_STATES",
     "Metrics",
     "MetricsServer",
     "start_metrics_server",
@@ -40,7 +41,8 @@ __all__ = [
 # Label values with a fixed set (policy.Outcome and policy.Route): a typo must not silently
 # create a new time series, and pre-creating them makes rate() see the very first event.
 DELIVERY_RESULTS = ("delivered", "deferred", "failed")
-DESTINATION_CLASSES = ("mailbox", "redirect", "postmaster", "srs_return", "bounce")
+DESTINATION_CLASSES = ("mailbox", "redirect", "postmaster", "srs_return", "bounce", "notice",
+                       "notice_bounce")
 # Why a message was refused or deferred at or after DATA (forwarder_messages_refused_total).
 REFUSAL_REASONS = ("size", "bare_lf", "nul", "line_too_long", "loop", "queue_error",
                    "no_space")
@@ -54,6 +56,8 @@ _BODY_REFUSALS = {
 # forwarder_queue_depth: the queue's recipient rows (`queued`, leased ones included) and,
 # among them, those being delivered right now (`in_flight`, the daemon's count).
 QUEUE_STATES = ("queued", "in_flight")
+# forwarder_targets: redirect targets by state (targets.TargetState).
+TARGET_STATES = ("pending", "confirmed", "refused", "off", "failing")
 
 # Acceptance-to-delivery: a relay hop takes tens of milliseconds, a greylisted destination
 # minutes, a down one hours, and the queue lifetime is 5 days (then the message bounces).
@@ -116,6 +120,10 @@ class Metrics:
         self._queue_depth = Gauge(
             "forwarder_queue_depth", "Queued recipients, by state.", ["state"], registry=reg
         )
+        self._targets = Gauge(
+            "forwarder_targets", "Redirect targets in the directory, by state.", ["state"],
+            registry=reg,
+        )
         self._oldest = Gauge(
             "forwarder_queue_oldest_age_seconds",
             "Age of the oldest message still queued (0 when the queue is empty).",
@@ -152,6 +160,7 @@ class Metrics:
         for reason in REFUSAL_REASONS:
             self._refused.labels(reason=reason)
         self.queue_snapshot(dict.fromkeys(states, 0), None)
+        self.targets_snapshot({})
 
     # --- SMTP front -------------------------------------------------------------------
 
@@ -269,6 +278,13 @@ class Metrics:
         for state in self._queue_states:
             self._queue_depth.labels(state=state).set(depth_by_state.get(state, 0))
         self._oldest.set(max(0.0, oldest_age) if oldest_age is not None else 0.0)
+
+    # --- directory ------------------------------------------------------------------------
+
+    def targets_snapshot(self, by_state: Mapping[str, int]) -> None:
+        """The redirect targets as last counted, per state (a state with none reads 0)."""
+        for state in TARGET_STATES:
+            self._targets.labels(state=state).set(by_state.get(state, 0))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

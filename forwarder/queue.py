@@ -342,11 +342,13 @@ def _fail(future: asyncio.Future[Any], exc: Exception) -> None:
 # --- operations, run in the writer thread inside a batch transaction -------------------
 
 
-def _insert_message(msg: NewMessage, lease_until: float | None) -> Op:
+def _insert_message(msg: NewMessage, lease_until: float | None,
+                    due_at: float | None = None) -> Op:
     """Insert a message; its recipients are leased to this process until `lease_until`,
-    or, with None, left for the scanner (another process delivers them)."""
-    leased, next_attempt = ((0, msg.arrived_at) if lease_until is None
-                            else (LEASED, lease_until))
+    or, with None, left for the scanner (another process delivers them), due at
+    `due_at` (default: at once)."""
+    leased, next_attempt = ((0, msg.arrived_at if due_at is None else due_at)
+                            if lease_until is None else (LEASED, lease_until))
 
     def op(conn: sqlite3.Connection) -> list[int]:
         conn.execute(
@@ -365,6 +367,12 @@ def _insert_message(msg: NewMessage, lease_until: float | None) -> Op:
         return ids
 
     return op
+
+
+def insert_message(msg: NewMessage, due_at: float | None = None) -> Op:
+    """The queue's insert for a message another process queues for the daemon (the admin
+    command's notices): left for the scanner, due at `due_at` (default: at once)."""
+    return _insert_message(msg, None, due_at)
 
 
 def _record(results: Sequence[Result], new_messages: Sequence[NewMessage], now: float,

@@ -46,7 +46,7 @@ def keypair() -> tuple[bytes, bytes]:
 async def test_dkim_signature_survives_forwarding(
     start_daemon: DaemonFactory, sink: Sink, directory: Directory
 ) -> None:
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     directory.delete(GRAD)
     private, public = keypair()
     message = password_reset()

@@ -13,6 +13,7 @@ import pytest
 
 from forwarder.addresses import AddressError
 from forwarder.cli import main
+from forwarder.directory import Directory
 from forwarder.importer import parse_import
 from forwarder.redirects import TargetValidator, check_target
 from tests.conftest import DOMAIN
@@ -32,12 +33,14 @@ def forwarder(capsys: pytest.CaptureFixture[str], state_dir: Path,
 
 
 def accounts(state_dir: Path) -> list[tuple[str, str, str | None]]:
-    conn = sqlite3.connect(state_dir / "directory.sqlite3")
+    """(address, state, targets joined by ';' or None), as the directory holds them."""
+    directory = Directory(state_dir / "directory.sqlite3", actor="test")
     try:
-        return conn.execute("SELECT address, state, redirect FROM accounts ORDER BY address"
-                            ).fetchall()
+        return [(row.address, row.state.value,
+                 ";".join(t.target for t in row.targets) or None)
+                for row in directory.accounts()]
     finally:
-        conn.close()
+        directory.close()
 
 
 GOOD = (

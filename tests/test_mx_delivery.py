@@ -78,7 +78,7 @@ async def start(start_daemon: DaemonFactory, world: World, **delivery: float) ->
 
 
 def graduate(directory: Directory, target: str) -> None:
-    directory.add(GRAD, target)
+    directory.add(GRAD, [target])
     directory.delete(GRAD)
 
 

@@ -188,7 +188,7 @@ async def test_sighup_reloads_config_and_refuses_a_broken_one(service: Service) 
 async def test_metrics_scraped_over_http(tmp_path: Path, sink: Sink) -> None:
     svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port))
     directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
-    directory.add(GRAD, "jd@perso.example")
+    directory.add(GRAD, ["jd@perso.example"])
     directory.delete(GRAD)
     await svc.start()
     try:
@@ -221,7 +221,7 @@ async def test_sigkill_after_250_then_restart_delivers(
     tmp_path: Path, sink: Sink, acceptors: int
 ) -> None:
     directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
-    directory.add(GRAD, "jd@perso.example")
+    directory.add(GRAD, ["jd@perso.example"])
     directory.delete(GRAD)
     sink.handler.hang = True  # the destination takes the message but never answers the dot
     extra = f"acceptors = {acceptors}\n"
@@ -256,7 +256,7 @@ async def test_acceptor_processes_share_the_port_and_are_replaced(
     tmp_path: Path, sink: Sink
 ) -> None:
     directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
-    directory.add(GRAD, "jd@perso.example")
+    directory.add(GRAD, ["jd@perso.example"])
     directory.delete(GRAD)
     svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port, extra="acceptors = 2\n"))
     await svc.start()
@@ -326,7 +326,7 @@ async def test_idle_client_is_cut_off_under_the_production_event_loop(tmp_path: 
 
 async def test_sigterm_during_data_never_loses_a_250(tmp_path: Path, sink: Sink) -> None:
     directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
-    directory.add(GRAD, "jd@perso.example")
+    directory.add(GRAD, ["jd@perso.example"])
     directory.delete(GRAD)
     svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port))
     await svc.start()
