@@ -63,6 +63,8 @@ class TargetWatch:
         self._fresh_today: set[str] = set()
         self._day = -1
         self._event = asyncio.Event()
+        # One batch at a time, so that `flush` also waits for the one under way.
+        self._writing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -134,6 +136,10 @@ class TargetWatch:
         await self._refresh()
 
     async def _record(self) -> None:
+        async with self._writing:
+            await self._record_pending()
+
+    async def _record_pending(self) -> None:
         pending, self._pending = self._pending, []
         if not pending:
             return
@@ -153,6 +159,10 @@ class TargetWatch:
             await self._announce(change)
 
     async def _refresh(self) -> None:
+        async with self._writing:
+            await self._refresh_fresh()
+
+    async def _refresh_fresh(self) -> None:
         fresh, self._fresh = self._fresh, []
         seen = [(key, rcpt.rcpt, when) for rcpt, when in fresh
                 if (key := account_key(rcpt.orig_rcpt)) is not None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from forwarder.clock import FakeClock
 from forwarder.config import HostPort, Settings
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
+from tests.dnsserver import DnsServer
 
 pytest_plugins = ["tests.dnsfixtures"]
 
@@ -210,7 +212,7 @@ async def smtp_send(
         client.close()
 
 
-def simple_message(subject: str = "hello", msgid: str = "<1@jobteaser.test>") -> bytes:
+def simple_message(subject: str = "hello", msgid: str = "<1@jobteaser.example>") -> bytes:
     return (
         f"From: JobTeaser <noreply@jobteaser.com>\r\nTo: someone@{DOMAIN}\r\n"
         f"Subject: {subject}\r\nMessage-ID: {msgid}\r\n\r\nbody line\r\n.leading dot\r\n"
@@ -262,3 +264,52 @@ async def refused_port() -> int:
     port = down.port
     await down.stop()
     return port
+
+
+def free_port(hosts: tuple[str, ...]) -> int:
+    """A port number free on every one of `hosts` (each sink binds its own loopback IP)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port: int = probe.getsockname()[1]
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no common free port")
+
+
+@dataclass
+class Providers:
+    """Graduates' mail providers on loopback, found by MX through a real DNS server: each
+    domain's sink listens on its own address, all on `port` (the daemon's mx_port)."""
+
+    dns: DnsServer
+    port: int
+    sinks: dict[str, Sink]
+
+    def __getitem__(self, domain: str) -> Sink:
+        return self.sinks[domain]
+
+
+# domain -> the loopback address of its MX (the school's admin and the senders share one).
+PROVIDERS = {"perso.example": "127.0.0.2", "work.example": "127.0.0.3",
+             "jobteaser.example": "127.0.0.4", "school-it.example": "127.0.0.4"}
+
+
+@pytest.fixture
+async def providers(dns_server: DnsServer) -> AsyncIterator[Providers]:
+    hosts = tuple(sorted(set(PROVIDERS.values())))
+    port = free_port(hosts)
+    by_host = {host: Sink(host) for host in hosts}
+    for sink in by_host.values():
+        await sink.start(port)
+    for domain, host in PROVIDERS.items():
+        dns_server.set_records(domain, "MX", [(10, f"mx.{domain}.")])
+        dns_server.set_records(f"mx.{domain}", "A", [host])
+    yield Providers(dns_server, port, {d: by_host[h] for d, h in PROVIDERS.items()})
+    for sink in by_host.values():
+        await sink.stop()
