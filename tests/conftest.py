@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from forwarder import log
+from forwarder.cli import main
 from forwarder.clock import FakeClock
 from forwarder.config import HostPort, Settings
 from forwarder.daemon import Daemon
-from forwarder.directory import Directory
+from forwarder.directory import Directory, Written
 from tests.dnsserver import DnsServer
 
 pytest_plugins = ["tests.dnsfixtures"]
@@ -151,9 +153,50 @@ def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
 
 
+class NoticedDirectory(Directory):
+    """The directory as an admin command leaves it: the notices its declarations owe have
+    been queued by the command (here: nowhere), so the daemon does not send them. Tests
+    about notices declare through the CLI instead, as admins do."""
+
+    def add(self, address: str, targets: Sequence[str] = ()) -> Written:
+        return self._noticed(super().add(address, targets))
+
+    def set_targets(self, address: str, targets: Sequence[str]) -> Written:
+        return self._noticed(super().set_targets(address, targets))
+
+    def switch_target(self, address: str, target: str, on: bool) -> Written:
+        return self._noticed(super().switch_target(address, target, on))
+
+    def _noticed(self, written: Written) -> Written:
+        self.notices_sent([item.target_id for item in written.declared])
+        return written
+
+
 @pytest.fixture
 def directory(state_dir: Path) -> Directory:
-    return Directory(state_dir / "directory.sqlite3", actor="test")
+    return NoticedDirectory(state_dir / "directory.sqlite3", actor="test")
+
+
+Run = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str], state_dir: Path) -> Run:
+    """Run `forwarder ARGS --state-dir STATE`; return (status, stdout, stderr)."""
+
+    def _run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()  # drop what a daemon in the test logged before
+        code = main([*argv, "--state-dir", str(state_dir)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+def run_json(run: Run, *argv: str) -> Any:
+    code, out, err = run(*argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,10 @@ from forwarder.srs import Srs, load_secrets
 from tests.conftest import (
     DOMAIN,
     DaemonFactory,
+    Run,
     Sink,
     refused_port,
+    run_json,
     scan_due,
     simple_message,
     smtp_send,
@@ -34,31 +35,9 @@ from tests.dnsserver import Behaviour, DnsServer
 GRAD = f"jean.dupont@{DOMAIN}"
 TARGET = "jean.dupont@perso.example"
 
-Run = Callable[..., tuple[int, str, str]]
-
-
 @pytest.fixture(autouse=True)
 def _no_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FORWARDER_CONFIG", raising=False)
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str], state_dir: Path) -> Run:
-    """Run `forwarder ARGS --state-dir STATE`; return (status, stdout, stderr)."""
-
-    def _run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()  # drop what a daemon in the test logged before
-        code = main([*argv, "--state-dir", str(state_dir)])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
-
-
-def run_json(run: Run, *argv: str) -> Any:
-    code, out, err = run(*argv, "--json")
-    assert code == 0, err
-    return json.loads(out)
 
 
 # --- accounts -------------------------------------------------------------------------
