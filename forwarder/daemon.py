@@ -171,7 +171,6 @@ class Daemon:
             self._start_acceptor()
             return
         await self._start_metrics()
-        await self.status.start()
         self._spawn(self.dispatcher.run(), "dispatcher")
         self._spawn(self._status_loop(), "status")
         interval = watchdog_interval()
@@ -179,6 +178,7 @@ class Daemon:
             self._spawn(watchdog_loop(self.notifier, interval), "watchdog")
         self.dispatcher.wake()
         await self._start_acceptors()
+        await self.status.start()
         LOG.info("listening", host=self.settings.listen.host, port=self.port,
                  domains=list(self.settings.domains), version=__version__,
                  acceptors=self.acceptors.count if self.acceptors else 0)
