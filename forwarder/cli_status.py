@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from forwarder.cli_common import CliError, add_command, duration, emit, one_line
 from forwarder.config import Settings
-from forwarder.control import HOUR, STATUS_SOCKET
+from forwarder.control import HOUR, MAX_SOCKET_PATH, STATUS_SOCKET
 
 ANSWER_TIMEOUT = 5.0
 MAX_ANSWER = 1 << 20
@@ -27,6 +28,9 @@ WIDTH = 200
 
 def read_status(path: Path, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
     """The daemon's status document, or CliError saying why there is none."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise CliError(f"{path}: too long for a Unix socket, so the daemon has no status "
+                       "socket there either (a shorter state directory path fixes both)")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:

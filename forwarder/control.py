@@ -28,7 +28,7 @@ from forwarder import __version__, log
 from forwarder.clock import Clock
 from forwarder.metrics import Metrics
 
-__all__ = ["HOUR", "STATUS_SOCKET", "History", "StatusService"]
+__all__ = ["HOUR", "MAX_SOCKET_PATH", "STATUS_SOCKET", "History", "StatusService"]
 
 STATUS_SOCKET = "status.sock"
 STATUS_MODE = 0o660

@@ -225,3 +225,21 @@ def test_warnings_and_errors_are_remembered_with_the_process_that_logged_them() 
     assert [(e["event"], e["process"]) for e in log.recent_problems()] == [
         ("refused", "acceptor-0"), ("queue_write_failed", "acceptor-0")]
     log.drain_problems()
+
+
+async def test_a_state_directory_too_deep_for_a_socket_costs_only_the_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    log.drain_problems()
+    d = Daemon(make_settings(deep), clock=FakeClock())
+    await d.start()
+    try:
+        _, data = await smtp_send(d.port, "noreply@jobteaser.com", [f"nobody@{DOMAIN}"],
+                                  simple_message())
+        assert data is None  # the daemon answers SMTP as ever (550 at RCPT here)
+        assert [e["event"] for e in log.recent_problems()] == ["status_unavailable"]
+        code, _, err = await status(capsys, deep)
+    finally:
+        await d.stop()
+    assert code == 1 and "too long for a Unix socket" in err
