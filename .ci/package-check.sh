@@ -23,7 +23,8 @@ STATE=/var/lib/forwarder
 CONF=/etc/forwarder/forwarder.toml
 UNIT=/lib/systemd/system/forwarder.service
 
-fail() { echo "package-check: FAIL: $*" >&2; exit 1; }
+exec 9>&2  # fail() speaks on the script's stderr even from a command whose output is hidden
+fail() { echo "package-check: FAIL: $*" >&9; exit 1; }
 step() { echo "== package: $* ($((SECONDS - t0)) s)"; }
 t0=$SECONDS
 
@@ -43,8 +44,11 @@ chmod 0755 "$work"  # apt reads the .deb as its unprivileged _apt user
 daemon_pid='' sink_pid=''
 cleanup() {
     local code=$?
-    [[ -z $daemon_pid ]] || kill "$daemon_pid" 2>/dev/null || true
-    [[ -z $sink_pid ]] || kill "$sink_pid" 2>/dev/null || true
+    # Stopped and waited for: userdel refuses a user that still runs a process.
+    local pid
+    for pid in $daemon_pid $sink_pid; do
+        kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    done
     if dpkg-query -W -f '${db:Status-Status}' forwarder 2>/dev/null \
             | grep -qv '^not-installed$'; then
         DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq forwarder >/dev/null 2>&1 || true
@@ -57,7 +61,7 @@ cleanup() {
         groupdel forwarder 2>/dev/null || true
     fi
     if [[ $code -ne 0 && -f $work/daemon.log ]]; then
-        echo "-- daemon log:" >&2; tail -n 40 "$work/daemon.log" >&2
+        echo "-- daemon log:" >&9; tail -n 40 "$work/daemon.log" >&9
     fi
     rm -rf "$work"
     exit "$code"
@@ -78,7 +82,7 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: poll a visible state, w
 }
 
 step "build"
-deb=$(OUT="$work" bash "$repo/packaging/build-deb.sh")
+deb=$(OUT="$work" bash "$repo/packaging/build-deb.sh") || fail "the package build (above)"
 [[ -f $deb ]] || fail "no package built"
 echo "$deb ($(du -k "$deb" | cut -f1) KiB)"
 
@@ -150,7 +154,11 @@ umask_unit=$(sed -n 's/^UMask=//p' "$UNIT")
         setpriv --reuid="$user" --regid="$group" --init-groups -- $exec_start </dev/null
 ) >"$work/daemon.log" 2>&1 &
 daemon_pid=$!
-wait_for 60 "forwarder status to answer" runuser -u forwarder -- /usr/bin/forwarder status
+daemon_up() {
+    kill -0 "$daemon_pid" 2>/dev/null || fail "the daemon exited at start-up (its log below)"
+    runuser -u forwarder -- /usr/bin/forwarder status
+}
+wait_for 60 "forwarder status to answer" daemon_up
 
 step "one message through the installed daemon"
 token="package-check-$RANDOM$RANDOM"
