@@ -169,8 +169,13 @@ wait_for 30 "the message at the sink" grep -rlq "hello from $token" "$work/sink"
 got=$(grep -rl "hello from $token" "$work/sink")
 grep -q '^X-Rcpt-Args: <grad@perso.example>' "$got" || fail "not sent to the redirect"
 grep -q '^X-Mail-Args: <SRS0=.*@sigma-clermont.fr>' "$got" || fail "sender not SRS-rewritten"
-wait_for 15 "status to count the delivery" sh -c \
-    "runuser -u forwarder -- /usr/bin/forwarder status --json | grep -q '\"delivered\": 1'"
+counted() {  # the acceptor process reports its counts every second
+    runuser -u forwarder -- /usr/bin/forwarder status --json | python3 -c '
+import json, sys
+hour = json.load(sys.stdin)["last_hour"]
+sys.exit(not (hour["accepted"] == 1 and hour["delivered"] == 1))'
+}
+wait_for 15 "status to count the message in and out" counted
 runuser -u forwarder -- /usr/bin/forwarder status
 python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
     "http://127.0.0.1:$metrics_port/metrics" | grep -q '^process_resident_memory_bytes ' \
