@@ -25,8 +25,9 @@ from typing import Any
 
 from forwarder import __version__, log
 from forwarder.clock import Clock, SystemClock
-from forwarder.config import ConfigError, Settings
+from forwarder.config import ConfigError, HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
+from forwarder.control import STATUS_SOCKET, StatusService
 from forwarder.delivery import Dispatcher, MailRouter, Router
 from forwarder.directory import DirectoryReader
 from forwarder.dns import CachingResolver, MxRouter
@@ -112,6 +113,9 @@ class Daemon:
                                      Sender(settings.delivery, self.pool), self.clock,
                                      self.metrics,
                                      envelope_sender=self._envelope_sender)
+        # `forwarder status` (forwarder/control.py); only the main process listens.
+        self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
+                                    self.clock, lambda: describe(self), self.refresh_status)
 
     def _router(self, settings: Settings) -> MailRouter:
         return MailRouter(settings.mailbox_host, settings.smarthost, self._mx_router(settings))
@@ -174,6 +178,7 @@ class Daemon:
             self._spawn(watchdog_loop(self.notifier, interval), "watchdog")
         self.dispatcher.wake()
         await self._start_acceptors()
+        await self.status.start()
         LOG.info("listening", host=self.settings.listen.host, port=self.port,
                  domains=list(self.settings.domains), version=__version__,
                  acceptors=self.acceptors.count if self.acceptors else 0)
@@ -241,6 +246,7 @@ class Daemon:
         while True:
             with contextlib.suppress(Exception):
                 await self.refresh_status()
+            self.status.tick()
             await asyncio.sleep(STATUS_INTERVAL)
 
     async def refresh_status(self) -> None:
@@ -324,6 +330,7 @@ class Daemon:
         await self.pool.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
+        await self.status.close()
         await self.queue.close()
         if self.directory is not None:
             await self.directory.close()
@@ -349,6 +356,21 @@ class Daemon:
         finally:
             LOG.info("stopping")
             await self.stop()
+
+
+def describe(daemon: Daemon) -> dict[str, Any]:
+    """What the status document says about the process itself (forwarder/control.py)."""
+    served = daemon._metrics_server
+    acceptors = [] if daemon.acceptors is None else sorted(
+        child.proc.pid for child in daemon.acceptors.children.values()
+        if child.proc.returncode is None)
+    return {
+        "state": "stopping" if daemon._stop.is_set() else "running",
+        "listening": {
+            "smtp": [str(HostPort(daemon.settings.listen.host, daemon.port))],
+            "metrics": None if served is None else str(HostPort(served.host, served.port))},
+        "acceptors": acceptors,
+    }
 
 
 # Python's cyclic garbage collector runs a young-generation pass every 700 allocations,
