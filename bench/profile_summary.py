@@ -22,7 +22,7 @@ RULES: list[tuple[str, str]] = [
     ("directory lookup (aiosqlite hop)", r"forwarder/directory\.py|aiosqlite/"),
     ("delivery (aiosmtplib client)", r"aiosmtplib/"),
     ("delivery (our dispatcher/sender)", r"forwarder/delivery\.py|forwarder/returnpath\.py"
-     r"|forwarder/srs\.py|_envelope_sender"),
+     r"|forwarder/srs(store)?\.py|_envelope_sender"),
     ("front handlers (our code)", r"forwarder/(front|policy|addresses|replies)\.py"),
     ("aiosmtpd: per-connection SMTP() set-up (inspect.getmembers)", r"^SMTP\.__init__[ .]"),
     ("aiosmtpd: address parsing (email._header_value_parser)", r"^SMTP\._getaddr "),

@@ -37,12 +37,9 @@ from forwarder.policy import (
 )
 from forwarder.queue import QUEUE_SCHEMA_VERSION
 from forwarder.returnpath import KEYS_FILE, MAX_AGE_DAYS, secrets_path
-from forwarder.srs import (
-    KeyRef,
-    Srs,
-    SrsError,
-    SrsKeyStore,
-    SrsReason,
+from forwarder.srs import KeyRef, Srs, SrsError, SrsReason
+from forwarder.srsstore import (
+    SqliteKeys,
     ensure_secrets,
     load_secrets,
     rotate_secrets,
@@ -66,7 +63,7 @@ def srs_reverse(settings: Settings, address: str) -> str:
     keys = settings.state_dir / KEYS_FILE
     found = None
     if keys.exists():
-        store = SrsKeyStore(keys)
+        store = SqliteKeys(keys)
         try:
             found = store.get(result.key)
         finally:

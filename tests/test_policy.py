@@ -1,6 +1,12 @@
-"""Pure decisions, table-driven, with no I/O and no event loop (DESIGN.md, h11 style)."""
+"""Pure decisions, table-driven, with no I/O and no event loop (DESIGN.md, h11 style).
+
+Only the last test starts a process: a fresh interpreter, to see what importing policy.py
+pulls in."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 
@@ -157,3 +163,14 @@ def test_parse_address_refuses(bad: str) -> None:
 def test_parse_sender_null_and_normal() -> None:
     assert parse_sender("<>") == "" and parse_sender("") == ""
     assert parse_sender("Noreply@JobTeaser.COM") == "Noreply@jobteaser.com"
+
+
+def test_policy_imports_no_io() -> None:
+    """policy.py (and what it imports: addresses, replies, the pure SRS scheme) pulls in no
+    database, event loop or socket module, so the decisions stay testable without I/O."""
+    code = ("import sys, forwarder.policy; print(' '.join(m for m in"
+            " ('sqlite3', 'aiosqlite', 'asyncio', 'socket', 'forwarder.srsstore')"
+            " if m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert found == []
