@@ -22,8 +22,9 @@ from forwarder.cli_common import (
     one_line,
 )
 from forwarder.config import ConfigError, Settings
-from forwarder.directory import SCHEMA_VERSION, Directory, count_active, inspect_database
+from forwarder.directory import SCHEMA_VERSION, Directory, count_active
 from forwarder.dns import CachingResolver
+from forwarder.migrations import inspect_database
 from forwarder.policy import (
     Accept,
     Account,

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from forwarder import migrations
 from forwarder.policy import Route
 
 T = TypeVar("T")
@@ -177,20 +178,7 @@ def open_queue_db(path: Path, busy_timeout: float = 5.0) -> sqlite3.Connection:
     # FULL: the WAL is fsync'd at every commit, so a 250 survives power loss.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > QUEUE_SCHEMA_VERSION:
-        raise QueueError(f"queue schema version {version} is newer than this program")
-    for number in range(version, QUEUE_SCHEMA_VERSION):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in SCHEMA[number].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number + 1}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    migrations.migrate(conn, SCHEMA, "queue", QueueError)
     return conn
 
 
