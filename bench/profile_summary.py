@@ -18,7 +18,7 @@ from collections import Counter
 RULES: list[tuple[str, str]] = [
     ("logging (structlog, JSON, stdout)", r"structlog/|forwarder/log\.py|logging/__init__"),
     ("metrics", r"forwarder/metrics\.py|prometheus_client/"),
-    ("queue (our code, writer thread hop)", r"forwarder/queue\.py"),
+    ("queue (our code, writer thread hop)", r"forwarder/queue/"),
     ("directory lookup (aiosqlite hop)", r"forwarder/directory\.py|aiosqlite/"),
     ("delivery (aiosmtplib client)", r"aiosmtplib/"),
     ("delivery (our dispatcher/sender)", r"forwarder/delivery\.py|forwarder/returnpath\.py"

@@ -16,7 +16,7 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Any
 
-from forwarder.queue import open_queue_db
+from forwarder.queue.schema import open_queue_db
 
 
 class QueueAdminError(Exception):
@@ -122,7 +122,7 @@ class QueueAdmin:
         with self._write():
             was = self._require(queue_id).held
             # Releasing also forgives past crashes, so the next crash does not re-hold it
-            # at once (queue.py quarantines a message at MAX_CRASHES).
+            # at once (policy.blame holds a message at MAX_CRASHES).
             extra = "" if held else ", crashes = 0"
             self.conn.execute(f"UPDATE messages SET held = ?{extra} WHERE id = ?",
                               (int(held), queue_id))
