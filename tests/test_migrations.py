@@ -14,6 +14,7 @@ from forwarder import directory, migrations
 from forwarder.directory import Directory, DirectoryError
 from forwarder.migrations import migrate, schema_version, split_statements
 from forwarder.queue import QUEUE_SCHEMA_VERSION, QueueError, open_queue_db
+from forwarder.queue.schema import SCHEMA
 
 STEPS = (
     "CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL);",
@@ -139,3 +140,25 @@ def test_both_databases_use_it(tmp_path: Path) -> None:
         "PRAGMA user_version = 99")
     with pytest.raises(DirectoryError, match="directory schema version 99"):
         Directory(tmp_path / "directory.sqlite3", actor="test")
+
+
+def test_queue_v3_to_v4_drops_the_state_column_keeping_rows(tmp_path: Path) -> None:
+    """A queue written by the previous version (schema 3, with the never-used `failed`
+    state) keeps its messages and recipients."""
+    path = tmp_path / "queue.sqlite3"
+    conn = connect(path)
+    migrate(conn, SCHEMA[:3], "queue", QueueError)
+    conn.execute("INSERT INTO messages (id, sender, arrived_at, size, body)"
+                 " VALUES ('M1', 'a@b.example', 1.0, 3, x'616263')")
+    conn.execute("INSERT INTO recipients (message_id, orig_rcpt, rcpt, route, attempts,"
+                 " next_attempt) VALUES ('M1', 'g@ours', 'g@perso.example', 'redirect', 2, 9)")
+    conn.close()
+    conn = open_queue_db(path)
+    assert schema_version(conn) == QUEUE_SCHEMA_VERSION
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(recipients)")]
+    assert "state" not in columns
+    assert conn.execute("SELECT message_id, rcpt, attempts, next_attempt FROM recipients"
+                        ).fetchall() == [("M1", "g@perso.example", 2, 9.0)]
+    plan = " ".join(row[3] for row in conn.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM recipients WHERE next_attempt <= 10"))
+    assert "recipients_due" in plan

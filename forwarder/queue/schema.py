@@ -47,6 +47,13 @@ SCHEMA = (
     """
     CREATE INDEX messages_suspect ON messages (id) WHERE crashes > 0 AND held = 0;
     """,
+    # v4: a recipient row is always waiting: it leaves the queue when delivered or bounced,
+    # so the `state` column (whose 'failed' was never written) goes.
+    """
+    DROP INDEX recipients_due;
+    ALTER TABLE recipients DROP COLUMN state;
+    CREATE INDEX recipients_due ON recipients (next_attempt);
+    """,
 )
 QUEUE_SCHEMA_VERSION = len(SCHEMA)
 
