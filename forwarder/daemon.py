@@ -34,7 +34,7 @@ from forwarder.dns import CachingResolver, MxRouter
 from forwarder.front import Accepted, Front
 from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
 from forwarder.policy import needs_srs
-from forwarder.queue import Job, Queue, RecipientJob
+from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
 from forwarder.returnpath import ReturnPath
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
@@ -187,13 +187,13 @@ class Daemon:
 
     async def _listen(self, acceptor: bool) -> None:
         """Bind (or, in an acceptor, take over the inherited socket) and serve SMTP."""
-        if acceptor:
-            submit: Callable[[Job], None] = lambda job: self._wake_main()  # noqa: E731
-        else:
-            submit = self.dispatcher.submit
+        # The main process delivers what it accepts; an acceptor leaves it to the main
+        # process's scanner (forwarder/queue/intake.py).
+        intake: Intake = (ScannerIntake(self.queue, self._wake_main) if acceptor
+                          else DirectIntake(self.queue, self.dispatcher.submit))
         assert self.directory is not None and self.return_path is not None
-        self.front = Front(self.settings, self.directory, self.queue, submit, self.clock,
-                           self.return_path, self.metrics, in_memory=not acceptor)
+        self.front = Front(self.settings, self.directory, intake, self.clock,
+                           self.return_path, self.metrics)
         front = self.front
         loop = asyncio.get_running_loop()
         listen = self.settings.listen

@@ -28,6 +28,7 @@ from prometheus_client import (
 )
 
 from forwarder import replies
+from forwarder.policy import Outcome
 from forwarder.replies import Reply
 
 __all__ = [
@@ -283,13 +284,13 @@ class Metrics:
         self._delivery("failed", destination)
 
     def delivery_result(
-        self, result: str, destination: str, latency_seconds: float | None = None
+        self, result: Outcome, destination: str, latency_seconds: float | None = None
     ) -> None:
-        """The same as delivered/deferred/failed, for callers holding a policy.Outcome value."""
-        if result == "delivered":
+        """The same as delivered/deferred/failed, for callers holding a policy.Outcome."""
+        if result is Outcome.DELIVERED:
             self.delivered(destination, latency_seconds if latency_seconds is not None else 0.0)
         else:
-            self._delivery(result, destination)
+            self._delivery(result.value, destination)
 
     def _delivery(self, result: str, destination: str) -> None:
         if result not in DELIVERY_RESULTS:

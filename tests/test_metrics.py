@@ -27,6 +27,7 @@ from forwarder.metrics import (
     resident_memory_bytes,
     start_metrics_server,
 )
+from forwarder.policy import Outcome, Route
 from tests.conftest import DOMAIN, DaemonFactory
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -110,7 +111,7 @@ async def test_latency_histogram_buckets(served: tuple[Metrics, MetricsServer]) 
     metrics.delivered("redirect", 0.005)
     metrics.delivered("redirect", 0.2)
     metrics.delivered("mailbox", 3 * 86400.0)
-    metrics.delivery_result("delivered", "postmaster", 60.0)
+    metrics.delivery_result(Outcome.DELIVERED, "postmaster", 60.0)
 
     s = await _scrape(server.port)
     name = "forwarder_delivery_latency_seconds"
@@ -127,6 +128,13 @@ async def test_latency_histogram_buckets(served: tuple[Metrics, MetricsServer]) 
     assert s[(name + "_sum", ())] == pytest.approx(0.005 + 0.2 + 3 * 86400.0 + 60.0)
     assert LATENCY_BUCKETS[0] == 0.01
     assert LATENCY_BUCKETS[-1] == 5 * 86400.0
+
+
+def test_fixed_label_sets_are_the_policy_enums() -> None:
+    """The label values written out in metrics.py (and docs/metrics.md) are exactly the
+    delivery outcomes and routes the code produces."""
+    assert set(DELIVERY_RESULTS) == {outcome.value for outcome in Outcome}
+    assert set(DESTINATION_CLASSES) == {route.value for route in Route}
 
 
 async def test_fixed_label_sets_are_exported_at_zero(
@@ -160,8 +168,10 @@ def test_unknown_fixed_labels_are_programming_errors() -> None:
     metrics = Metrics()
     with pytest.raises(ValueError, match="destination"):
         metrics.delivered("elsewhere", 1.0)
+    # delivery_result takes a policy.Outcome (mypy refuses anything else); the label
+    # check behind it still refuses a result outside the fixed set.
     with pytest.raises(ValueError, match="result"):
-        metrics.delivery_result("lost", "mailbox")
+        metrics._delivery("lost", "mailbox")
     with pytest.raises(ValueError, match="refusal reason"):
         metrics.message_refused("tired")
 
