@@ -34,7 +34,7 @@ from forwarder.policy import (
 )
 from forwarder.queue import Intake, NewMessage, NewRecipient, QueueError, new_queue_id
 from forwarder.returnpath import ReturnPath
-from forwarder.session import Envelope, SessionInfo
+from forwarder.smtpevents import Envelope, SessionInfo
 from forwarder.srs import SrsError
 
 LOG = log.get("forwarder.smtp")
