@@ -43,6 +43,7 @@ from forwarder.workers import Acceptors, MainLink, listening_socket
 
 LOG = log.get("forwarder.daemon")
 STATUS_INTERVAL = 5.0
+PURGE_INTERVAL = 3600.0
 # Pending connections the kernel holds for us: bursts of 500 clients must not wait for a
 # SYN retransmission (asyncio's default is 100).
 BACKLOG = 1024
@@ -242,11 +243,17 @@ class Daemon:
         return SmtpProtocol(front, self.settings, self.connections)
 
     async def _status_loop(self) -> None:
-        """Queue depth for metrics and for `systemctl status` (STATUS=)."""
+        """Queue depth for metrics and for `systemctl status` (STATUS=); once an hour, the
+        long-sender keys whose SRS addresses have expired are forgotten."""
+        purged_at = -PURGE_INTERVAL
         while True:
             with contextlib.suppress(Exception):
                 await self.refresh_status()
             self.status.tick()
+            if self.clock.now() - purged_at >= PURGE_INTERVAL and self.return_path is not None:
+                purged_at = self.clock.now()
+                with contextlib.suppress(Exception):
+                    await self.return_path.purge_expired()
             await asyncio.sleep(STATUS_INTERVAL)
 
     async def refresh_status(self) -> None:

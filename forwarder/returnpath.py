@@ -70,5 +70,11 @@ class ReturnPath:
             return found
         return result
 
+    async def purge_expired(self) -> int:
+        """Forget the long senders whose SRS addresses have all expired (a day of margin:
+        the timestamp counts whole days); return how many."""
+        before = self.clock.now() - (MAX_AGE_DAYS + 1) * 86400.0
+        return await self.keys.purge(before)
+
     async def close(self) -> None:
         await self.keys.close()
