@@ -26,7 +26,8 @@ from forwarder.policy import (
     classify_recipient,
     decide_account,
 )
-from forwarder.srs import SrsError, load_secrets
+from forwarder.srs import SrsError
+from forwarder.srsstore import load_secrets
 from forwarder.tokens import TokenError, check_token, parse_token
 
 Found = tuple[Verdict, AccountRow | None, str | None]

@@ -25,19 +25,16 @@ from forwarder.directory import (
     SCHEMA_VERSION,
     Directory,
     count_active,
-    inspect_database,
     token_secrets_path,
     token_secrets_problems,
 )
 from forwarder.dns import CachingResolver
+from forwarder.migrations import inspect_database
 from forwarder.queue import QUEUE_SCHEMA_VERSION
 from forwarder.returnpath import KEYS_FILE, MAX_AGE_DAYS, secrets_path
-from forwarder.srs import (
-    KeyRef,
-    Srs,
-    SrsError,
-    SrsKeyStore,
-    SrsReason,
+from forwarder.srs import KeyRef, Srs, SrsError, SrsReason
+from forwarder.srsstore import (
+    SqliteKeys,
     ensure_secrets,
     load_secrets,
     rotate_secrets,
@@ -61,7 +58,7 @@ def srs_reverse(settings: Settings, address: str) -> str:
     keys = settings.state_dir / KEYS_FILE
     found = None
     if keys.exists():
-        store = SrsKeyStore(keys)
+        store = SqliteKeys(keys)
         try:
             found = store.get(result.key)
         finally:

@@ -99,7 +99,7 @@ def send_notices(settings: Settings, directory: AdminDirectory,
     secret = directory.token_secrets()[0]
     messages = [declared_notice(settings, item, secret, now) for item in declared]
     try:
-        queue_notices(settings, messages, now)
+        queue_notices(settings, messages)
     except (sqlite3.Error, OSError, QueueError) as exc:
         print(f"forwarder: warning: the notice(s) could not be queued now ({exc}); the "
               f"daemon will send them within {ADMIN_NOTICE_GRACE / 60:.0f} minutes",

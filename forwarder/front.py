@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -36,18 +35,9 @@ from forwarder.policy import (
     decide_account,
     is_automatic,
 )
-from forwarder.queue import (
-    LEASE_SECONDS,
-    Job,
-    NewMessage,
-    NewRecipient,
-    Queue,
-    QueueError,
-    RecipientJob,
-    new_queue_id,
-)
+from forwarder.queue import Intake, NewMessage, NewRecipient, QueueError, new_queue_id
 from forwarder.returnpath import ReturnPath
-from forwarder.session import Envelope, SessionInfo
+from forwarder.smtpevents import Envelope, SessionInfo
 from forwarder.srs import SrsError
 from forwarder.tokens import TokenError, check_token, parse_token
 
@@ -100,21 +90,17 @@ class Front:
         self,
         settings: Settings,
         directory: DaemonDirectory,
-        queue: Queue,
-        submit: Callable[[Job], None],
+        intake: Intake,
         clock: Clock,
         return_path: ReturnPath,
         metrics: Metrics,
-        in_memory: bool = True,
     ) -> None:
         self.settings = settings
         self.directory = directory
-        self.queue = queue
-        self.submit = submit
+        self.intake = intake
         self.clock = clock
         self.return_path = return_path
         self.metrics = metrics
-        self.in_memory = in_memory
         # The notices' token secrets, the first signing (set at start and on SIGHUP).
         self.token_secrets: list[bytes] = []
 
@@ -242,8 +228,7 @@ class Front:
         queue_id = new_queue_id(now)
         message = self._message(session, envelope, accepted, content, queue_id, now)
         try:
-            ids = await self.queue.enqueue(
-                message, lease_until=now + LEASE_SECONDS if self.in_memory else None)
+            await self.intake.accept(message)
         except QueueError as exc:
             LOG.error("queue_write_failed", client=session.client, error=str(exc),
                       no_space=exc.no_space)
@@ -254,12 +239,6 @@ class Front:
                  **{"from": message.sender}, to=[r.rcpt for r in message.recipients],
                  orig_to=[r.orig_rcpt for r in message.recipients],
                  route=[r.route.value for r in message.recipients])
-        # In one process the bytes go straight to delivery; an acceptor process only
-        # tells the main process that work is due (forwarder/workers.py).
-        self.submit(Job(queue_id, message.sender, now, [
-            RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0)
-            for rid, r in zip(ids, message.recipients, strict=True)
-        ], message.body))
         return replies.queued(queue_id)
 
     async def _consume(self, session: SessionInfo, sender: str, uses: list[Consume],

@@ -45,7 +45,8 @@ from forwarder import noticetext
 from forwarder.config import Settings
 from forwarder.directory.model import Declared, StateChange
 from forwarder.policy import Route
-from forwarder.queue import NewMessage, NewRecipient, insert_message, new_queue_id, open_queue_db
+from forwarder.queue import NewMessage, NewRecipient, new_queue_id, open_queue_db
+from forwarder.queue.ops import insert_message
 from forwarder.tokens import TokenKind, make_token
 
 # Notices committed per queue transaction: the daemon's own commits wait at most one
@@ -176,7 +177,7 @@ def failing_notices(settings: Settings, change: StateChange, now: float) -> list
     return notices
 
 
-def queue_notices(settings: Settings, messages: Sequence[NewMessage], now: float) -> None:
+def queue_notices(settings: Settings, messages: Sequence[NewMessage]) -> None:
     """Write `messages` into the queue file for the daemon to deliver, due at once (the
     admin command's side: it never talks SMTP)."""
     if not messages:
@@ -187,7 +188,7 @@ def queue_notices(settings: Settings, messages: Sequence[NewMessage], now: float
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for message in messages[start:start + CHUNK]:
-                    insert_message(message, now)(conn)
+                    insert_message(message, leased=False)(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

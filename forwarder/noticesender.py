@@ -72,7 +72,7 @@ class NoticeSender:
         for declared in owed:
             notice = declared_notice(self.settings, declared, secret, now)
             try:
-                await self.queue.enqueue(notice, lease_until=None)
+                await self.queue.enqueue(notice, leased=False)
             except QueueError as exc:
                 # Claimed, not sent: owed again once the claim lapses.
                 LOG.error("queue_write_failed", client="", error=str(exc),

@@ -29,7 +29,7 @@ from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.directory import DaemonDirectory, StateChange, TargetResult
 from forwarder.notices import failing_notices
-from forwarder.policy import WATCHED_ROUTES
+from forwarder.policy import WATCHED_ROUTES, Outcome
 from forwarder.queue import Job, Queue, QueueError, RecipientJob, Result
 from forwarder.targets import DeadRule, TargetState, counts_against
 
@@ -94,10 +94,10 @@ class TargetWatch:
             rcpt = by_id[result.recipient_id]
             if rcpt.route not in WATCHED_ROUTES:
                 continue
-            if result.outcome == "failed" and counts_against(result.dsn_status):
+            if result.outcome is Outcome.FAILED and counts_against(result.dsn_status):
                 self._note(rcpt, result, delivered=False)
                 self.watched.add(rcpt.rcpt)
-            elif result.outcome == "delivered":
+            elif result.outcome is Outcome.DELIVERED:
                 if rcpt.rcpt in self.watched:
                     self._note(rcpt, result, delivered=True)
                 else:
@@ -183,7 +183,7 @@ class TargetWatch:
         notices = failing_notices(self.settings, change, self.clock.now())
         try:
             for notice in notices:
-                await self.queue.enqueue(notice, lease_until=None)
+                await self.queue.enqueue(notice, leased=False)
                 LOG.info("notice_queued", queue_id=notice.id, account=change.account,
                          to=notice.recipients[0].rcpt, kind="failing")
         except QueueError as exc:

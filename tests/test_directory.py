@@ -16,8 +16,8 @@ from forwarder.directory import (
     ImportRow,
     SqliteDaemonDirectory,
     count_active,
-    inspect_database,
 )
+from forwarder.migrations import inspect_database
 from forwarder.policy import AccountState
 from forwarder.targets import TargetState, TargetView
 from tests.conftest import DOMAIN

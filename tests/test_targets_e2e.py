@@ -19,7 +19,7 @@ from forwarder.clock import FakeClock
 from forwarder.config import DeliverySettings, HostPort, TargetSettings
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory, token_secrets_path
-from forwarder.srs import load_secrets
+from forwarder.srsstore import load_secrets
 from forwarder.targets import TargetState
 from forwarder.tokens import Binding, TokenKind, make_token
 from tests.conftest import (

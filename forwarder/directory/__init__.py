@@ -39,7 +39,6 @@ from forwarder.directory.schema import (
     PURGED,
     SCHEMA_VERSION,
     count_active,
-    inspect_database,
 )
 from forwarder.directory.secrets import token_secrets_path, token_secrets_problems
 
@@ -64,7 +63,6 @@ __all__ = [
     "TokenUse",
     "Written",
     "count_active",
-    "inspect_database",
     "invoking_user",
     "token_secrets_path",
     "token_secrets_problems",

@@ -56,6 +56,8 @@ def invoking_user() -> str:
 
 
 def check_target_list(address: str, targets: Sequence[str]) -> None:
+    if isinstance(targets, str):  # a str is a Sequence[str] too: one letter per target
+        raise TypeError("targets must be a list of addresses, not one string")
     if len(targets) > MAX_TARGETS:
         raise DirectoryError(f"{address}: {len(targets)} targets given; at most "
                              f"{MAX_TARGETS} are allowed")

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from forwarder.srs import ensure_secrets, load_secrets, rotate_secrets, secrets_file_problems
+from forwarder.srsstore import (
+    ensure_secrets,
+    load_secrets,
+    rotate_secrets,
+    secrets_file_problems,
+)
 
 TOKEN_SECRETS_FILE = "token-secrets"
 WHAT = "token"
