@@ -33,21 +33,18 @@ from forwarder.directory import SqliteDaemonDirectory
 from forwarder.dns import CachingResolver, MxRouter
 from forwarder.front import Accepted, Front
 from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
-from forwarder.noticesender import NoticeSender
 from forwarder.policy import needs_srs
 from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
 from forwarder.returnpath import ReturnPath
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
-from forwarder.targetwatch import TargetWatch
+from forwarder.targetupkeep import TargetUpkeep
 from forwarder.workers import Acceptors, MainLink, listening_socket
 
 LOG = log.get("forwarder.daemon")
 STATUS_INTERVAL = 5.0
 PURGE_INTERVAL = 3600.0
-# How often the redirect targets are counted for forwarder_targets (a scan of the table).
-TARGETS_INTERVAL = 60.0
 # Pending connections the kernel holds for us: bursts of 500 clients must not wait for a
 # SYN retransmission (asyncio's default is 100).
 BACKLOG = 1024
@@ -67,6 +64,24 @@ def lock_state_dir(state_dir: Path) -> int:
         os.close(fd)
         raise StateLockError(f"another forwarder is running on {state_dir}") from None
     return fd
+
+
+def mail_router(settings: Settings, clock: Clock) -> MailRouter:
+    return MailRouter(settings.mailbox_host, settings.smarthost, _mx_router(settings, clock))
+
+
+def _mx_router(settings: Settings, clock: Clock) -> MxRouter | None:
+    servers = settings.dns_servers
+    try:
+        if servers:
+            resolver = CachingResolver([s.host for s in servers], port=servers[0].port,
+                                       now=clock.now)
+        else:
+            resolver = CachingResolver(use_system_config=True, now=clock.now)
+    except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
+        LOG.error("dns_unavailable", error=str(exc))
+        return None
+    return MxRouter(resolver, port=settings.delivery.mx_port)
 
 
 class Daemon:
@@ -97,7 +112,7 @@ class Daemon:
         self._listener: socket.socket | None = None
         self.clock = clock or SystemClock()
         self._fixed_router = router
-        self.router = router or self._router(settings)
+        self.router = router or mail_router(settings, self.clock)
         self.reload_settings = reload_settings
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
@@ -111,8 +126,7 @@ class Daemon:
         # Live sessions (caps, shutdown notice), the STARTTLS context, the session's metrics.
         self.connections = Connections(metrics=self.metrics)
         self.directory: SqliteDaemonDirectory | None = None
-        self.watch: TargetWatch | None = None
-        self.notices: NoticeSender | None = None
+        self.targets: TargetUpkeep | None = None  # main process only
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
         self.pool = ConnectionPool(settings.delivery, settings.hostname)
@@ -123,22 +137,6 @@ class Daemon:
         # `forwarder status` (forwarder/control.py); only the main process listens.
         self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
                                     self.clock, lambda: describe(self), self.refresh_status)
-
-    def _router(self, settings: Settings) -> MailRouter:
-        return MailRouter(settings.mailbox_host, settings.smarthost, self._mx_router(settings))
-
-    def _mx_router(self, settings: Settings) -> MxRouter | None:
-        servers = settings.dns_servers
-        try:
-            if servers:
-                resolver = CachingResolver([s.host for s in servers], port=servers[0].port,
-                                           now=self.clock.now)
-            else:
-                resolver = CachingResolver(use_system_config=True, now=self.clock.now)
-        except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
-            LOG.error("dns_unavailable", error=str(exc))
-            return None
-        return MxRouter(resolver, port=settings.delivery.mx_port)
 
     async def _envelope_sender(self, job: Job, rcpt: RecipientJob) -> str:
         assert self.return_path is not None
@@ -178,16 +176,11 @@ class Daemon:
             self._start_acceptor()
             return
         await self._start_metrics()
-        self.watch = TargetWatch(self.settings, self.directory, self.queue,
-                                 self.dispatcher.wake, self.clock)
-        self.dispatcher.observe = self.watch.observe
-        await self.watch.start()
-        self.notices = NoticeSender(self.settings, self.directory, self.queue,
-                                    self.dispatcher.wake, self.clock)
-        self.notices.start()
+        self.targets = TargetUpkeep(self.settings, self.directory, self.queue,
+                                    self.dispatcher, self.clock, self.metrics)
+        await self.targets.start()
         self._spawn(self.dispatcher.run(), "dispatcher")
         self._spawn(self._status_loop(), "status")
-        self._spawn(self._targets_loop(), "targets")
         interval = watchdog_interval()
         if interval is not None and self.notifier.enabled:
             self._spawn(watchdog_loop(self.notifier, interval), "watchdog")
@@ -283,18 +276,6 @@ class Daemon:
             f"messages, {sum(stats['recipients'].values())} recipients, "
             f"{len(self.dispatcher.in_flight)} in delivery")
 
-    async def _targets_loop(self) -> None:
-        while True:
-            with contextlib.suppress(Exception):
-                await self.refresh_targets()
-            await asyncio.sleep(TARGETS_INTERVAL)
-
-    async def refresh_targets(self) -> None:
-        """Count the redirect targets by state for forwarder_targets."""
-        assert self.directory is not None
-        counts = await self.directory.target_counts()
-        self.metrics.targets_snapshot({state.value: n for state, n in counts.items()})
-
     # --- reload -----------------------------------------------------------------------
 
     def reload(self) -> bool:
@@ -321,8 +302,8 @@ class Daemon:
         self._apply(new)
         if self.front is not None:
             self.front.token_secrets = token_secrets
-        if self.watch is not None and self.notices is not None:
-            self.watch.settings = self.notices.settings = new
+        if self.targets is not None:
+            self.targets.reload(new)
         LOG.info("reloaded", domains=list(new.domains))
         self.notifier.ready("reloaded")
         return True
@@ -341,7 +322,7 @@ class Daemon:
         new = self._per_process(new)
         self.settings = new
         if self._fixed_router is None:
-            self.router = self._router(new)
+            self.router = mail_router(new, self.clock)
             self.dispatcher.router = self.router
         self.dispatcher.settings = new
         if self.front is not None:
@@ -362,10 +343,8 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.notices is not None:
-            await self.notices.stop()
-        if self.watch is not None:
-            await self.watch.stop()
+        if self.targets is not None:
+            await self.targets.stop()
         if self.link is not None:
             self.link.report(self.metrics)
             self.link.close()

@@ -236,7 +236,8 @@ def answer(sink: Sink, reply: str | None) -> None:
 
 
 async def target_gauge(d: Daemon) -> dict[str, float]:
-    await d.refresh_targets()
+    assert d.targets is not None
+    await d.targets.refresh_gauge()
     return {s.labels["state"]: s.value
             for f in text_string_to_metric_families(d.metrics.render().decode())
             if f.name == "forwarder_targets" for s in f.samples}
@@ -253,22 +254,23 @@ async def test_dead_targets_become_failing_and_a_delivery_revives_them(
     await home.wait_for(1)
     await work.wait_for(1)
     start_at = clock.now()
-    assert d.watch is not None
+    assert d.targets is not None
+    watch = d.targets.watch
     # A policy refusal says nothing about the mailbox: never counted.
     answer(home, "550 5.7.1 message refused by policy")
     for day in (0, 10, 20, 30, 40, 50):
         await send_at(d, clock, day, start_at)
-    await d.watch.flush()
+    await watch.flush()
     assert states(state_dir)[HOME] is TargetState.PENDING
     # Home's mailbox is gone: 5 failures over 30 days, and it is failing.
     answer(home, "550 5.1.1 no such user")
     start_at += 60 * DAY
     for day in (0, 8, 16, 24):
         await send_at(d, clock, day, start_at)
-    await d.watch.flush()
+    await watch.flush()
     assert states(state_dir)[HOME] is TargetState.PENDING
     await send_at(d, clock, 30, start_at)
-    await d.watch.flush()
+    await watch.flush()
     assert states(state_dir) == {HOME: TargetState.FAILING, WORK: TargetState.PENDING}
     assert (await target_gauge(d))["failing"] == 1
     # The graduate is told at the target that still works.
@@ -290,7 +292,7 @@ async def test_dead_targets_become_failing_and_a_delivery_revives_them(
     assert queued(d) == 1
     answer(work, "550 5.1.1 no such user")
     await send_at(d, clock, 30, start_at)
-    await d.watch.flush()
+    await watch.flush()
     assert states(state_dir) == {HOME: TargetState.FAILING, WORK: TargetState.FAILING}
     rcpts, _ = await smtp_send(d.port, SENDER, [GRAD], simple_message())
     assert rcpts[GRAD] == (550, f"5.1.1 <{GRAD}>: forwarding address no longer works / la "
@@ -301,7 +303,7 @@ async def test_dead_targets_become_failing_and_a_delivery_revives_them(
     clock.advance(10 * DAY)
     assert await scan_due(d) == 1
     await until(lambda: queued(d) == 0 and not d.dispatcher.in_flight)
-    await d.watch.flush()
+    await watch.flush()
     assert states(state_dir) == {HOME: TargetState.FAILING, WORK: TargetState.PENDING}
     rcpts, _ = await smtp_send(d.port, SENDER, [GRAD], simple_message())
     assert rcpts[GRAD][0] == 250
@@ -318,8 +320,9 @@ async def test_a_bouncing_notice_counts_and_its_dsn_goes_to_the_admin(
     (dsn,) = await providers["school-it.example"].wait_for(1)
     assert dsn.rcpt_tos == [ADMIN] and dsn.mail_from in ("", "<>")
     assert HOME in dsn.content.decode() and b"5.1.1" in dsn.content
-    assert d.watch is not None
-    await d.watch.flush()
+    assert d.targets is not None
+    watch = d.targets.watch
+    await watch.flush()
     directory = Directory(state_dir / "directory.sqlite3", actor="test")
     (target,) = directory.require(GRAD).targets
     assert target.health.failures == 1 and "5.1.1" in (target.last_error or "")
@@ -345,4 +348,4 @@ async def test_imported_targets_get_their_notices_from_the_daemon(
         HOME, "pierre@perso.example"}
     # The same file again declares nothing: no notice is owed twice.
     assert await cli(state_dir, "account", "import", str(csv), "--no-dns-check") == 0
-    assert d.notices is not None and await d.notices.send_owed(10) == 0
+    assert d.targets is not None and await d.targets.notices.send_owed(10) == 0
