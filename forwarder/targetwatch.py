@@ -122,13 +122,16 @@ class TargetWatch:
     # --- the writer task -----------------------------------------------------------------
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        refresh_at = loop.time() + FLUSH_INTERVAL
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), FLUSH_INTERVAL)
+                await asyncio.wait_for(self._event.wait(), max(0.0, refresh_at - loop.time()))
             self._event.clear()
             await self._record()
-            if not self._event.is_set():
+            if loop.time() >= refresh_at:
                 await self._refresh()
+                refresh_at = loop.time() + FLUSH_INTERVAL
 
     async def flush(self) -> None:
         """Write whatever is waiting (at stop, and for tests that wait on the directory)."""

@@ -253,6 +253,7 @@ async def test_dead_targets_become_failing_and_a_delivery_revives_them(
     home, work = providers["perso.example"], providers["work.example"]
     await home.wait_for(1)
     await work.wait_for(1)
+    await until(lambda: queued(d) == 0 and not d.dispatcher.in_flight)
     start_at = clock.now()
     assert d.targets is not None
     watch = d.targets.watch
@@ -349,3 +350,33 @@ async def test_imported_targets_get_their_notices_from_the_daemon(
     # The same file again declares nothing: no notice is owed twice.
     assert await cli(state_dir, "account", "import", str(csv), "--no-dns-check") == 0
     assert d.targets is not None and await d.targets.notices.send_owed(10) == 0
+
+
+async def test_last_success_is_kept_fresh_once_a_day(
+    start_daemon: DaemonFactory, providers: Providers, state_dir: Path, clock: FakeClock
+) -> None:
+    """A delivery that changes nothing is not written at once: `last_success` is refreshed
+    in batches, at most once a day per target."""
+    d = await start(start_daemon, providers)
+    await graduate_with_targets(state_dir, d, HOME)
+    await providers["perso.example"].wait_for(1)  # the notice: its success is noted too
+    await until(lambda: queued(d) == 0 and not d.dispatcher.in_flight)
+    assert d.targets is not None
+    watch = d.targets.watch
+    first = clock.now()
+    await send_at(d, clock, 0.1, first)
+    await send_at(d, clock, 0.2, first)
+    await watch.flush()
+
+    def last_success() -> float | None:
+        directory = Directory(state_dir / "directory.sqlite3", actor="test")
+        try:
+            return directory.require(GRAD).targets[0].health.last_success
+        finally:
+            directory.close()
+
+    assert last_success() == first  # the day's first success: the notice's
+    await send_at(d, clock, 1.5, first)
+    await watch.flush()
+    assert last_success() == first + 1.5 * DAY
+    assert states(state_dir) == {HOME: TargetState.PENDING}
