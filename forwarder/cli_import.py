@@ -28,10 +28,11 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as exc:
         raise CliError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     directory = open_directory(settings)
-    plan = directory.plan_import(parsed.rows)
     errors = list(parsed.errors)
     checked: set[str] = set()
     if not args.no_dns_check:
+        # Only the targets this import declares are checked: compare with the directory.
+        plan = directory.plan_import(parsed.rows)
         checked = plan.new_targets()
         errors += _dns_errors(plan, settings, args.dns_timeout)
     doc: dict[str, Any] = {"file": str(path), "dry_run": args.dry_run, "rows": len(parsed.rows),
@@ -54,8 +55,9 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     # The notices are owed in the directory, committed with the targets; the daemon sends
     # them one every notice_interval (a term's thousands do not go in one burst, and the
     # import writes no mail).
-    notices = len(plan.declared()) if args.dry_run else len(imported.declared)
-    doc.update(vars(report), errors=[], notices=notices)
+    counts = dict(vars(report))
+    notices = counts.pop("declared")
+    doc.update(counts, errors=[], notices=notices)
     verb = "would import" if args.dry_run else "imported"
     ignored = (f" (ignored columns: {', '.join(parsed.ignored_columns)})"
                if parsed.ignored_columns else "")

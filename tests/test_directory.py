@@ -92,7 +92,8 @@ def test_import_counts_and_all_or_nothing(directory: Directory, state_dir: Path)
                  (f"c@{DOMAIN}", "c@x.example", AccountState.ACTIVE),
                  (f"d@{DOMAIN}", None, AccountState.DELETED))
     plan = directory.plan_import(batch)
-    assert vars(plan.report) == {"added": 2, "changed": 0, "deleted": 1, "unchanged": 1}
+    assert vars(plan.report) == {"added": 2, "changed": 0, "deleted": 1, "unchanged": 1,
+                                 "declared": 1}
     assert plan.new_targets() == {"c@x.example"}  # b's target was declared before
 
     def refuse(current: ImportPlan) -> None:

@@ -45,6 +45,7 @@ def plan(conn: sqlite3.Connection, rows: Sequence[ImportRow]) -> ImportPlan:
         old = now.get(row.address)
         if old is None:
             report.added += 1
+            report.declared += len(row.targets)
         elif old[0] == row.state.value and old[1] == row.targets:
             report.unchanged += 1
             continue
@@ -52,6 +53,8 @@ def plan(conn: sqlite3.Connection, rows: Sequence[ImportRow]) -> ImportPlan:
             report.deleted += 1
         else:
             report.changed += 1
+        if old is not None and old[1] != row.targets:
+            report.declared += len(set(row.targets) - set(old[1]))
         writes.append((row, old))
     return ImportPlan(report, writes)
 

@@ -110,6 +110,7 @@ class ImportReport:
     changed: int = 0
     deleted: int = 0  # active -> deleted: graduations
     unchanged: int = 0
+    declared: int = 0  # targets declared (each owes a notice)
 
 
 @dataclass(frozen=True)
