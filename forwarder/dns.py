@@ -25,6 +25,7 @@ import dns.rdata
 import dns.rdatatype
 import dns.rdtypes.ANY.MX
 import dns.rdtypes.ANY.SOA
+import dns.rdtypes.txtbase
 import dns.resolver
 
 SMTP_PORT = 25
@@ -249,6 +250,12 @@ class CachingResolver:
             while len(self._cache) >= MAX_CACHE_ENTRIES:  # still full: drop the oldest
                 del self._cache[next(iter(self._cache))]
         self._cache[key] = _Entry(now + ttl, lookup)
+
+
+def txt_text(rdata: dns.rdata.Rdata) -> bytes:
+    """A TXT record's character-strings, joined (RFC 7208 3.3, RFC 6376 3.6.2.2)."""
+    assert isinstance(rdata, dns.rdtypes.txtbase.TXTBase)
+    return b"".join(rdata.strings)
 
 
 def _nxdomain_response(exc: dns.resolver.NXDOMAIN) -> dns.message.Message | None:

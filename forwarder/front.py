@@ -18,6 +18,8 @@ from email.utils import format_datetime
 
 from forwarder import log, replies
 from forwarder.addresses import AddressError, has_control_chars, parse_sender
+from forwarder.checkpolicy import separate_transaction
+from forwarder.checks import Checks, Inbound
 from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.directory import DirectoryReader
@@ -101,6 +103,7 @@ class Front:
         return_path: ReturnPath,
         metrics: Metrics,
         in_memory: bool = True,
+        checks: Checks | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
@@ -110,6 +113,7 @@ class Front:
         self.return_path = return_path
         self.metrics = metrics
         self.in_memory = in_memory
+        self.checks = checks
 
     # --- greeting --------------------------------------------------------------------
 
@@ -146,6 +150,8 @@ class Front:
             # RFC 5321 4.5.3.1.10: 452 past the limit; the client sends the rest later.
             return str(replies.RCPT_TOO_MANY)
         verdict = await self._verdict(address)
+        if self._needs_own_transaction(accepted, verdict):
+            verdict = Refuse(replies.RCPT_SEPARATE_TRANSACTION, "separate_transaction")
         self.metrics.rcpt_verdict(verdict.reason)
         if isinstance(verdict, Refuse):
             LOG.info("rcpt", client=session.client, to=address, verdict="refused",
@@ -158,6 +164,15 @@ class Front:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
+
+    def _needs_own_transaction(self, accepted: list[Accepted], verdict: Verdict) -> bool:
+        """With a spam filter, postmaster mail (never refused as spam) and other mail do
+        not share a transaction (forwarder/checkpolicy.py)."""
+        if (self.checks is None or not self.checks.splits_roles or not accepted
+                or not isinstance(verdict, Accept)):
+            return False
+        return separate_transaction(accepted[0].verdict.route is Route.POSTMASTER,
+                                    verdict.route is Route.POSTMASTER)
 
     async def _verdict(self, address: str) -> Verdict:
         first = classify_recipient(address, self.settings.domains, self.settings.postmaster,
@@ -204,7 +219,18 @@ class Front:
             return str(replies.TOO_MANY_HOPS)
         now = self.clock.now()
         queue_id = new_queue_id(now)
-        message = self._message(session, envelope, accepted, content, queue_id, now)
+        prefix, checked = b"", {}
+        if self.checks is not None and self.checks.active:
+            # Authentication, spam and rate limits, once per message, before the 250.
+            result = await self.checks.evaluate(self._inbound(session, envelope, queue_id))
+            if result.decision.reply is not None:
+                LOG.warning("refused", client=session.client, reason=result.decision.reason,
+                            reply=result.decision.reply.code, **{"from": envelope.sender},
+                            **result.fields)
+                self.metrics.message_refused(result.decision.reason)
+                return str(result.decision.reply)
+            content, prefix, checked = result.content, result.prefix, result.fields
+        message = self._message(session, envelope, accepted, content, queue_id, now, prefix)
         try:
             ids = await self.queue.enqueue(
                 message, lease_until=now + LEASE_SECONDS if self.in_memory else None)
@@ -217,7 +243,7 @@ class Front:
         LOG.info("queued", queue_id=queue_id, size=len(message.body), client=message.client,
                  **{"from": message.sender}, to=[r.rcpt for r in message.recipients],
                  orig_to=[r.orig_rcpt for r in message.recipients],
-                 route=[r.route.value for r in message.recipients])
+                 route=[r.route.value for r in message.recipients], **checked)
         # In one process the bytes go straight to delivery; an acceptor process only
         # tells the main process that work is due (forwarder/workers.py).
         self.submit(Job(queue_id, message.sender, now, [
@@ -226,9 +252,18 @@ class Front:
         ], message.body))
         return replies.queued(queue_id)
 
+    def _inbound(self, session: SessionInfo, envelope: Envelope[Accepted],
+                 queue_id: str) -> Inbound:
+        accepted = envelope.accepted
+        assert envelope.content is not None
+        return Inbound(queue_id, session.client, session.host_name or "", envelope.sender,
+                       [a.orig_rcpt for a in accepted],
+                       all(a.verdict.route is Route.POSTMASTER for a in accepted),
+                       envelope.content)
+
     def _message(
         self, session: SessionInfo, envelope: Envelope[Accepted], accepted: list[Accepted],
-        content: bytes, queue_id: str, now: float,
+        content: bytes, queue_id: str, now: float, prefix: bytes = b"",
     ) -> NewMessage:
         seen: set[tuple[str, str]] = set()
         recipients: list[NewRecipient] = []
@@ -241,8 +276,10 @@ class Front:
         single = accepted[0].orig_rcpt if len(accepted) == 1 else None
         header = received_header(session.host_name, session.client, self.settings.hostname,
                                  queue_id, single, session.extended_smtp, now)
-        return NewMessage(queue_id, envelope.sender, now, session.client, header + content,
-                          tuple(recipients))
+        # The checks' fields (Authentication-Results, X-Spam-*) go on top, above our trace
+        # field (RFC 8601 5: at the top of the header section).
+        return NewMessage(queue_id, envelope.sender, now, session.client,
+                          prefix + header + content, tuple(recipients))
 
     def exception_reply(self, error: BaseException) -> str:
         LOG.error("session_error", error=type(error).__name__, exc_info=error)
