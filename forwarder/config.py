@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -211,6 +212,7 @@ _SECTIONS: dict[str, type[Any]] = {"limits": Limits, "delivery": DeliverySetting
                                    "checks": CheckSettings, "rspamd": RspamdSettings,
                                    "rate_limits": RateLimits}
 DMARC_REJECT_MODES = ("reject", "mark", "off")
+_TOKEN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
 
 
 def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
@@ -310,6 +312,8 @@ def _check(section: str, key: str, value: Any) -> str | None:
         return "must be at least 1"
     if key in ("deadline", "timeout", "report_interval") and value <= 0:
         return "must be a number of seconds > 0"
+    if (section, key) == ("checks", "authserv_id") and value and not _TOKEN.match(value):
+        return "must be a host or domain name (it names us in Authentication-Results)"
     if (section, key) == ("rspamd", "url") and value:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
