@@ -55,10 +55,23 @@ class ThreadDns:
         self._deadline = deadline  # on `clock`
         self._clock = clock
         self.temporary_failures = 0
+        # Until when every answer given so far stays valid (on the resolver's clock): a
+        # result computed from them may be reused until then.
+        self.valid_until = float("inf")
 
     def lookup(self, name: str, rdtype: str) -> Lookup:
         """Records of `rdtype` at `name`; DnsTemporaryError when DNS fails or the deadline
         passes, DnsPermanentError for a name that cannot exist."""
+        # A cached answer is read here, in the thread: the round trip through the event
+        # loop (two wake-ups) costs more than pyspf's whole evaluation of a simple record.
+        hit = self._resolver.cached(name, rdtype)
+        if hit is None:
+            found = self._ask_loop(name, rdtype)
+            hit = self._resolver.cached(name, rdtype) or (found, 0.0)  # 0: not reusable
+        self.valid_until = min(self.valid_until, hit[1])
+        return hit[0]
+
+    def _ask_loop(self, name: str, rdtype: str) -> Lookup:
         remaining = self._deadline - self._clock()
         if remaining <= 0:
             self.temporary_failures += 1

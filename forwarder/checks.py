@@ -55,13 +55,18 @@ from forwarder.dmarc import (
     organizational_domain,
     worst,
 )
-from forwarder.dns import CachingResolver, DnsError, DnsTemporaryError, txt_text
+from forwarder.dns import CachingResolver, DnsError, DnsTemporaryError, Lookup, txt_text
 from forwarder.metrics import Metrics
 from forwarder.ratelimit import RateLimiter
 from forwarder.rspamd import Envelope, RspamdClient, RspamdError, spam_headers
 from forwarder.senders import SenderTally
 
 LOG = log.get("forwarder.checks")
+# A header section up to this size is scanned on the event loop (bytes methods and regular
+# expressions, tens of microseconds); a bigger one, or a message with no end of header
+# within it, is scanned in a worker thread. A hop to a thread and back costs more than the
+# scan of an ordinary header.
+INLINE_HEADER = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -95,13 +100,67 @@ class _Scan:
     signed: bool
 
 
+def _small_header(message: bytes) -> bool:
+    return message.startswith(b"\r\n") or message.find(b"\r\n\r\n", 0, INLINE_HEADER) >= 0
+
+
 def _scan(message: bytes, authserv_id: str) -> _Scan:
-    """The header section's part of the work (in a worker thread: it is proportional to
-    the header's size)."""
+    """The header section's part of the work: proportional to the header's size, so in a
+    worker thread unless the header is small (INLINE_HEADER)."""
     end = header_end(message)
     header = message[:end]
     content, removed = remove_our_results(message, end, authserv_id)
     return _Scan(content, removed, from_domains(header), has_dkim_signature(header))
+
+
+class SpfCache:
+    """SPF results by (client address, MAIL FROM, HELO), until the first of the DNS answers
+    they were computed from expires: evaluating again with the same cached answers would
+    give the same result (every input of check_host() and of its macros is in the key,
+    RFC 7208 4.1 and 7). A burst from one sender's address costs one evaluation, and no
+    hop to a worker thread after it. Temporary errors are never kept."""
+
+    def __init__(self, resolver: CachingResolver | None, max_entries: int = 10_000) -> None:
+        self.resolver = resolver  # its clock is the one its expiries are on
+        self.max_entries = max_entries
+        self._results: dict[tuple[str, str, str], tuple[SpfResult, float]] = {}
+
+    def get(self, key: tuple[str, str, str]) -> SpfResult | None:
+        hit = self._results.get(key)
+        if hit is None or self.resolver is None or hit[1] <= self.resolver.now():
+            return None
+        return hit[0]
+
+    def put(self, key: tuple[str, str, str], result: SpfResult, dns: ThreadDns) -> None:
+        if (result.result == "temperror" or dns.temporary_failures or self.resolver is None
+                or dns.valid_until <= self.resolver.now()):
+            return
+        if len(self._results) >= self.max_entries:
+            self._results.clear()
+        self._results[key] = (result, dns.valid_until)
+
+
+class _NotCached(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _discovery(domain: str, txt: Callable[[str], list[str]]) -> Discovery:
+    """RFC 7489 6.6.3: the From domain's record, else its organisational domain's."""
+    record = choose_record(txt(f"_dmarc.{domain}"))
+    if record is not None:
+        return Discovery(record)
+    org = organizational_domain(domain)
+    if org != domain:
+        record = choose_record(txt(f"_dmarc.{org}"))
+        if record is not None:
+            return Discovery(record, at_org_domain=True)
+    return Discovery(None)
+
+
+def _texts(found: Lookup) -> list[str]:
+    return [txt_text(r).decode("utf-8", "replace") for r in found.rdata]
 
 
 class Checks:
@@ -116,13 +175,14 @@ class Checks:
         self.tally = tally
         self.now = now
         self.rng = rng or random.Random()
-        # SPF and DKIM may wait on DNS up to the deadline; the header scan never does, so it
-        # has threads of its own and never queues behind a slow name server.
+        # SPF and DKIM may wait on DNS up to the deadline; the scan of a big header never
+        # does, so it has threads of its own and never queues behind a slow name server.
         self.pool = concurrent.futures.ThreadPoolExecutor(settings.checks.threads,
                                                           thread_name_prefix="checks")
         self.scan_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="scan")
         self.rspamd = RspamdClient(settings.rspamd) if settings.rspamd.url else None
         self.limiter = RateLimiter(settings.rate_limits, now)
+        self.spf_cache = SpfCache(resolver)
 
     def apply(self, settings: Settings, resolver: CachingResolver | None) -> None:
         """Start using new settings (SIGHUP); rate buckets start afresh if limits change.
@@ -171,28 +231,47 @@ class Checks:
     async def _authenticate(self, message: Inbound) -> Checked:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.settings.checks.deadline
-        dns = ThreadDns(self.resolver, loop, deadline) if self.resolver else None
-        spf_task = (loop.run_in_executor(self.pool, check_spf, dns, message.client,
+        spf_key = (message.client, message.mailfrom, message.helo)
+        spf = self.spf_cache.get(spf_key)
+        spf_dns = self._thread_dns(loop, deadline) if spf is None else None
+        spf_task = (loop.run_in_executor(self.pool, check_spf, spf_dns, message.client,
                                          message.mailfrom, message.helo)
-                    if dns is not None else None)
-        scan = await loop.run_in_executor(self.scan_pool, _scan, message.content,
-                                          self.settings.authserv_id)
-        dkim_task = (loop.run_in_executor(self.pool, verify_dkim, dns, message.content)
-                     if dns is not None and scan.signed else None)
+                    if spf_dns is not None else None)
+        scan = await self._scan(loop, message.content)
+        dkim_dns = self._thread_dns(loop, deadline) if scan.signed else None
+        dkim_task = (loop.run_in_executor(self.pool, verify_dkim, dkim_dns, message.content)
+                     if dkim_dns is not None else None)
         mode = DmarcMode(self.settings.checks.dmarc_reject)
-        discovery = asyncio.ensure_future(self._discover_all(
-            scan.from_domains if mode is not DmarcMode.OFF else []))
+        domains = scan.from_domains if mode is not DmarcMode.OFF else []
+        found = self._discover_cached(domains)
+        discovery = asyncio.ensure_future(self._discover_all(domains)) if found is None else None
         tasks: list[asyncio.Future[Any]] = [t for t in (spf_task, dkim_task, discovery) if t]
-        await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
-        discovery.cancel()
-        spf = _done(spf_task) or SpfResult("temperror", _spf_domain(message), message.mailfrom,
-                                           message.helo)
-        dkim = _dkim_results(dkim_task, scan.signed)
-        found = _done(discovery) or [Discovery(None, temperror=True)] * len(scan.from_domains)
+        if tasks:
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+        if discovery is not None:
+            discovery.cancel()
+            found = _done(discovery)
+        if spf is None:
+            spf = _done(spf_task) or SpfResult("temperror", _spf_domain(message),
+                                               message.mailfrom, message.helo)
+            if spf_dns is not None:
+                self.spf_cache.put(spf_key, spf, spf_dns)
+        if found is None:
+            found = [Discovery(None, temperror=True)] * len(domains)
         if mode is DmarcMode.OFF:
             found = [Discovery(None)] * len(scan.from_domains)
+        dkim = _dkim_results(dkim_task, scan.signed)
         outcomes = self._dmarc(scan.from_domains, found, spf, dkim)
         return self._conclude(message, scan, spf, dkim, outcomes, mode)
+
+    def _thread_dns(self, loop: asyncio.AbstractEventLoop, deadline: float) -> ThreadDns | None:
+        return ThreadDns(self.resolver, loop, deadline) if self.resolver is not None else None
+
+    async def _scan(self, loop: asyncio.AbstractEventLoop, content: bytes) -> _Scan:
+        if _small_header(content):
+            return _scan(content, self.settings.authserv_id)
+        return await loop.run_in_executor(self.scan_pool, _scan, content,
+                                          self.settings.authserv_id)
 
     def _dmarc(self, domains: list[str], found: list[Discovery], spf: SpfResult,
                dkim: list[DkimResult]) -> list[Outcome]:
@@ -225,32 +304,54 @@ class Checks:
         decision = dmarc_decision(verdict, mode, self.settings.checks.fail_open)
         return Checked(decision, scan.content, header, fields)
 
-    async def _discover_all(self, domains: list[str]) -> list[Discovery]:
-        if self.resolver is None:  # no resolver could be configured: DNS cannot answer
+    def _discover_cached(self, domains: list[str]) -> list[Discovery] | None:
+        """Policy discovery from the resolver's cache alone, if it holds every answer
+        needed (then no task is started); None otherwise."""
+        if self.resolver is None:
             return [Discovery(None, temperror=True) for _ in domains]
+        resolver = self.resolver
+
+        def cached(name: str) -> list[str]:
+            hit = resolver.cached(name, "TXT")
+            if hit is None:
+                raise _NotCached(name)
+            return _texts(hit[0])
+
+        try:
+            return [_discovery(domain, cached) for domain in domains]
+        except _NotCached:
+            return None
+        except DnsError:  # a From domain that is no DNS name: let the full path say so
+            return None
+
+    async def _discover_all(self, domains: list[str]) -> list[Discovery]:
         return list(await asyncio.gather(*(self._discover(d) for d in domains)))
 
     async def _discover(self, domain: str) -> Discovery:
-        """RFC 7489 6.6.3: the From domain's record, else its organisational domain's."""
-        try:
-            record = choose_record(await self._txt(f"_dmarc.{domain}"))
-            if record is not None:
-                return Discovery(record)
-            org = organizational_domain(domain)
-            if org != domain:
-                record = choose_record(await self._txt(f"_dmarc.{org}"))
-                if record is not None:
-                    return Discovery(record, at_org_domain=True)
-            return Discovery(None)
-        except DnsTemporaryError:
-            return Discovery(None, temperror=True)
-        except DnsError:  # a name that cannot exist: nothing published
-            return Discovery(None)
-
-    async def _txt(self, name: str) -> list[str]:
+        """_discovery, fetching what the cache lacks (at most two names)."""
         assert self.resolver is not None
-        found = await self.resolver.lookup(name, "TXT")
-        return [txt_text(r).decode("utf-8", "replace") for r in found.rdata]
+        fetched: dict[str, list[str]] = {}
+
+        def known(name: str) -> list[str]:
+            if name in fetched:
+                return fetched[name]
+            hit = self.resolver.cached(name, "TXT") if self.resolver is not None else None
+            if hit is None:
+                raise _NotCached(name)
+            return _texts(hit[0])
+
+        while True:
+            try:
+                return _discovery(domain, known)
+            except _NotCached as miss:
+                try:
+                    fetched[miss.name] = _texts(await self.resolver.lookup(miss.name, "TXT"))
+                except DnsTemporaryError:
+                    return Discovery(None, temperror=True)
+                except DnsError:  # a name that cannot exist: nothing published
+                    fetched[miss.name] = []
+            except DnsError:
+                return Discovery(None)
 
     # --- rspamd -----------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ MAX_NEGATIVE_TTL = 3600.0
 # RFC 2181 section 8 allows TTLs up to 2**31 - 1; a day is enough for mail routing.
 MAX_POSITIVE_TTL = 86400.0
 MAX_CACHE_ENTRIES = 10_000
+# A name whose presentation form dnspython would not change: LDH labels, nothing escaped.
+_PLAIN_NAME = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
+                         r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.?$")
 
 
 class DnsError(Exception):
@@ -216,6 +220,24 @@ class CachingResolver:
         self._resolver.lifetime = lifetime
         self._now = now
         self._cache: dict[tuple[str, str], _Entry] = {}
+
+    def now(self) -> float:
+        """The time on the clock the cache's expiries are on."""
+        return self._now()
+
+    def cached(self, name: str, rdtype: str) -> tuple[Lookup, float] | None:
+        """The cached answer and when it expires, if there is one still valid; no I/O.
+        Safe to call from any thread: it only reads the cache (whose entries are never
+        changed in place)."""
+        text = name.lower()
+        if _PLAIN_NAME.match(text):  # the common case, without dnspython's parse
+            key = (text if text.endswith(".") else text + ".", rdtype)
+        else:
+            key = (_to_name(name).to_text().lower(), rdtype)
+        entry = self._cache.get(key)
+        if entry is not None and self._now() < entry.expires:
+            return entry.lookup, entry.expires
+        return None
 
     async def lookup(self, name: str, rdtype: str) -> Lookup:
         """Records of ``rdtype`` at ``name``; raises DnsTemporaryError, never NXDOMAIN."""

@@ -320,3 +320,25 @@ async def test_counts_are_flushed_when_the_daemon_stops(
         await d.stop()
     doc = report(state_dir, capsys, "--json", "--since", "1")
     assert [(r["domain"], r["spf_only"]) for r in doc["domains"]] == [(NEWSLETTER, 1)]
+
+
+async def test_spf_results_are_reused_until_their_dns_answers_expire(
+    start_daemon: DaemonFactory, zone: DnsServer, sink: Sink, graduate: str, clock: FakeClock,
+) -> None:
+    zone.set_ttl(NEWSLETTER, "TXT", 300)
+    d = await checking_daemon(start_daemon, zone, sink, dmarc_reject="mark")
+
+    async def spf() -> str:
+        _, data = await smtp_send(d.port, f"news@{NEWSLETTER}", [graduate],
+                                  message_from(NEWSLETTER))
+        assert data is not None and data[0] == 250
+        got = await sink.wait_for(len(sink.messages) + 1)
+        return our_results(got[-1].content)["spf"]
+
+    assert await spf() == "pass"
+    zone.set_records(NEWSLETTER, "TXT", ['"v=spf1 -all"'])  # the domain changes its record
+    assert await spf() == "pass"  # within the TTL: the answer (and result) still hold
+    assert len(zone.queries_for(NEWSLETTER, "TXT")) == 1
+    clock.advance(301)
+    assert await spf() == "fail"
+    assert len(zone.queries_for(NEWSLETTER, "TXT")) == 2
