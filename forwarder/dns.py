@@ -220,6 +220,7 @@ class CachingResolver:
         self._resolver.lifetime = lifetime
         self._now = now
         self._cache: dict[tuple[str, str], _Entry] = {}
+        self._pending: dict[tuple[str, str], asyncio.Task[Lookup]] = {}
 
     def now(self) -> float:
         """The time on the clock the cache's expiries are on."""
@@ -246,6 +247,21 @@ class CachingResolver:
         entry = self._cache.get(key)
         if entry is not None and self._now() < entry.expires:
             return entry.lookup
+        # Questions asked while the same one is on its way share its answer: a burst of
+        # mail from a new sender asks for the same SPF and DMARC records many times at once.
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._query(qname, key, rdtype))
+            self._pending[key] = pending
+            pending.add_done_callback(lambda done: self._finished(key, done))
+        return await asyncio.shield(pending)
+
+    def _finished(self, key: tuple[str, str], task: asyncio.Task[Lookup]) -> None:
+        self._pending.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters (if any are left) got it
+
+    async def _query(self, qname: dns.name.Name, key: tuple[str, str], rdtype: str) -> Lookup:
         try:
             answer = await self._resolver.resolve(
                 qname, rdtype, raise_on_no_answer=False, search=False
