@@ -3,6 +3,7 @@ SPF, DKIM keys and DMARC (tests/authzone.py), a real SMTP sink, and the admin CL
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,11 +17,18 @@ import pytest_asyncio
 
 from forwarder.cli import main
 from forwarder.clock import FakeClock
-from forwarder.config import CheckSettings, HostPort, RateLimits
+from forwarder.config import CheckSettings, HostPort, RateLimits, RspamdSettings
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
 from tests.authzone import JOBTEASER, NEWSLETTER, RELAXED, SELECTOR, SPOOFER, SigningKey, publish
-from tests.conftest import DOMAIN, DaemonFactory, Sink, make_settings, smtp_send
+from tests.conftest import (
+    DOMAIN,
+    DaemonFactory,
+    Sink,
+    make_settings,
+    refused_port,
+    smtp_send,
+)
 from tests.dnsserver import Behaviour, DnsServer
 from tests.test_dkim import password_reset
 
@@ -342,3 +350,30 @@ async def test_spf_results_are_reused_until_their_dns_answers_expire(
     clock.advance(301)
     assert await spf() == "fail"
     assert len(zone.queries_for(NEWSLETTER, "TXT")) == 2
+
+
+async def test_sighup_applies_new_checks_settings(
+    sink: Sink, graduate: str, state_dir: Path, clock: FakeClock,
+) -> None:
+    first = make_settings(state_dir, smarthost=HostPort("127.0.0.1", sink.port),
+                          rate_limits=RateLimits(client_per_minute=1, exempt=()))
+    current = [first]
+    d = Daemon(first, clock=clock, reload_settings=lambda: current[0])
+    await d.start()
+    try:
+        for code in (250, 451):
+            _, data = await smtp_send(d.port, "a@sender.example", [graduate], message_from("x"))
+            assert data is not None and data[0] == code
+        current[0] = dataclasses.replace(
+            first, rate_limits=RateLimits(client_per_minute=0),
+            rspamd=RspamdSettings(url=f"http://127.0.0.1:{await refused_port()}",
+                                  fail_open=False))
+        assert d.reload()
+        _, data = await smtp_send(d.port, "a@sender.example", [graduate], message_from("x"))
+        assert data == (451, "4.7.0 spam filter unavailable, try again later")
+        current[0] = first
+        assert d.reload()  # rspamd off again; the limit back, with a full bucket
+        _, data = await smtp_send(d.port, "a@sender.example", [graduate], message_from("x"))
+        assert data is not None and data[0] == 250
+    finally:
+        await d.stop()
