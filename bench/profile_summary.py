@@ -18,11 +18,11 @@ from collections import Counter
 RULES: list[tuple[str, str]] = [
     ("logging (structlog, JSON, stdout)", r"structlog/|forwarder/log\.py|logging/__init__"),
     ("metrics", r"forwarder/metrics\.py|prometheus_client/"),
-    ("queue (our code, writer thread hop)", r"forwarder/queue\.py"),
+    ("queue (our code, writer thread hop)", r"forwarder/queue/"),
     ("directory lookup (aiosqlite hop)", r"forwarder/directory\.py|aiosqlite/"),
     ("delivery (aiosmtplib client)", r"aiosmtplib/"),
     ("delivery (our dispatcher/sender)", r"forwarder/delivery\.py|forwarder/returnpath\.py"
-     r"|forwarder/srs\.py|_envelope_sender"),
+     r"|forwarder/srs(store)?\.py|_envelope_sender"),
     ("front handlers (our code)", r"forwarder/(front|policy|addresses|replies)\.py"),
     ("SMTP session (commands, replies, DATA)", r"forwarder/(smtp|connections|session)"),
     # An aiosmtpd-based build (the history's profiles) or a test sink in the process.

@@ -66,8 +66,9 @@ def normalize_domain(domain: str) -> str:
     return domain[:-1] if domain.endswith(".") else domain
 
 
-def parse_address(text: str) -> Address:
-    """Parse an envelope address (without angle brackets) strictly, or raise AddressError."""
+def _split(text: str) -> tuple[str, str]:
+    """An envelope address (without angle brackets) -> (local part, domain), after the
+    checks every address gets: no control characters, RFC 5321 4.5.3.1 lengths."""
     if has_control_chars(text):
         raise AddressError("control characters in address")
     # The path's 256 octets include its angle brackets; the address comes without them.
@@ -78,12 +79,22 @@ def parse_address(text: str) -> Address:
         raise AddressError("address must be local-part@domain")
     if len(local) > MAX_LOCAL_PART:
         raise AddressError("local part longer than 64 octets (RFC 5321 4.5.3.1.1)")
-    if not _LOCAL_RE.fullmatch(local):
-        raise AddressError("local part has characters that are not allowed")
+    return local, domain
+
+
+def _host_name(domain: str) -> str:
     domain = normalize_domain(domain)
     if len(domain) > MAX_DOMAIN or not _DOMAIN_RE.fullmatch(domain):
         raise AddressError("domain is not a valid host name")
-    return Address(local, domain)
+    return domain
+
+
+def parse_address(text: str) -> Address:
+    """Parse an envelope address (without angle brackets) strictly, or raise AddressError."""
+    local, domain = _split(text)
+    if not _LOCAL_RE.fullmatch(local):
+        raise AddressError("local part has characters that are not allowed")
+    return Address(local, _host_name(domain))
 
 
 def parse_sender(text: str) -> str:
@@ -91,23 +102,14 @@ def parse_sender(text: str) -> str:
     domain lower-cased. Any RFC 5321 4.1.2 Mailbox is taken (module docstring)."""
     if text in ("", "<>"):
         return ""
-    if has_control_chars(text):
-        raise AddressError("control characters in address")
-    if len(text) + 2 > MAX_PATH:
-        raise AddressError("address too long (RFC 5321 4.5.3.1.3)")
-    local, at, domain = text.rpartition("@")
-    if not at or not local:
-        raise AddressError("address must be local-part@domain")
-    if len(local) > MAX_LOCAL_PART or not _SENDER_LOCAL_RE.fullmatch(local):
+    local, domain = _split(text)
+    if not _SENDER_LOCAL_RE.fullmatch(local):
         raise AddressError("local part is not an RFC 5321 Dot-string or Quoted-string")
     if domain.startswith("["):
         if not is_address_literal(domain):
             raise AddressError("not an RFC 5321 address literal")
         return f"{local}@{domain}"
-    domain = normalize_domain(domain)
-    if len(domain) > MAX_DOMAIN or not _DOMAIN_RE.fullmatch(domain):
-        raise AddressError("domain is not a valid host name")
-    return f"{local}@{domain}"
+    return f"{local}@{_host_name(domain)}"
 
 
 def is_address_literal(text: str) -> bool:

@@ -22,8 +22,9 @@ from forwarder.cli_common import (
     one_line,
 )
 from forwarder.config import ConfigError, Settings
-from forwarder.directory import SCHEMA_VERSION, Directory, count_active, inspect_database
+from forwarder.directory import SCHEMA_VERSION, Directory, count_active
 from forwarder.dns import CachingResolver
+from forwarder.migrations import inspect_database
 from forwarder.policy import (
     Accept,
     Account,
@@ -37,12 +38,9 @@ from forwarder.policy import (
 )
 from forwarder.queue import QUEUE_SCHEMA_VERSION
 from forwarder.returnpath import KEYS_FILE, MAX_AGE_DAYS, secrets_path
-from forwarder.srs import (
-    KeyRef,
-    Srs,
-    SrsError,
-    SrsKeyStore,
-    SrsReason,
+from forwarder.srs import KeyRef, Srs, SrsError, SrsReason
+from forwarder.srsstore import (
+    SqliteKeys,
     ensure_secrets,
     load_secrets,
     rotate_secrets,
@@ -66,7 +64,7 @@ def srs_reverse(settings: Settings, address: str) -> str:
     keys = settings.state_dir / KEYS_FILE
     found = None
     if keys.exists():
-        store = SrsKeyStore(keys)
+        store = SqliteKeys(keys)
         try:
             found = store.get(result.key)
         finally:

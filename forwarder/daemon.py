@@ -26,15 +26,16 @@ from typing import Any
 from forwarder import __version__, log
 from forwarder.checks import Checks
 from forwarder.clock import Clock, SystemClock
-from forwarder.config import ConfigError, Settings
+from forwarder.config import ConfigError, HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
+from forwarder.control import STATUS_SOCKET, StatusService
 from forwarder.delivery import Dispatcher, MailRouter, Router
 from forwarder.directory import DirectoryReader
 from forwarder.dns import CachingResolver, MxRouter
 from forwarder.front import Accepted, Front
 from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
 from forwarder.policy import needs_srs
-from forwarder.queue import Job, Queue, RecipientJob
+from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
 from forwarder.returnpath import ReturnPath
 from forwarder.senders import SenderTally
 from forwarder.smtpclient import ConnectionPool, Sender
@@ -44,6 +45,7 @@ from forwarder.workers import Acceptors, MainLink, listening_socket
 
 LOG = log.get("forwarder.daemon")
 STATUS_INTERVAL = 5.0
+PURGE_INTERVAL = 3600.0
 # Pending connections the kernel holds for us: bursts of 500 clients must not wait for a
 # SYN retransmission (asyncio's default is 100).
 BACKLOG = 1024
@@ -119,6 +121,9 @@ class Daemon:
                                      Sender(settings.delivery, self.pool), self.clock,
                                      self.metrics,
                                      envelope_sender=self._envelope_sender)
+        # `forwarder status` (forwarder/control.py); only the main process listens.
+        self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
+                                    self.clock, lambda: describe(self), self.refresh_status)
 
     def _router(self, settings: Settings, resolver: CachingResolver | None) -> MailRouter:
         mx = None if resolver is None else MxRouter(resolver, port=settings.delivery.mx_port)
@@ -183,6 +188,7 @@ class Daemon:
             self._spawn(watchdog_loop(self.notifier, interval), "watchdog")
         self.dispatcher.wake()
         await self._start_acceptors()
+        await self.status.start()
         LOG.info("listening", host=self.settings.listen.host, port=self.port,
                  domains=list(self.settings.domains), version=__version__,
                  acceptors=self.acceptors.count if self.acceptors else 0)
@@ -191,14 +197,13 @@ class Daemon:
 
     async def _listen(self, acceptor: bool) -> None:
         """Bind (or, in an acceptor, take over the inherited socket) and serve SMTP."""
-        if acceptor:
-            submit: Callable[[Job], None] = lambda job: self._wake_main()  # noqa: E731
-        else:
-            submit = self.dispatcher.submit
+        # The main process delivers what it accepts; an acceptor leaves it to the main
+        # process's scanner (forwarder/queue/intake.py).
+        intake: Intake = (ScannerIntake(self.queue, self._wake_main) if acceptor
+                          else DirectIntake(self.queue, self.dispatcher.submit))
         assert self.directory is not None and self.return_path is not None
-        self.front = Front(self.settings, self.directory, self.queue, submit, self.clock,
-                           self.return_path, self.metrics, in_memory=not acceptor,
-                           checks=self.checks)
+        self.front = Front(self.settings, self.directory, intake, self.clock,
+                           self.return_path, self.metrics, checks=self.checks)
         front = self.front
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
@@ -247,10 +252,17 @@ class Daemon:
         return SmtpProtocol(front, self.settings, self.connections)
 
     async def _status_loop(self) -> None:
-        """Queue depth for metrics and for `systemctl status` (STATUS=)."""
+        """Queue depth for metrics and for `systemctl status` (STATUS=); once an hour, the
+        long-sender keys whose SRS addresses have expired are forgotten."""
+        purged_at = -PURGE_INTERVAL
         while True:
             with contextlib.suppress(Exception):
                 await self.refresh_status()
+            self.status.tick()
+            if self.clock.now() - purged_at >= PURGE_INTERVAL and self.return_path is not None:
+                purged_at = self.clock.now()
+                with contextlib.suppress(Exception):
+                    await self.return_path.purge_expired()
             await asyncio.sleep(STATUS_INTERVAL)
 
     async def refresh_status(self) -> None:
@@ -347,6 +359,7 @@ class Daemon:
         await self.checks.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
+        await self.status.close()
         await self.queue.close()
         if self.directory is not None:
             await self.flush_senders()
@@ -373,6 +386,21 @@ class Daemon:
         finally:
             LOG.info("stopping")
             await self.stop()
+
+
+def describe(daemon: Daemon) -> dict[str, Any]:
+    """What the status document says about the process itself (forwarder/control.py)."""
+    served = daemon._metrics_server
+    acceptors = [] if daemon.acceptors is None else sorted(
+        child.proc.pid for child in daemon.acceptors.children.values()
+        if child.proc.returncode is None)
+    return {
+        "state": "stopping" if daemon._stop.is_set() else "running",
+        "listening": {
+            "smtp": [str(HostPort(daemon.settings.listen.host, daemon.port))],
+            "metrics": None if served is None else str(HostPort(served.host, served.port))},
+        "acceptors": acceptors,
+    }
 
 
 # Python's cyclic garbage collector runs a young-generation pass every 700 allocations,

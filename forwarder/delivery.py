@@ -1,13 +1,14 @@
 """Delivery: lease due recipients, route them, send, record the outcome, bounce failures.
 
-A `Dispatcher` owns the set of recipients in flight. Fresh messages reach it straight from
-the SMTP front (their bytes are still in memory, and their recipients were leased in the
-same commit that queued them); retries are found by scanning the queue, which leases what
-it hands out. Recipients of one message are grouped by envelope sender and destination,
-so one transaction carries all the copies that go to the same place.
+A `Dispatcher` owns the set of recipients in flight. Fresh messages accepted in this
+process reach it straight from the SMTP front (their bytes are still in memory, and their
+recipients were leased in the same commit that queued them); an acceptor process's
+messages, and retries, are found by scanning the queue, which leases what it hands out.
+Recipients of one message are grouped by envelope sender and destination, so one
+transaction carries all the copies that go to the same place.
 
 A message suspected of crashing the daemon is tried alone in a lane of its own, one at a
-time, beside the ordinary traffic (forwarder/queue.py says how crashes are charged).
+time, beside the ordinary traffic (policy.blame says how crashes are charged).
 """
 
 from __future__ import annotations
@@ -181,8 +182,7 @@ class Dispatcher:
     async def _crashed(self, job: Job) -> None:
         retry_at = self.clock.now() + self.settings.delivery.first_retry
         with contextlib.suppress(Exception):
-            if await self.queue.crashed(job.message_id, [r.id for r in job.recipients],
-                                        retry_at):
+            if await self.queue.crashed(job, retry_at):
                 LOG.error("message_held", queue_id=job.message_id, reason="repeated crashes")
 
     async def _deliver(self, job: Job) -> None:
@@ -193,26 +193,28 @@ class Dispatcher:
         now = self.clock.now()
         results = [self._result(job, rcpt, attempts[rcpt.id], now) for rcpt in job.recipients]
         dsns = self._reports(job, body, results, now)
-        # A suspect whose lone attempt got this far did not bring the daemon down.
-        cleared = [job.message_id] if job.isolated else []
-        _, new_ids = await self.queue.record(results, dsns, now, cleared)
+        # The attempt completed: crash blame is told so (a suspect alone in the lane that
+        # got this far did not bring the daemon down).
+        _, new_ids = await self.queue.record(results, dsns, [(job.message_id, job.lane)])
         for rcpt, result in zip(job.recipients, results, strict=True):
             self._log(job, rcpt, result, attempts[rcpt.id], now)
-            latency = now - job.arrived_at if result.outcome == "delivered" else None
+            delivered = result.outcome is Outcome.DELIVERED
+            latency = now - job.arrived_at if delivered else None
             self.metrics.delivery_result(result.outcome, rcpt.route.value, latency)
         for dsn, ids in zip(dsns, new_ids, strict=True):
             LOG.info("bounce_queued", queue_id=dsn.id, orig_queue_id=job.message_id,
                      to=job.sender)
-            self.submit(_job_of(dsn, ids))
+            self.submit(Job.fresh(dsn, ids))
 
     def _reports(self, job: Job, body: bytes, results: list[Result],
                  now: float) -> list[NewMessage]:
         """The DSNs this round causes: one for failures, one for first delay warnings."""
         by_id = {r.id: r for r in job.recipients}
-        plan: tuple[tuple[Literal["failed", "delayed"], str], ...] = (
-            ("failed", "failed"), ("delayed", "deferred"))
+        plan: tuple[tuple[Literal["failed", "delayed"], Outcome], ...] = (
+            ("failed", Outcome.FAILED), ("delayed", Outcome.DEFERRED))
         reports = [(action, [(by_id[r.recipient_id], r) for r in results
-                             if r.outcome == wanted and (wanted == "failed" or r.warned)])
+                             if r.outcome is wanted
+                             and (wanted is Outcome.FAILED or r.warned)])
                    for action, wanted in plan]
         # Parse the headers (is it a bounce?) only when there is something to report.
         if not any(chosen for _, chosen in reports) or not should_report(job.sender, body):
@@ -271,7 +273,7 @@ class Dispatcher:
                 retry_at = now + retry_delay(rcpt.attempts + 1, d.first_retry, d.max_retry)
                 warned = (d.delay_warning > 0 and not rcpt.warned
                           and now - job.arrived_at >= d.delay_warning)
-        return Result(rcpt.id, job.message_id, outcome.value, now, retry_at,
+        return Result(rcpt.id, job.message_id, outcome, now, retry_at,
                       attempt.text, attempt.status, attempt.relay, warned)
 
     def _log(self, job: Job, rcpt: RecipientJob, result: Result, attempt: Attempt,
@@ -279,16 +281,11 @@ class Dispatcher:
         fields: dict[str, Any] = {
             "queue_id": job.message_id, "to": rcpt.rcpt, "orig_to": rcpt.orig_rcpt,
             "relay": attempt.relay or "none", "delay": round(now - job.arrived_at, 3),
-            "dsn": result.dsn_status, "status": result.outcome, "route": rcpt.route.value,
+            "dsn": result.dsn_status, "status": result.outcome.value,
+            "route": rcpt.route.value,
         }
-        if result.outcome == "delivered":
+        if result.outcome is Outcome.DELIVERED:
             LOG.info("delivery", **fields)
         else:
             LOG.warning("delivery", reason=attempt.text, retry_at=result.retry_at, **fields)
 
-
-def _job_of(message: NewMessage, ids: list[int]) -> Job:
-    return Job(message.id, message.sender, message.arrived_at, [
-        RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0)
-        for rid, r in zip(ids, message.recipients, strict=True)
-    ], message.body)

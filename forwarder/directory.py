@@ -22,6 +22,7 @@ from typing import Any
 
 import aiosqlite
 
+from forwarder import migrations
 from forwarder.policy import Account, AccountState
 from forwarder.senders import SenderCount
 
@@ -91,54 +92,8 @@ def connect(path: Path, busy_timeout: float = 5.0) -> sqlite3.Connection:
     # Admin writes are rare and must survive a crash just as queue writes do.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    migrate(conn)
+    migrations.migrate(conn, MIGRATIONS, "directory", DirectoryError)
     return conn
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise DirectoryError(
-            f"directory schema version {version} is newer than this program ({SCHEMA_VERSION})"
-        )
-    for number in range(version, SCHEMA_VERSION):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Re-read inside the write lock: another process may have migrated meanwhile.
-            if conn.execute("PRAGMA user_version").fetchone()[0] != number:
-                conn.execute("ROLLBACK")
-                continue
-            for statement in _split_sql(MIGRATIONS[number]):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number + 1}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-
-def inspect_database(path: Path, newest: int, busy_timeout: float = 5.0) -> list[str]:
-    """Problems with an SQLite file, opened read-only (for `forwarder check`: it must not
-    create or migrate anything). A missing file is no problem: it is created at start."""
-    if not path.exists():
-        return []
-    try:
-        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True,
-                               timeout=busy_timeout)
-        try:
-            problems = []
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > newest:
-                problems.append(f"{path}: schema version {version} is newer than this "
-                                f"program ({newest})")
-            result = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if result != "ok":
-                problems.append(f"{path}: damaged ({result})")
-            return problems
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        return [f"{path}: cannot read: {exc}"]
 
 
 def count_active(path: Path, busy_timeout: float = 5.0) -> int:
@@ -153,20 +108,6 @@ def count_active(path: Path, busy_timeout: float = 5.0) -> int:
             "SELECT count(*) FROM accounts WHERE state = 'active'").fetchone()[0])
     finally:
         conn.close()
-
-
-def _split_sql(script: str) -> list[str]:
-    """Split a migration into statements, keeping trigger bodies whole."""
-    statements: list[str] = []
-    buffer = ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            statements.append(buffer.strip())
-            buffer = ""
-    if buffer.strip():
-        statements.append(buffer.strip())
-    return statements
 
 
 def _row_to_account(row: tuple[str, str, str | None]) -> Account:

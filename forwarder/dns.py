@@ -414,16 +414,6 @@ class MxRouter:
         return addresses, error
 
 
-class SmarthostRouter:
-    """Every domain goes to one relay host; the connection resolves its name if need be."""
-
-    def __init__(self, host: str, port: int = SMTP_PORT) -> None:
-        self._destination = Destination(host, host, port)
-
-    async def route(self, domain: str) -> list[Destination]:
-        return [self._destination]
-
-
 def _mx_record(rdata: dns.rdata.Rdata) -> MxRecord:
     assert isinstance(rdata, dns.rdtypes.ANY.MX.MX)
     return MxRecord(rdata.preference, _host(rdata.exchange.to_text()))

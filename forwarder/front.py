@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -35,18 +34,9 @@ from forwarder.policy import (
     count_received_headers,
     decide_account,
 )
-from forwarder.queue import (
-    LEASE_SECONDS,
-    Job,
-    NewMessage,
-    NewRecipient,
-    Queue,
-    QueueError,
-    RecipientJob,
-    new_queue_id,
-)
+from forwarder.queue import Intake, NewMessage, NewRecipient, QueueError, new_queue_id
 from forwarder.returnpath import ReturnPath
-from forwarder.session import Envelope, SessionInfo
+from forwarder.smtpevents import Envelope, SessionInfo
 from forwarder.srs import SrsError
 
 LOG = log.get("forwarder.smtp")
@@ -97,22 +87,18 @@ class Front:
         self,
         settings: Settings,
         directory: DirectoryReader,
-        queue: Queue,
-        submit: Callable[[Job], None],
+        intake: Intake,
         clock: Clock,
         return_path: ReturnPath,
         metrics: Metrics,
-        in_memory: bool = True,
         checks: Checks | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
-        self.queue = queue
-        self.submit = submit
+        self.intake = intake
         self.clock = clock
         self.return_path = return_path
         self.metrics = metrics
-        self.in_memory = in_memory
         self.checks = checks
 
     # --- greeting --------------------------------------------------------------------
@@ -232,8 +218,7 @@ class Front:
             content, prefix, checked = result.content, result.prefix, result.fields
         message = self._message(session, envelope, accepted, content, queue_id, now, prefix)
         try:
-            ids = await self.queue.enqueue(
-                message, lease_until=now + LEASE_SECONDS if self.in_memory else None)
+            await self.intake.accept(message)
         except QueueError as exc:
             LOG.error("queue_write_failed", client=session.client, error=str(exc),
                       no_space=exc.no_space)
@@ -244,12 +229,6 @@ class Front:
                  **{"from": message.sender}, to=[r.rcpt for r in message.recipients],
                  orig_to=[r.orig_rcpt for r in message.recipients],
                  route=[r.route.value for r in message.recipients], **checked)
-        # In one process the bytes go straight to delivery; an acceptor process only
-        # tells the main process that work is due (forwarder/workers.py).
-        self.submit(Job(queue_id, message.sender, now, [
-            RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0)
-            for rid, r in zip(ids, message.recipients, strict=True)
-        ], message.body))
         return replies.queued(queue_id)
 
     def _inbound(self, session: SessionInfo, envelope: Envelope[Accepted],

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,10 +23,12 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
 from forwarder import replies
+from forwarder.policy import Outcome
 from forwarder.replies import Reply
 
 __all__ = [
@@ -79,6 +84,31 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+class _ProcessCollector(ProcessCollector):
+    """prometheus_client's process metrics (`process_resident_memory_bytes`, CPU, open
+    files) of this process. The library reads the boot time from /proc/stat and reports
+    nothing at all when it cannot, and the unit's ProcSubset=pid hides /proc/stat: the boot
+    time then comes from CLOCK_BOOTTIME, which needs no file."""
+
+    def _boot_time(self) -> float:
+        try:
+            found = super()._boot_time()  # type: ignore[no-untyped-call]
+        except OSError:
+            found = None
+        if found:
+            return float(found)
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def resident_memory_bytes() -> int:
+    """This process's resident set size (0 where /proc/self/statm cannot be read)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGESIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class Metrics:
     """Every metric the daemon exports, behind one method per event."""
 
@@ -92,6 +122,7 @@ class Metrics:
         """`verdicts`, `queue_states`: label values to export at 0 from the start (the
         verdicts are the policy's reasons, not listed in this file)."""
         self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
+        _ProcessCollector(registry=self.registry)
         self._build_counters()
         self._build_gauges()
         self._queue_states: set[str] = set()
@@ -155,9 +186,15 @@ class Metrics:
         )
         self._own_open = 0
         self._child_open: dict[str, int] = {}
+        self._child_rss: dict[str, int] = {}
         self._absorbed: dict[str, dict[str, float]] = {}
         self._open_sessions.set_function(
             lambda: self._own_open + sum(self._child_open.values()))
+        # The main process's own memory is process_resident_memory_bytes (above); the
+        # acceptor processes report theirs with their counters, once a second.
+        Gauge("forwarder_acceptors_resident_memory_bytes",
+              "Resident memory of the acceptor processes, summed (0 without acceptors).",
+              registry=reg).set_function(lambda: sum(self._child_rss.values()))
         self._front_counters: dict[str, Counter] = {
             "forwarder_rcpt_verdicts_total": self._rcpt,
             "forwarder_messages_accepted_total": self._accepted,
@@ -219,8 +256,12 @@ class Metrics:
         """SMTP sessions open in this process and in the acceptors that report to it."""
         return self._own_open + sum(self._child_open.values())
 
-    def absorb(self, source: str, totals: Mapping[str, float], open_sessions: int) -> None:
-        """Add what `source` (an acceptor) counted since its last report."""
+    def absorb(self, source: str, totals: Mapping[str, float], open_sessions: int,
+               rss: int | None = None) -> None:
+        """Add what `source` (an acceptor) counted since its last report; `rss` is its
+        resident memory now."""
+        if rss is not None:
+            self._child_rss[source] = rss
         seen = self._absorbed.setdefault(source, {})
         for key, value in totals.items():
             delta = value - seen.get(key, 0.0)
@@ -235,6 +276,7 @@ class Metrics:
     def forget(self, source: str) -> None:
         """An acceptor exited: its sessions are gone (its counts stay in the totals)."""
         self._child_open.pop(source, None)
+        self._child_rss.pop(source, None)
         self._absorbed.pop(source, None)
 
     def rcpt_verdict(self, verdict: str) -> None:
@@ -295,13 +337,13 @@ class Metrics:
         self._delivery("failed", destination)
 
     def delivery_result(
-        self, result: str, destination: str, latency_seconds: float | None = None
+        self, result: Outcome, destination: str, latency_seconds: float | None = None
     ) -> None:
-        """The same as delivered/deferred/failed, for callers holding a policy.Outcome value."""
-        if result == "delivered":
+        """The same as delivered/deferred/failed, for callers holding a policy.Outcome."""
+        if result is Outcome.DELIVERED:
             self.delivered(destination, latency_seconds if latency_seconds is not None else 0.0)
         else:
-            self._delivery(result, destination)
+            self._delivery(result.value, destination)
 
     def _delivery(self, result: str, destination: str) -> None:
         if result not in DELIVERY_RESULTS:
@@ -322,6 +364,32 @@ class Metrics:
         for state in self._queue_states:
             self._queue_depth.labels(state=state).set(depth_by_state.get(state, 0))
         self._oldest.set(max(0.0, oldest_age) if oldest_age is not None else 0.0)
+
+    def summary(self) -> dict[str, Any]:
+        """The figures `forwarder status` shows, read back from this registry (so they
+        include what the acceptors reported): running totals, the queue as last counted,
+        open sessions and resident memory."""
+        values: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                values.setdefault(sample.name, []).append((sample.labels, sample.value))
+
+        def total(name: str, **match: str) -> float:
+            return sum(v for labels, v in values.get(name, [])
+                       if all(labels.get(k) == want for k, want in match.items()))
+
+        return {
+            "accepted": total("forwarder_messages_accepted_total"),
+            "refused": total("forwarder_messages_refused_total"),
+            "deliveries": {result: total("forwarder_deliveries_total", result=result)
+                           for result in DELIVERY_RESULTS},
+            "queue_depth": {labels["state"]: value for labels, value
+                            in values.get("forwarder_queue_depth", [])},
+            "queue_oldest_age_seconds": total("forwarder_queue_oldest_age_seconds"),
+            "smtp_sessions_open": total("forwarder_smtp_sessions_open"),
+            "resident_memory_bytes": total("process_resident_memory_bytes")
+            + total("forwarder_acceptors_resident_memory_bytes"),
+        }
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

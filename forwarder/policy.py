@@ -1,4 +1,5 @@
-"""Pure decisions: recipient verdicts, retry schedule, outcome of a destination's reply.
+"""Pure decisions: recipient verdicts, retry schedule, outcome of a destination's reply,
+crash blame.
 
 No I/O here (no asyncio, no sqlite, no sockets), in the manner of h11's `_state.py`:
 every rule is a table or a small function, tested without an event loop.
@@ -136,6 +137,8 @@ def retry_delay(attempts: int, first: float, maximum: float) -> float:
 
 
 class Outcome(enum.Enum):
+    """What an attempt did for one recipient (also the metrics' `result` label)."""
+
     DELIVERED = "delivered"
     DEFERRED = "deferred"
     FAILED = "failed"
@@ -152,6 +155,87 @@ def outcome_of_reply(code: int) -> Outcome:
 
 def is_expired(arrived_at: float, now: float, lifetime: float) -> bool:
     return now - arrived_at >= lifetime
+
+
+# --- Crash blame ----------------------------------------------------------------------
+#
+# Which message a crash is blamed on. Mailman's switchboard quarantines the one file a
+# runner was working on; a daemon delivering hundreds of messages at once needs more care,
+# or one OOM kill under load (or an administrator's kill -9 in a loop) would quarantine
+# every innocent message that happened to be in flight. So a message in ordinary delivery
+# when the process died only becomes a suspect; a suspect is tried alone, in a lane of its
+# own (one message at a time in the whole daemon), and only a crash while it is alone
+# there, or a worker raising on it, is charged to it. An attempt that completes alone,
+# whatever its outcome, clears the count: the message evidently does not bring the daemon
+# down. The queue (forwarder/queue/ops.py) applies these verdicts to its rows.
+
+# A message charged with this many crashes is held (quarantined): suspected once, then
+# twice alone in the suspect lane when the process died, or a worker raising on it.
+MAX_CRASHES = 3
+
+
+class Lane(enum.Enum):
+    """Where a message's attempt ran."""
+
+    ORDINARY = "ordinary"  # with the other mail
+    ALONE = "alone"  # a suspect, alone in the suspect lane
+
+
+class Ending(enum.Enum):
+    """How a message's attempt ended, as far as anyone knows."""
+
+    COMPLETED = "completed"  # an outcome was recorded (delivered, deferred or failed)
+    RAISED = "raised"  # the worker raised on it (a bug, not a delivery failure)
+    PROCESS_DIED = "process_died"  # start-up found its lease: the process died meanwhile
+
+
+class Charge(enum.Enum):
+    """What an ending does to a message's crash count."""
+
+    KEEP = "keep"  # nothing changes
+    SUSPECT = "suspect"  # at least 1: a suspect, tried alone from now on
+    CHARGE = "charge"  # one more crash
+    CLEAR = "clear"  # back to 0: not a suspect any more
+
+
+BLAME: dict[tuple[Lane, Ending], Charge] = {
+    # Ordinary delivery only ever holds messages that are not suspects: nothing to clear.
+    (Lane.ORDINARY, Ending.COMPLETED): Charge.KEEP,
+    (Lane.ALONE, Ending.COMPLETED): Charge.CLEAR,
+    (Lane.ORDINARY, Ending.RAISED): Charge.CHARGE,
+    (Lane.ALONE, Ending.RAISED): Charge.CHARGE,
+    # Hundreds of messages may be in flight at a crash: each is only suspected, never
+    # charged twice for dying beside the others.
+    (Lane.ORDINARY, Ending.PROCESS_DIED): Charge.SUSPECT,
+    (Lane.ALONE, Ending.PROCESS_DIED): Charge.CHARGE,
+}
+
+
+@dataclass(frozen=True)
+class Suspicion:
+    """A message's standing: its crash count and whether it is held (quarantined)."""
+
+    crashes: int
+    held: bool
+
+    @property
+    def suspect(self) -> bool:
+        """Tried alone in the suspect lane rather than with the other mail."""
+        return self.crashes > 0 and not self.held
+
+
+def blame(lane: Lane, ending: Ending, before: Suspicion) -> Suspicion:
+    """A message's standing after an attempt in `lane` ended with `ending`. A count that
+    reaches MAX_CRASHES holds the message; only an administrator releases it."""
+    charge = BLAME[(lane, ending)]
+    if charge is Charge.KEEP:
+        return before
+    crashes = {
+        Charge.SUSPECT: max(before.crashes, 1),
+        Charge.CHARGE: before.crashes + 1,
+        Charge.CLEAR: 0,
+    }[charge]
+    return Suspicion(crashes, before.held or crashes >= MAX_CRASHES)
 
 
 def count_received_headers(message: bytes) -> int:

@@ -23,19 +23,32 @@ What a hostile peer gets (docs/security.md):
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeAlias, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from forwarder import replies
 from forwarder.replies import Reply
-from forwarder.smtpbody import BodyReader
+from forwarder.smtpbody import TOO_LONG, BodyReader, CommandLines
+from forwarder.smtpevents import (
+    Closing,
+    Envelope,
+    Event,
+    Hello,
+    MailFrom,
+    MessageReceived,
+    MessageRefused,
+    RcptTo,
+    SessionInfo,
+    SessionLimits,
+    StartTls,
+    TlsInfo,
+)
 from forwarder.smtpsyntax import (
     SIZE_EXTENSION_OCTETS,
-    after_keyword,
     decode_argument,
+    envelope_path,
+    help_text,
     mail_parameters_fault,
-    parameters,
     render_reply,
     split_command,
     split_path,
@@ -43,139 +56,8 @@ from forwarder.smtpsyntax import (
 
 T = TypeVar("T")
 
-# Postfix's smtpd_hard_error_limit is 20; garbage gets a shorter rope here.
-MAX_BAD_COMMANDS = 10
 # Replies to HELO and EHLO and the greeting carry no enhanced code (RFC 2034 4).
 _NO_ENHANCED = frozenset({None, "HELO", "EHLO"})
-# HELP's answers (RFC 5321 4.1.1.8); STARTTLS is listed only where it is offered.
-_SYNTAX = {
-    "DATA": "DATA", "EHLO": "EHLO hostname", "EXPN": "EXPN <address>", "HELO": "HELO hostname",
-    "HELP": "HELP [command]", "MAIL": "MAIL FROM: <address> [SP <mail-parameters>]",
-    "NOOP": "NOOP [ignored]", "QUIT": "QUIT", "RCPT": "RCPT TO: <address> [SP <mail-parameters>]",
-    "RSET": "RSET", "STARTTLS": "STARTTLS", "VRFY": "VRFY <address>",
-}
-_TOO_LONG = b"\x00too long"  # a sentinel: no real line holds a NUL and gets this far
-
-
-@dataclass(frozen=True, slots=True)
-class SessionLimits:
-    max_message_size: int
-    max_line_length: int  # a text line in DATA, CRLF included (RFC 5321 4.5.3.1.6)
-    max_command_line: int  # a command line, CRLF included (RFC 5321 4.5.3.1.4)
-    max_bad_commands: int = MAX_BAD_COMMANDS
-
-
-@dataclass(frozen=True, slots=True)
-class TlsInfo:
-    """The TLS layer of a session after STARTTLS (RFC 3207)."""
-
-    version: str
-    cipher: str
-
-
-@dataclass(slots=True)
-class SessionInfo:
-    """What the handler knows about the client (the names aiosmtpd's Session uses)."""
-
-    peer: object  # the transport's peername
-    client: str  # the client's address as text
-    host_name: str | None = None  # the HELO/EHLO argument, once accepted
-    extended_smtp: bool = False  # EHLO rather than HELO
-    tls: TlsInfo | None = None
-
-
-@dataclass(slots=True)
-class Envelope(Generic[T]):
-    """One transaction (aiosmtpd's names), plus what the handler decided about it: the
-    reverse-path as it normalised it, and one `T` per accepted recipient."""
-
-    mail_from: str | None = None  # as the client wrote it; "<>" for the null sender
-    mail_options: list[str] = field(default_factory=list)
-    rcpt_tos: list[str] = field(default_factory=list)
-    rcpt_options: list[str] = field(default_factory=list)
-    content: bytes | None = None  # after the dot: unstuffed, checked
-    smtp_utf8: bool = False
-    sender: str = ""
-    accepted: list[T] = field(default_factory=list)
-
-
-class Handler(Protocol[T]):
-    """The decisions a session asks for, with aiosmtpd's hook names and arguments. Each
-    returns the reply text (EHLO: its lines); RCPT and DATA may wait, the others may not.
-    `exception_reply` turns an error raised by any hook into a reply (DESIGN.md habit 4)."""
-
-    def handle_HELO(self, server: object, session: SessionInfo, envelope: Envelope[T],
-                    hostname: str) -> str: ...
-
-    def handle_EHLO(self, server: object, session: SessionInfo, envelope: Envelope[T],
-                    hostname: str, responses: list[str]) -> list[str]: ...
-
-    def handle_MAIL(self, server: object, session: SessionInfo, envelope: Envelope[T],
-                    address: str, mail_options: list[str]) -> str: ...
-
-    def handle_RCPT(self, server: object, session: SessionInfo, envelope: Envelope[T],
-                    address: str, rcpt_options: list[str]) -> Awaitable[str]: ...
-
-    def handle_DATA(self, server: object, session: SessionInfo,
-                    envelope: Envelope[T]) -> Awaitable[str]: ...
-
-    def exception_reply(self, error: BaseException) -> str: ...
-
-
-# --- events: what the adapter must act on -----------------------------------------------
-# (not frozen: a frozen dataclass is built through object.__setattr__, a cost per event)
-
-
-@dataclass(slots=True)
-class Hello:
-    """HELO or EHLO: answer with `reply_lines` (EHLO's lines are offered in `lines`)."""
-
-    hostname: str
-    lines: list[str]  # EHLO: the reply lines with our extensions; HELO: empty
-
-
-@dataclass(slots=True)
-class MailFrom:
-    address: str
-    options: list[str]  # upper-cased parameters, as aiosmtpd gives them
-
-
-@dataclass(slots=True)
-class RcptTo:
-    address: str
-    options: list[str]
-
-
-@dataclass(slots=True)
-class MessageReceived(Generic[T]):
-    """The body ended with a real CRLF.CRLF and passed its checks."""
-
-    envelope: Envelope[T]
-
-
-@dataclass(slots=True)
-class MessageRefused:
-    """The body ended but was refused (already answered): for logs and counters."""
-
-    reply: Reply
-
-
-@dataclass(slots=True)
-class StartTls:
-    """The client asked for TLS and was told to go ahead: drop what it sent after the
-    command (`discard_input`), then start the handshake."""
-
-
-@dataclass(slots=True)
-class Closing:
-    """The session is over (the reply is in the output): write it, then close. `quit`: the
-    client said goodbye (its connection slot can be freed at once)."""
-
-    quit: bool
-
-
-Event: TypeAlias = (
-    "Hello | MailFrom | RcptTo | MessageReceived[T] | MessageRefused | StartTls | Closing")
 
 
 @functools.lru_cache(maxsize=128)
@@ -199,11 +81,10 @@ class Session(Generic[T]):
         self.progressed = False
         # The longest line read whole: a text line or a MAIL command with its SIZE
         # parameter; anything longer is skipped to its CRLF and refused.
-        self._line_limit = max(limits.max_line_length + 1,
-                               limits.max_command_line + SIZE_EXTENSION_OCTETS)
+        self._lines = CommandLines(max(limits.max_line_length + 1,
+                                       limits.max_command_line + SIZE_EXTENSION_OCTETS))
         self._in = bytearray()
         self._out = bytearray()
-        self._skipping = False  # inside an overlong line, up to its CRLF
         self._body: BodyReader | None = None
         self._current: str | None = None  # the command being answered
         self._bad_commands = 0
@@ -285,40 +166,16 @@ class Session(Generic[T]):
                     return None
                 event = self._feed_body()
             else:
-                line = self._next_line()
+                line = self._lines.next_line(self._in)
                 if line is None:
                     return None
                 self.progressed = True
                 self._current = None
-                event = (self._refuse(replies.COMMAND_TOO_LONG) if line is _TOO_LONG
+                event = (self._refuse(replies.COMMAND_TOO_LONG) if line is TOO_LONG
                          else self._command(line))
             if event is not None:
                 return event
         return None
-
-    def _next_line(self) -> bytes | None:
-        """The next command line without its CRLF, `_TOO_LONG` for a line past the limit
-        (skipped up to its CRLF, so its tail is never read as a command), or None."""
-        buf = self._in
-        end = buf.find(b"\r\n")
-        if self._skipping:
-            if end < 0:
-                del buf[:-1]  # keep a final CR: the CRLF may straddle two reads
-                return None
-            del buf[:end + 2]
-            self._skipping = False
-            return _TOO_LONG
-        if end < 0:
-            if len(buf) > self._line_limit:
-                self._skipping = True
-                del buf[:-1]
-            return None
-        if end > self._line_limit:
-            del buf[:end + 2]
-            return _TOO_LONG
-        line = bytes(buf[:end])
-        del buf[:end + 2]
-        return line
 
     def _command(self, line: bytes) -> Event[T] | None:
         split = split_command(line)
@@ -437,24 +294,12 @@ class Session(Generic[T]):
 
     def _envelope_path(self, keyword: str, arg: str | None,
                        syntax: Reply) -> tuple[str, dict[str, str | bool]] | None:
-        """MAIL's and RCPT's `KEYWORD:<path> [params]` -> (mailbox, parameters), or None
-        once the reply refusing it is said."""
-        path = after_keyword(keyword, arg)
-        if path is None:
-            self.say(syntax)
+        """MAIL's and RCPT's `KEYWORD:<path> [params]`, or None once refused."""
+        parsed = envelope_path(keyword, arg, self.info.extended_smtp, syntax)
+        if isinstance(parsed, Reply):
+            self.say(parsed)
             return None
-        address, params = split_path(path)
-        if address is None:
-            self.say(replies.MALFORMED_ADDRESS)
-            return None
-        if not address or (params and not self.info.extended_smtp):
-            self.say(syntax)
-            return None
-        parsed = parameters(params or "")
-        if parsed is None:
-            self.say(syntax)
-            return None
-        return address, parsed
+        return parsed
 
     def smtp_DATA(self, arg: str | None) -> Event[T] | None:
         if self._helo_needed():
@@ -503,14 +348,7 @@ class Session(Generic[T]):
         return None
 
     def smtp_HELP(self, arg: str | None) -> Event[T] | None:
-        offered = {k: v for k, v in _SYNTAX.items()
-                   if k != "STARTTLS" or (self.tls_offered and not self._tls)}
-        if arg and arg.upper() in offered:
-            text = f"{replies.HELP_SYNTAX} {offered[arg.upper()]}"
-        else:
-            reply = replies.HELP_UNKNOWN if arg else replies.HELP
-            text = f"{reply} {' '.join(sorted(offered))}"
-        self._out += render_reply(text, False)
+        self._out += render_reply(help_text(arg, self.tls_offered and not self._tls), False)
         return None
 
     def smtp_STARTTLS(self, arg: str | None) -> Event[T] | None:

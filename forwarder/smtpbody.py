@@ -1,13 +1,48 @@
-"""The DATA body, pure: find its end, undo dot-stuffing, check it (RFC 5321 4.5.2, 2.3.8).
+"""The session's input, pure: command lines framed by CRLF, and the DATA body (find its
+end, undo dot-stuffing, check it: RFC 5321 4.5.2, 2.3.8).
 
 Everything here works on whole byte strings at C speed (`bytes.find`, `count`, `replace`,
-`split`), never on a Python object per line.
+`split`), never on a Python object per line of the body.
 """
 
 from __future__ import annotations
 
 from forwarder import replies
 from forwarder.replies import Reply
+
+TOO_LONG = b"\x00too long"  # a sentinel: no real line holds a NUL and gets this far
+
+
+class CommandLines:
+    """Command lines out of the input buffer: each ends at CRLF only (RFC 5321 2.3.8)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # the longest line read whole
+        self._skipping = False  # inside an overlong line, up to its CRLF
+
+    def next_line(self, buf: bytearray) -> bytes | None:
+        """The next line of `buf` without its CRLF (consumed), `TOO_LONG` for a line past
+        the limit (skipped up to its CRLF, so its tail is never read as a command), or
+        None until a whole line is there."""
+        end = buf.find(b"\r\n")
+        if self._skipping:
+            if end < 0:
+                del buf[:-1]  # keep a final CR: the CRLF may straddle two reads
+                return None
+            del buf[:end + 2]
+            self._skipping = False
+            return TOO_LONG
+        if end < 0:
+            if len(buf) > self.limit:
+                self._skipping = True
+                del buf[:-1]
+            return None
+        if end > self.limit:
+            del buf[:end + 2]
+            return TOO_LONG
+        line = bytes(buf[:end])
+        del buf[:end + 2]
+        return line
 
 
 def content_fault(content: bytes) -> Reply | None:

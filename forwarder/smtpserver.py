@@ -18,7 +18,8 @@ from forwarder import log, replies
 from forwarder.config import Settings
 from forwarder.connections import Connections
 from forwarder.replies import Reply
-from forwarder.session import (
+from forwarder.session import Session
+from forwarder.smtpevents import (
     Closing,
     Handler,
     Hello,
@@ -26,7 +27,6 @@ from forwarder.session import (
     MessageReceived,
     MessageRefused,
     RcptTo,
-    Session,
     SessionInfo,
     SessionLimits,
     StartTls,
@@ -56,6 +56,39 @@ def session_limits(settings: Settings) -> SessionLimits:
                          limits.max_command_line)
 
 
+class Deadline:
+    """One session's deadline. One timer, moved lazily: a timer that fires before the
+    current deadline re-arms itself for what is left, so a command costs a clock read, not
+    a cancelled timer and a new one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, expired: Callable[[], None]) -> None:
+        self.loop = loop
+        self.expired: Callable[[], None] | None = expired
+        self._when = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def move(self, duration: float) -> None:
+        self._when = self.loop.time() + duration
+        timer = self._timer
+        if timer is None or timer.cancelled() or timer.when() > self._when:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(self._when, self._fire)
+
+    def _fire(self) -> None:
+        if self.loop.time() < self._when:  # moved since the timer was set
+            self._timer = self.loop.call_at(self._when, self._fire)
+        elif self.expired is not None:
+            self.expired()
+
+    def cancel(self) -> None:
+        """The session is over; the reference to it is dropped (no cycle to collect)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self.expired = None
+
+
 class SmtpProtocol(asyncio.Protocol, Generic[T]):
     """One SMTP connection: the session's bytes, events and deadline (module docstring)."""
 
@@ -73,8 +106,7 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         self._read_paused = False
         self._write_paused = False
         self._task: asyncio.Future[Any] | None = None
-        self._deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = Deadline(self.loop, self._timed_out)
 
     # --- connection life --------------------------------------------------------------
 
@@ -97,7 +129,7 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         self.session = Session(self.settings.hostname, session_limits(self.settings),
                                SessionInfo(peer, self._client),
                                self.connections.tls_context is not None)
-        self._reset_timeout(limits.command_timeout)
+        self._deadline.move(limits.command_timeout)
         self.session.greet()
         self._flush()
 
@@ -114,8 +146,7 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
     def connection_lost(self, error: Exception | None) -> None:
         if self._admitted:
             self.connections.release(self, self._client)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._deadline.cancel()
         # A lookup or handshake in flight is abandoned; a queue commit is not (it runs on
         # its own, held by Connections, and its result is only not sent).
         if self._task is not None and not self._task.done():
@@ -124,7 +155,6 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         # frees the session now rather than the cyclic garbage collector.
         self.transport = None
         self.session = None
-        self._timer = None
         self._task = None
 
     def pause_writing(self) -> None:
@@ -155,7 +185,7 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         if session.progressed and not self._busy:
             session.progressed = False
             limits = self.settings.limits
-            self._reset_timeout(limits.data_timeout if session.in_body
+            self._deadline.move(limits.data_timeout if session.in_body
                                 else limits.command_timeout)
         out = session.data_to_send()
         if out and self.transport is not None:
@@ -318,23 +348,9 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
 
     # --- deadlines and closing --------------------------------------------------------
 
-    def _reset_timeout(self, duration: float) -> None:
-        """Set the session's deadline. One timer per session, moved lazily: a timer that
-        fires before the current deadline re-arms itself for what is left, so a command
-        costs a clock read, not a cancelled timer and a new one."""
-        self._deadline = self.loop.time() + duration
-        timer = self._timer
-        if timer is None or timer.cancelled() or timer.when() > self._deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = self.loop.call_at(self._deadline, self._timeout_cb)
-
-    def _timeout_cb(self) -> None:
+    def _timed_out(self) -> None:
         """The command or DATA deadline passed (RFC 5321 4.5.3.2): say so and close."""
         if self.transport is None:
-            return
-        if self.loop.time() < self._deadline:  # moved since the timer was set
-            self._timer = self.loop.call_at(self._deadline, self._timeout_cb)
             return
         LOG.info("session_timeout", client=self._client,
                  command=self.session.current if self.session is not None else None)

@@ -188,3 +188,37 @@ def mail_parameters_fault(params: dict[str, str | bool], max_size: int) -> Reply
     if params or smtputf8:
         return replies.MAIL_PARAMETERS_UNKNOWN
     return None
+
+
+def envelope_path(keyword: str, arg: str | None, extended: bool,
+                  syntax: Reply) -> tuple[str, dict[str, str | bool]] | Reply:
+    """MAIL's and RCPT's `KEYWORD:<path> [params]` -> (mailbox, parameters), or the reply
+    refusing it (`syntax` is the command's usage reply). Parameters only after EHLO."""
+    path = after_keyword(keyword, arg)
+    if path is None:
+        return syntax
+    address, params = split_path(path)
+    if address is None:
+        return replies.MALFORMED_ADDRESS
+    if not address or (params and not extended):
+        return syntax
+    parsed = parameters(params or "")
+    return syntax if parsed is None else (address, parsed)
+
+
+# HELP's answers (RFC 5321 4.1.1.8); STARTTLS is listed only where it is offered.
+_USAGE = {
+    "DATA": "DATA", "EHLO": "EHLO hostname", "EXPN": "EXPN <address>", "HELO": "HELO hostname",
+    "HELP": "HELP [command]", "MAIL": "MAIL FROM: <address> [SP <mail-parameters>]",
+    "NOOP": "NOOP [ignored]", "QUIT": "QUIT", "RCPT": "RCPT TO: <address> [SP <mail-parameters>]",
+    "RSET": "RSET", "STARTTLS": "STARTTLS", "VRFY": "VRFY <address>",
+}
+
+
+def help_text(arg: str | None, starttls: bool) -> str:
+    """HELP's reply: the usage of one command, or the list of them (214, RFC 5321 4.2.2)."""
+    offered = {k: v for k, v in _USAGE.items() if k != "STARTTLS" or starttls}
+    if arg and arg.upper() in offered:
+        return f"{replies.HELP_SYNTAX} {offered[arg.upper()]}"
+    reply = replies.HELP_UNKNOWN if arg else replies.HELP
+    return f"{reply} {' '.join(sorted(offered))}"

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from forwarder import log
-from forwarder.metrics import Metrics
+from forwarder.metrics import Metrics, resident_memory_bytes
 
 LOG = log.get("forwarder.workers")
 
@@ -37,6 +37,7 @@ METRICS = b"m"
 REPORT_INTERVAL = 1.0
 RESPAWN_DELAY = 1.0
 START_TIMEOUT = 60.0
+REPORTED_PROBLEMS = 10
 
 
 def _receive(sock: socket.socket, size: int) -> bytes | None:
@@ -113,8 +114,10 @@ class Acceptors:
         elif kind == METRICS:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 report = json.loads(payload)
-                self.metrics.absorb(f"acceptor-{child.index}", report["totals"],
-                                    int(report["open"]))
+                source = f"acceptor-{child.index}"
+                self.metrics.absorb(source, report["totals"], int(report["open"]),
+                                    int(report.get("rss", 0)))
+                log.remember_problems(report.get("problems", []), source)
 
     async def _watch(self, child: _Child) -> None:
         code = await child.proc.wait()
@@ -191,7 +194,12 @@ class MainLink:
         self._send(WAKE)
 
     def report(self, metrics: Metrics) -> None:
-        doc = {"totals": metrics.front_totals(), "open": metrics.open_sessions}
+        """Counters, open sessions, memory, and the last warnings and errors logged since
+        the last report (for `forwarder status`, which the main process answers; a few, so
+        the datagram stays well inside what the main process reads at once)."""
+        doc = {"totals": metrics.front_totals(), "open": metrics.open_sessions,
+               "rss": resident_memory_bytes(),
+               "problems": log.drain_problems()[-REPORTED_PROBLEMS:]}
         self._send(METRICS + json.dumps(doc).encode())
 
     async def report_loop(self, metrics: Metrics) -> None:

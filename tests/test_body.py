@@ -1,4 +1,4 @@
-"""Reading a DATA body (forwarder/smtp.py `BodyReader`): the reader that takes the body as
+"""Reading a DATA body (forwarder/smtpbody.py `BodyReader`): the reader that takes the body as
 it arrives and looks for CRLF `.` CRLF gives exactly what reading it line by line gives,
 for any body and any way the bytes arrive, and hands back exactly what follows the end."""
 

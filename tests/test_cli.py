@@ -18,7 +18,8 @@ from forwarder.cli import build_parser, main
 from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.directory import Directory
-from forwarder.srs import Srs, load_secrets
+from forwarder.srs import Srs
+from forwarder.srsstore import load_secrets
 from tests.conftest import (
     DOMAIN,
     DaemonFactory,

@@ -15,7 +15,7 @@ import pytest
 from forwarder.config import HostPort
 from forwarder.connections import Connections
 from forwarder.directory import Directory
-from forwarder.session import Envelope, SessionInfo
+from forwarder.smtpevents import Envelope, SessionInfo
 from forwarder.smtpserver import SmtpProtocol
 from tests.conftest import DOMAIN, DaemonFactory, Sink, make_settings, until
 from tests.test_hostile import GRAD, RawClient, forwarding, stuffed

@@ -16,8 +16,8 @@ from forwarder.directory import (
     ImportPlan,
     ImportRow,
     count_active,
-    inspect_database,
 )
+from forwarder.migrations import inspect_database
 from forwarder.policy import AccountState
 from tests.conftest import DOMAIN
 

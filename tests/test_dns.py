@@ -18,7 +18,6 @@ from forwarder.dns import (
     DnsTemporaryError,
     MxRecord,
     MxRouter,
-    SmarthostRouter,
     address_literal,
     classify_error,
     is_null_mx,
@@ -427,10 +426,3 @@ async def test_address_literal_needs_no_dns(dns_server: DnsServer) -> None:
     with pytest.raises(DnsPermanentError, match="invalid domain"):
         await router.route("a..b")
     assert dns_server.queries == []
-
-
-async def test_smarthost_router() -> None:
-    router = SmarthostRouter("relay.school.lan", 587)
-    assert await router.route("anything.example") == [
-        Destination("relay.school.lan", "relay.school.lan", 587)
-    ]

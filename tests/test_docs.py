@@ -72,7 +72,7 @@ def _documented_metrics() -> set[str]:
     found = set()
     for row in _table_rows((DOCS / "metrics.md").read_text()):
         names = _code_spans(row[0])
-        if names and names[0].startswith("forwarder_"):
+        if names and names[0].startswith(("forwarder_", "process_")):
             found.add(names[0])
     return found
 

@@ -405,7 +405,7 @@ async def test_a_client_that_floods_commands_without_reading_is_held_back(
 ) -> None:
     """Pipelined NOOPs from a client that never reads the replies: once our replies back up,
     the session stops answering and then stops reading; TCP holds the client back, and
-    the input we hold stays bounded (forwarder/smtp.py `_flow`)."""
+    the input we hold stays bounded (forwarder/smtpserver.py `_flow`)."""
     d = await start_daemon()
     _reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
     chunk = b"NOOP\r\n" * 10_000

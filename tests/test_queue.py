@@ -10,8 +10,7 @@ from forwarder.daemon import Daemon
 from forwarder.delivery import MailRouter
 from forwarder.directory import Directory
 from forwarder.dns import Destination
-from forwarder.policy import Route
-from forwarder.queue import MAX_CRASHES
+from forwarder.policy import MAX_CRASHES, Route
 from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send, until
 
 GRAD = f"jean.dupont@{DOMAIN}"

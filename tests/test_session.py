@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from forwarder import replies
-from forwarder.session import (
+from forwarder.session import Session
+from forwarder.smtpevents import (
     Closing,
     Envelope,
     Hello,
@@ -20,7 +21,6 @@ from forwarder.session import (
     MessageReceived,
     MessageRefused,
     RcptTo,
-    Session,
     SessionInfo,
     SessionLimits,
     StartTls,

@@ -179,7 +179,7 @@ async def test_a_commit_waits_for_another_writer_and_then_succeeds(
     start_daemon: DaemonFactory, sink: Sink, directory: Directory, state_dir: Path,
 ) -> None:
     """Another process (an acceptor, the CLI) holding the queue's write lock delays the
-    commit, within busy_timeout; the writer polls for the lock itself (forwarder/queue.py)
+    commit, within busy_timeout; the writer polls for the lock itself (forwarder/queue/writer.py)
     and the message is accepted as soon as the lock is free."""
     forwarding(directory)
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port), busy_timeout=30)

@@ -240,7 +240,7 @@ def test_unit_matches_the_daemon_contract() -> None:
     assert "NotifyAccess=main" in lines
     assert "WatchdogSec=30s" in lines
     assert (
-        "ExecStart=/usr/local/bin/forwarder serve --config /etc/forwarder/forwarder.toml"
+        "ExecStart=/usr/bin/forwarder serve --config /etc/forwarder/forwarder.toml"
         " --state-dir /var/lib/forwarder"
     ) in lines
     # Longer than the daemon's 30 s graceful stop, or systemd SIGKILLs sessions in flight.
