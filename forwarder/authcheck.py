@@ -49,9 +49,13 @@ class ThreadDns:
     """DNS for code running in a worker thread, answered on the event loop (module doc)."""
 
     def __init__(self, resolver: CachingResolver, loop: asyncio.AbstractEventLoop,
-                 deadline: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 deadline: float, clock: Callable[[], float] = time.monotonic,
+                 waiting: set[concurrent.futures.Future[Lookup]] | None = None) -> None:
         self._resolver = resolver
         self._loop = loop
+        # The questions threads are waiting on, shared by the checks of one process, so
+        # that stopping the daemon can release every waiting thread at once (abandon()).
+        self._waiting = set() if waiting is None else waiting
         self._deadline = deadline  # on `clock`
         self._clock = clock
         self.temporary_failures = 0
@@ -78,15 +82,28 @@ class ThreadDns:
             raise DnsTemporaryError("check deadline passed")
         future = asyncio.run_coroutine_threadsafe(self._resolver.lookup(name, rdtype),
                                                   self._loop)
+        self._waiting.add(future)
         try:
             return future.result(remaining)
         except concurrent.futures.TimeoutError:
             future.cancel()
             self.temporary_failures += 1
             raise DnsTemporaryError("check deadline passed") from None
+        except concurrent.futures.CancelledError:
+            self.temporary_failures += 1
+            raise DnsTemporaryError("the daemon is stopping") from None
         except DnsTemporaryError:
             self.temporary_failures += 1
             raise
+        finally:
+            self._waiting.discard(future)
+
+
+def abandon(waiting: set[concurrent.futures.Future[Lookup]]) -> None:
+    """Release every thread waiting on a DNS answer (the daemon stops: its loop will not
+    answer): each gets a temporary error at once instead of waiting out its deadline."""
+    for future in list(waiting):
+        future.cancel()
 
 
 # --- SPF ------------------------------------------------------------------------------

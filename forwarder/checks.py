@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forwarder import log
-from forwarder.authcheck import ThreadDns, check_spf, verify_dkim
+from forwarder.authcheck import ThreadDns, abandon, check_spf, verify_dkim
 from forwarder.authresults import (
     DkimResult,
     SpfResult,
@@ -180,6 +180,7 @@ class Checks:
         self.pool = concurrent.futures.ThreadPoolExecutor(settings.checks.threads,
                                                           thread_name_prefix="checks")
         self.scan_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="scan")
+        self._waiting: set[concurrent.futures.Future[Lookup]] = set()
         self.rspamd = RspamdClient(settings.rspamd) if settings.rspamd.url else None
         self.limiter = RateLimiter(settings.rate_limits, now)
         self.spf_cache = SpfCache(resolver)
@@ -208,6 +209,9 @@ class Checks:
     async def close(self) -> None:
         if self.rspamd is not None:
             await self.rspamd.close()
+        # Threads waiting on DNS are released now, not at their deadline: the interpreter
+        # joins the pool's threads before the process can exit.
+        abandon(self._waiting)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.scan_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -265,7 +269,9 @@ class Checks:
         return self._conclude(message, scan, spf, dkim, outcomes, mode)
 
     def _thread_dns(self, loop: asyncio.AbstractEventLoop, deadline: float) -> ThreadDns | None:
-        return ThreadDns(self.resolver, loop, deadline) if self.resolver is not None else None
+        if self.resolver is None:
+            return None
+        return ThreadDns(self.resolver, loop, deadline, waiting=self._waiting)
 
     async def _scan(self, loop: asyncio.AbstractEventLoop, content: bytes) -> _Scan:
         if _small_header(content):

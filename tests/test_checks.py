@@ -3,8 +3,10 @@ SPF, DKIM keys and DMARC (tests/authzone.py), a real SMTP sink, and the admin CL
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from tests.conftest import (
     make_settings,
     refused_port,
     smtp_send,
+    until,
 )
 from tests.dnsserver import Behaviour, DnsServer
 from tests.test_dkim import password_reset
@@ -377,3 +380,27 @@ async def test_sighup_applies_new_checks_settings(
         assert data is not None and data[0] == 250
     finally:
         await d.stop()
+
+
+async def test_stopping_releases_threads_waiting_on_dns(
+    zone: DnsServer, sink: Sink, graduate: str, state_dir: Path, clock: FakeClock,
+) -> None:
+    """A check waiting on a silent name server does not hold the process's exit for its
+    deadline: the interpreter joins the pool's threads before it exits."""
+    zone.set_behaviour(JOBTEASER, Behaviour.TIMEOUT)
+    d = Daemon(make_settings(state_dir, smarthost=HostPort("127.0.0.1", sink.port),
+                             dns_servers=(HostPort("127.0.0.1", zone.port),), stop_timeout=0.5,
+                             checks=CheckSettings(enabled=True, deadline=60)), clock=clock)
+    await d.start()
+    sending = asyncio.ensure_future(smtp_send(d.port, "noreply@jobteaser.com", [graduate],
+                                              password_reset()))
+    try:
+        await until(lambda: zone.queries_for(JOBTEASER, "TXT"))
+        started = time.monotonic()
+        await d.stop()
+        await until(lambda: not any(t.name.startswith("checks") and t.is_alive()
+                                    for t in threading.enumerate()), timeout=5)
+        assert time.monotonic() - started < 5
+    finally:
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
