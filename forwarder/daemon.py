@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from forwarder import __version__, log
+from forwarder.checks import Checks
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
@@ -36,6 +37,7 @@ from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
 from forwarder.policy import needs_srs
 from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
 from forwarder.returnpath import ReturnPath
+from forwarder.senders import SenderTally
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
@@ -66,22 +68,32 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
-def mail_router(settings: Settings, clock: Clock) -> MailRouter:
-    return MailRouter(settings.mailbox_host, settings.smarthost, _mx_router(settings, clock))
+def mail_router(settings: Settings, resolver: CachingResolver | None) -> MailRouter:
+    mx = None if resolver is None else MxRouter(resolver, port=settings.delivery.mx_port)
+    return MailRouter(settings.mailbox_host, settings.smarthost, mx)
 
 
-def _mx_router(settings: Settings, clock: Clock) -> MxRouter | None:
+def make_resolver(settings: Settings, clock: Clock) -> CachingResolver | None:
     servers = settings.dns_servers
     try:
         if servers:
-            resolver = CachingResolver([s.host for s in servers], port=servers[0].port,
-                                       now=clock.now)
-        else:
-            resolver = CachingResolver(use_system_config=True, now=clock.now)
+            return CachingResolver([s.host for s in servers], port=servers[0].port,
+                                   now=clock.now)
+        return CachingResolver(use_system_config=True, now=clock.now)
     except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
         LOG.error("dns_unavailable", error=str(exc))
         return None
-    return MxRouter(resolver, port=settings.delivery.mx_port)
+
+
+def per_process(settings: Settings, processes: int) -> Settings:
+    """With several accepting processes, each takes its share of the total connection
+    cap, so "500 in all" holds for the daemon; the per-client cap stays whole in each
+    (a client's connections are not spread evenly, and 20 must always be possible)."""
+    if processes == 1:
+        return settings
+    share = -(-settings.limits.max_connections // processes)
+    return dataclasses.replace(
+        settings, limits=dataclasses.replace(settings.limits, max_connections=share))
 
 
 class Daemon:
@@ -101,7 +113,7 @@ class Daemon:
         multi = control_fd is not None or (acceptor_argv is not None
                                            and settings.acceptor_count > 0)
         self._processes = 1 + settings.acceptor_count if multi else 1
-        self.settings = settings = self._per_process(settings)
+        self.settings = settings = per_process(settings, self._processes)
         # Several accepting processes (forwarder/workers.py): the main process is given
         # the argv to start acceptors with; an acceptor is given the two inherited fds.
         self.acceptor_argv = acceptor_argv
@@ -112,7 +124,9 @@ class Daemon:
         self._listener: socket.socket | None = None
         self.clock = clock or SystemClock()
         self._fixed_router = router
-        self.router = router or mail_router(settings, self.clock)
+        # One resolver (and cache) for MX routing and the inbound checks.
+        self.resolver = make_resolver(settings, self.clock)
+        self.router = router or mail_router(settings, self.resolver)
         self.reload_settings = reload_settings
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
@@ -126,14 +140,17 @@ class Daemon:
         # Live sessions (caps, shutdown notice), the STARTTLS context, the session's metrics.
         self.connections = Connections(metrics=self.metrics)
         self.directory: SqliteDaemonDirectory | None = None
-        self.targets: TargetUpkeep | None = None  # main process only
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
+        self.senders = SenderTally(self.clock.now)
+        self.checks = Checks(settings, self.resolver, self.metrics, self.senders,
+                             self.clock.now)
         self.pool = ConnectionPool(settings.delivery, settings.hostname)
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
                                      Sender(settings.delivery, self.pool), self.clock,
                                      self.metrics,
                                      envelope_sender=self._envelope_sender)
+        self.targets = TargetUpkeep(settings, self.queue, self.dispatcher, self.clock, self.metrics)
         # `forwarder status` (forwarder/control.py); only the main process listens.
         self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
                                     self.clock, lambda: describe(self), self.refresh_status)
@@ -172,13 +189,14 @@ class Daemon:
             if recovered or held:
                 LOG.warning("queue_recovered", recipients=recovered, held=held)
         await self._listen(acceptor)
+        # Every process counts the sender domains its checks saw and adds them up in the
+        # directory now and then.
+        self._spawn(self._report_loop(), "senders")
         if acceptor:
             self._start_acceptor()
             return
         await self._start_metrics()
-        self.targets = TargetUpkeep(self.settings, self.directory, self.queue,
-                                    self.dispatcher, self.clock, self.metrics)
-        await self.targets.start()
+        await self.targets.start(self.directory)
         self._spawn(self.dispatcher.run(), "dispatcher")
         self._spawn(self._status_loop(), "status")
         interval = watchdog_interval()
@@ -201,8 +219,7 @@ class Daemon:
                           else DirectIntake(self.queue, self.dispatcher.submit))
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, intake, self.clock,
-                           self.return_path, self.metrics)
-        self.front.token_secrets = self.directory.token_secrets()
+                           self.return_path, self.metrics, checks=self.checks)
         front = self.front
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
@@ -276,6 +293,16 @@ class Daemon:
             f"messages, {sum(stats['recipients'].values())} recipients, "
             f"{len(self.dispatcher.in_flight)} in delivery")
 
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.checks.report_interval)
+            await self.flush_senders()
+
+    async def flush_senders(self) -> int:
+        """Add the sender counts gathered since the last flush to the directory."""
+        assert self.directory is not None
+        return await self.senders.flush(self.directory.record_senders)
+
     # --- reload -----------------------------------------------------------------------
 
     def reload(self) -> bool:
@@ -287,9 +314,10 @@ class Daemon:
             self.acceptors.signal_all(signal.SIGHUP)  # they re-read the same file
         try:
             new = self.reload_settings()
-            assert self.return_path is not None and self.directory is not None
+            assert self.return_path is not None
             self.return_path.reload(new.effective_srs_domain)
-            token_secrets = self.directory.token_secrets()
+            if self.front is not None:
+                self.front.reload_token_secrets()
             self.connections.reload_tls(new)
         except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
             LOG.error("reload_refused", error=str(exc))
@@ -300,30 +328,19 @@ class Daemon:
             new = dataclasses.replace(new, listen=self.settings.listen,
                                       state_dir=self.settings.state_dir)
         self._apply(new)
-        if self.front is not None:
-            self.front.token_secrets = token_secrets
-        if self.targets is not None:
-            self.targets.reload(new)
+        self.targets.reload(new)
         LOG.info("reloaded", domains=list(new.domains))
         self.notifier.ready("reloaded")
         return True
 
-    def _per_process(self, settings: Settings) -> Settings:
-        """With several accepting processes, each takes its share of the total connection
-        cap, so "500 in all" holds for the daemon; the per-client cap stays whole in each
-        (a client's connections are not spread evenly, and 20 must always be possible)."""
-        if self._processes == 1:
-            return settings
-        share = -(-settings.limits.max_connections // self._processes)
-        return dataclasses.replace(
-            settings, limits=dataclasses.replace(settings.limits, max_connections=share))
-
     def _apply(self, new: Settings) -> None:
-        new = self._per_process(new)
+        new = per_process(new, self._processes)
         self.settings = new
         if self._fixed_router is None:
-            self.router = mail_router(new, self.clock)
+            self.resolver = make_resolver(new, self.clock)
+            self.router = mail_router(new, self.resolver)
             self.dispatcher.router = self.router
+        self.checks.apply(new, self.resolver)
         self.dispatcher.settings = new
         if self.front is not None:
             self.front.settings = new
@@ -343,18 +360,19 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.targets is not None:
-            await self.targets.stop()
+        await self.targets.stop()
         if self.link is not None:
             self.link.report(self.metrics)
             self.link.close()
         await self.queue.release_leases(interrupted, self.clock.now())
         await self.pool.close()
+        await self.checks.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
         await self.status.close()
         await self.queue.close()
         if self.directory is not None:
+            await self.flush_senders()
             await self.directory.close()
         if self.return_path is not None:
             await self.return_path.close()

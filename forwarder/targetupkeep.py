@@ -21,31 +21,46 @@ GAUGE_INTERVAL = 60.0
 
 
 class TargetUpkeep:
-    def __init__(self, settings: Settings, directory: DaemonDirectory, queue: Queue,
-                 dispatcher: Dispatcher, clock: Clock, metrics: Metrics) -> None:
-        self.directory = directory
+    """Built with the daemon, started in the main process only (acceptors deliver nothing);
+    `stop` and `reload` do nothing until it is started."""
+
+    def __init__(self, settings: Settings, queue: Queue, dispatcher: Dispatcher,
+                 clock: Clock, metrics: Metrics) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.clock = clock
         self.metrics = metrics
         self.dispatcher = dispatcher
-        self.watch = TargetWatch(settings, directory, queue, dispatcher.wake, clock)
-        self.notices = NoticeSender(settings, directory, queue, dispatcher.wake, clock)
+        self.directory: DaemonDirectory | None = None
+        self.watch: TargetWatch | None = None
+        self.notices: NoticeSender | None = None
         self._gauge: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, directory: DaemonDirectory) -> None:
+        self.directory = directory
+        wake = self.dispatcher.wake
+        self.watch = TargetWatch(self.settings, directory, self.queue, wake, self.clock)
+        self.notices = NoticeSender(self.settings, directory, self.queue, wake, self.clock)
         await self.watch.start()
         self.dispatcher.observe = self.watch.observe
         self.notices.start()
         self._gauge = asyncio.create_task(self._gauge_loop(), name="targets-gauge")
 
     def reload(self, settings: Settings) -> None:
-        self.watch.settings = self.notices.settings = settings
+        self.settings = settings
+        for part in (self.watch, self.notices):
+            if part is not None:
+                part.settings = settings
 
     async def stop(self) -> None:
         """After delivery has stopped: what it reported last is written."""
         if self._gauge is not None:
             self._gauge.cancel()
             await asyncio.gather(self._gauge, return_exceptions=True)
-        await self.notices.stop()
-        await self.watch.stop()
+        if self.notices is not None:
+            await self.notices.stop()
+        if self.watch is not None:
+            await self.watch.stop()
 
     async def _gauge_loop(self) -> None:
         while True:
@@ -55,5 +70,6 @@ class TargetUpkeep:
 
     async def refresh_gauge(self) -> None:
         """Count the redirect targets by state for forwarder_targets."""
+        assert self.directory is not None
         counts = await self.directory.target_counts()
         self.metrics.targets_snapshot({state.value: n for state, n in counts.items()})

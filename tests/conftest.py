@@ -29,7 +29,7 @@ from forwarder.daemon import Daemon
 from forwarder.directory import Directory, Written
 from tests.dnsserver import DnsServer
 
-pytest_plugins = ["tests.dnsfixtures"]
+pytest_plugins = ["tests.dnsfixtures", "tests.rspamdfixture"]
 
 DOMAIN = "sigma-clermont.fr"
 

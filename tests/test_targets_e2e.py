@@ -236,7 +236,6 @@ def answer(sink: Sink, reply: str | None) -> None:
 
 
 async def target_gauge(d: Daemon) -> dict[str, float]:
-    assert d.targets is not None
     await d.targets.refresh_gauge()
     return {s.labels["state"]: s.value
             for f in text_string_to_metric_families(d.metrics.render().decode())
@@ -255,8 +254,8 @@ async def test_dead_targets_become_failing_and_a_delivery_revives_them(
     await work.wait_for(1)
     await until(lambda: queued(d) == 0 and not d.dispatcher.in_flight)
     start_at = clock.now()
-    assert d.targets is not None
     watch = d.targets.watch
+    assert watch is not None
     # A policy refusal says nothing about the mailbox: never counted.
     answer(home, "550 5.7.1 message refused by policy")
     for day in (0, 10, 20, 30, 40, 50):
@@ -321,8 +320,8 @@ async def test_a_bouncing_notice_counts_and_its_dsn_goes_to_the_admin(
     (dsn,) = await providers["school-it.example"].wait_for(1)
     assert dsn.rcpt_tos == [ADMIN] and dsn.mail_from in ("", "<>")
     assert HOME in dsn.content.decode() and b"5.1.1" in dsn.content
-    assert d.targets is not None
     watch = d.targets.watch
+    assert watch is not None
     await watch.flush()
     directory = Directory(state_dir / "directory.sqlite3", actor="test")
     (target,) = directory.require(GRAD).targets
@@ -349,7 +348,7 @@ async def test_imported_targets_get_their_notices_from_the_daemon(
         HOME, "pierre@perso.example"}
     # The same file again declares nothing: no notice is owed twice.
     assert await cli(state_dir, "account", "import", str(csv), "--no-dns-check") == 0
-    assert d.targets is not None and await d.targets.notices.send_owed(10) == 0
+    assert d.targets.notices is not None and await d.targets.notices.send_owed(10) == 0
 
 
 async def test_last_success_is_kept_fresh_once_a_day(
@@ -361,8 +360,8 @@ async def test_last_success_is_kept_fresh_once_a_day(
     await graduate_with_targets(state_dir, d, HOME)
     await providers["perso.example"].wait_for(1)  # the notice: its success is noted too
     await until(lambda: queued(d) == 0 and not d.dispatcher.in_flight)
-    assert d.targets is not None
     watch = d.targets.watch
+    assert watch is not None
     first = clock.now()
     await send_at(d, clock, 0.1, first)
     await send_at(d, clock, 0.2, first)

@@ -46,6 +46,7 @@ from forwarder.directory.secrets import (
     token_secrets_path,
 )
 from forwarder.policy import AccountState
+from forwarder.senders import SenderCount
 from forwarder.targets import MAX_TARGETS, Event, TargetState, transition
 from forwarder.tokens import Binding
 
@@ -124,6 +125,17 @@ class Directory:
         row = self.conn.execute("SELECT address, target, declared_at FROM targets"
                                 " WHERE id = ?", (target_id,)).fetchone()
         return None if row is None else Binding(row[0], row[1], row[2])
+
+    def sender_report(self, since_day: int) -> list[SenderCount]:
+        """Per From domain, the counts of the days from `since_day` on, added up; the
+        policy is the one seen last. Unordered: the report decides what is worst."""
+        rows = self.conn.execute(
+            "SELECT domain, sum(dkim_aligned), sum(spf_only), sum(unaligned),"
+            " (SELECT policy FROM sender_stats AS last WHERE last.domain = s.domain"
+            "  ORDER BY day DESC LIMIT 1)"
+            " FROM sender_stats AS s WHERE day >= ? GROUP BY domain", (since_day,))
+        return [SenderCount(domain, since_day, dkim, spf, none, policy or "")
+                for domain, dkim, spf, none, policy in rows]
 
     def history(self, address: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(

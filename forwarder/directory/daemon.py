@@ -22,6 +22,7 @@ from forwarder.directory.schema import connect
 from forwarder.directory.secrets import load_token_secrets, token_secrets_path
 from forwarder.directory.upkeep import Upkeep
 from forwarder.policy import Account, AccountState, Consume
+from forwarder.senders import SenderCount
 from forwarder.targets import DeadRule, TargetState, TargetView
 from forwarder.tokens import Binding
 
@@ -110,6 +111,9 @@ class SqliteDaemonDirectory:
 
     async def notices_sent(self, target_ids: Sequence[int]) -> None:
         await self._write(lambda up: up.notices_sent(target_ids))
+
+    async def record_senders(self, rows: Sequence[SenderCount]) -> None:
+        await self._write(lambda up: up.record_senders(rows))
 
     async def refresh_successes(self, seen: Sequence[tuple[str, str, float]]) -> None:
         await self._write(lambda up: up.refresh_successes(seen))

@@ -7,7 +7,8 @@ so that another backend (PostgreSQL, for several nodes) can stand in for SQLite:
 - `AdminDirectory`, synchronous, for the `forwarder` command;
 - `DaemonDirectory`, asynchronous, for the daemon: RCPT's lookup (one indexed read giving
   the account and its targets) and the few writes the daemon makes (a confirm+ or refuse+
-  message consumed, a target's failures and successes, a target turning `failing`).
+  message consumed, a target's failures and successes, a target turning `failing`, the
+  sender report's counts).
 
 What a backend must guarantee, whatever its engine:
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from forwarder.policy import Account, AccountState, Consume
+from forwarder.senders import SenderCount
 from forwarder.targets import DeadRule, Health, TargetState, TargetView
 from forwarder.tokens import Binding
 
@@ -210,6 +212,10 @@ class AdminDirectory(Protocol):
 
     def history(self, address: str) -> list[dict[str, Any]]: ...
 
+    def sender_report(self, since_day: int) -> list[SenderCount]:
+        """Per From domain, the sender counts of the days from `since_day` on, added up."""
+        ...
+
     def plan_import(self, rows: Sequence[ImportRow]) -> ImportPlan: ...
 
     def import_rows(self, rows: Sequence[ImportRow], dry_run: bool = False,
@@ -251,6 +257,10 @@ class DaemonDirectory(Protocol):
     async def record(self, results: Sequence[TargetResult], rule: DeadRule) -> list[StateChange]:
         """Record delivery results about targets, in order; return the targets that
         became `failing` or came back from it."""
+        ...
+
+    async def record_senders(self, rows: Sequence[SenderCount]) -> None:
+        """Add to the sender report's counts (forwarder/senders.py), in one transaction."""
         ...
 
     async def refresh_successes(self, seen: Sequence[tuple[str, str, float]]) -> None:

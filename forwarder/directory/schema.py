@@ -49,6 +49,19 @@ MIGRATIONS: tuple[str, ...] = (
         BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
     """,
     """
+    -- Per From domain and UTC day: how its mail passed DMARC (forwarder/senders.py), for
+    -- `forwarder report senders`. Counts only: no addresses, nothing about a person.
+    CREATE TABLE sender_stats (
+        domain       TEXT NOT NULL,
+        day          INTEGER NOT NULL,           -- days since 1970-01-01, UTC
+        dkim_aligned INTEGER NOT NULL DEFAULT 0, -- DMARC passed through aligned DKIM
+        spf_only     INTEGER NOT NULL DEFAULT 0, -- passed through SPF alone
+        unaligned    INTEGER NOT NULL DEFAULT 0, -- neither
+        policy       TEXT NOT NULL DEFAULT '',   -- the domain's DMARC p= as last seen
+        PRIMARY KEY (domain, day)
+    ) WITHOUT ROWID;
+    """,
+    """
     -- Several redirect targets per account, each with its state (forwarder/targets.py).
     -- `id` is what a notice's confirm+/refuse+ token names (forwarder/tokens.py);
     -- `confirmed`: its owner confirmed it and has not refused it since; the failure

@@ -29,6 +29,7 @@ from forwarder.directory.rows import (
 )
 from forwarder.directory.schema import connect
 from forwarder.policy import Consume
+from forwarder.senders import SenderCount
 from forwarder.targets import (
     DeadRule,
     Event,
@@ -40,6 +41,14 @@ from forwarder.targets import (
     transition,
 )
 from forwarder.tokens import TokenKind
+
+_ADD_SENDER_COUNTS = (
+    "INSERT INTO sender_stats (domain, day, dkim_aligned, spf_only, unaligned, policy)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (domain, day) DO UPDATE SET"
+    " dkim_aligned = dkim_aligned + excluded.dkim_aligned,"
+    " spf_only = spf_only + excluded.spf_only,"
+    " unaligned = unaligned + excluded.unaligned,"
+    " policy = CASE WHEN excluded.policy = '' THEN policy ELSE excluded.policy END")
 
 # Who the audit names for the daemon's own writes.
 DAEMON_ACTOR = "forwarder"
@@ -172,6 +181,13 @@ class Upkeep:
         with Transaction(self.conn):
             self.conn.executemany("UPDATE targets SET notice_due = NULL WHERE id = ?",
                                   [(target_id,) for target_id in target_ids])
+
+    def record_senders(self, rows: Sequence[SenderCount]) -> None:
+        """Add the counts to the sender report (forwarder/senders.py), in one transaction."""
+        with Transaction(self.conn):
+            self.conn.executemany(_ADD_SENDER_COUNTS, [
+                (r.domain, r.day, r.dkim_aligned, r.spf_only, r.unaligned, r.policy)
+                for r in rows])
 
     def refresh_successes(self, seen: Sequence[tuple[str, str, float]]) -> None:
         """`last_success` for targets with nothing else to record; never moves it back."""
