@@ -241,7 +241,12 @@ class Dispatcher:
             "relay": attempt.relay or "none", "delay": round(now - job.arrived_at, 3),
             "dsn": result.dsn_status, "status": result.outcome.value,
             "route": rcpt.route.value,
+            # Every hop's TLS on record: "none" for clear text (or no session).
+            "tls": attempt.tls.version if attempt.tls else "none",
         }
+        if attempt.tls is not None:
+            fields["cipher"] = attempt.tls.cipher
+            fields["tls_verified"] = attempt.tls.verified
         if result.outcome is Outcome.DELIVERED:
             LOG.info("delivery", **fields)
         else:

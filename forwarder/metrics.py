@@ -145,10 +145,10 @@ class Metrics:
             "forwarder_smtp_sessions", "SMTP sessions opened since start.", registry=reg
         )
         self._outbound_tls = Counter(
-            "forwarder_outbound_tls", "Outbound SMTP sessions, by how TLS went.", ["result"],
+            "forwarder_outbound_tls", "Outbound SMTP sessions, by how TLS went.", ["tls"],
             registry=reg)
         self._converted = Counter(
-            "forwarder_converted_7bit",
+            "forwarder_mime_conversions",
             "Messages converted to 7-bit for a next hop without 8BITMIME.", registry=reg)
         self._suspended = Counter(
             "forwarder_destination_suspensions",
@@ -204,7 +204,7 @@ class Metrics:
         for reason in REFUSAL_REASONS:
             self._refused.labels(reason=reason)
         for result in TLS_RESULTS:
-            self._outbound_tls.labels(result=result)
+            self._outbound_tls.labels(tls=result)
         self.queue_snapshot(dict.fromkeys(states, 0), None)
 
     # --- SMTP front -------------------------------------------------------------------
@@ -320,7 +320,7 @@ class Metrics:
         """An outbound SMTP session opened (or failed to) with this TLS `result`."""
         if result not in TLS_RESULTS:
             raise ValueError(f"unknown TLS result {result!r}")
-        self._outbound_tls.labels(result=result).inc()
+        self._outbound_tls.labels(tls=result).inc()
 
     def converted_7bit(self) -> None:
         self._converted.inc()

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TRANSPORT_FILE = "forwarder_transport.regexp"
-RECIPIENTS_FILE = "forwarder_recipients.regexp"
+TRANSPORT_FILE = "forwarder-transport.regexp"
+RECIPIENTS_FILE = "forwarder-recipients.regexp"
 
 
 @dataclass(frozen=True)

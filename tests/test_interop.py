@@ -220,7 +220,7 @@ async def test_8bit_mail_converted_for_a_hop_without_8bitmime(
     assert message.get_content().replace("\r\n", "\n") == (
         "Bonjour Élodie, voici votre lien de réinitialisation.\n")
     assert message["From"] == "Élodie <noreply@jobteaser.test>"  # raw header kept as is
-    assert d.metrics.registry.get_sample_value("forwarder_converted_7bit_total") == 1
+    assert d.metrics.registry.get_sample_value("forwarder_mime_conversions_total") == 1
 
 
 # --- SMTPUTF8 ------------------------------------------------------------------------------

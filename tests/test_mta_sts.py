@@ -202,7 +202,7 @@ def last_error(d: Daemon) -> list[tuple[int, str]]:
 
 def counted(d: Daemon, result: str) -> float | None:
     return d.metrics.registry.get_sample_value("forwarder_outbound_tls_total",
-                                               {"result": result})
+                                               {"tls": result})
 
 
 # --- enforce, testing, caching ---------------------------------------------------------------

@@ -309,7 +309,7 @@ async def test_opportunistic_starttls(
         # a delivery in clear, as Postfix's "may" level does, and is logged and counted.
         assert got.tls is (not broken)
         counted = {r: d.metrics.registry.get_sample_value(
-            "forwarder_outbound_tls_total", {"result": r}) for r in ("encrypted",
+            "forwarder_outbound_tls_total", {"tls": r}) for r in ("encrypted",
                                                                      "handshake_failed")}
         assert counted == ({"encrypted": 0, "handshake_failed": 1} if broken
                            else {"encrypted": 1, "handshake_failed": 0})
