@@ -243,14 +243,18 @@ class Front:
             self.metrics.message_refused("no_space" if exc.no_space else "queue_error")
             return str(replies.QUEUE_FULL if exc.no_space else replies.QUEUE_UNAVAILABLE)
         self.metrics.message_accepted(len(content))
+        # The client's TLS always; the cipher, 8BITMIME and SMTPUTF8 only when there is
+        # one to say (each field costs on every message: docs/performance.md).
         tls = session.tls
+        extra: dict[str, object] = {} if tls is None else {"cipher": tls.cipher}
+        if message.flags is not PLAIN:
+            extra.update(body="8BITMIME" if message.flags.eight_bit else "7BIT",
+                         smtputf8=message.flags.smtputf8)
         LOG.info("queued", queue_id=queue_id, size=len(message.body), client=message.client,
                  **{"from": message.sender}, to=[r.rcpt for r in message.recipients],
                  orig_to=[r.orig_rcpt for r in message.recipients],
                  route=[r.route.value for r in message.recipients],
-                 tls=tls.version if tls else "none", cipher=tls.cipher if tls else None,
-                 body="8BITMIME" if message.flags.eight_bit else "7BIT",
-                 smtputf8=message.flags.smtputf8)
+                 tls=tls.version if tls else "none", **extra)
         return replies.queued(queue_id)
 
     def _message(
