@@ -194,7 +194,8 @@ class Outbound:
         """The TLS a group's MX hosts must give, the hosts the policy allows, or the
         attempt that refuses them all (RFC 8461 4.1, 5.1)."""
         dests = list(group.dests)
-        if self.mta_sts is None or group.site.kind is not SiteKind.MX:
+        if (self.mta_sts is None or group.site.kind is not SiteKind.MX
+                or group.site.name.startswith("[")):  # an address literal has no policy
             return TlsPolicy.MAY, dests, None
         policy = await self.mta_sts.policy(group.site.name)
         if policy is None or policy.mode == "none":

@@ -48,11 +48,18 @@ class MailRouter:
     smarthost: HostPort | None
     mx: DnsRouter | None = None
 
+    def __post_init__(self) -> None:
+        # Made once: asked for every recipient.
+        self._mailbox_site = (None if self.mailbox_host is None
+                              else Site(SiteKind.MAILBOX, str(self.mailbox_host)))
+        self._smarthost_site = (None if self.smarthost is None
+                                else Site(SiteKind.SMARTHOST, str(self.smarthost)))
+
     def site(self, recipient: str, route: Route) -> Site:
-        if route is Route.MAILBOX and self.mailbox_host is not None:
-            return Site(SiteKind.MAILBOX, str(self.mailbox_host))
-        if route is not Route.MAILBOX and self.smarthost is not None:
-            return Site(SiteKind.SMARTHOST, str(self.smarthost))
+        if route is Route.MAILBOX and self._mailbox_site is not None:
+            return self._mailbox_site
+        if route is not Route.MAILBOX and self._smarthost_site is not None:
+            return self._smarthost_site
         return Site(SiteKind.MX, recipient.rpartition("@")[2].lower())
 
     async def route(self, recipient: str, route: Route) -> list[Destination]:

@@ -177,6 +177,11 @@ class Slots:
         self._dispatch(state)
         if site.kind is SiteKind.MX:
             self._dispatch_blocked()
+        if (not state.busy and not state.waiters and not state.failures
+                and state.window == state.cap and not state.suspended_until):
+            # Nothing to remember: a recipient domain seen once costs nothing afterwards.
+            del self._states[site]
+            self._blocked.pop(site, None)
 
     def _failed(self, state: _State, error: str) -> None:
         state.failures += 1
