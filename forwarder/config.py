@@ -210,15 +210,8 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
         return tuple(d.strip().lower().rstrip(".") for d in value)
     if key == "state_dir":
         return Path(str(value))
-    if key in ("tls_cert", "tls_key", "tls_ca_file"):
-        return Path(str(value)) if value else None
-    if key in ("source_address", "source_address6"):
-        return _source_address(key, value, problems)
-    if key == "mta_sts":
-        if not isinstance(value, bool):
-            problems.append("mta_sts: must be true or false")
-            return True
-        return value
+    if key in _OUTBOUND_KEYS:
+        return _convert_outbound(key, value, problems)
     if key == "acceptors":
         if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 64:
             problems.append("acceptors: must be a whole number from -1 (auto) to 64")
@@ -235,6 +228,22 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
         problems.append("log_level: must be debug, info, warning or error")
     if not isinstance(value, str):
         problems.append(f"{key}: must be a string")
+    return value
+
+
+_OUTBOUND_KEYS = ("tls_cert", "tls_key", "tls_ca_file", "source_address", "source_address6",
+                  "mta_sts")
+
+
+def _convert_outbound(key: str, value: Any, problems: list[str]) -> Any:
+    """TLS files, source addresses and the MTA-STS switch."""
+    if key in ("tls_cert", "tls_key", "tls_ca_file"):
+        return Path(str(value)) if value else None
+    if key in ("source_address", "source_address6"):
+        return _source_address(key, value, problems)
+    if not isinstance(value, bool):
+        problems.append(f"{key}: must be true or false")
+        return True
     return value
 
 

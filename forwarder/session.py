@@ -57,6 +57,8 @@ from forwarder.smtpsyntax import (
 
 T = TypeVar("T")
 
+# EHLO's keywords after SIZE: RFC 6152, RFC 2034, RFC 3461, RFC 6531.
+_EXTENSIONS = ("8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8")
 # Replies to HELO and EHLO and the greeting carry no enhanced code (RFC 2034 4).
 _NO_ENHANCED = frozenset({None, "HELO", "EHLO"})
 
@@ -191,9 +193,7 @@ class Session(Generic[T]):
         method = _COMMANDS.get(command)
         if method is None:
             return self._refuse(replies.COMMAND_UNRECOGNIZED)
-        # RFC 6531 3.3: UTF-8 may appear in MAIL's and RCPT's paths (the session then
-        # checks that the transaction said SMTPUTF8); nowhere else.
-        arg = decode_argument(raw_arg, utf8=command in ("MAIL", "RCPT"))
+        arg = decode_argument(raw_arg, utf8=command in ("MAIL", "RCPT"))  # RFC 6531 3.3
         if isinstance(arg, Reply):
             return self._refuse(arg)
         self._current = command
@@ -252,8 +252,7 @@ class Session(Generic[T]):
         self.envelope = Envelope()  # RFC 5321 4.1.4: EHLO resets
         self.info.extended_smtp = True
         self._hello = hostname
-        keywords = ["PIPELINING", f"SIZE {self.limits.max_message_size}", "8BITMIME",
-                    "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8"]
+        keywords = ["PIPELINING", f"SIZE {self.limits.max_message_size}", *_EXTENSIONS]
         if self.tls_offered and not self._tls:
             keywords.append("STARTTLS")
         lines = [f"250-{self.hostname}"] + [f"250-{k}" for k in keywords[:-1]]
@@ -261,9 +260,7 @@ class Session(Generic[T]):
         return Hello(hostname, lines)
 
     def smtp_MAIL(self, arg: str | None) -> Event[T] | None:
-        """MAIL FROM (RFC 5321 4.1.1.2) with the SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8
-        (RFC 6531) and RET/ENVID (RFC 3461) parameters; SIZE over the limit is 552 5.3.4
-        (RFC 1870 6.1)."""
+        """MAIL FROM (RFC 5321 4.1.1.2); parameters: smtpsyntax.mail_parameters_fault."""
         if self._helo_needed():
             return None
         syntax = replies.MAIL_SYNTAX_ESMTP if self.info.extended_smtp else replies.MAIL_SYNTAX
@@ -274,9 +271,7 @@ class Session(Generic[T]):
             self.say(replies.NESTED_MAIL)
             return None
         address, params = parsed
-        problem = mail_parameters_fault(params, self.limits.max_message_size)
-        if problem is None and not address.isascii() and "SMTPUTF8" not in params:
-            problem = replies.UTF8_NEEDS_SMTPUTF8
+        problem = mail_parameters_fault(params, self.limits.max_message_size, address)
         if problem is not None:
             self.say(problem)
             return None
@@ -294,9 +289,7 @@ class Session(Generic[T]):
         if parsed is None:
             return None
         address, params = parsed
-        problem = rcpt_parameters_fault(params)
-        if problem is None and not address.isascii() and not self.envelope.smtp_utf8:
-            problem = replies.UTF8_NEEDS_SMTPUTF8
+        problem = rcpt_parameters_fault(params, address, self.envelope.smtp_utf8)
         if problem is not None:
             self.say(problem)
             return None

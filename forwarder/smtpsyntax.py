@@ -175,10 +175,14 @@ def parameters(params: str) -> dict[str, str | bool] | None:
     return result
 
 
-def mail_parameters_fault(params: dict[str, str | bool], max_size: int) -> Reply | None:
-    """What is wrong with MAIL FROM's parameters, or None: SIZE (RFC 1870), BODY (RFC
-    6152), SMTPUTF8 (RFC 6531), RET and ENVID (RFC 3461). RFC 5321 4.1.1.11: a parameter we
-    do not implement is a 555; a malformed one a 501."""
+def mail_parameters_fault(params: dict[str, str | bool], max_size: int,
+                          address: str = "") -> Reply | None:
+    """What is wrong with MAIL FROM's parameters, or None: SIZE (RFC 1870; over the limit
+    552 5.3.4, 6.1), BODY (RFC 6152), SMTPUTF8 (RFC 6531: required by a UTF-8 `address`,
+    3.5), RET and ENVID (RFC 3461). RFC 5321 4.1.1.11: a parameter we do not implement is
+    a 555; a malformed one a 501."""
+    if not address.isascii() and "SMTPUTF8" not in params:
+        return replies.UTF8_NEEDS_SMTPUTF8
     if not params:
         return None
     params = dict(params)
@@ -201,9 +205,13 @@ def mail_parameters_fault(params: dict[str, str | bool], max_size: int) -> Reply
     return replies.MAIL_PARAMETERS_UNKNOWN if params else None
 
 
-def rcpt_parameters_fault(params: dict[str, str | bool]) -> Reply | None:
+def rcpt_parameters_fault(params: dict[str, str | bool], address: str = "",
+                          smtputf8: bool = False) -> Reply | None:
     """What is wrong with RCPT TO's parameters, or None: NOTIFY and ORCPT (RFC 3461) are
-    the only ones we implement (RFC 5321 4.1.1.11: others are a 555)."""
+    the only ones we implement (RFC 5321 4.1.1.11: others are a 555); a UTF-8 `address`
+    needs an SMTPUTF8 transaction (RFC 6531 3.5)."""
+    if not smtputf8 and not address.isascii():
+        return replies.UTF8_NEEDS_SMTPUTF8
     if not params:
         return None
     params = dict(params)
