@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from forwarder import __version__, log
+from forwarder.checks import Checks
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
@@ -37,6 +38,7 @@ from forwarder.mtasts import MtaSts
 from forwarder.policy import needs_srs
 from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
 from forwarder.returnpath import ReturnPath
+from forwarder.senders import SenderTally
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
@@ -94,8 +96,9 @@ class Daemon:
         self._listener: socket.socket | None = None
         self.clock = clock or SystemClock()
         self._fixed_router = router
+        # One resolver (and cache) for MX routing, MTA-STS and the inbound checks.
         self.resolver = self._resolver(settings)
-        self.router = router or self._router(settings)
+        self.router = router or self._router(settings, self.resolver)
         self.reload_settings = reload_settings
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
@@ -111,6 +114,9 @@ class Daemon:
         self.directory: DirectoryReader | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
+        self.senders = SenderTally(self.clock.now)
+        self.checks = Checks(settings, self.resolver, self.metrics, self.senders,
+                             self.clock.now)
         self.pool = ConnectionPool(settings, self.metrics)
         self.mta_sts = self._mta_sts(settings)
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
@@ -122,9 +128,8 @@ class Daemon:
         self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
                                     self.clock, lambda: describe(self), self.refresh_status)
 
-    def _router(self, settings: Settings) -> MailRouter:
-        mx = (None if self.resolver is None
-              else MxRouter(self.resolver, port=settings.delivery.mx_port))
+    def _router(self, settings: Settings, resolver: CachingResolver | None) -> MailRouter:
+        mx = None if resolver is None else MxRouter(resolver, port=settings.delivery.mx_port)
         return MailRouter(settings.mailbox_host, settings.smarthost, mx)
 
     def _resolver(self, settings: Settings) -> CachingResolver | None:
@@ -181,6 +186,9 @@ class Daemon:
             if recovered or held:
                 LOG.warning("queue_recovered", recipients=recovered, held=held)
         await self._listen(acceptor)
+        # Every process counts the sender domains its checks saw and adds them up in the
+        # directory now and then.
+        self._spawn(self._report_loop(), "senders")
         if acceptor:
             self._start_acceptor()
             return
@@ -207,7 +215,7 @@ class Daemon:
                           else DirectIntake(self.queue, self.dispatcher.submit))
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, intake, self.clock,
-                           self.return_path, self.metrics)
+                           self.return_path, self.metrics, checks=self.checks)
         front = self.front
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
@@ -281,6 +289,16 @@ class Daemon:
             f"messages, {sum(stats['recipients'].values())} recipients, "
             f"{len(self.dispatcher.in_flight)} in delivery")
 
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.checks.report_interval)
+            await self.flush_senders()
+
+    async def flush_senders(self) -> int:
+        """Add the sender counts gathered since the last flush to the directory."""
+        assert self.directory is not None
+        return await self.senders.flush(self.directory.record_senders)
+
     # --- reload -----------------------------------------------------------------------
 
     def reload(self) -> bool:
@@ -323,11 +341,12 @@ class Daemon:
         self.settings = new
         if self._fixed_router is None:
             self.resolver = self._resolver(new)
-            self.router = self._router(new)
+            self.router = self._router(new, self.resolver)
         if self.mta_sts is not None and self.resolver is not None:
             self.mta_sts.resolver = self.resolver
         self.dispatcher.set_router(self.router, new)
         self.pool.configure(new)
+        self.checks.apply(new, self.resolver)
         if self.front is not None:
             self.front.settings = new
 
@@ -353,11 +372,13 @@ class Daemon:
         await self.pool.close()
         if self.mta_sts is not None:
             await self.mta_sts.close()
+        await self.checks.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
         await self.status.close()
         await self.queue.close()
         if self.directory is not None:
+            await self.flush_senders()
             await self.directory.close()
         if self.return_path is not None:
             await self.return_path.close()
