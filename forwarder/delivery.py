@@ -75,6 +75,7 @@ class Dispatcher:
     def __post_init__(self) -> None:
         slots = Slots(self.settings.delivery, self.clock.now,
                       self.metrics.destination_suspended)
+        self.metrics.count_suspended(lambda: slots.suspended_count)
         self.outbound = Outbound(self.router, self.sender, slots, self.queue,
                                  self.envelope_sender, self.mta_sts)
 

@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -382,8 +382,9 @@ class Metrics:
         self._suspended.inc()
         self._dead.set(suspended_now)
 
-    def destinations_suspended(self, suspended_now: int) -> None:
-        self._dead.set(suspended_now)
+    def count_suspended(self, count: Callable[[], int]) -> None:
+        """Read the number of suspended destinations at each scrape (delivery's slots)."""
+        self._dead.set_function(count)
 
     # --- queue ------------------------------------------------------------------------
 

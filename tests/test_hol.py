@@ -174,6 +174,7 @@ async def test_tarpits_hold_bounded_slots_and_are_throttled(
         await until(lambda: d.dispatcher.in_flight == set())
         await d.dispatcher.scan()
         await back.wait_for(6)
+        assert d.metrics.registry.get_sample_value("forwarder_destinations_suspended") == 0
         site = d.router.site("g0@tarpit1.test", Route.REDIRECT)
         assert d.dispatcher.outbound.slots.window(site) == 2  # one probe, then widened
     finally:
