@@ -121,7 +121,8 @@ class Gateway:
         await run(POSTFIX, "-c", str(self.conf), "start")
 
     async def stop(self) -> None:
-        await run(POSTFIX, "-c", str(self.conf), "stop")
+        if (self.root / "queue" / "pid" / "master.pid").exists():  # it did start
+            await run(POSTFIX, "-c", str(self.conf), "stop")
 
     def log(self) -> str:
         path = self.root / "maillog"
@@ -138,8 +139,8 @@ async def chain(start_daemon: DaemonFactory, sink: Sink,
     root = Path(tempfile.mkdtemp(prefix="forwarder-postfix-", dir="/tmp"))
     os.chmod(root, 0o755)
     gateway = Gateway(root, d.port, {GRAD: True, f"eleve.actif@{DOMAIN}": False})
-    await gateway.start()
     try:
+        await gateway.start()
         yield gateway, d
     finally:
         try:
