@@ -54,6 +54,16 @@ SCHEMA = (
     ALTER TABLE recipients DROP COLUMN state;
     CREATE INDEX recipients_due ON recipients (next_attempt);
     """,
+    # v5: the DSN extension's parameters (RFC 3461: RET and ENVID per message, NOTIFY and
+    # ORCPT per recipient), SMTPUTF8 (RFC 6531) and whether the body has 8-bit octets.
+    """
+    ALTER TABLE messages ADD COLUMN ret TEXT;
+    ALTER TABLE messages ADD COLUMN envid TEXT;
+    ALTER TABLE messages ADD COLUMN smtputf8 INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN eight_bit INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE recipients ADD COLUMN notify TEXT;
+    ALTER TABLE recipients ADD COLUMN orcpt TEXT;
+    """,
 )
 QUEUE_SCHEMA_VERSION = len(SCHEMA)
 
