@@ -33,7 +33,8 @@ from forwarder.delivery import Dispatcher, MailRouter, Router
 from forwarder.directory import SqliteDaemonDirectory
 from forwarder.dns import CachingResolver, MxRouter
 from forwarder.front import Accepted, Front
-from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
+from forwarder.metrics import Metrics
+from forwarder.metricsserver import MetricsServer, start_metrics_server
 from forwarder.mtasts import MtaSts
 from forwarder.policy import needs_srs
 from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
