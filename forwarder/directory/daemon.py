@@ -74,9 +74,9 @@ class SqliteDaemonDirectory:
         return {row[0] for row in rows}
 
     async def target_counts(self) -> dict[TargetState, int]:
-        rows = await self._conn.execute_fetchall(
-            "SELECT state, count(*) FROM targets GROUP BY state")
-        return {TargetState(state): count for state, count in rows}
+        # A scan of the table (25-40 ms at 50,000 targets): on the writer's thread, not on
+        # the connection RCPT's lookups wait for.
+        return await self._write(lambda up: up.target_counts())
 
     def token_secrets(self) -> list[bytes]:
         return load_token_secrets(token_secrets_path(self.path.parent))

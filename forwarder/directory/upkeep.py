@@ -167,15 +167,17 @@ class Upkeep:
         return tuple(row[0] for row in rows)
 
     def claim_notices(self, limit: int, now: float) -> list[Declared]:
+        """The `limit` notices owed longest (by the partial index: only those rows are
+        read, however many are owed), claimed for NOTICE_LEASE; those of targets no longer
+        pending are dropped, so this may claim fewer."""
         with Transaction(self.conn):
-            self.conn.execute("UPDATE targets SET notice_due = NULL WHERE notice_due <= ?"
-                              " AND state != 'pending'", (now,))
             rows = self.conn.execute(
-                "SELECT id, address, target, declared_at FROM targets WHERE notice_due <= ?"
-                " ORDER BY notice_due LIMIT ?", (now, limit)).fetchall()
-            self.conn.executemany("UPDATE targets SET notice_due = ? WHERE id = ?",
-                                  [(now + NOTICE_LEASE, row[0]) for row in rows])
-        return [Declared(*row) for row in rows]
+                "SELECT id, address, target, declared_at, state FROM targets"
+                " WHERE notice_due <= ? ORDER BY notice_due LIMIT ?", (now, limit)).fetchall()
+            self.conn.executemany(
+                "UPDATE targets SET notice_due = ? WHERE id = ?",
+                [(now + NOTICE_LEASE if row[4] == "pending" else None, row[0]) for row in rows])
+        return [Declared(*row[:4]) for row in rows if row[4] == "pending"]
 
     def notices_sent(self, target_ids: Sequence[int]) -> None:
         with Transaction(self.conn):
@@ -188,6 +190,10 @@ class Upkeep:
             self.conn.executemany(_ADD_SENDER_COUNTS, [
                 (r.domain, r.day, r.dkim_aligned, r.spf_only, r.unaligned, r.policy)
                 for r in rows])
+
+    def target_counts(self) -> dict[TargetState, int]:
+        rows = self.conn.execute("SELECT state, count(*) FROM targets GROUP BY state")
+        return {TargetState(state): count for state, count in rows}
 
     def refresh_successes(self, seen: Sequence[tuple[str, str, float]]) -> None:
         """`last_success` for targets with nothing else to record; never moves it back."""
