@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from forwarder import cli_account, cli_lookup, cli_ops, cli_queue, cli_report, cli_status
-from forwarder.cli_common import CliError, emit, one_line, settings_for
-from forwarder.config import ConfigError
+from forwarder.cli_common import CliError, close_directories, emit, one_line, settings_for
+from forwarder.config import ConfigError, Settings
 from forwarder.directory import DirectoryError
 from forwarder.queueadmin import QueueAdminError
 
@@ -56,6 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _fail(f"config: {problem}")
             return 1
         settings = fallback
+    try:
+        return _handle(args, settings)
+    finally:
+        close_directories()
+
+
+def _handle(args: argparse.Namespace, settings: Settings) -> int:
     try:
         result: int = args.handler(args, settings)
         return result

@@ -19,15 +19,17 @@ from forwarder.cli_common import (
     add_group,
     emit,
     one_line,
+    open_directory,
 )
 from forwarder.config import ConfigError, Settings
 from forwarder.directory import (
     SCHEMA_VERSION,
-    Directory,
     count_active,
     token_secrets_path,
     token_secrets_problems,
 )
+from forwarder.directory.pgschema import open_directory_db
+from forwarder.directory.pgstores import PgKeys, PgSecrets
 from forwarder.dns import CachingResolver
 from forwarder.migrations import inspect_database
 from forwarder.postfixmaps import RECIPIENTS_FILE, TRANSPORT_FILE, postfix_maps
@@ -48,6 +50,8 @@ from forwarder.srsstore import (
 def srs_reverse(settings: Settings, address: str) -> str:
     """The original sender behind one of our SRS addresses, as the daemon would find it;
     raises SrsError. Read-only: a missing secrets file or key store means "not ours"."""
+    if settings.directory_url:
+        return _pg_srs_reverse(settings, address)
     path = secrets_path(settings.state_dir)
     if not path.exists():
         raise SrsError(SrsReason.BAD_HASH)  # the daemon would start with a fresh secret
@@ -69,6 +73,25 @@ def srs_reverse(settings: Settings, address: str) -> str:
     return found
 
 
+def _pg_srs_reverse(settings: Settings, address: str) -> str:
+    """As any node of several would reverse it: secrets and keys from PostgreSQL."""
+    conn = open_directory_db(settings.directory_url, settings.directory_password)
+    try:
+        srs = Srs(PgSecrets(conn, "srs").load(), settings.effective_srs_domain, time.time,
+                  max_age_days=MAX_AGE_DAYS)
+        result = srs.reverse(address)
+        if not isinstance(result, KeyRef):
+            return result
+        found = PgKeys(conn).get(result.key)
+    except ValueError as exc:  # no secret yet: no address of ours can verify
+        raise SrsError(SrsReason.BAD_HASH) from exc
+    finally:
+        conn.close()
+    if found is None:
+        raise SrsError(SrsReason.UNKNOWN_KEY)
+    return found
+
+
 def cmd_srs_reverse(args: argparse.Namespace, settings: Settings) -> int:
     try:
         original = srs_reverse(settings, args.address)
@@ -82,6 +105,16 @@ def cmd_srs_reverse(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_srs_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.directory_url:
+        conn = open_directory_db(settings.directory_url, settings.directory_password)
+        try:
+            count = PgSecrets(conn, "srs").rotate()
+        finally:
+            conn.close()
+        emit(args, {"file": "postgresql", "action": "rotated", "secrets": count},
+             f"PostgreSQL directory: SRS secrets rotated; {count} secret(s), the first one "
+             "signs. Every node copies them and signs with the new one within a second.")
+        return 0
     path = secrets_path(settings.state_dir)
     settings.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     if ensure_secrets(path):
@@ -98,8 +131,13 @@ def cmd_srs_rotate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_token_rotate(args: argparse.Namespace, settings: Settings) -> int:
-    directory = Directory(settings.directory_path, settings.busy_timeout)
+    directory = open_directory(settings)
     count = directory.rotate_token_secrets()
+    if settings.directory_url:
+        emit(args, {"file": "postgresql", "secrets": count},
+             f"PostgreSQL directory: {count} token secret(s), the first one signs. Every "
+             "node copies them and checks with them within a second.")
+        return 0
     path = token_secrets_path(settings.state_dir)
     emit(args, {"file": str(path), "secrets": count},
          f"{path}: {count} secret(s), the first one signs. Run 'systemctl reload "

@@ -31,6 +31,8 @@ from forwarder.connections import Connections, load_tls_context
 from forwarder.control import STATUS_SOCKET, StatusService
 from forwarder.delivery import Dispatcher, MailRouter, Router
 from forwarder.directory import SqliteDaemonDirectory
+from forwarder.directory.cluster import ClusterDirectory
+from forwarder.directory.pgstores import PgKeyStore, ReplicaSecrets
 from forwarder.dns import CachingResolver, MxRouter
 from forwarder.front import Accepted, Front
 from forwarder.metrics import Metrics
@@ -190,10 +192,7 @@ class Daemon:
         acceptor = self.control_fd is not None
         if not acceptor:  # the main process owns the state directory and the leases
             self._lock_fd = lock_state_dir(self.settings.state_dir)
-        self.return_path = ReturnPath(self.settings.state_dir,
-                                      self.settings.effective_srs_domain, self.clock)
-        self.directory = await SqliteDaemonDirectory.open(
-            self.settings.directory_path, self.settings.busy_timeout)
+        await self._open_directory(acceptor)
         self.connections.tls_context = load_tls_context(self.settings.tls_cert,
                                                         self.settings.tls_key)
         await self.queue.open()
@@ -209,6 +208,7 @@ class Daemon:
             self._start_acceptor()
             return
         await self._start_metrics()
+        assert self.directory is not None
         await self.targets.start(self.directory)
         self._spawn(self.dispatcher.run(), "dispatcher")
         self._spawn(self._status_loop(), "status")
@@ -223,6 +223,36 @@ class Daemon:
                  acceptors=self.acceptors.count if self.acceptors else 0)
         log.flush()  # the "listening" line is in the journal before systemd hears READY
         self.notifier.ready(f"listening on {self.settings.listen.host}:{self.port}")
+
+    async def _open_directory(self, acceptor: bool) -> None:
+        """The embedded SQLite directory, or (several nodes, docs/cluster.md) this node's
+        copy of the PostgreSQL one, with the SRS secrets and long-sender keys there."""
+        s = self.settings
+        if not s.directory_url:
+            self.directory = await SqliteDaemonDirectory.open(s.directory_path,
+                                                              s.busy_timeout)
+            self.return_path = ReturnPath(s.state_dir, s.effective_srs_domain, self.clock)
+            return
+        cluster = await ClusterDirectory.open_cluster(s, self.clock, replicate=not acceptor)
+        self.directory = cluster
+        self.metrics.directory_staleness(lambda: min(cluster.staleness(), 1e9))
+        self.return_path = ReturnPath(s.state_dir, s.effective_srs_domain, self.clock,
+                                      secrets=ReplicaSecrets(cluster.path, "srs"),
+                                      keys=PgKeyStore(s.directory_url, s.directory_password))
+        if cluster.replicator is not None:
+            cluster.replicator.on_secrets = self._secrets_changed
+
+    def _secrets_changed(self) -> None:
+        """A rotation made on any node, copied here: sign and check with it at once."""
+        try:
+            if self.return_path is not None:
+                self.return_path.reload(self.settings.effective_srs_domain)
+            if self.front is not None:
+                self.front.reload_token_secrets()
+        except (OSError, ValueError) as exc:
+            LOG.error("secrets_reload_failed", error=str(exc))
+            return
+        LOG.info("secrets_reloaded", source="directory")
 
     async def _listen(self, acceptor: bool) -> None:
         """Bind (or, in an acceptor, take over the inherited socket) and serve SMTP."""
