@@ -101,6 +101,14 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class HistorySettings:
+    # The delivery history per address (forwarder/history/): how long it is kept, in days
+    # (0: nothing is recorded, and what was is purged); subjects only if the admin says so.
+    retention_days: float = 30.0
+    subjects: bool = False
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: HostPort = field(default_factory=lambda: parse_hostport(DEFAULT_LISTEN))
     domains: tuple[str, ...] = (DEFAULT_DOMAIN,)
@@ -124,6 +132,7 @@ class Settings:
     acceptors: int = -1
     limits: Limits = field(default_factory=Limits)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    history: HistorySettings = field(default_factory=HistorySettings)
     config_file: Path | None = None
     # Inbound STARTTLS (RFC 3207) is offered when both are set (forwarder/session.py).
     tls_cert: Path | None = None
@@ -150,7 +159,8 @@ class Settings:
 
 _HOSTPORT_KEYS = {"listen": 2525, "smarthost": 25, "mailbox_host": 25, "metrics_listen": 9325}
 _TOP_KEYS = {f.name for f in dataclasses.fields(Settings)} - {"config_file"}
-_SECTIONS: dict[str, type[Any]] = {"limits": Limits, "delivery": DeliverySettings}
+_SECTIONS: dict[str, type[Any]] = {"limits": Limits, "delivery": DeliverySettings,
+                                   "history": HistorySettings}
 
 
 def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
@@ -215,6 +225,12 @@ def _convert_section(name: str, raw: Any, problems: list[str]) -> Any:
             problems.append(f"[{name}] unknown key {key!r}")
             continue
         default = getattr(cls(), key)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                problems.append(f"[{name}] {key}: must be true or false")
+            else:
+                values[key] = value
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             problems.append(f"[{name}] {key}: must be a number >= 0")
             continue

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from forwarder import __version__, log
+from forwarder import __version__, log, sendtest
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
@@ -32,6 +32,7 @@ from forwarder.delivery import Dispatcher, MailRouter, Router
 from forwarder.directory import DirectoryReader
 from forwarder.dns import CachingResolver, MxRouter
 from forwarder.front import Accepted, Front
+from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
 from forwarder.policy import needs_srs
 from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
@@ -110,10 +111,13 @@ class Daemon:
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
         self.pool = ConnectionPool(settings.delivery, settings.hostname)
+        # The delivery history per address, in the queue's file (forwarder/history/).
+        self.history = HistoryRecorder(settings.history, self.queue, self.clock, self.metrics)
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
                                      Sender(settings.delivery, self.pool), self.clock,
                                      self.metrics,
-                                     envelope_sender=self._envelope_sender)
+                                     envelope_sender=self._envelope_sender,
+                                     history=self.history)
         # `forwarder status` (forwarder/control.py); only the main process listens.
         self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
                                     self.clock, lambda: describe(self), self.refresh_status)
@@ -162,6 +166,10 @@ class Daemon:
             self.settings.directory_path, self.settings.busy_timeout)
         self.connections.tls_context = load_tls_context(self.settings.tls_cert,
                                                         self.settings.tls_key)
+        # The key that marks send-test messages: the main process makes it at first start.
+        key_file = sendtest.key_path(self.settings.state_dir)
+        self.history.test_key = (sendtest.read_key(key_file) if acceptor
+                                 else sendtest.ensure_key(self.settings.state_dir))
         await self.queue.open()
         if not acceptor:
             recovered, held = await self.queue.recover(self.clock.now())
@@ -190,11 +198,12 @@ class Daemon:
         """Bind (or, in an acceptor, take over the inherited socket) and serve SMTP."""
         # The main process delivers what it accepts; an acceptor leaves it to the main
         # process's scanner (forwarder/queue/intake.py).
-        intake: Intake = (ScannerIntake(self.queue, self._wake_main) if acceptor
-                          else DirectIntake(self.queue, self.dispatcher.submit))
+        journal = self.history.journal
+        intake: Intake = (ScannerIntake(self.queue, self._wake_main, journal) if acceptor
+                          else DirectIntake(self.queue, self.dispatcher.submit, journal))
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, intake, self.clock,
-                           self.return_path, self.metrics)
+                           self.return_path, self.metrics, self.history)
         front = self.front
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
@@ -244,7 +253,8 @@ class Daemon:
 
     async def _status_loop(self) -> None:
         """Queue depth for metrics and for `systemctl status` (STATUS=); once an hour, the
-        long-sender keys whose SRS addresses have expired are forgotten."""
+        long-sender keys whose SRS addresses have expired are forgotten and the delivery
+        history past its retention is deleted."""
         purged_at = -PURGE_INTERVAL
         while True:
             with contextlib.suppress(Exception):
@@ -254,6 +264,8 @@ class Daemon:
                 purged_at = self.clock.now()
                 with contextlib.suppress(Exception):
                     await self.return_path.purge_expired()
+                with contextlib.suppress(Exception):
+                    await self.history.purge_expired()
             await asyncio.sleep(STATUS_INTERVAL)
 
     async def refresh_status(self) -> None:
@@ -312,6 +324,7 @@ class Daemon:
             self.router = self._router(new)
             self.dispatcher.router = self.router
         self.dispatcher.settings = new
+        self.history.settings = new.history
         if self.front is not None:
             self.front.settings = new
 

@@ -26,6 +26,7 @@ from forwarder.clock import Clock
 from forwarder.config import HostPort, Settings
 from forwarder.dns import Destination, DnsPermanentError, DnsTemporaryError
 from forwarder.dns import Router as DnsRouter
+from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
 from forwarder.policy import Outcome, Route, is_expired, retry_delay
 from forwarder.queue import Job, NewMessage, Queue, RecipientJob, Result
@@ -99,6 +100,9 @@ class Dispatcher:
     metrics: Metrics
     envelope_sender: Callable[[Job, RecipientJob], Awaitable[str]] = field(
         default=lambda job, rcpt: _unchanged_sender(job))
+    # The delivery history (forwarder/history/): attempts written with their outcomes, and
+    # send-test messages told apart.
+    history: HistoryRecorder | None = None
     in_flight: set[int] = field(default_factory=set)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -189,18 +193,26 @@ class Dispatcher:
         body = job.body if job.body is not None else await self.queue.load_body(job.message_id)
         if body is None:
             return  # deleted by an administrator meanwhile
+        history = self.history
+        job.test = history is not None and history.is_test(job, body)
         attempts = await self._attempt_all(job, body)
         now = self.clock.now()
         results = [self._result(job, rcpt, attempts[rcpt.id], now) for rcpt in job.recipients]
         dsns = self._reports(job, body, results, now)
+        also = None if history is None else history.attempted(
+            job, results, attempts, _failure_report(results, dsns))
         # The attempt completed: crash blame is told so (a suspect alone in the lane that
         # got this far did not bring the daemon down).
-        _, new_ids = await self.queue.record(results, dsns, [(job.message_id, job.lane)])
+        _, new_ids = await self.queue.record(results, dsns, [(job.message_id, job.lane)],
+                                             also=also)
         for rcpt, result in zip(job.recipients, results, strict=True):
             self._log(job, rcpt, result, attempts[rcpt.id], now)
             delivered = result.outcome is Outcome.DELIVERED
             latency = now - job.arrived_at if delivered else None
-            self.metrics.delivery_result(result.outcome, rcpt.route.value, latency)
+            if job.test:
+                self.metrics.test_delivery(result.outcome)
+            else:
+                self.metrics.delivery_result(result.outcome, rcpt.route.value, latency)
         for dsn, ids in zip(dsns, new_ids, strict=True):
             LOG.info("bounce_queued", queue_id=dsn.id, orig_queue_id=job.message_id,
                      to=job.sender)
@@ -208,7 +220,10 @@ class Dispatcher:
 
     def _reports(self, job: Job, body: bytes, results: list[Result],
                  now: float) -> list[NewMessage]:
-        """The DSNs this round causes: one for failures, one for first delay warnings."""
+        """The DSNs this round causes: one for failures, then one for first delay warnings.
+        None for a test message: `forwarder send-test` reports its outcome itself."""
+        if job.test:
+            return []
         by_id = {r.id: r for r in job.recipients}
         plan: tuple[tuple[Literal["failed", "delayed"], Outcome], ...] = (
             ("failed", Outcome.FAILED), ("delayed", Outcome.DEFERRED))
@@ -289,3 +304,10 @@ class Dispatcher:
         else:
             LOG.warning("delivery", reason=attempt.text, retry_at=result.retry_at, **fields)
 
+
+def _failure_report(results: list[Result], dsns: list[NewMessage]) -> str | None:
+    """The queue id of the DSN that reports this round's failures: `_reports` puts it
+    first, and makes one whenever a recipient failed, unless no report is due at all."""
+    if dsns and any(r.outcome is Outcome.FAILED for r in results):
+        return dsns[0].id
+    return None

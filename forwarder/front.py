@@ -20,6 +20,7 @@ from forwarder.addresses import AddressError, has_control_chars, parse_sender
 from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.directory import DirectoryReader
+from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
 from forwarder.policy import (
     Accept,
@@ -89,6 +90,7 @@ class Front:
         clock: Clock,
         return_path: ReturnPath,
         metrics: Metrics,
+        history: HistoryRecorder | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
@@ -96,6 +98,7 @@ class Front:
         self.clock = clock
         self.return_path = return_path
         self.metrics = metrics
+        self.history = history  # keeps the refusals of our addresses (forwarder/history/)
 
     # --- greeting --------------------------------------------------------------------
 
@@ -136,6 +139,8 @@ class Front:
         if isinstance(verdict, Refuse):
             LOG.info("rcpt", client=session.client, to=address, verdict="refused",
                      reason=verdict.reason, reply=verdict.reply.code)
+            if self.history is not None:
+                self.history.refused(address, session.client, envelope.sender, verdict)
             return verdict.reply.at(address)
         # An accepted recipient is logged once, in the "queued" line (with its route): a
         # line per RCPT as well was a fifth of the logging, itself 10-18 % of the CPU

@@ -49,6 +49,7 @@ class Attempt:
     # Not an answer from the destination: could not talk to it (try the next address).
     unreachable: bool = False
     tls_failed: bool = False
+    tls: bool | None = None  # the session was encrypted (None: no session, or not known)
 
 
 def relay_name(dest: Destination) -> str:
@@ -64,9 +65,18 @@ def _enhanced(code: int, message: str) -> str:
     return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
 
 
-def reply_attempt(code: int, message: str, relay: str) -> Attempt:
+def reply_attempt(code: int, message: str, relay: str, tls: bool | None = None) -> Attempt:
     text = " ".join(message.split())  # one line: never a raw CR/LF in a log or a DSN
-    return Attempt(outcome_of_reply(code), _enhanced(code, text), f"smtp; {code} {text}", relay)
+    return Attempt(outcome_of_reply(code), _enhanced(code, text), f"smtp; {code} {text}", relay,
+                   tls=tls)
+
+
+def uses_tls(client: aiosmtplib.SMTP) -> bool | None:
+    """Whether the session is encrypted (STARTTLS done); None once it is gone."""
+    try:
+        return client.get_transport_info("sslcontext") is not None
+    except aiosmtplib.SMTPServerDisconnected:
+        return None
 
 
 def local_attempt(status: str, reason: str, relay: str | None = None, *,
@@ -182,15 +192,16 @@ class Sender:
         recipients: Sequence[str], body: bytes, relay: str,
     ) -> dict[str, Attempt]:
         reusable = needs_reset = False
+        tls = uses_tls(client)
         try:
             results, needs_reset = await self._transaction(client, sender, recipients, body,
-                                                           relay)
+                                                           relay, tls)
             reusable = True
             return results
         except aiosmtplib.SMTPResponseException as exc:
             # 421: the server is closing the session (RFC 5321 3.8).
             reusable = needs_reset = exc.code != 421
-            return _all(recipients, reply_attempt(exc.code, exc.message, relay))
+            return _all(recipients, reply_attempt(exc.code, exc.message, relay, tls))
         except _TEMP_ERRORS as exc:
             return _all(recipients, local_attempt(
                 "4.4.2", f"{relay}: {describe(exc)}", relay, unreachable=True))
@@ -201,7 +212,7 @@ class Sender:
 
     async def _transaction(
         self, client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], body: bytes,
-        relay: str,
+        relay: str, tls: bool | None,
     ) -> tuple[dict[str, Attempt], bool]:
         """Per-recipient attempts, and whether the session needs RSET before reuse: not
         after a completed DATA, which ends the transaction (RFC 5321 4.1.1.4), so a
@@ -213,7 +224,7 @@ class Sender:
             try:
                 await _rcpt(client, rcpt)
             except aiosmtplib.SMTPRecipientRefused as exc:
-                results[rcpt] = reply_attempt(exc.code, exc.message, relay)
+                results[rcpt] = reply_attempt(exc.code, exc.message, relay, tls)
                 continue
             accepted.append(rcpt)
         if not accepted:
@@ -223,7 +234,7 @@ class Sender:
         # relay can be read as an end of data by the destination (SMTP smuggling).
         reply = await client.data(body, timeout=self._settings.data_timeout)
         for rcpt in accepted:
-            results[rcpt] = reply_attempt(reply.code, reply.message, relay)
+            results[rcpt] = reply_attempt(reply.code, reply.message, relay, tls)
         return results, False
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from forwarder.policy import Lane, Outcome, Route
 
@@ -43,6 +44,9 @@ class NewMessage:
     client: str
     body: bytes
     recipients: tuple[NewRecipient, ...]
+    # The verdicts of the checks at receipt (name -> result), for the delivery history;
+    # not a queue column.
+    checks: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,6 +69,9 @@ class Job:
     recipients: list[RecipientJob]
     body: bytes | None = None
     isolated: bool = False  # a suspect, alone in the lane: a crash now is charged to it
+    # A `forwarder send-test` message (forwarder/sendtest.py), known once its bytes are
+    # read: counted apart in the metrics, never bounced, not evidence against a target.
+    test: bool = False
 
     @classmethod
     def fresh(cls, message: NewMessage, recipient_ids: list[int]) -> Job:

@@ -54,6 +54,43 @@ SCHEMA = (
     ALTER TABLE recipients DROP COLUMN state;
     CREATE INDEX recipients_due ON recipients (next_attempt);
     """,
+    # v5: the delivery history per address (forwarder/history/), kept beside the queue so
+    # that its rows are written in the queue's own transactions (no fsync of its own). One
+    # row per message and target, keyed in arrival order (appends; retention deletes a
+    # prefix); the attempts are a JSON array. No bodies; the subject only if configured.
+    """
+    CREATE TABLE history (
+        received_at  REAL NOT NULL,
+        queue_id     TEXT NOT NULL,
+        target       TEXT NOT NULL,
+        route        TEXT NOT NULL,
+        address      TEXT NOT NULL,      -- our address the client named (directory key)
+        client       TEXT NOT NULL,
+        sender       TEXT NOT NULL,      -- '' is the null sender
+        from_domain  TEXT,
+        message_id   TEXT,
+        subject      TEXT,
+        size         INTEGER NOT NULL,
+        checks       TEXT,               -- JSON object: verdicts at receipt
+        test         INTEGER NOT NULL DEFAULT 0,
+        outcome      TEXT NOT NULL DEFAULT 'queued',
+        next_attempt REAL,
+        dsn_id       TEXT,
+        attempts     TEXT NOT NULL DEFAULT '[]',
+        PRIMARY KEY (received_at, queue_id, target, route)
+    ) WITHOUT ROWID;
+    CREATE INDEX history_address ON history (address, received_at);
+    CREATE TABLE history_refusals (
+        id      INTEGER PRIMARY KEY,
+        at      REAL NOT NULL,
+        address TEXT NOT NULL,
+        client  TEXT NOT NULL,
+        sender  TEXT NOT NULL,
+        reply   TEXT NOT NULL
+    );
+    CREATE INDEX history_refusals_address ON history_refusals (address, at);
+    CREATE INDEX history_refusals_at ON history_refusals (at);
+    """,
 )
 QUEUE_SCHEMA_VERSION = len(SCHEMA)
 
