@@ -23,7 +23,7 @@ from forwarder.cli_ops import lookup_summary
 from forwarder.cli_status import read_status
 from forwarder.config import Settings
 from forwarder.control import STATUS_SOCKET
-from forwarder.history import store, view
+from forwarder.history import reader, store, view
 from forwarder.history.store import HistoryUnavailable, MessageView
 
 EXAMPLE = "marie.curie@sigma-clermont.fr"
@@ -78,7 +78,7 @@ def _read(settings: Settings, address: str,
     except HistoryUnavailable as exc:
         raise CliError(str(exc)) from exc
     try:
-        return store.read_address(conn, address, since)
+        return reader.read_address(conn, address, since, settings.history.subjects)
     finally:
         conn.close()
 
@@ -164,7 +164,7 @@ def _wait(settings: Settings, address: str, queue_id: str, wait: float) -> Messa
         try:
             conn = store.open_reader(settings.queue_path, settings.busy_timeout)
             try:
-                found = store.read_message(conn, address, queue_id)
+                found = reader.read_message(conn, address, queue_id, settings.history.subjects)
             finally:
                 conn.close()
         except HistoryUnavailable as exc:

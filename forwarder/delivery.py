@@ -200,7 +200,7 @@ class Dispatcher:
         results = [self._result(job, rcpt, attempts[rcpt.id], now) for rcpt in job.recipients]
         dsns = self._reports(job, body, results, now)
         also = None if history is None else history.attempted(
-            job, results, attempts, _failure_report(results, dsns))
+            job, body, results, attempts, _failure_report(results, dsns))
         # The attempt completed: crash blame is told so (a suspect alone in the lane that
         # got this far did not bring the daemon down).
         _, new_ids = await self.queue.record(results, dsns, [(job.message_id, job.lane)],

@@ -208,6 +208,7 @@ async def test_retention_on_an_injected_clock(
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
     await send(d, GRAD, "month-old")
     await smtp_send(d.port, JOBTEASER, [CLOSED], simple_message())
+    await until(lambda: outcomes(capsys, state_dir, GRAD) == ["delivered"])
     clock.advance(29 * DAY)
     await send(d, GRAD, "recent")
     await sink.wait_for(2)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from forwarder import sendtest
-from forwarder.history import headers, store, view
+from forwarder.history import headers, reader, store, view
 from forwarder.history.recorder import address_key
 from forwarder.queue import open_queue_db
 
@@ -72,74 +72,71 @@ def test_the_send_test_mark_verifies_only_with_the_key_and_address(tmp_path: Pat
     assert not sendtest.is_test(in_body, key, ["marie.curie@sigma-clermont.fr"])
 
 
-def arrival(queue_id: str, at: float, checks: dict[str, str] | None = None) -> store.Arrival:
-    return store.Arrival(queue_id, at, "192.0.2.1", "noreply@jobteaser.com", "jobteaser.com",
-                         f"<{queue_id}@jobteaser.com>", None, 2048,
-                         json.dumps(checks) if checks else None, False,
-                         (("marie@example.org", "redirect", "marie.curie@sigma-clermont.fr"),
-                          ("marie@backup.example", "redirect",
-                           "marie.curie@sigma-clermont.fr")))
-
-
-def attempt(queue_id: str, at: float, target: str, reply: str, outcome: str,
-            next_attempt: float | None = None) -> store.Try:
-    return store.Try(1.8e9, queue_id, target, "redirect", at, "mx.example.org[192.0.2.7]:25",
-                     None, reply, outcome, next_attempt, None)
+def row(queue_id: str, target: str, at: float, reply: str, outcome: str,
+        next_attempt: float | None = None) -> tuple[object, ...]:
+    values = {"received_at": 1.8e9, "queue_id": queue_id,
+              "address": "marie.curie@sigma-clermont.fr", "target": target, "route": "redirect",
+              "client": "192.0.2.1", "sender": "noreply@jobteaser.com",
+              "from_domain": "jobteaser.com", "message_id": f"<{queue_id}@jobteaser.com>",
+              "subject": None, "size": 2048, "test": 0, "at": at,
+              "relay": "mx.example.org[192.0.2.7]:25", "tls": None, "reply": reply,
+              "outcome": outcome, "next_attempt": next_attempt, "dsn_id": None}
+    return tuple(values[column] for column in store.TRY_COLUMNS)
 
 
 def test_rows_on_a_queue_file_and_the_lines_read_aloud(tmp_path: Path) -> None:
     path = tmp_path / "queue.sqlite3"
     conn = open_queue_db(path)
     checks = {"spf": "pass", "dkim": "pass", "dmarc": "pass"}
-    store.insert_arrival(conn, arrival("Q1", 1.8e9, checks))
+    store.insert_checks(conn, 1.8e9, "Q1", json.dumps(checks))
     store.record_tries(conn, [
-        attempt("Q1", 1.8e9 + 4, "marie@example.org", "smtp; 250 2.0.0 OK id=abc", "delivered"),
-        attempt("Q1", 1.8e9 + 5, "marie@backup.example",
-                "x-local; connect to mx.example.org[192.0.2.7]:25: timed out", "deferred",
-                1.8e9 + 305),
-        # An attempt for a row that is not there (a DSN's): nothing happens.
-        attempt("DSN", 1.8e9, "noreply@jobteaser.com", "smtp; 250 ok", "delivered")])
+        row("Q1", "marie@example.org", 1.8e9 + 4, "smtp; 250 2.0.0 OK id=abc", "delivered"),
+        row("Q1", "marie@backup.example", 1.8e9 + 5,
+            "x-local; connect to mx.example.org[192.0.2.7]:25: timed out", "deferred",
+            1.8e9 + 305)])
     store.insert_refusal(conn, 1.8e9 - 60, "marie.curie@sigma-clermont.fr", "192.0.2.9",
                          "", "550 5.1.1 <marie.curie@sigma-clermont.fr>: closed")
-    reader = store.open_reader(path)
-    messages, refusals = store.read_address(reader, "marie.curie@sigma-clermont.fr", 0.0)
+    reader_conn = store.open_reader(path)
+    messages, refusals = reader.read_address(reader_conn, "marie.curie@sigma-clermont.fr", 0.0,
+                                             subjects=False)
     (message,) = messages
-    backup, main = message.targets  # a message's targets in alphabetical order
+    main, backup = message.targets  # in the order they were written
     assert message.checks == checks and main.outcome == "delivered"
-    # Deferred, and no longer in the queue file (this one never was): the history says so.
+    # Deferred, and not in the queue file (this one never was): the history says so.
     assert backup.outcome == "deferred" and backup.in_queue is False
     lines = view.lines(messages, refusals, 1.8e9, UTC)
     assert lines == [
         "15 Jan 07:59 refused at RCPT: mail from <> (client 192.0.2.9) got 550 5.1.1 "
         "<marie.curie@sigma-clermont.fr>: closed",
         "15 Jan 08:00 from noreply@jobteaser.com, subject not stored, 2 KB, <Q1@jobteaser.com>,"
-        " queue id Q1, checks dkim=pass dmarc=pass spf=pass; deferred 08:00:05 for "
-        "marie@backup.example via mx.example.org, no reply: connect to "
-        "mx.example.org[192.0.2.7]:25: timed out; no longer in the queue (deleted by an "
-        "administrator)",
-        "    and delivered 08:00:04 to marie@example.org via mx.example.org, TLS not known, "
-        "250 2.0.0 OK id=abc"]
+        " queue id Q1, checks dkim=pass dmarc=pass spf=pass; delivered 08:00:04 to "
+        "marie@example.org via mx.example.org, TLS not known, 250 2.0.0 OK id=abc",
+        "    and deferred 08:00:05 for marie@backup.example via mx.example.org, no reply: "
+        "connect to mx.example.org[192.0.2.7]:25: timed out; no longer in the queue (deleted "
+        "by an administrator)"]
     doc = view.message_doc(message, UTC)
-    assert doc["targets"][0]["attempts"][0] == {
+    assert doc["targets"][1]["attempts"][0] == {
         "at": "2027-01-15T08:00:05+00:00", "relay": "mx.example.org[192.0.2.7]:25",
-        "tls": None, "reply": None,
+        "tls": None, "reply": None, "outcome": "deferred",
         "error": "connect to mx.example.org[192.0.2.7]:25: timed out"}
-    assert store.read_message(reader, "marie.curie@sigma-clermont.fr", "Q1") is not None
-    assert store.read_message(reader, "marie.curie@sigma-clermont.fr", "Q2") is None
+    assert reader.read_message(reader_conn, "marie.curie@sigma-clermont.fr", "Q1",
+                               subjects=False) is not None
+    assert reader.read_message(reader_conn, "marie.curie@sigma-clermont.fr", "Q2",
+                               subjects=False) is None
     with pytest.raises(sqlite3.OperationalError):  # the CLI's connection cannot write
-        reader.execute("DELETE FROM history")
-    assert store.forget(conn, "marie.curie@sigma-clermont.fr") == 3
+        reader_conn.execute("DELETE FROM history")
+    assert store.forget(conn, "marie.curie@sigma-clermont.fr") == 4
 
 
-def test_purge_in_chunks_even_when_every_row_arrived_at_once(tmp_path: Path) -> None:
+def test_purge_in_chunks(tmp_path: Path) -> None:
     conn = open_queue_db(tmp_path / "queue.sqlite3")
-    for n in range(7):
-        store.insert_arrival(conn, arrival(f"Q{n}", 1.8e9))
-    store.insert_arrival(conn, arrival("NEW", 1.8e9 + 10))
-    gone = [store.purge_before(conn, 1.8e9 + 1, chunk=3) for _ in range(3)]
-    assert gone == [14, 0, 0]  # the same instant: all of it at once, never stuck
-    for n in range(7):
-        store.insert_arrival(conn, arrival(f"R{n}", 1.8e9 + n))
-    gone = [store.purge_before(conn, 1.8e9 + 7, chunk=2) for _ in range(6)]
-    assert gone == [4, 4, 4, 2, 0, 0]
-    assert conn.execute("SELECT DISTINCT queue_id FROM history").fetchall() == [("NEW",)]
+    store.record_tries(conn, [row(f"Q{n}", "t@example.org", 1.8e9 + n, "smtp; 250 ok",
+                                  "delivered") for n in range(10)])
+    for n in range(5):
+        store.insert_refusal(conn, 1.8e9 + n, "a@sigma-clermont.fr", "192.0.2.1", "", "550")
+        store.insert_checks(conn, 1.8e9 + n, f"Q{n}", "{}")
+    gone = [store.purge_before(conn, 1.8e9 + 7, chunk=3) for _ in range(5)]
+    # 3 attempts, 3 refusals, 4 checks (up to the 4th, included); then 3, 2, 1; then the
+    # last attempt older than 7 s.
+    assert gone == [10, 6, 1, 0, 0]
+    assert [r[0] for r in conn.execute("SELECT queue_id FROM history")] == ["Q7", "Q8", "Q9"]

@@ -1,10 +1,12 @@
 """The daemon's side of the history: what is written, in which transaction, and for how long.
 
-- An accepted message: one row per target, in the transaction that queues it (the intake's
-  journal, forwarder/queue/intake.py); the header facts are read in the writer thread.
-- A delivery round: each attempt appended to its row, with the outcome it left, in the
-  transaction that records the outcome (forwarder/delivery.py).
-- A refused RCPT for an address of ours: one row, riding along with the next commit.
+- A delivery round: one row per attempt, with the message's facts (the header's read from
+  its bytes in the writer thread, never on the event loop) and the outcome, in the
+  transaction that records the outcome (forwarder/delivery.py). A message delivered at
+  once costs one row; one not tried yet needs none (the queue's rows say it).
+- The checks at receipt, when there are any: one row in the transaction that queues the
+  message (the intake's journal, forwarder/queue/intake.py).
+- A refused RCPT for an account of ours: one row, riding along with the next commit.
 - Every hour (forwarder/daemon.py), rows older than the retention are deleted, in chunks.
 
 A failure to write the history never fails the queue's write: it is logged
@@ -49,17 +51,6 @@ def address_key(address: str) -> str:
     return f"{local.lower()}@{normalize_domain(domain)}"
 
 
-def arrival(message: NewMessage, targets: tuple[tuple[str, str, str], ...], subjects: bool,
-            test_key: bytes | None) -> store.Arrival:
-    facts = headers.scan(message.body, subjects)
-    checks = json.dumps(dict(message.checks), default=str, sort_keys=True) \
-        if message.checks else None
-    test = sendtest.is_test(message.body, test_key, [r.orig_rcpt for r in message.recipients])
-    return store.Arrival(message.id, message.arrived_at, message.client, message.sender,
-                         facts.from_domain, facts.message_id, facts.subject,
-                         len(message.body), checks, test, targets)
-
-
 class HistoryRecorder:
     def __init__(self, settings: HistorySettings, queue: Queue, clock: Clock,
                  metrics: Metrics) -> None:
@@ -95,33 +86,24 @@ class HistoryRecorder:
     # --- what is written ------------------------------------------------------------------
 
     def journal(self, message: NewMessage) -> Op | None:
-        """The arrival, for the transaction that queues `message` (None: nothing to keep)."""
-        if not self.enabled:
+        """For the transaction that queues `message`: its checks at receipt, if any."""
+        if not self.enabled or not message.checks:
             return None
-        targets = tuple((r.rcpt, r.route.value, address_key(r.orig_rcpt))
-                        for r in message.recipients if r.route in RECORDED_ROUTES)
-        if not targets:
-            return None
-        found = partial(arrival, message, targets, self.settings.subjects, self.test_key)
-        return self._guarded("arrival", message.id,
-                             partial(_insert_arrival, found))
+        checks = json.dumps(dict(message.checks), default=str, sort_keys=True)
+        return self._guarded("checks", message.id, partial(
+            store.insert_checks, received_at=message.arrived_at, queue_id=message.id,
+            checks=checks))
 
-    def attempted(self, job: Job, results: Sequence[Result], attempts: dict[int, Attempt],
-                  bounce_id: str | None) -> Op | None:
+    def attempted(self, job: Job, body: bytes, results: Sequence[Result],
+                  attempts: dict[int, Attempt], bounce_id: str | None) -> Op | None:
         """A delivery round's attempts, for the transaction that records their outcomes;
-        `bounce_id`: the DSN that reports this round's failures, if one was sent."""
-        if not self.enabled:
+        `bounce_id`: the DSN that reports this round's failures, if one was sent. The rows
+        are made in the writer thread, off the event loop."""
+        if not self.enabled or not any(r.route in RECORDED_ROUTES for r in job.recipients):
             return None
-        tries = [
-            store.Try(job.arrived_at, job.message_id, rcpt.rcpt, rcpt.route.value,
-                      result.attempted_at, attempts[rcpt.id].relay, attempts[rcpt.id].tls,
-                      result.error, result.outcome.value, result.retry_at,
-                      bounce_id if result.outcome is Outcome.FAILED else None)
-            for rcpt, result in zip(job.recipients, results, strict=True)
-            if rcpt.route in RECORDED_ROUTES]
-        if not tries:
-            return None
-        return self._guarded("attempt", job.message_id, partial(store.record_tries, tries=tries))
+        return self._guarded("attempt", job.message_id, partial(
+            _record_round, job=job, body=body, results=results, attempts=attempts,
+            bounce_id=bounce_id, subjects=self.settings.subjects))
 
     def refused(self, address: str, client: str, sender: str, verdict: Refuse) -> None:
         """A refused RCPT: kept if it names an account of ours (UNRECORDED_REFUSALS)."""
@@ -160,5 +142,19 @@ class HistoryRecorder:
         return total
 
 
-def _insert_arrival(found: partial[store.Arrival], conn: sqlite3.Connection) -> None:
-    store.insert_arrival(conn, found())
+def _record_round(conn: sqlite3.Connection, job: Job, body: bytes, results: Sequence[Result],
+                  attempts: dict[int, Attempt], bounce_id: str | None, subjects: bool) -> None:
+    facts = headers.scan(body, subjects)
+    message = (job.client, job.sender, facts.from_domain, facts.message_id, facts.subject,
+               len(body), int(job.test))
+    rows = []
+    for rcpt, result in zip(job.recipients, results, strict=True):
+        if rcpt.route not in RECORDED_ROUTES:
+            continue
+        attempt = attempts[rcpt.id]
+        rows.append((job.arrived_at, job.message_id, address_key(rcpt.orig_rcpt), rcpt.rcpt,
+                     rcpt.route.value, *message, result.attempted_at, attempt.relay,
+                     None if attempt.tls is None else int(attempt.tls), result.error,
+                     result.outcome.value, result.retry_at,
+                     bounce_id if result.outcome is Outcome.FAILED else None))
+    store.record_tries(conn, rows)

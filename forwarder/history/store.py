@@ -1,17 +1,16 @@
 """The history's SQL, on the queue's file (schema: forwarder/queue/schema.py, version 5).
 
-Writes are operations run inside the queue's group-committed transactions: an arrival with
-the message's own insert, an attempt with the `record` of its outcome, so the history costs
-no fsync of its own and always agrees with the queue. Reads are for the CLI, on a read-only
-connection of its own (WAL: the daemon goes on writing meanwhile).
-
-Attempts are stored per target as a JSON array of `[at, relay, tls, reply]`, `tls` being
-true, false or null (not known).
+Writes are operations run inside the queue's group-committed transactions, so the history
+costs no fsync of its own and always agrees with the queue: each delivery attempt is one
+row, appended in the transaction that records its outcome (a message delivered at once
+costs one row); the checks at receipt, when there are any, one row in the transaction that
+queues the message. A message not tried yet is in the queue's own rows, which the reads
+join in. Reads are for the CLI, on a read-only connection of its own (WAL: the daemon
+goes on writing meanwhile), in one snapshot.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,70 +19,33 @@ from typing import Any
 
 from forwarder.queue import QUEUE_SCHEMA_VERSION, open_queue_db
 
-# Outcomes of a target row: `queued` until its first attempt; `deferred` (waiting for the
-# next one), `delivered` and `failed` as delivery decided (policy.Outcome).
-QUEUED = "queued"
 HISTORY_SCHEMA_VERSION = 5
 PURGE_CHUNK = 2000
+QUEUED = "queued"  # a target's outcome before its first attempt
 
 
 class HistoryUnavailable(Exception):
     """No history to read here; the message says why, for the admin."""
 
 
-@dataclass(frozen=True)
-class Arrival:
-    """One message as received, with the target rows it gets (target, route, address)."""
-
-    queue_id: str
-    received_at: float
-    client: str
-    sender: str
-    from_domain: str | None
-    message_id: str | None
-    subject: str | None
-    size: int
-    checks: str | None  # JSON
-    test: bool
-    targets: tuple[tuple[str, str, str], ...]
+# A delivery attempt's row, in this order: the message, the target, the attempt.
+TRY_COLUMNS = ("received_at", "queue_id", "address", "target", "route", "client", "sender",
+               "from_domain", "message_id", "subject", "size", "test", "at", "relay", "tls",
+               "reply", "outcome", "next_attempt", "dsn_id")
+_INSERT_TRY = (f"INSERT INTO history ({', '.join(TRY_COLUMNS)})"
+               f" VALUES ({', '.join('?' * len(TRY_COLUMNS))})")
 
 
-@dataclass(frozen=True)
-class Try:
-    """One attempt at one target row, and the outcome it left."""
-
-    received_at: float
-    queue_id: str
-    target: str
-    route: str
-    at: float
-    relay: str | None
-    tls: bool | None
-    reply: str | None
-    outcome: str
-    next_attempt: float | None
-    dsn_id: str | None
+def record_tries(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Append a delivery round's attempts (rows of TRY_COLUMNS)."""
+    for row in rows:  # one or two: execute() costs less than executemany() here
+        conn.execute(_INSERT_TRY, row)
 
 
-def insert_arrival(conn: sqlite3.Connection, a: Arrival) -> None:
-    conn.executemany(
-        "INSERT OR IGNORE INTO history (received_at, queue_id, target, route, address, client,"
-        " sender, from_domain, message_id, subject, size, checks, test)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(a.received_at, a.queue_id, target, route, address, a.client, a.sender,
-          a.from_domain, a.message_id, a.subject, a.size, a.checks, int(a.test))
-         for target, route, address in a.targets])
-
-
-def record_tries(conn: sqlite3.Connection, tries: Sequence[Try]) -> None:
-    """Append each attempt to its row. A row that is not there (a DSN, an SRS return, a
-    message older than the retention) is left alone: one primary-key probe."""
-    conn.executemany(
-        "UPDATE history SET outcome = ?, next_attempt = ?, dsn_id = coalesce(?, dsn_id),"
-        " attempts = json_insert(attempts, '$[#]', json_array(?, ?, json(?), ?))"
-        " WHERE received_at = ? AND queue_id = ? AND target = ? AND route = ?",
-        [(t.outcome, t.next_attempt, t.dsn_id, t.at, t.relay, json.dumps(t.tls), t.reply,
-          t.received_at, t.queue_id, t.target, t.route) for t in tries])
+def insert_checks(conn: sqlite3.Connection, received_at: float, queue_id: str,
+                  checks: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO history_checks (received_at, queue_id, checks)"
+                 " VALUES (?, ?, ?)", (received_at, queue_id, checks))
 
 
 def insert_refusal(conn: sqlite3.Connection, at: float, address: str, client: str,
@@ -92,26 +54,40 @@ def insert_refusal(conn: sqlite3.Connection, at: float, address: str, client: st
                  " VALUES (?, ?, ?, ?, ?)", (at, address, client, sender, reply))
 
 
+def _purge_oldest(conn: sqlite3.Connection, table: str, time: str, cutoff: float,
+                  chunk: int) -> int:
+    """Rows are appended in time order: delete, among the `chunk` oldest, those before
+    `cutoff`. A rowid range, so each call reads no more than it deletes."""
+    first = conn.execute(f"SELECT min(id) FROM {table}").fetchone()[0]
+    if first is None:
+        return 0
+    return int(conn.execute(f"DELETE FROM {table} WHERE id < ? AND {time} < ?",
+                            (first + chunk, cutoff)).rowcount)
+
+
 def purge_before(conn: sqlite3.Connection, cutoff: float, chunk: int = PURGE_CHUNK) -> int:
     """Delete up to about `chunk` rows of each table older than `cutoff`; the number gone.
     In chunks, so one commit of the queue's writer never holds the lock for long."""
-    edge = conn.execute("SELECT received_at FROM history WHERE received_at < ?"
+    gone = _purge_oldest(conn, "history", "at", cutoff, chunk)
+    gone += _purge_oldest(conn, "history_refusals", "at", cutoff, chunk)
+    edge = conn.execute("SELECT received_at FROM history_checks WHERE received_at < ?"
                         " ORDER BY received_at LIMIT 1 OFFSET ?", (cutoff, chunk)).fetchone()
-    # Up to the chunk's last arrival, included: rows that arrived at the same instant go
-    # together, so every call removes something while anything is older than `cutoff`.
+    # Up to the chunk's last arrival, included, so that rows of one instant go together.
     if edge is None:
-        gone = conn.execute("DELETE FROM history WHERE received_at < ?", (cutoff,)).rowcount
+        gone += conn.execute("DELETE FROM history_checks WHERE received_at < ?",
+                             (cutoff,)).rowcount
     else:
-        gone = conn.execute("DELETE FROM history WHERE received_at <= ?", edge).rowcount
-    gone += conn.execute(
-        "DELETE FROM history_refusals WHERE id IN (SELECT id FROM history_refusals"
-        " WHERE at < ? ORDER BY at LIMIT ?)", (cutoff, chunk)).rowcount
-    return int(gone)
+        gone += conn.execute("DELETE FROM history_checks WHERE received_at <= ?",
+                             edge).rowcount
+    return gone
 
 
 def forget(conn: sqlite3.Connection, address: str) -> int:
     """Erase every row about `address` (GDPR art. 17); how many."""
-    gone = conn.execute("DELETE FROM history WHERE address = ?", (address,)).rowcount
+    gone = conn.execute(
+        "DELETE FROM history_checks WHERE queue_id IN"
+        " (SELECT queue_id FROM history WHERE address = ?)", (address,)).rowcount
+    gone += conn.execute("DELETE FROM history WHERE address = ?", (address,)).rowcount
     gone += conn.execute("DELETE FROM history_refusals WHERE address = ?", (address,)).rowcount
     return int(gone)
 
@@ -144,20 +120,38 @@ class AttemptView:
     relay: str | None
     tls: bool | None
     reply: str | None
+    outcome: str
+    next_attempt: float | None
+    dsn_id: str | None
 
 
 @dataclass
 class TargetView:
     target: str
     route: str
-    outcome: str
-    next_attempt: float | None
-    dsn_id: str | None
-    attempts: list[AttemptView]
-    # Still in the queue (None: the outcome is final), and held by an administrator.
+    attempts: list[AttemptView] = field(default_factory=list)
+    # Where it stands in the queue now: None once its outcome is final (or not known),
+    # False if an administrator deleted it; held, being delivered, next attempt.
     in_queue: bool | None = None
     held: bool = False
     in_delivery: bool = False
+    queued_next: float | None = None
+
+    @property
+    def outcome(self) -> str:
+        return self.attempts[-1].outcome if self.attempts else QUEUED
+
+    @property
+    def next_attempt(self) -> float | None:
+        if self.outcome not in (QUEUED, "deferred"):
+            return None
+        if self.in_queue:
+            return None if self.in_delivery else self.queued_next
+        return self.attempts[-1].next_attempt if self.attempts else None
+
+    @property
+    def dsn_id(self) -> str | None:
+        return self.attempts[-1].dsn_id if self.attempts else None
 
 
 @dataclass
@@ -171,9 +165,16 @@ class MessageView:
     message_id: str | None
     subject: str | None
     size: int
-    checks: dict[str, Any]
     test: bool
+    checks: dict[str, Any] = field(default_factory=dict)
     targets: list[TargetView] = field(default_factory=list)
+
+    def target(self, target: str, route: str) -> TargetView:
+        for t in self.targets:
+            if (t.target, t.route) == (target, route):
+                return t
+        self.targets.append(TargetView(target, route))
+        return self.targets[-1]
 
 
 @dataclass(frozen=True)
@@ -202,80 +203,3 @@ def open_reader(queue_path: Path, busy_timeout: float = 5.0) -> sqlite3.Connecti
         raise HistoryUnavailable(f"{queue_path}: schema version {version} is newer than "
                                  f"this program ({QUEUE_SCHEMA_VERSION})")
     return conn
-
-
-_MESSAGE_COLUMNS = ("queue_id, received_at, address, client, sender, from_domain, message_id,"
-                    " subject, size, checks, test, target, route, outcome, next_attempt,"
-                    " dsn_id, attempts")
-
-
-def _target(row: Sequence[Any]) -> TargetView:
-    target, route, outcome, next_attempt, dsn_id, attempts = row
-    return TargetView(target, route, outcome, next_attempt, dsn_id,
-                      [AttemptView(*a) for a in json.loads(attempts)])
-
-
-def _messages(rows: Sequence[Sequence[Any]]) -> list[MessageView]:
-    found: dict[tuple[str, str], MessageView] = {}
-    for row in rows:
-        (qid, received, address, client, sender, domain, mid, subject, size, checks,
-         test) = row[:11]
-        view = found.get((qid, address))
-        if view is None:
-            view = found[(qid, address)] = MessageView(
-                qid, received, address, client, sender, domain, mid, subject, size,
-                json.loads(checks) if checks else {}, bool(test))
-        view.targets.append(_target(row[11:]))
-    return list(found.values())
-
-
-def _live(conn: sqlite3.Connection, message: MessageView) -> None:
-    """Where each unfinished target stands in the queue now: an admin may have retried,
-    held or deleted it since the history row was written."""
-    held = conn.execute("SELECT held FROM messages WHERE id = ?",
-                        (message.queue_id,)).fetchone()
-    for t in message.targets:
-        if t.outcome not in (QUEUED, "deferred"):
-            continue
-        row = None if held is None else conn.execute(
-            "SELECT next_attempt, leased FROM recipients WHERE message_id = ? AND rcpt = ?"
-            " AND route = ?", (message.queue_id, t.target, t.route)).fetchone()
-        t.in_queue = row is not None
-        if row is not None:
-            t.held, t.in_delivery = bool(held[0]), bool(row[1])
-            if not row[1]:  # a lease's next_attempt is its expiry, not a plan
-                t.next_attempt = row[0]
-
-
-def read_address(conn: sqlite3.Connection, address: str,
-                 since: float) -> tuple[list[MessageView], list[RefusalView]]:
-    """Everything kept about `address` since `since`, oldest first; one snapshot."""
-    conn.execute("BEGIN")
-    try:
-        rows = conn.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM history WHERE address = ? AND received_at >= ?"
-            " ORDER BY received_at, queue_id", (address, since)).fetchall()
-        messages = _messages(rows)
-        for message in messages:
-            _live(conn, message)
-        refusals = [RefusalView(*r) for r in conn.execute(
-            "SELECT at, address, client, sender, reply FROM history_refusals"
-            " WHERE address = ? AND at >= ? ORDER BY at, id", (address, since))]
-    finally:
-        conn.execute("COMMIT")
-    return messages, refusals
-
-
-def read_message(conn: sqlite3.Connection, address: str, queue_id: str) -> MessageView | None:
-    """One message's rows for `address` (what `send-test` waits on)."""
-    conn.execute("BEGIN")
-    try:
-        rows = conn.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM history WHERE address = ? AND queue_id = ?",
-            (address, queue_id)).fetchall()
-        messages = _messages(rows)
-        for message in messages:
-            _live(conn, message)
-    finally:
-        conn.execute("COMMIT")
-    return messages[0] if messages else None

@@ -105,7 +105,7 @@ def message_lines(m: MessageView, now: float, tz: tzinfo | None = None) -> list[
     for number, t in enumerate(m.targets):
         lines.append(f"{head}; {_target(t, m, now, tz)}" if number == 0
                      else f"{INDENT}and {_target(t, m, now, tz)}")
-        lines += [f"{INDENT}earlier: deferred {clock_time(a.at, m.received_at, now, tz)} "
+        lines += [f"{INDENT}earlier: {a.outcome} {clock_time(a.at, m.received_at, now, tz)} "
                   f"for {t.target} {_attempt(a)}" for a in t.attempts[:-1]]
     return lines
 
@@ -139,15 +139,14 @@ def delivered(m: MessageView) -> bool:
 
 def _attempt_doc(a: AttemptView, tz: tzinfo | None) -> dict[str, Any]:
     reply, error = split_reply(a.reply)
-    return {"at": iso(a.at, tz), "relay": a.relay, "tls": a.tls, "reply": reply, "error": error}
+    return {"at": iso(a.at, tz), "relay": a.relay, "tls": a.tls, "reply": reply, "error": error,
+            "outcome": a.outcome}
 
 
 def target_doc(t: TargetView, tz: tzinfo | None = None) -> dict[str, Any]:
     return {"target": t.target, "route": t.route, "outcome": t.outcome,
-            "next_attempt": iso(t.next_attempt, tz) if t.outcome in (QUEUED, "deferred")
-            else None,
-            "dsn_queue_id": t.dsn_id, "in_queue": t.in_queue, "held": t.held,
-            "in_delivery": t.in_delivery,
+            "next_attempt": iso(t.next_attempt, tz), "dsn_queue_id": t.dsn_id,
+            "in_queue": t.in_queue, "held": t.held, "in_delivery": t.in_delivery,
             "attempts": [_attempt_doc(a, tz) for a in t.attempts]}
 
 

@@ -56,9 +56,9 @@ class Queue:
     async def enqueue(self, message: NewMessage, leased: bool, also: Op | None = None) -> list[int]:
         """Commit and fsync the message; return its recipient ids, leased to this process
         (which delivers them from memory) or, if not `leased`, due at once for the
-        scanner. `also` runs in the same transaction, after the insert (the history: no
-        fsync of its own). Raises QueueError."""
-        ids: list[int] = await self._write(_then(ops.insert_message(message, leased), also))
+        scanner. `also` runs in the same transaction, just before (the history: no fsync of
+        its own). Raises QueueError."""
+        ids: list[int] = await self._write(_with(also, ops.insert_message(message, leased)))
         return ids
 
     async def record(
@@ -70,7 +70,7 @@ class Queue:
         ids of messages that left the queue, and the (leased) recipient ids of each new
         message."""
         done: tuple[list[str], list[list[int]]] = await self._write(
-            _then(ops.record(results, new_messages, completed), also))
+            _with(also, ops.record(results, new_messages, completed)))
         return done
 
     async def crashed(self, job: Job, retry_at: float) -> bool:
@@ -102,14 +102,14 @@ class Queue:
         return await self._reader_db.run(ops.stats)
 
 
-def _then(op: Op, also: Op | None) -> Op:
-    """`op`, then `also` in the same transaction; the result is `op`'s."""
+def _with(also: Op | None, op: Op) -> Op:
+    """`also`, then `op`, in the same transaction; the result is `op`'s. First, so that
+    `also` still sees the rows `op` may delete (the history reads the message's)."""
     if also is None:
         return op
 
     def both(conn: sqlite3.Connection) -> Any:
-        result = op(conn)
         also(conn)
-        return result
+        return op(conn)
 
     return both

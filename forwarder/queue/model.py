@@ -72,6 +72,7 @@ class Job:
     # A `forwarder send-test` message (forwarder/sendtest.py), known once its bytes are
     # read: counted apart in the metrics, never bounced, not evidence against a target.
     test: bool = False
+    client: str = ""  # the address it came from (for the delivery history)
 
     @classmethod
     def fresh(cls, message: NewMessage, recipient_ids: list[int]) -> Job:
@@ -80,7 +81,7 @@ class Job:
         return cls(message.id, message.sender, message.arrived_at, [
             RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0)
             for rid, r in zip(recipient_ids, message.recipients, strict=True)
-        ], message.body)
+        ], message.body, client=message.client)
 
     @property
     def lane(self) -> Lane:

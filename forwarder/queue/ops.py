@@ -126,7 +126,7 @@ def _finished_messages(conn: sqlite3.Connection, ids: Iterable[str]) -> list[str
 
 
 _DUE_COLUMNS = ("SELECT r.id, r.message_id, r.orig_rcpt, r.rcpt, r.route, r.attempts,"
-                " r.warned, m.sender, m.arrived_at"
+                " r.warned, m.sender, m.arrived_at, m.client"
                 " FROM recipients r JOIN messages m ON m.id = r.message_id")
 
 
@@ -169,10 +169,11 @@ def _due_suspect(conn: sqlite3.Connection, now: float,
 def _lease_rows(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], now: float,
                 lease: int) -> list[Job]:
     jobs: dict[str, Job] = {}
-    for rid, mid, orig, rcpt, route, attempts, warned, sender, arrived in rows:
+    for rid, mid, orig, rcpt, route, attempts, warned, sender, arrived, client in rows:
         conn.execute("UPDATE recipients SET leased = ?, next_attempt = ? WHERE id = ?",
                      (lease, now + LEASE_SECONDS, rid))
-        job = jobs.setdefault(mid, Job(mid, sender, arrived, [], isolated=lease == ISOLATED))
+        job = jobs.setdefault(mid, Job(mid, sender, arrived, [], isolated=lease == ISOLATED,
+                                       client=client))
         job.recipients.append(
             RecipientJob(rid, orig, rcpt, Route(route), attempts, bool(warned)))
     return list(jobs.values())

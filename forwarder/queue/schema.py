@@ -55,31 +55,41 @@ SCHEMA = (
     CREATE INDEX recipients_due ON recipients (next_attempt);
     """,
     # v5: the delivery history per address (forwarder/history/), kept beside the queue so
-    # that its rows are written in the queue's own transactions (no fsync of its own). One
-    # row per message and target, keyed in arrival order (appends; retention deletes a
-    # prefix); the attempts are a JSON array. No bodies; the subject only if configured.
+    # that its rows are written in the queue's own transactions (no fsync of its own): a
+    # row per delivery attempt, appended with the record of its outcome (the message's
+    # facts repeated, so a message delivered at once costs one row); the checks at receipt
+    # of a message, when there are any; the refusals at RCPT of our accounts. No bodies;
+    # the subject only if configured. Rows leave in `id` order (retention).
     """
     CREATE TABLE history (
+        id           INTEGER PRIMARY KEY,
         received_at  REAL NOT NULL,
         queue_id     TEXT NOT NULL,
+        address      TEXT NOT NULL,      -- our address the client named (directory key)
         target       TEXT NOT NULL,
         route        TEXT NOT NULL,
-        address      TEXT NOT NULL,      -- our address the client named (directory key)
         client       TEXT NOT NULL,
         sender       TEXT NOT NULL,      -- '' is the null sender
         from_domain  TEXT,
         message_id   TEXT,
         subject      TEXT,
         size         INTEGER NOT NULL,
-        checks       TEXT,               -- JSON object: verdicts at receipt
-        test         INTEGER NOT NULL DEFAULT 0,
-        outcome      TEXT NOT NULL DEFAULT 'queued',
+        test         INTEGER NOT NULL,   -- a forwarder send-test message
+        at           REAL NOT NULL,      -- the attempt
+        relay        TEXT,
+        tls          INTEGER,            -- 1, 0, or NULL: not known
+        reply        TEXT,               -- RFC 3464 diagnostic: 'smtp; 250 ...', 'x-local; ...'
+        outcome      TEXT NOT NULL,      -- delivered, deferred, failed
         next_attempt REAL,
-        dsn_id       TEXT,
-        attempts     TEXT NOT NULL DEFAULT '[]',
-        PRIMARY KEY (received_at, queue_id, target, route)
-    ) WITHOUT ROWID;
+        dsn_id       TEXT                -- the DSN that reported a failure
+    );
     CREATE INDEX history_address ON history (address, received_at);
+    CREATE TABLE history_checks (
+        received_at REAL NOT NULL,
+        queue_id    TEXT NOT NULL,
+        checks      TEXT NOT NULL,       -- JSON object: verdicts at receipt
+        PRIMARY KEY (received_at, queue_id)
+    ) WITHOUT ROWID;
     CREATE TABLE history_refusals (
         id      INTEGER PRIMARY KEY,
         at      REAL NOT NULL,
@@ -89,7 +99,6 @@ SCHEMA = (
         reply   TEXT NOT NULL
     );
     CREATE INDEX history_refusals_address ON history_refusals (address, at);
-    CREATE INDEX history_refusals_at ON history_refusals (at);
     """,
 )
 QUEUE_SCHEMA_VERSION = len(SCHEMA)

@@ -1,0 +1,100 @@
+"""Reading one address's history for the CLI: the attempts kept, joined with the queue's
+own rows (a message not tried yet is only there; one still waiting shows its next attempt,
+or that it is held, or that an administrator deleted it), in one read transaction.
+
+This and `store.open_reader` are the whole interface `forwarder history` and
+`forwarder send-test` use: another backend needs only these.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from forwarder.history.headers import HEADER_LIMIT, HeaderFacts, scan
+from forwarder.history.store import QUEUED, AttemptView, MessageView, RefusalView
+
+_ATTEMPTS = (
+    "SELECT received_at, queue_id, client, sender, from_domain, message_id, subject, size,"
+    " test, target, route, at, relay, tls, reply, outcome, next_attempt, dsn_id"
+    " FROM history WHERE address = ? AND received_at >= ?")
+# Our addresses are compared case-insensitively (PRODUCT.md): the client's spelling is kept.
+_QUEUED = (
+    "SELECT m.id, m.arrived_at, m.client, m.sender, m.size, m.held, r.rcpt, r.route,"
+    " r.next_attempt, r.leased FROM recipients r JOIN messages m ON m.id = r.message_id"
+    " WHERE lower(r.orig_rcpt) = ? AND m.arrived_at >= ?")
+
+
+def read_address(conn: sqlite3.Connection, address: str, since: float, subjects: bool,
+                 queue_id: str | None = None) -> tuple[list[MessageView], list[RefusalView]]:
+    """Everything kept about `address` since `since` (or about one message of it), oldest
+    first. `subjects`: whether a message still queued shows its subject (as configured)."""
+    conn.execute("BEGIN")
+    try:
+        views = _attempts(conn, address, since, queue_id)
+        _join_queue(conn, views, address, since, subjects, queue_id)
+        for view in views.values():
+            row = conn.execute("SELECT checks FROM history_checks WHERE received_at = ?"
+                               " AND queue_id = ?", (view.received_at, view.queue_id)).fetchone()
+            view.checks = json.loads(row[0]) if row else {}
+        refusals = [] if queue_id is not None else [RefusalView(*row) for row in conn.execute(
+            "SELECT at, address, client, sender, reply FROM history_refusals"
+            " WHERE address = ? AND at >= ? ORDER BY at, id", (address, since))]
+    finally:
+        conn.execute("COMMIT")
+    return sorted(views.values(), key=lambda m: (m.received_at, m.queue_id)), refusals
+
+
+def read_message(conn: sqlite3.Connection, address: str, queue_id: str,
+                 subjects: bool) -> MessageView | None:
+    """One message to `address` (what `send-test` waits on)."""
+    messages, _ = read_address(conn, address, 0.0, subjects, queue_id)
+    return messages[0] if messages else None
+
+
+def _attempts(conn: sqlite3.Connection, address: str, since: float,
+              queue_id: str | None) -> dict[str, MessageView]:
+    views: dict[str, MessageView] = {}
+    sql, params = _ATTEMPTS, [address, since]
+    if queue_id is not None:
+        sql, params = sql + " AND queue_id = ?", [*params, queue_id]
+    for row in conn.execute(sql + " ORDER BY id", params):
+        (received, qid, client, sender, domain, message_id, subject, size, test, target,
+         route, at, relay, tls, reply, outcome, next_attempt, dsn_id) = row
+        view = views.get(qid)
+        if view is None:
+            view = views[qid] = MessageView(qid, received, address, client, sender, domain,
+                                            message_id, subject, size, bool(test))
+        view.target(target, route).attempts.append(AttemptView(
+            at, relay, None if tls is None else bool(tls), reply, outcome, next_attempt,
+            dsn_id))
+    return views
+
+
+def _join_queue(conn: sqlite3.Connection, views: dict[str, MessageView], address: str,
+                since: float, subjects: bool, queue_id: str | None) -> None:
+    sql, params = _QUEUED, [address, since]
+    if queue_id is not None:
+        sql, params = sql + " AND m.id = ?", [*params, queue_id]
+    for qid, arrived, client, sender, size, held, rcpt, route, next_attempt, leased in \
+            conn.execute(sql, params).fetchall():
+        view = views.get(qid)
+        if view is None:
+            facts = _facts(conn, qid, subjects)
+            view = views[qid] = MessageView(qid, arrived, address, client, sender,
+                                            facts.from_domain, facts.message_id,
+                                            facts.subject, size, False)
+        target = view.target(rcpt, route)
+        target.in_queue, target.held, target.in_delivery = True, bool(held), bool(leased)
+        target.queued_next = next_attempt
+    for view in views.values():
+        for target in view.targets:
+            if target.in_queue is None and target.outcome in (QUEUED, "deferred"):
+                target.in_queue = False  # deleted by an administrator since
+
+
+def _facts(conn: sqlite3.Connection, queue_id: str, subjects: bool) -> HeaderFacts:
+    """The header facts of a message not tried yet, from its bytes in the queue."""
+    row = conn.execute("SELECT substr(body, 1, ?) FROM messages WHERE id = ?",
+                       (HEADER_LIMIT, queue_id)).fetchone()
+    return scan(bytes(row[0]), subjects) if row else HeaderFacts(None, None, None)
