@@ -9,6 +9,12 @@ same: the history has none of its own), and the history's bytes a message, from 
 `dbstat` (pages of the history tables and their indexes, after the deliveries).
 
     .venv/bin/python bench/history_cost.py [--messages 20000] [--batch 16] [--rounds 3]
+
+The machine's speed drifts; instructions do not. For a count, run each mode alone under
+valgrind and compare the totals of two message counts (the difference is per message):
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+        .venv/bin/python bench/history_cost.py --only on --messages 2000
 """
 
 from __future__ import annotations
@@ -114,7 +120,13 @@ async def main() -> None:
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=["on", "off"],
+                        help="one run of one mode (to count instructions under callgrind)")
     args = parser.parse_args()
+    if args.only:
+        with tempfile.TemporaryDirectory() as work:
+            run(Path(work) / "queue.sqlite3", args.only == "on", args.messages, args.batch)
+        return
     cpu: dict[bool, list[float]] = {False: [], True: []}
     size = 0.0
     with tempfile.TemporaryDirectory() as work:

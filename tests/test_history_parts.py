@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from forwarder import sendtest
+from forwarder.config import ConfigError, HistorySettings, settings_from_mapping
 from forwarder.history import headers, reader, store, view
 from forwarder.history.recorder import address_key
 from forwarder.queue import open_queue_db
@@ -140,3 +141,30 @@ def test_purge_in_chunks(tmp_path: Path) -> None:
     # last attempt older than 7 s.
     assert gone == [10, 6, 1, 0, 0]
     assert [r[0] for r in conn.execute("SELECT queue_id FROM history")] == ["Q7", "Q8", "Q9"]
+
+
+def test_the_history_settings_are_checked() -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"history": {"subjects": "yes", "retention_days": -1,
+                                           "size": 3}})
+    assert caught.value.problems == ["[history] subjects: must be true or false",
+                                     "[history] retention_days: must be a number >= 0",
+                                     "[history] unknown key 'size'"]
+    settings = settings_from_mapping({"history": {"subjects": True, "retention_days": 7}})
+    assert settings.history == HistorySettings(retention_days=7.0, subjects=True)
+
+
+def test_a_read_since_starts_at_the_right_row(tmp_path: Path) -> None:
+    conn = open_queue_db(tmp_path / "queue.sqlite3")
+    hour = reader.CLOCK_SLACK
+    store.record_tries(conn, [row(f"Q{n}", "t@example.org", 1.8e9 + n * hour, "smtp; 250 ok",
+                                  "delivered") for n in range(20)])
+    conn.execute("DELETE FROM history WHERE id IN (5, 6, 7, 12)")  # purged or forgotten
+    assert reader.first_row(conn, 0.0) == 0
+    rows = conn.execute("SELECT id, at FROM history ORDER BY id").fetchall()
+    for n in range(-1, 22):
+        since = 1.8e9 + n * hour
+        first = reader.first_row(conn, since)
+        # Exactly the rows from an hour before `since` on (the slack for a clock step).
+        assert [i for i, _ in rows if i >= first] == [
+            i for i, at in rows if at >= since - reader.CLOCK_SLACK], n

@@ -17,12 +17,34 @@ from forwarder.history.store import QUEUED, AttemptView, MessageView, RefusalVie
 _ATTEMPTS = (
     "SELECT received_at, queue_id, client, sender, from_domain, message_id, subject, size,"
     " test, target, route, at, relay, tls, reply, outcome, next_attempt, dsn_id"
-    " FROM history WHERE address = ? AND received_at >= ?")
+    " FROM history WHERE id >= ? AND address = ? AND received_at >= ?")
+# Rows are appended in the order of their attempts, which come after their message's
+# receipt; a clock stepped back by up to this much still finds every row.
+CLOCK_SLACK = 3600.0
 # Our addresses are compared case-insensitively (PRODUCT.md): the client's spelling is kept.
 _QUEUED = (
     "SELECT m.id, m.arrived_at, m.client, m.sender, m.size, m.held, r.rcpt, r.route,"
     " r.next_attempt, r.leased FROM recipients r JOIN messages m ON m.id = r.message_id"
     " WHERE lower(r.orig_rcpt) = ? AND m.arrived_at >= ?")
+
+
+def first_row(conn: sqlite3.Connection, since: float) -> int:
+    """The lowest row id that can hold an attempt at a message received since `since`,
+    by binary search over the ids (there is no index by address or time: the rows from
+    there on are scanned, so `--since` bounds the cost of a read)."""
+    low, high = conn.execute("SELECT min(id), max(id) FROM history").fetchone()
+    if low is None or since <= 0:
+        return 0
+    bound, high = since - CLOCK_SLACK, high + 1
+    while low < high:
+        middle = (low + high) // 2
+        row_id, at = conn.execute("SELECT id, at FROM history WHERE id >= ? ORDER BY id"
+                                  " LIMIT 1", (middle,)).fetchone()
+        if at < bound:
+            low = row_id + 1
+        else:
+            high = middle
+    return int(low)
 
 
 def read_address(conn: sqlite3.Connection, address: str, since: float, subjects: bool,
@@ -45,17 +67,17 @@ def read_address(conn: sqlite3.Connection, address: str, since: float, subjects:
     return sorted(views.values(), key=lambda m: (m.received_at, m.queue_id)), refusals
 
 
-def read_message(conn: sqlite3.Connection, address: str, queue_id: str,
-                 subjects: bool) -> MessageView | None:
-    """One message to `address` (what `send-test` waits on)."""
-    messages, _ = read_address(conn, address, 0.0, subjects, queue_id)
+def read_message(conn: sqlite3.Connection, address: str, queue_id: str, subjects: bool,
+                 since: float = 0.0) -> MessageView | None:
+    """One message to `address`, received since `since` (what `send-test` waits on)."""
+    messages, _ = read_address(conn, address, since, subjects, queue_id)
     return messages[0] if messages else None
 
 
 def _attempts(conn: sqlite3.Connection, address: str, since: float,
               queue_id: str | None) -> dict[str, MessageView]:
     views: dict[str, MessageView] = {}
-    sql, params = _ATTEMPTS, [address, since]
+    sql, params = _ATTEMPTS, [first_row(conn, since), address, since]
     if queue_id is not None:
         sql, params = sql + " AND queue_id = ?", [*params, queue_id]
     for row in conn.execute(sql + " ORDER BY id", params):

@@ -20,7 +20,7 @@ import contextlib
 import json
 import math
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -37,8 +37,6 @@ from forwarder.smtpclient import Attempt
 
 LOG = log.get("forwarder.history")
 DAY = 86400.0
-# Copies to our graduates' addresses are kept; SRS returns and DSNs are not about one.
-RECORDED_ROUTES = frozenset({Route.MAILBOX, Route.REDIRECT, Route.POSTMASTER})
 # Refusals that name no account of ours are not kept: a dictionary attack on unknown
 # addresses would fill the table, and `history` says "not in the directory" anyway.
 UNRECORDED_REFUSALS = frozenset({"unknown", "bad_syntax", "relay_denied", "srs_invalid",
@@ -64,15 +62,15 @@ class HistoryRecorder:
     def enabled(self) -> bool:
         return self.settings.retention_days > 0
 
-    def _guarded(self, what: str, queue_id: str | None,
-                 write: partial[None]) -> Op:
-        """`write` as an operation that reports its failure instead of raising it, so the
-        queue's own statements in the same transaction still commit."""
+    def _guarded(self, what: str, queue_id: str | None, write: Callable[..., None],
+                 *args: Any) -> Op:
+        """`write(conn, *args)` as an operation that reports its failure instead of raising
+        it, so the queue's own statements in the same transaction still commit."""
         loop = asyncio.get_running_loop()
 
         def op(conn: sqlite3.Connection) -> None:
             try:
-                write(conn)
+                write(conn, *args)
             except Exception as exc:
                 loop.call_soon_threadsafe(self._failed, what, queue_id, exc)
 
@@ -90,30 +88,28 @@ class HistoryRecorder:
         if not self.enabled or not message.checks:
             return None
         checks = json.dumps(dict(message.checks), default=str, sort_keys=True)
-        return self._guarded("checks", message.id, partial(
-            store.insert_checks, received_at=message.arrived_at, queue_id=message.id,
-            checks=checks))
+        return self._guarded("checks", message.id, store.insert_checks, message.arrived_at,
+                             message.id, checks)
 
     def attempted(self, job: Job, body: bytes, results: Sequence[Result],
                   attempts: dict[int, Attempt], bounce_id: str | None) -> Op | None:
         """A delivery round's attempts, for the transaction that records their outcomes;
         `bounce_id`: the DSN that reports this round's failures, if one was sent. The rows
         are made in the writer thread, off the event loop."""
-        if not self.enabled or not any(r.route in RECORDED_ROUTES for r in job.recipients):
+        if not self.enabled:
             return None
-        return self._guarded("attempt", job.message_id, partial(
-            _record_round, job=job, body=body, results=results, attempts=attempts,
-            bounce_id=bounce_id, subjects=self.settings.subjects))
+        return self._guarded("attempt", job.message_id, _record_round, job, body, results,
+                             attempts, bounce_id, self.settings.subjects)
 
     def refused(self, address: str, client: str, sender: str, verdict: Refuse) -> None:
         """A refused RCPT: kept if it names an account of ours (UNRECORDED_REFUSALS)."""
         if not self.enabled or verdict.reason in UNRECORDED_REFUSALS:
             return
-        write = partial(store.insert_refusal, at=self.clock.now(), address=address_key(address),
-                        client=client, sender=sender, reply=verdict.reply.at(address))
+        op = self._guarded("refusal", None, store.insert_refusal, self.clock.now(),
+                           address_key(address), client, sender, verdict.reply.at(address))
         # Not while shutting down (QueueError): the refusal is in the log line all the same.
         with contextlib.suppress(QueueError):
-            written = self.queue.write_soon(self._guarded("refusal", None, write))
+            written = self.queue.write_soon(op)
             written.add_done_callback(self._commit_failed)
 
     def _commit_failed(self, written: asyncio.Future[Any]) -> None:
@@ -122,7 +118,8 @@ class HistoryRecorder:
             self._failed("refusal", None, written.exception() or Exception())
 
     def is_test(self, job: Job, body: bytes) -> bool:
-        return sendtest.is_test(body, self.test_key, [r.orig_rcpt for r in job.recipients])
+        return sendtest.is_marked(body) and sendtest.is_test(
+            body, self.test_key, [r.orig_rcpt for r in job.recipients])
 
     # --- retention ------------------------------------------------------------------------
 
@@ -144,17 +141,23 @@ class HistoryRecorder:
 
 def _record_round(conn: sqlite3.Connection, job: Job, body: bytes, results: Sequence[Result],
                   attempts: dict[int, Attempt], bounce_id: str | None, subjects: bool) -> None:
+    """The rows of one delivery round. Run for every message delivered, so written for
+    speed: routes and outcomes are compared by identity and their values read from the
+    members (`.value` and hashing an enum member run Python code)."""
     facts = headers.scan(body, subjects)
     message = (job.client, job.sender, facts.from_domain, facts.message_id, facts.subject,
                len(body), int(job.test))
     rows = []
     for rcpt, result in zip(job.recipients, results, strict=True):
-        if rcpt.route not in RECORDED_ROUTES:
-            continue
+        route = rcpt.route
+        if route is Route.SRS_RETURN or route is Route.BOUNCE:
+            continue  # not about one of our addresses
         attempt = attempts[rcpt.id]
+        outcome = result.outcome
         rows.append((job.arrived_at, job.message_id, address_key(rcpt.orig_rcpt), rcpt.rcpt,
-                     rcpt.route.value, *message, result.attempted_at, attempt.relay,
+                     route._value_, *message, result.attempted_at, attempt.relay,
                      None if attempt.tls is None else int(attempt.tls), result.error,
-                     result.outcome.value, result.retry_at,
-                     bounce_id if result.outcome is Outcome.FAILED else None))
-    store.record_tries(conn, rows)
+                     outcome._value_, result.retry_at,
+                     bounce_id if outcome is Outcome.FAILED else None))
+    if rows:
+        store.record_tries(conn, rows)
