@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from forwarder.config import HistorySettings
+from forwarder.history.headers import header_section
 from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
 from forwarder.policy import Outcome, Route
@@ -43,6 +44,7 @@ from forwarder.queue import (
 from forwarder.queue import ops as queue_ops
 from forwarder.queue.writer import Op, apply_batch
 from forwarder.smtpclient import Attempt
+from forwarder.smtppool import TlsUse
 
 # A JobTeaser reset as the queue holds it: our Received field, then the sender's header.
 BODY = (b"Received: from client.test ([127.0.0.1])\r\n\tby forwarder.test (forwarder) with "
@@ -53,7 +55,9 @@ BODY = (b"Received: from client.test ([127.0.0.1])\r\n\tby forwarder.test (forwa
         b"10:02:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
         + b"x" * 2000 + b"\r\n")
 ATTEMPT = Attempt(Outcome.DELIVERED, "2.0.0", "smtp; 250 2.0.0 Ok: queued as 4XYZ123",
-                  "mx.example.org[192.0.2.7]:25", tls=True)
+                  "mx.example.org[192.0.2.7]:25",
+                  tls=TlsUse("TLSv1.3", "TLS_AES_256_GCM_SHA384", False))
+HEAD = header_section(BODY)
 
 
 class _Clock:
@@ -85,8 +89,7 @@ def _delivery(history: HistoryRecorder | None, m: NewMessage, rid: int) -> Op:
               m.body)
     result = Result(rid, m.id, Outcome.DELIVERED, m.arrived_at + 0.05, None, ATTEMPT.text,
                     ATTEMPT.status, ATTEMPT.relay)
-    also = (history.attempted(job, BODY, [result], {rid: ATTEMPT}, None) if history
-            else None)
+    also = history.attempted(job, HEAD, [result], {rid: ATTEMPT}, {}) if history else None
     return _then(queue_ops.record([result], [], []), also)
 
 

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from forwarder import __version__, log, sendtest
+from forwarder.checks import Checks
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
@@ -34,9 +35,11 @@ from forwarder.dns import CachingResolver, MxRouter
 from forwarder.front import Accepted, Front
 from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
+from forwarder.mtasts import MtaSts
 from forwarder.policy import needs_srs
 from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
 from forwarder.returnpath import ReturnPath
+from forwarder.senders import SenderTally
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
@@ -94,7 +97,9 @@ class Daemon:
         self._listener: socket.socket | None = None
         self.clock = clock or SystemClock()
         self._fixed_router = router
-        self.router = router or self._router(settings)
+        # One resolver (and cache) for MX routing, MTA-STS and the inbound checks.
+        self.resolver = self._resolver(settings)
+        self.router = router or self._router(settings, self.resolver)
         self.reload_settings = reload_settings
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
@@ -110,33 +115,45 @@ class Daemon:
         self.directory: DirectoryReader | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
-        self.pool = ConnectionPool(settings.delivery, settings.hostname)
+        self.senders = SenderTally(self.clock.now)
+        self.checks = Checks(settings, self.resolver, self.metrics, self.senders,
+                             self.clock.now)
+        self.pool = ConnectionPool(settings, self.metrics)
+        self.mta_sts = self._mta_sts(settings)
         # The delivery history per address, in the queue's file (forwarder/history/).
         self.history = HistoryRecorder(settings.history, self.queue, self.clock, self.metrics)
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
-                                     Sender(settings.delivery, self.pool), self.clock,
-                                     self.metrics,
+                                     Sender(settings.delivery, self.pool, self.metrics),
+                                     self.clock, self.metrics,
                                      envelope_sender=self._envelope_sender,
-                                     history=self.history)
+                                     mta_sts=self.mta_sts, history=self.history)
         # `forwarder status` (forwarder/control.py); only the main process listens.
         self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
                                     self.clock, lambda: describe(self), self.refresh_status)
 
-    def _router(self, settings: Settings) -> MailRouter:
-        return MailRouter(settings.mailbox_host, settings.smarthost, self._mx_router(settings))
+    def _router(self, settings: Settings, resolver: CachingResolver | None) -> MailRouter:
+        mx = None if resolver is None else MxRouter(resolver, port=settings.delivery.mx_port)
+        return MailRouter(settings.mailbox_host, settings.smarthost, mx)
 
-    def _mx_router(self, settings: Settings) -> MxRouter | None:
+    def _resolver(self, settings: Settings) -> CachingResolver | None:
         servers = settings.dns_servers
         try:
             if servers:
-                resolver = CachingResolver([s.host for s in servers], port=servers[0].port,
-                                           now=self.clock.now)
-            else:
-                resolver = CachingResolver(use_system_config=True, now=self.clock.now)
+                return CachingResolver([s.host for s in servers], port=servers[0].port,
+                                       now=self.clock.now)
+            return CachingResolver(use_system_config=True, now=self.clock.now)
         except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
             LOG.error("dns_unavailable", error=str(exc))
             return None
-        return MxRouter(resolver, port=settings.delivery.mx_port)
+
+    def _mta_sts(self, settings: Settings) -> MtaSts | None:
+        """MTA-STS applies to delivery by MX (RFC 8461), with the daemon's resolver."""
+        if not settings.mta_sts or self.resolver is None:
+            return None
+        d = settings.delivery
+        return MtaSts(self.resolver, self.clock.now, port=d.mta_sts_port,
+                      timeout=d.mta_sts_timeout,
+                      ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None)
 
     async def _envelope_sender(self, job: Job, rcpt: RecipientJob) -> str:
         assert self.return_path is not None
@@ -176,6 +193,9 @@ class Daemon:
             if recovered or held:
                 LOG.warning("queue_recovered", recipients=recovered, held=held)
         await self._listen(acceptor)
+        # Every process counts the sender domains its checks saw and adds them up in the
+        # directory now and then.
+        self._spawn(self._report_loop(), "senders")
         if acceptor:
             self._start_acceptor()
             return
@@ -203,7 +223,8 @@ class Daemon:
                           else DirectIntake(self.queue, self.dispatcher.submit, journal))
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, intake, self.clock,
-                           self.return_path, self.metrics, self.history)
+                           self.return_path, self.metrics, checks=self.checks,
+                           history=self.history)
         front = self.front
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
@@ -280,6 +301,16 @@ class Daemon:
             f"messages, {sum(stats['recipients'].values())} recipients, "
             f"{len(self.dispatcher.in_flight)} in delivery")
 
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.checks.report_interval)
+            await self.flush_senders()
+
+    async def flush_senders(self) -> int:
+        """Add the sender counts gathered since the last flush to the directory."""
+        assert self.directory is not None
+        return await self.senders.flush(self.directory.record_senders)
+
     # --- reload -----------------------------------------------------------------------
 
     def reload(self) -> bool:
@@ -321,9 +352,13 @@ class Daemon:
         new = self._per_process(new)
         self.settings = new
         if self._fixed_router is None:
-            self.router = self._router(new)
-            self.dispatcher.router = self.router
-        self.dispatcher.settings = new
+            self.resolver = self._resolver(new)
+            self.router = self._router(new, self.resolver)
+        if self.mta_sts is not None and self.resolver is not None:
+            self.mta_sts.resolver = self.resolver
+        self.dispatcher.set_router(self.router, new)
+        self.pool.configure(new)
+        self.checks.apply(new, self.resolver)
         self.history.settings = new.history
         if self.front is not None:
             self.front.settings = new
@@ -348,11 +383,15 @@ class Daemon:
             self.link.close()
         await self.queue.release_leases(interrupted, self.clock.now())
         await self.pool.close()
+        if self.mta_sts is not None:
+            await self.mta_sts.close()
+        await self.checks.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
         await self.status.close()
         await self.queue.close()
         if self.directory is not None:
+            await self.flush_senders()
             await self.directory.close()
         if self.return_path is not None:
             await self.return_path.close()

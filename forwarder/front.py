@@ -14,12 +14,16 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import Any
 
 from forwarder import log, replies
 from forwarder.addresses import AddressError, has_control_chars, parse_sender
+from forwarder.checkpolicy import separate_transaction
+from forwarder.checks import Checks, Inbound
 from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.directory import DirectoryReader
+from forwarder.dsnparams import DsnRequest, RecipientDsn, mail_dsn, options_dict, rcpt_dsn
 from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
 from forwarder.policy import (
@@ -33,12 +37,21 @@ from forwarder.policy import (
     count_received_headers,
     decide_account,
 )
-from forwarder.queue import Intake, NewMessage, NewRecipient, QueueError, new_queue_id
+from forwarder.queue import (
+    PLAIN,
+    Intake,
+    MessageFlags,
+    NewMessage,
+    NewRecipient,
+    QueueError,
+    new_queue_id,
+)
 from forwarder.returnpath import ReturnPath
-from forwarder.smtpevents import Envelope, SessionInfo
+from forwarder.smtpevents import Envelope, SessionInfo, TlsInfo
 from forwarder.srs import SrsError
 
 LOG = log.get("forwarder.smtp")
+NO_RECIPIENT_DSN = RecipientDsn()
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
@@ -48,6 +61,7 @@ class Accepted:
 
     orig_rcpt: str
     verdict: Accept
+    dsn: RecipientDsn = NO_RECIPIENT_DSN
 
 
 @functools.lru_cache(maxsize=4)
@@ -56,25 +70,55 @@ def _date_field(second: int) -> str:
     return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
+def protocol_name(esmtp: bool, tls: bool, smtputf8: bool) -> str:
+    """The `with` of our Received field: RFC 3848 (ESMTP, ESMTPS; no AUTH here, so never
+    ESMTPA/ESMTPSA) and RFC 6531 3.7.3 (UTF8SMTP, UTF8SMTPS for SMTPUTF8 transactions)."""
+    if not esmtp:
+        return "SMTP"
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + "S" if tls else base
+
+
+def address_literal(ip: str) -> str:
+    """The client's address as RFC 5321 4.1.3 writes it: `[192.0.2.1]`, `[IPv6:2001:db8::1]`."""
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
 def received_header(
     helo: str | None, peer_ip: str, hostname: str, queue_id: str, rcpt: str | None,
-    esmtp: bool, now: float,
+    esmtp: bool, now: float, tls: TlsInfo | None = None, smtputf8: bool = False,
 ) -> bytes:
     """Our trace field (RFC 5321 4.4). Client-supplied text is reduced to a safe alphabet,
     so a HELO name can never start a new header line or break the field's syntax."""
     helo_text = _HELO_SAFE.sub("?", helo or "unknown")[:255]
-    ip = _HELO_SAFE.sub("?", peer_ip)
-    lines = [
-        f"Received: from {helo_text} ([{ip}])",
-        f"\tby {hostname} (forwarder) with {'ESMTP' if esmtp else 'SMTP'} id {queue_id}",
-    ]
+    ip = address_literal(_HELO_SAFE.sub("?", peer_ip))
+    lines = [f"Received: from {helo_text} ({ip})"]
+    if tls is not None:  # as Postfix writes it, so the hop's encryption is on record
+        lines.append(f"\t(using {_HELO_SAFE.sub('?', tls.version)} with cipher "
+                     f"{_HELO_SAFE.sub('?', tls.cipher)})")
+    protocol = protocol_name(esmtp, tls is not None, smtputf8)
+    lines.append(f"\tby {hostname} (forwarder) with {protocol} id {queue_id}")
     date = _date_field(int(now))
     if rcpt is not None:
         lines.append(f"\tfor <{_HELO_SAFE.sub('?', rcpt) if has_control_chars(rcpt) else rcpt}>;"
                      f" {date}")
     else:
         lines[-1] += f"; {date}"
-    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+    # A UTF-8 recipient stays UTF-8 in an SMTPUTF8 message (RFC 6532); elsewhere, "?".
+    return ("\r\n".join(lines) + "\r\n").encode(
+        "utf-8" if smtputf8 else "ascii", "replace")
+
+
+def message_flags(envelope: Envelope[Accepted], content: bytes) -> MessageFlags:
+    """What delivery must know about the message: the DSN request, SMTPUTF8, and whether
+    it has 8-bit octets (what the body is, not what BODY= said: a client that declares
+    nothing and sends 8-bit still gets BODY=8BITMIME or a 7-bit conversion onward)."""
+    eight_bit = not content.isascii()
+    if not envelope.mail_options:
+        return PLAIN if not eight_bit else MessageFlags(eight_bit=True)
+    dsn = mail_dsn(options_dict(envelope.mail_options))
+    return MessageFlags(dsn if isinstance(dsn, DsnRequest) else DsnRequest(),
+                        envelope.smtp_utf8, eight_bit)
 
 
 class Front:
@@ -90,6 +134,7 @@ class Front:
         clock: Clock,
         return_path: ReturnPath,
         metrics: Metrics,
+        checks: Checks | None = None,
         history: HistoryRecorder | None = None,
     ) -> None:
         self.settings = settings
@@ -98,6 +143,7 @@ class Front:
         self.clock = clock
         self.return_path = return_path
         self.metrics = metrics
+        self.checks = checks
         self.history = history  # keeps the refusals of our addresses (forwarder/history/)
 
     # --- greeting --------------------------------------------------------------------
@@ -125,6 +171,7 @@ class Front:
             return str(replies.MAIL_BAD_SYNTAX)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        envelope.smtp_utf8 = "SMTPUTF8" in mail_options
         return str(replies.MAIL_OK)
 
     async def handle_RCPT(self, server: object, session: SessionInfo,
@@ -135,6 +182,8 @@ class Front:
             # RFC 5321 4.5.3.1.10: 452 past the limit; the client sends the rest later.
             return str(replies.RCPT_TOO_MANY)
         verdict = await self._verdict(address)
+        if self._needs_own_transaction(accepted, verdict):
+            verdict = Refuse(replies.RCPT_SEPARATE_TRANSACTION, "separate_transaction")
         self.metrics.rcpt_verdict(verdict.reason)
         if isinstance(verdict, Refuse):
             LOG.info("rcpt", client=session.client, to=address, verdict="refused",
@@ -145,10 +194,21 @@ class Front:
         # An accepted recipient is logged once, in the "queued" line (with its route): a
         # line per RCPT as well was a fifth of the logging, itself 10-18 % of the CPU
         # (docs/performance.md). Refusals are logged here, as nothing else records them.
-        accepted.append(Accepted(address, verdict))
+        dsn = rcpt_dsn(options_dict(rcpt_options)) if rcpt_options else NO_RECIPIENT_DSN
+        accepted.append(Accepted(address, verdict,
+                                 dsn if isinstance(dsn, RecipientDsn) else NO_RECIPIENT_DSN))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
+
+    def _needs_own_transaction(self, accepted: list[Accepted], verdict: Verdict) -> bool:
+        """With a spam filter, postmaster mail (never refused as spam) and other mail do
+        not share a transaction (forwarder/checkpolicy.py)."""
+        if (self.checks is None or not self.checks.splits_roles or not accepted
+                or not isinstance(verdict, Accept)):
+            return False
+        return separate_transaction(accepted[0].verdict.route is Route.POSTMASTER,
+                                    verdict.route is Route.POSTMASTER)
 
     async def _verdict(self, address: str) -> Verdict:
         first = classify_recipient(address, self.settings.domains, self.settings.postmaster,
@@ -195,7 +255,19 @@ class Front:
             return str(replies.TOO_MANY_HOPS)
         now = self.clock.now()
         queue_id = new_queue_id(now)
-        message = self._message(session, envelope, accepted, content, queue_id, now)
+        prefix, checked = b"", {}
+        if self.checks is not None and self.checks.active:
+            # Authentication, spam and rate limits, once per message, before the 250.
+            result = await self.checks.evaluate(self._inbound(session, envelope, queue_id))
+            if result.decision.reply is not None:
+                LOG.warning("refused", client=session.client, reason=result.decision.reason,
+                            reply=result.decision.reply.code, **{"from": envelope.sender},
+                            **result.fields)
+                self.metrics.message_refused(result.decision.reason)
+                return str(result.decision.reply)
+            content, prefix, checked = result.content, result.prefix, result.fields
+        message = self._message(session, envelope, accepted, content, queue_id, now, prefix,
+                                checked)
         try:
             await self.intake.accept(message)
         except QueueError as exc:
@@ -204,15 +276,33 @@ class Front:
             self.metrics.message_refused("no_space" if exc.no_space else "queue_error")
             return str(replies.QUEUE_FULL if exc.no_space else replies.QUEUE_UNAVAILABLE)
         self.metrics.message_accepted(len(content))
+        # The client's TLS always; the cipher, 8BITMIME and SMTPUTF8 only when there is
+        # one to say (each field costs on every message: docs/performance.md).
+        tls = session.tls
+        extra: dict[str, object] = {} if tls is None else {"cipher": tls.cipher}
+        if message.flags is not PLAIN:
+            extra.update(body="8BITMIME" if message.flags.eight_bit else "7BIT",
+                         smtputf8=message.flags.smtputf8)
         LOG.info("queued", queue_id=queue_id, size=len(message.body), client=message.client,
                  **{"from": message.sender}, to=[r.rcpt for r in message.recipients],
                  orig_to=[r.orig_rcpt for r in message.recipients],
-                 route=[r.route.value for r in message.recipients])
+                 route=[r.route.value for r in message.recipients],
+                 tls=tls.version if tls else "none", **extra, **checked)
         return replies.queued(queue_id)
+
+    def _inbound(self, session: SessionInfo, envelope: Envelope[Accepted],
+                 queue_id: str) -> Inbound:
+        accepted = envelope.accepted
+        assert envelope.content is not None
+        return Inbound(queue_id, session.client, session.host_name or "", envelope.sender,
+                       [a.orig_rcpt for a in accepted],
+                       all(a.verdict.route is Route.POSTMASTER for a in accepted),
+                       envelope.content)
 
     def _message(
         self, session: SessionInfo, envelope: Envelope[Accepted], accepted: list[Accepted],
-        content: bytes, queue_id: str, now: float,
+        content: bytes, queue_id: str, now: float, prefix: bytes = b"",
+        checked: dict[str, Any] | None = None,
     ) -> NewMessage:
         seen: set[tuple[str, str]] = set()
         recipients: list[NewRecipient] = []
@@ -221,12 +311,17 @@ class Front:
             if key not in seen:
                 seen.add(key)
                 recipients.append(NewRecipient(item.orig_rcpt, item.verdict.target,
-                                               item.verdict.route))
+                                               item.verdict.route, item.dsn))
         single = accepted[0].orig_rcpt if len(accepted) == 1 else None
         header = received_header(session.host_name, session.client, self.settings.hostname,
-                                 queue_id, single, session.extended_smtp, now)
-        return NewMessage(queue_id, envelope.sender, now, session.client, header + content,
-                          tuple(recipients))
+                                 queue_id, single, session.extended_smtp, now, session.tls,
+                                 envelope.smtp_utf8)
+        # The checks' fields (Authentication-Results, X-Spam-*) go on top, above our trace
+        # field (RFC 8601 5: at the top of the header section).
+        # The checks' verdicts go to the delivery history too (forwarder/history/).
+        return NewMessage(queue_id, envelope.sender, now, session.client,
+                          prefix + header + content, tuple(recipients),
+                          message_flags(envelope, content), checked or {})
 
     def exception_reply(self, error: BaseException) -> str:
         LOG.error("session_error", error=type(error).__name__, exc_info=error)

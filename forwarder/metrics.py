@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +32,15 @@ from forwarder.policy import Outcome
 from forwarder.replies import Reply
 
 __all__ = [
+    "AUTH_OUTCOMES",
     "DELIVERY_RESULTS",
     "DESTINATION_CLASSES",
     "LATENCY_BUCKETS",
     "QUEUE_STATES",
+    "RATE_SCOPES",
     "REFUSAL_REASONS",
+    "SPAM_ACTIONS",
+    "TLS_RESULTS",
     "Metrics",
     "MetricsServer",
     "start_metrics_server",
@@ -48,7 +52,19 @@ DELIVERY_RESULTS = ("delivered", "deferred", "failed")
 DESTINATION_CLASSES = ("mailbox", "redirect", "postmaster", "srs_return", "bounce")
 # Why a message was refused or deferred at or after DATA (forwarder_messages_refused_total).
 REFUSAL_REASONS = ("size", "bare_lf", "nul", "line_too_long", "loop", "queue_error",
-                   "no_space")
+                   "no_space", "dmarc", "spam", "spam_deferred", "rate_limited",
+                   "filter_unavailable", "auth_unavailable")
+# The inbound checks (forwarder/checks.py): each method's RFC 8601 results, rspamd's actions
+# ("unavailable": no verdict; "other": an action rspamd's configuration added), and which
+# rate limit refused.
+AUTH_OUTCOMES = {
+    "spf": ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"),
+    "dkim": ("pass", "fail", "neutral", "none", "temperror", "permerror"),
+    "dmarc": ("pass", "fail", "none", "temperror", "permerror"),
+}
+SPAM_ACTIONS = ("no_action", "add_header", "rewrite_subject", "greylist", "soft_reject",
+                "reject", "other", "unavailable")
+RATE_SCOPES = ("client", "recipient")
 # The session's own refusals after the final dot, by the reply it sent.
 _BODY_REFUSALS = {
     replies.SIZE_EXCEEDED: "size",
@@ -56,6 +72,8 @@ _BODY_REFUSALS = {
     replies.NUL_IN_MESSAGE: "nul",
     replies.TEXT_LINE_TOO_LONG: "line_too_long",
 }
+# How each outbound SMTP session ended up with TLS (forwarder_outbound_tls_total).
+TLS_RESULTS = ("verified", "encrypted", "clear", "handshake_failed", "policy_failed")
 # forwarder_queue_depth: the queue's recipient rows (`queued`, leased ones included) and,
 # among them, those being delivered right now (`in_flight`, the daemon's count).
 QUEUE_STATES = ("queued", "in_flight")
@@ -141,6 +159,23 @@ class Metrics:
         self._sessions_total = Counter(
             "forwarder_smtp_sessions", "SMTP sessions opened since start.", registry=reg
         )
+        self._outbound_tls = Counter(
+            "forwarder_outbound_tls", "Outbound SMTP sessions, by how TLS went.", ["tls"],
+            registry=reg)
+        self._converted = Counter(
+            "forwarder_mime_conversions",
+            "Messages converted to 7-bit for a next hop without 8BITMIME.", registry=reg)
+        self._suspended = Counter(
+            "forwarder_destination_suspensions",
+            "Destinations declared dead after timeouts or refused connections.", registry=reg)
+        self._auth = Counter(
+            "forwarder_auth_results", "SPF, DKIM and DMARC results of checked messages.",
+            ["method", "outcome"], registry=reg)
+        self._spam = Counter(
+            "forwarder_spam_checks", "rspamd verdicts, by action.", ["action"], registry=reg)
+        self._rate = Counter(
+            "forwarder_rate_limited", "Messages deferred by a rate limit.", ["scope"],
+            registry=reg)
         self._test_deliveries = Counter(
             "forwarder_test_deliveries",
             "Delivery attempts of `forwarder send-test` messages, by result (not counted in"
@@ -173,6 +208,9 @@ class Metrics:
         self._open_sessions = Gauge(
             "forwarder_smtp_sessions_open", "SMTP sessions currently open.", registry=reg
         )
+        self._dead = Gauge(
+            "forwarder_destinations_suspended",
+            "Destinations whose delivery is suspended now (dead destinations).", registry=reg)
         self._own_open = 0
         self._child_open: dict[str, int] = {}
         self._child_rss: dict[str, int] = {}
@@ -190,6 +228,9 @@ class Metrics:
             "forwarder_messages_refused_total": self._refused,
             "forwarder_accepted_bytes_total": self._bytes,
             "forwarder_smtp_sessions_total": self._sessions_total,
+            "forwarder_auth_results_total": self._auth,
+            "forwarder_spam_checks_total": self._spam,
+            "forwarder_rate_limited_total": self._rate,
             "forwarder_history_write_errors_total": self._history_errors,
         }
 
@@ -203,6 +244,15 @@ class Metrics:
             self._rcpt.labels(verdict=verdict)
         for reason in REFUSAL_REASONS:
             self._refused.labels(reason=reason)
+        for result in TLS_RESULTS:
+            self._outbound_tls.labels(tls=result)
+        for method, outcomes in AUTH_OUTCOMES.items():
+            for outcome in outcomes:
+                self._auth.labels(method=method, outcome=outcome)
+        for action in SPAM_ACTIONS:
+            self._spam.labels(action=action)
+        for scope in RATE_SCOPES:
+            self._rate.labels(scope=scope)
         self.queue_snapshot(dict.fromkeys(states, 0), None)
 
     # --- SMTP front -------------------------------------------------------------------
@@ -283,6 +333,26 @@ class Metrics:
             raise ValueError(f"no refusal reason for {reply}")
         self.message_refused(reason)
 
+    # --- inbound checks ---------------------------------------------------------------
+
+    def auth_result(self, method: str, outcome: str) -> None:
+        """One SPF, DKIM (one per signature) or DMARC result; a result the library names
+        otherwise counts as permerror (the set stays fixed)."""
+        known = AUTH_OUTCOMES[method]
+        self._auth.labels(method=method, outcome=outcome if outcome in known
+                          else "permerror").inc()
+
+    def spam_checked(self, action: str) -> None:
+        """rspamd's verdict on a message (an action in SPAM_ACTIONS)."""
+        if action not in SPAM_ACTIONS:
+            raise ValueError(f"unknown spam action {action!r}")
+        self._spam.labels(action=action).inc()
+
+    def rate_limited(self, scope: str) -> None:
+        if scope not in RATE_SCOPES:
+            raise ValueError(f"unknown rate-limit scope {scope!r}")
+        self._rate.labels(scope=scope).inc()
+
     # --- delivery ---------------------------------------------------------------------
 
     def delivered(self, destination: str, latency_seconds: float) -> None:
@@ -321,6 +391,23 @@ class Metrics:
         if destination not in DESTINATION_CLASSES:
             raise ValueError(f"unknown destination class {destination!r}")
         self._deliveries.labels(result=result, destination=destination).inc()
+
+    def outbound_tls(self, result: str) -> None:
+        """An outbound SMTP session opened (or failed to) with this TLS `result`."""
+        if result not in TLS_RESULTS:
+            raise ValueError(f"unknown TLS result {result!r}")
+        self._outbound_tls.labels(tls=result).inc()
+
+    def converted_7bit(self) -> None:
+        self._converted.inc()
+
+    def destination_suspended(self, suspended_now: int) -> None:
+        self._suspended.inc()
+        self._dead.set(suspended_now)
+
+    def count_suspended(self, count: Callable[[], int]) -> None:
+        """Read the number of suspended destinations at each scrape (delivery's slots)."""
+        self._dead.set_function(count)
 
     # --- queue ------------------------------------------------------------------------
 

@@ -74,13 +74,13 @@ def test_the_send_test_mark_verifies_only_with_the_key_and_address(tmp_path: Pat
 
 
 def row(queue_id: str, target: str, at: float, reply: str, outcome: str,
-        next_attempt: float | None = None) -> tuple[object, ...]:
+        next_attempt: float | None = None, tls: str | None = "TLSv1.3") -> tuple[object, ...]:
     values = {"received_at": 1.8e9, "queue_id": queue_id,
               "address": "marie.curie@sigma-clermont.fr", "target": target, "route": "redirect",
               "client": "192.0.2.1", "sender": "noreply@jobteaser.com",
               "from_domain": "jobteaser.com", "message_id": f"<{queue_id}@jobteaser.com>",
               "subject": None, "size": 2048, "test": 0, "at": at,
-              "relay": "mx.example.org[192.0.2.7]:25", "tls": None, "reply": reply,
+              "relay": "mx.example.org[192.0.2.7]:25", "tls": tls, "reply": reply,
               "outcome": outcome, "next_attempt": next_attempt, "dsn_id": None}
     return tuple(values[column] for column in store.TRY_COLUMNS)
 
@@ -94,7 +94,7 @@ def test_rows_on_a_queue_file_and_the_lines_read_aloud(tmp_path: Path) -> None:
         row("Q1", "marie@example.org", 1.8e9 + 4, "smtp; 250 2.0.0 OK id=abc", "delivered"),
         row("Q1", "marie@backup.example", 1.8e9 + 5,
             "x-local; connect to mx.example.org[192.0.2.7]:25: timed out", "deferred",
-            1.8e9 + 305)])
+            1.8e9 + 305, tls="")])
     store.insert_refusal(conn, 1.8e9 - 60, "marie.curie@sigma-clermont.fr", "192.0.2.9",
                          "", "550 5.1.1 <marie.curie@sigma-clermont.fr>: closed")
     reader_conn = store.open_reader(path)
@@ -111,15 +111,16 @@ def test_rows_on_a_queue_file_and_the_lines_read_aloud(tmp_path: Path) -> None:
         "<marie.curie@sigma-clermont.fr>: closed",
         "15 Jan 08:00 from noreply@jobteaser.com, subject not stored, 2 KB, <Q1@jobteaser.com>,"
         " queue id Q1, checks dkim=pass dmarc=pass spf=pass; delivered 08:00:04 to "
-        "marie@example.org via mx.example.org, TLS not known, 250 2.0.0 OK id=abc",
+        "marie@example.org via mx.example.org, TLS, 250 2.0.0 OK id=abc",
         "    and deferred 08:00:05 for marie@backup.example via mx.example.org, no reply: "
         "connect to mx.example.org[192.0.2.7]:25: timed out; no longer in the queue (deleted "
         "by an administrator)"]
     doc = view.message_doc(message, UTC)
     assert doc["targets"][1]["attempts"][0] == {
         "at": "2027-01-15T08:00:05+00:00", "relay": "mx.example.org[192.0.2.7]:25",
-        "tls": None, "reply": None, "outcome": "deferred",
+        "tls": False, "tls_version": None, "reply": None, "outcome": "deferred",
         "error": "connect to mx.example.org[192.0.2.7]:25: timed out"}
+    assert doc["targets"][0]["attempts"][0]["tls_version"] == "TLSv1.3"
     assert reader.read_message(reader_conn, "marie.curie@sigma-clermont.fr", "Q1",
                                subjects=False) is not None
     assert reader.read_message(reader_conn, "marie.curie@sigma-clermont.fr", "Q2",

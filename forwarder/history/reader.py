@@ -88,8 +88,7 @@ def _attempts(conn: sqlite3.Connection, address: str, since: float,
             view = views[qid] = MessageView(qid, received, address, client, sender, domain,
                                             message_id, subject, size, bool(test))
         view.target(target, route).attempts.append(AttemptView(
-            at, relay, None if tls is None else bool(tls), reply, outcome, next_attempt,
-            dsn_id))
+            at, relay, tls, reply, outcome, next_attempt, dsn_id))
     return views
 
 

@@ -30,7 +30,7 @@ from forwarder.clock import Clock
 from forwarder.config import HistorySettings
 from forwarder.history import headers, store
 from forwarder.metrics import Metrics
-from forwarder.policy import Outcome, Refuse, Route
+from forwarder.policy import Refuse, Route
 from forwarder.queue import Job, NewMessage, Queue, QueueError, Result
 from forwarder.queue.writer import Op
 from forwarder.smtpclient import Attempt
@@ -91,15 +91,15 @@ class HistoryRecorder:
         return self._guarded("checks", message.id, store.insert_checks, message.arrived_at,
                              message.id, checks)
 
-    def attempted(self, job: Job, body: bytes, results: Sequence[Result],
-                  attempts: dict[int, Attempt], bounce_id: str | None) -> Op | None:
+    def attempted(self, job: Job, head: bytes, results: Sequence[Result],
+                  attempts: dict[int, Attempt], bounced: dict[int, str]) -> Op | None:
         """A delivery round's attempts, for the transaction that records their outcomes;
-        `bounce_id`: the DSN that reports this round's failures, if one was sent. The rows
-        are made in the writer thread, off the event loop."""
+        `head`: the message's header section; `bounced`: recipient id -> the DSN that
+        reports its failure. The rows are made in the writer thread, off the event loop."""
         if not self.enabled:
             return None
-        return self._guarded("attempt", job.message_id, _record_round, job, body, results,
-                             attempts, bounce_id, self.settings.subjects)
+        return self._guarded("attempt", job.message_id, _record_round, job, head, results,
+                             attempts, bounced, self.settings.subjects)
 
     def refused(self, address: str, client: str, sender: str, verdict: Refuse) -> None:
         """A refused RCPT: kept if it names an account of ours (UNRECORDED_REFUSALS)."""
@@ -117,9 +117,9 @@ class HistoryRecorder:
         if not written.cancelled() and written.exception() is not None:
             self._failed("refusal", None, written.exception() or Exception())
 
-    def is_test(self, job: Job, body: bytes) -> bool:
-        return sendtest.is_marked(body) and sendtest.is_test(
-            body, self.test_key, [r.orig_rcpt for r in job.recipients])
+    def is_test(self, job: Job, head: bytes) -> bool:
+        return sendtest.is_marked(head) and sendtest.is_test(
+            head, self.test_key, [r.orig_rcpt for r in job.recipients])
 
     # --- retention ------------------------------------------------------------------------
 
@@ -139,14 +139,14 @@ class HistoryRecorder:
         return total
 
 
-def _record_round(conn: sqlite3.Connection, job: Job, body: bytes, results: Sequence[Result],
-                  attempts: dict[int, Attempt], bounce_id: str | None, subjects: bool) -> None:
+def _record_round(conn: sqlite3.Connection, job: Job, head: bytes, results: Sequence[Result],
+                  attempts: dict[int, Attempt], bounced: dict[int, str], subjects: bool) -> None:
     """The rows of one delivery round. Run for every message delivered, so written for
     speed: routes and outcomes are compared by identity and their values read from the
     members (`.value` and hashing an enum member run Python code)."""
-    facts = headers.scan(body, subjects)
+    facts = headers.scan(head, subjects)
     message = (job.client, job.sender, facts.from_domain, facts.message_id, facts.subject,
-               len(body), int(job.test))
+               job.size, int(job.test))
     rows = []
     for rcpt, result in zip(job.recipients, results, strict=True):
         route = rcpt.route
@@ -156,8 +156,7 @@ def _record_round(conn: sqlite3.Connection, job: Job, body: bytes, results: Sequ
         outcome = result.outcome
         rows.append((job.arrived_at, job.message_id, address_key(rcpt.orig_rcpt), rcpt.rcpt,
                      route._value_, *message, result.attempted_at, attempt.relay,
-                     None if attempt.tls is None else int(attempt.tls), result.error,
-                     outcome._value_, result.retry_at,
-                     bounce_id if outcome is Outcome.FAILED else None))
+                     "" if attempt.tls is None else attempt.tls.version, result.error,
+                     outcome._value_, result.retry_at, bounced.get(rcpt.id)))
     if rows:
         store.record_tries(conn, rows)

@@ -1,4 +1,4 @@
-"""The history's SQL, on the queue's file (schema: forwarder/queue/schema.py, version 5).
+"""The history's SQL, on the queue's file (schema: forwarder/queue/schema.py, version 6).
 
 Writes are operations run inside the queue's group-committed transactions, so the history
 costs no fsync of its own and always agrees with the queue: each delivery attempt is one
@@ -19,7 +19,7 @@ from typing import Any
 
 from forwarder.queue import QUEUE_SCHEMA_VERSION, open_queue_db
 
-HISTORY_SCHEMA_VERSION = 5
+HISTORY_SCHEMA_VERSION = 6
 PURGE_CHUNK = 2000
 QUEUED = "queued"  # a target's outcome before its first attempt
 
@@ -118,7 +118,7 @@ def erase(queue_path: Path, address: str, busy_timeout: float = 5.0) -> int:
 class AttemptView:
     at: float
     relay: str | None
-    tls: bool | None
+    tls: str | None  # the TLS version, "" in clear, None not known
     reply: str | None
     outcome: str
     next_attempt: float | None

@@ -50,8 +50,8 @@ def _host(relay: str | None) -> str:
     return relay.split("[", 1)[0] if relay else "no relay"
 
 
-def _tls(tls: bool | None) -> str:
-    return {True: "TLS", False: "no TLS", None: "TLS not known"}[tls]
+def _tls(tls: str | None) -> str:
+    return "TLS not known" if tls is None else "TLS" if tls else "no TLS"
 
 
 def _attempt(a: AttemptView) -> str:
@@ -139,8 +139,8 @@ def delivered(m: MessageView) -> bool:
 
 def _attempt_doc(a: AttemptView, tz: tzinfo | None) -> dict[str, Any]:
     reply, error = split_reply(a.reply)
-    return {"at": iso(a.at, tz), "relay": a.relay, "tls": a.tls, "reply": reply, "error": error,
-            "outcome": a.outcome}
+    return {"at": iso(a.at, tz), "relay": a.relay, "tls": None if a.tls is None else bool(a.tls),
+            "tls_version": a.tls or None, "reply": reply, "error": error, "outcome": a.outcome}
 
 
 def target_doc(t: TargetView, tz: tzinfo | None = None) -> dict[str, Any]:

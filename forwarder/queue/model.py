@@ -7,7 +7,11 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from forwarder.dsnparams import DsnRequest, RecipientDsn
 from forwarder.policy import Lane, Outcome, Route
+
+NO_DSN_REQUEST = DsnRequest()
+NO_RECIPIENT_DSN = RecipientDsn()
 
 
 class QueueError(Exception):
@@ -34,6 +38,20 @@ class NewRecipient:
     orig_rcpt: str
     rcpt: str
     route: Route
+    dsn: RecipientDsn = NO_RECIPIENT_DSN  # NOTIFY and ORCPT (RFC 3461)
+
+
+@dataclass(frozen=True)
+class MessageFlags:
+    """What the client said about the message, kept for its delivery: the DSN request
+    (RFC 3461 RET, ENVID), SMTPUTF8 (RFC 6531) and whether the body has 8-bit octets."""
+
+    dsn: DsnRequest = NO_DSN_REQUEST
+    smtputf8: bool = False
+    eight_bit: bool = False
+
+
+PLAIN = MessageFlags()
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,7 @@ class NewMessage:
     client: str
     body: bytes
     recipients: tuple[NewRecipient, ...]
+    flags: MessageFlags = PLAIN
     # The verdicts of the checks at receipt (name -> result), for the delivery history;
     # not a queue column.
     checks: Mapping[str, object] = field(default_factory=dict)
@@ -57,6 +76,7 @@ class RecipientJob:
     route: Route
     attempts: int
     warned: bool = False
+    dsn: RecipientDsn = NO_RECIPIENT_DSN
 
 
 @dataclass
@@ -69,6 +89,8 @@ class Job:
     recipients: list[RecipientJob]
     body: bytes | None = None
     isolated: bool = False  # a suspect, alone in the lane: a crash now is charged to it
+    flags: MessageFlags = PLAIN
+    size: int = 0  # of the body, known without it (SIZE= on MAIL, RFC 1870)
     # A `forwarder send-test` message (forwarder/sendtest.py), known once its bytes are
     # read: counted apart in the metrics, never bounced, not evidence against a target.
     test: bool = False
@@ -79,9 +101,10 @@ class Job:
         """The job for a message just committed (its recipients leased with it), with its
         bytes still in memory."""
         return cls(message.id, message.sender, message.arrived_at, [
-            RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0)
+            RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0, dsn=r.dsn)
             for rid, r in zip(recipient_ids, message.recipients, strict=True)
-        ], message.body, client=message.client)
+        ], message.body, flags=message.flags, size=len(message.body),
+            client=message.client)
 
     @property
     def lane(self) -> Lane:

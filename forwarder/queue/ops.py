@@ -14,8 +14,9 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from forwarder.dsnparams import DsnRequest, RecipientDsn
 from forwarder.policy import BLAME, Charge, Ending, Lane, Outcome, Route, Suspicion, blame
-from forwarder.queue.model import Job, NewMessage, RecipientJob, Result
+from forwarder.queue.model import Job, MessageFlags, NewMessage, RecipientJob, Result
 from forwarder.queue.schema import ISOLATED, LEASED
 from forwarder.queue.writer import Op
 
@@ -35,18 +36,22 @@ def insert_message(msg: NewMessage, leased: bool) -> Op:
     lease, next_attempt = ((LEASED, msg.arrived_at + LEASE_SECONDS) if leased
                            else (0, msg.arrived_at))
 
+    flags = msg.flags
+
     def op(conn: sqlite3.Connection) -> list[int]:
         conn.execute(
-            "INSERT INTO messages (id, sender, arrived_at, size, client, body)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (msg.id, msg.sender, msg.arrived_at, len(msg.body), msg.client, msg.body),
+            "INSERT INTO messages (id, sender, arrived_at, size, client, body, ret, envid,"
+            " smtputf8, eight_bit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (msg.id, msg.sender, msg.arrived_at, len(msg.body), msg.client, msg.body,
+             flags.dsn.ret, flags.dsn.envid, int(flags.smtputf8), int(flags.eight_bit)),
         )
         ids = []
         for r in msg.recipients:
             cursor = conn.execute(
                 "INSERT INTO recipients (message_id, orig_rcpt, rcpt, route, leased,"
-                " next_attempt) VALUES (?, ?, ?, ?, ?, ?)",
-                (msg.id, r.orig_rcpt, r.rcpt, r.route.value, lease, next_attempt),
+                " next_attempt, notify, orcpt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (msg.id, r.orig_rcpt, r.rcpt, r.route.value, lease, next_attempt,
+                 r.dsn.notify, r.dsn.orcpt),
             )
             ids.append(int(cursor.lastrowid or 0))
         return ids
@@ -126,7 +131,8 @@ def _finished_messages(conn: sqlite3.Connection, ids: Iterable[str]) -> list[str
 
 
 _DUE_COLUMNS = ("SELECT r.id, r.message_id, r.orig_rcpt, r.rcpt, r.route, r.attempts,"
-                " r.warned, m.sender, m.arrived_at, m.client"
+                " r.warned, r.notify, r.orcpt, m.sender, m.arrived_at, m.ret, m.envid,"
+                " m.smtputf8, m.eight_bit, m.size, m.client"
                 " FROM recipients r JOIN messages m ON m.id = r.message_id")
 
 
@@ -169,13 +175,17 @@ def _due_suspect(conn: sqlite3.Connection, now: float,
 def _lease_rows(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], now: float,
                 lease: int) -> list[Job]:
     jobs: dict[str, Job] = {}
-    for rid, mid, orig, rcpt, route, attempts, warned, sender, arrived, client in rows:
+    for (rid, mid, orig, rcpt, route, attempts, warned, notify, orcpt, sender, arrived,
+         ret, envid, smtputf8, eight_bit, size, client) in rows:
         conn.execute("UPDATE recipients SET leased = ?, next_attempt = ? WHERE id = ?",
                      (lease, now + LEASE_SECONDS, rid))
-        job = jobs.setdefault(mid, Job(mid, sender, arrived, [], isolated=lease == ISOLATED,
-                                       client=client))
-        job.recipients.append(
-            RecipientJob(rid, orig, rcpt, Route(route), attempts, bool(warned)))
+        job = jobs.get(mid)
+        if job is None:
+            flags = MessageFlags(DsnRequest(ret, envid), bool(smtputf8), bool(eight_bit))
+            job = jobs[mid] = Job(mid, sender, arrived, [], isolated=lease == ISOLATED,
+                                  flags=flags, size=size, client=client)
+        job.recipients.append(RecipientJob(rid, orig, rcpt, Route(route), attempts,
+                                           bool(warned), RecipientDsn(notify, orcpt)))
     return list(jobs.values())
 
 

@@ -54,7 +54,17 @@ SCHEMA = (
     ALTER TABLE recipients DROP COLUMN state;
     CREATE INDEX recipients_due ON recipients (next_attempt);
     """,
-    # v5: the delivery history per address (forwarder/history/), kept beside the queue so
+    # v5: the DSN extension's parameters (RFC 3461: RET and ENVID per message, NOTIFY and
+    # ORCPT per recipient), SMTPUTF8 (RFC 6531) and whether the body has 8-bit octets.
+    """
+    ALTER TABLE messages ADD COLUMN ret TEXT;
+    ALTER TABLE messages ADD COLUMN envid TEXT;
+    ALTER TABLE messages ADD COLUMN smtputf8 INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN eight_bit INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE recipients ADD COLUMN notify TEXT;
+    ALTER TABLE recipients ADD COLUMN orcpt TEXT;
+    """,
+    # v6: the delivery history per address (forwarder/history/), kept beside the queue so
     # that its rows are written in the queue's own transactions (no fsync of its own): a
     # row per delivery attempt, appended with the record of its outcome (the message's
     # facts repeated, so a message delivered at once costs one row); the checks at receipt
@@ -79,7 +89,7 @@ SCHEMA = (
         test         INTEGER NOT NULL,   -- a forwarder send-test message
         at           REAL NOT NULL,      -- the attempt
         relay        TEXT,
-        tls          INTEGER,            -- 1, 0, or NULL: not known
+        tls          TEXT,               -- the TLS version ('TLSv1.3'), '' in clear
         reply        TEXT,               -- RFC 3464 diagnostic: 'smtp; 250 ...', 'x-local; ...'
         outcome      TEXT NOT NULL,      -- delivered, deferred, failed
         next_attempt REAL,
