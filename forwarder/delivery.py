@@ -186,7 +186,11 @@ class Dispatcher:
             attempts = await self.outbound.attempt(job, holder)
             if attempts is None:
                 return  # deleted by an administrator meanwhile
-            head = await self._header(job, holder)
+            head = None
+            if self.history is not None:  # the header, before the holder lets the bytes go
+                body = holder.body
+                head = self._header(job, body if body is not None else
+                                    await self.queue.load_body(job.message_id))
             now = self.clock.now()
             results = [self._result(job, rcpt, attempts[rcpt.id], now)
                        for rcpt in job.recipients]
@@ -212,15 +216,11 @@ class Dispatcher:
                      to=job.sender)
             self.submit(Job.fresh(dsn, ids))
 
-    async def _header(self, job: Job, holder: BodyHolder) -> bytes | None:
+    def _header(self, job: Job, body: bytes | None) -> bytes | None:
         """The header section, for the history and the send-test mark: a copy of the
         bytes still held (or, when waiting for a slot let go of them, read again), so the
         body itself goes as before. Marks `job.test`."""
-        if self.history is None:
-            return None
-        body = holder.body if holder.body is not None else await self.queue.load_body(
-            job.message_id)
-        if body is None:
+        if body is None or self.history is None:
             return None
         head = header_section(body)
         job.test = self.history.is_test(job, head)

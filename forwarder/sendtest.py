@@ -25,8 +25,6 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 
-from forwarder.history.headers import HEADER_LIMIT
-
 KEY_FILE = "send-test.key"
 KEY_MODE = 0o640
 FIELD = "X-Forwarder-Test"
@@ -78,26 +76,20 @@ def mark(key: bytes, nonce: str, address: str) -> str:
     return f"{nonce} {_tag(key, nonce, address)}"
 
 
-def is_marked(message: bytes) -> bool:
-    """Whether the header section has the field at all: one search at C speed, before
-    anything is built to verify it (ordinary mail never has it)."""
-    end = message.find(b"\r\n\r\n", 0, HEADER_LIMIT)
-    return message.find(_FIELD_LINE, 0, end if end >= 0 else HEADER_LIMIT) >= 0
+def is_marked(section: bytes) -> bool:
+    """Whether a header section (headers.header_section) has the field at all: one search
+    at C speed, before anything is built to verify it (ordinary mail never has it)."""
+    return section.find(_FIELD_LINE) >= 0
 
 
-def is_test(message: bytes, key: bytes | None, addresses: Iterable[str]) -> bool:
-    """Whether `message` carries a mark that verifies for one of `addresses`. Costs one
-    search of the header section unless the field is there (it never is, in ordinary
-    mail)."""
-    if key is None:
-        return False
-    end = message.find(b"\r\n\r\n", 0, HEADER_LIMIT)
-    start = message.find(_FIELD_LINE, 0, end if end >= 0 else HEADER_LIMIT)
-    if start < 0:
+def is_test(section: bytes, key: bytes | None, addresses: Iterable[str]) -> bool:
+    """Whether a header section carries a mark that verifies for one of `addresses`."""
+    start = section.find(_FIELD_LINE)
+    if key is None or start < 0:
         return False
     start += len(_FIELD_LINE)
-    line_end = message.find(b"\r\n", start)
-    nonce, _, tag = message[start:line_end].decode("ascii", "replace").strip().partition(" ")
+    line_end = section.find(b"\r\n", start)
+    nonce, _, tag = section[start:line_end].decode("ascii", "replace").strip().partition(" ")
     return any(hmac.compare_digest(tag, _tag(key, nonce, address)) for address in addresses)
 
 

@@ -305,8 +305,9 @@ async def test_send_test_delivered_and_refused(
     assert got.rcpt_tos == [TARGET] and got.mail_from == f"postmaster@{DOMAIN}"
     # Counted apart: a test is not the school's mail.
     registry = d.metrics.registry
-    assert registry.get_sample_value("forwarder_test_deliveries_total",
-                                     {"result": "delivered"}) == 1
+    # Counted once the delivery's commit returns, just after the command saw it.
+    await until(lambda: registry.get_sample_value("forwarder_test_deliveries_total",
+                                                  {"result": "delivered"}) == 1)
     assert registry.get_sample_value("forwarder_deliveries_total",
                                      {"result": "delivered", "destination": "redirect"}) == 0
 

@@ -61,15 +61,16 @@ def test_the_send_test_mark_verifies_only_with_the_key_and_address(tmp_path: Pat
     assert (tmp_path / sendtest.KEY_FILE).stat().st_mode & 0o777 == sendtest.KEY_MODE
     body, message_id = sendtest.build(key, "marie.curie@sigma-clermont.fr",
                                       "postmaster@sigma-clermont.fr", "fw.test", 1.8e9)
-    message = RECEIVED + body
+    message = headers.header_section(RECEIVED + body)
     assert message_id.endswith("@fw.test>") and b"Auto-Submitted: auto-generated" in body
     assert sendtest.is_test(message, key, ["Marie.Curie@sigma-clermont.fr"])
     assert not sendtest.is_test(message, key, ["someone.else@sigma-clermont.fr"])
     assert not sendtest.is_test(message, b"k" * 64, ["marie.curie@sigma-clermont.fr"])
     assert not sendtest.is_test(message, None, ["marie.curie@sigma-clermont.fr"])
-    forged = RECEIVED + b"X-Forwarder-Test: 0123 4567\r\n\r\nbody\r\n"
+    forged = headers.header_section(RECEIVED + b"X-Forwarder-Test: 0123 4567\r\n\r\nbody\r\n")
     assert not sendtest.is_test(forged, key, ["marie.curie@sigma-clermont.fr"])
-    in_body = RECEIVED + b"Subject: x\r\n\r\n" + body
+    in_body = headers.header_section(RECEIVED + b"Subject: x\r\n\r\n" + body)
+    assert not sendtest.is_marked(in_body) and sendtest.is_marked(message)
     assert not sendtest.is_test(in_body, key, ["marie.curie@sigma-clermont.fr"])
 
 

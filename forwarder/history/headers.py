@@ -95,11 +95,16 @@ def decoded_subject(value: bytes) -> str:
 
 
 def scan(message: bytes, subjects: bool) -> HeaderFacts:
-    end = message.find(b"\r\n\r\n", 0, HEADER_LIMIT)
-    end = end + 2 if end >= 0 else min(len(message), HEADER_LIMIT)
-    sender = _value(message, end, b"from")
-    message_id = _value(message, end, b"message-id")
-    subject = _value(message, end, b"subject") if subjects else None
+    """The facts of a whole message (its header section is found first)."""
+    return scan_section(header_section(message), subjects)
+
+
+def scan_section(section: bytes, subjects: bool) -> HeaderFacts:
+    """The facts of a header section (`header_section`'s result)."""
+    end = len(section)
+    sender = _value(section, end, b"from")
+    message_id = _value(section, end, b"message-id")
+    subject = _value(section, end, b"subject") if subjects else None
     return HeaderFacts(None if sender is None else from_domain(sender),
                        None if message_id is None else _text(message_id, MAX_VALUE) or None,
                        None if subject is None else decoded_subject(subject))

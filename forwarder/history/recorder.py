@@ -1,8 +1,8 @@
 """The daemon's side of the history: what is written, in which transaction, and for how long.
 
-- A delivery round: one row per attempt, with the message's facts (the header's read from
-  its bytes in the writer thread, never on the event loop) and the outcome, in the
-  transaction that records the outcome (forwarder/delivery.py). A message delivered at
+- A delivery round: one row per attempt, with the message's facts (those of the header
+  found in the writer thread, off the event loop) and the outcome, in the transaction
+  that records the outcome (forwarder/delivery.py). A message delivered at
   once costs one row; one not tried yet needs none (the queue's rows say it).
 - The checks at receipt, when there are any: one row in the transaction that queues the
   message (the intake's journal, forwarder/queue/intake.py).
@@ -144,19 +144,19 @@ def _record_round(conn: sqlite3.Connection, job: Job, head: bytes, results: Sequ
     """The rows of one delivery round. Run for every message delivered, so written for
     speed: routes and outcomes are compared by identity and their values read from the
     members (`.value` and hashing an enum member run Python code)."""
-    facts = headers.scan(head, subjects)
+    # SRS returns and DSNs are not about one of our addresses.
+    kept = [(rcpt, result) for rcpt, result in zip(job.recipients, results, strict=True)
+            if rcpt.route is not Route.SRS_RETURN and rcpt.route is not Route.BOUNCE]
+    if not kept:
+        return
+    facts = headers.scan_section(head, subjects)
     message = (job.client, job.sender, facts.from_domain, facts.message_id, facts.subject,
                job.size, int(job.test))
     rows = []
-    for rcpt, result in zip(job.recipients, results, strict=True):
-        route = rcpt.route
-        if route is Route.SRS_RETURN or route is Route.BOUNCE:
-            continue  # not about one of our addresses
+    for rcpt, result in kept:
         attempt = attempts[rcpt.id]
-        outcome = result.outcome
         rows.append((job.arrived_at, job.message_id, address_key(rcpt.orig_rcpt), rcpt.rcpt,
-                     route._value_, *message, result.attempted_at, attempt.relay,
+                     rcpt.route._value_, *message, result.attempted_at, attempt.relay,
                      "" if attempt.tls is None else attempt.tls.version, result.error,
-                     outcome._value_, result.retry_at, bounced.get(rcpt.id)))
-    if rows:
-        store.record_tries(conn, rows)
+                     result.outcome._value_, result.retry_at, bounced.get(rcpt.id)))
+    store.record_tries(conn, rows)
