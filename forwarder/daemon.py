@@ -183,10 +183,8 @@ class Daemon:
             self.settings.directory_path, self.settings.busy_timeout)
         self.connections.tls_context = load_tls_context(self.settings.tls_cert,
                                                         self.settings.tls_key)
-        # The key that marks send-test messages: the main process makes it at first start.
-        key_file = sendtest.key_path(self.settings.state_dir)
-        self.history.test_key = (sendtest.read_key(key_file) if acceptor
-                                 else sendtest.ensure_key(self.settings.state_dir))
+        if not acceptor:  # the key of send-test's mark, checked where mail is delivered
+            self.history.test_key = sendtest.ensure_key(self.settings.state_dir)
         await self.queue.open()
         if not acceptor:
             recovered, held = await self.queue.recover(self.clock.now())

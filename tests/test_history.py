@@ -328,12 +328,18 @@ async def test_send_test_delivered_and_refused(
 
 
 async def test_send_test_needs_the_daemon_and_says_so(
-    state_dir: Path, capsys: pytest.CaptureFixture[str],
+    start_daemon: DaemonFactory, directory: Directory, state_dir: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     code, _, err = await run_in_thread(capsys, state_dir, "send-test", GRAD)
     assert code == 1 and "the daemon is not running" in err
     code, _, err = run(capsys, state_dir, "history", GRAD)
     assert code == 1 and "no queue database here" in err
+    graduate(directory, CLOSED, None)
+    await start_daemon()
+    code, out, err = await run_in_thread(capsys, state_dir, "send-test", CLOSED)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"forwarder: refused at RCPT: 550 5.1.1 <{CLOSED}>: address closed")
 
 
 async def test_several_processes_write_one_history(tmp_path: Path, sink: Sink,
