@@ -27,6 +27,10 @@ RECEIVED = b"Received: from client.test ([127.0.0.1])\r\n\tby forwarder.test; da
      ("real.example", None, None)),
     (b"From: bare@Example.ORG\r\nmessage-id:\r\n\t<long@id>\r\n", ("example.org", "<long@id>",
                                                                    None)),
+    (b"Message-Id: <x@y>\r\nFrom: a@b.example, c@d.example\r\n", ("b.example", "<x@y>", None)),
+    # Kept as it came, cut to size; made printable where it is shown.
+    (b"From: Odd <x@Odd_Domain\x1b!>\r\nMessage-ID: <\x1b[2J@x>\r\n",
+     ("odd_domain\x1b!", "<\x1b[2J@x>", None)),
     # RFC 2047 encoded words are decoded; a control character never reaches the terminal.
     (b"Subject: =?utf-8?q?R=C3=A9initialisation?= \x1b[31m\r\n",
      (None, None, "Réinitialisation [31m")),
@@ -35,19 +39,18 @@ RECEIVED = b"Received: from client.test ([127.0.0.1])\r\n\tby forwarder.test; da
 ])
 def test_header_facts(header: bytes, facts: tuple[str | None, ...]) -> None:
     message = RECEIVED + header + b"\r\nFrom: body@not.header\r\n"
-    found = headers.scan(message, subjects=True)
-    assert (found.from_domain, found.message_id, found.subject) == facts
-    assert headers.scan(message, subjects=False).subject is None
+    assert headers.scan(message, subjects=True) == facts
+    assert headers.scan(message, subjects=False)[2] is None
 
 
 def test_only_the_bounded_header_section_is_read() -> None:
     huge = RECEIVED + b"X-Filler: " + b"a" * headers.HEADER_LIMIT + b"\r\nFrom: late@x.example"
-    assert headers.scan(huge + b"\r\n\r\nbody", subjects=False).from_domain is None
+    assert headers.scan(huge + b"\r\n\r\nbody", subjects=False)[0] is None
     assert headers.header_section(huge).endswith(b"a")
     no_end = RECEIVED + b"From: a@b.example\r\nSubject: no blank line"
-    assert headers.scan(no_end, subjects=True).from_domain == "b.example"
+    assert headers.scan(no_end, subjects=True)[0] == "b.example"
     long_id = RECEIVED + b"Message-ID: <" + b"x" * 2000 + b">\r\n\r\n"
-    message_id = headers.scan(long_id, subjects=False).message_id
+    message_id = headers.scan(long_id, subjects=False)[1]
     assert message_id is not None and len(message_id) == headers.MAX_VALUE
 
 
@@ -170,3 +173,16 @@ def test_a_read_since_starts_at_the_right_row(tmp_path: Path) -> None:
         # Exactly the rows from an hour before `since` on (the slack for a clock step).
         assert [i for i, _ in rows if i >= first] == [
             i for i, at in rows if at >= since - reader.CLOCK_SLACK], n
+
+
+def test_what_strangers_wrote_is_shown_printable() -> None:
+    message = store.MessageView("Q1", 1.8e9, "a@sigma-clermont.fr", "192.0.2.1",
+                                "x@evil.example", "evil\x1b.example", "<\x1b[2J@x>", None,
+                                900, False)
+    message.target("a@example.org", "redirect").attempts.append(store.AttemptView(
+        1.8e9, "mx[192.0.2.7]:25", "", "smtp; 550 5.1.1 \x1b]0;pwned\x07", "failed", None, None))
+    (line,) = view.message_lines(message, 1.8e9, UTC)
+    assert "\x1b" not in line and "\x07" not in line
+    assert "(From: evil?.example)" in line and "<?[2J@x>" in line
+    assert line.endswith("no TLS, 550 5.1.1 ?]0;pwned?; no DSN sent")
+    assert view.message_doc(message, UTC)["message_id"] == "<\x1b[2J@x>"  # JSON escapes it

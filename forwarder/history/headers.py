@@ -3,7 +3,9 @@
 
 Bounded work: the header section alone (RFC 5322 2.1: it ends at the first empty line), and
 at most its first HEADER_LIMIT octets, searched at C speed; a body is never looked at,
-whatever its size. It runs in the queue's writer thread, not on the event loop.
+whatever its size. It runs in the queue's writer thread, not on the event loop, for every
+message delivered: what is kept is only cut to size here, and made printable where it is
+shown (`clean`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import contextlib
 import re
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
-from typing import NamedTuple
 
 HEADER_LIMIT = 64 * 1024
 # Characters kept of a field's value: a Message-ID is at most 998 octets on its line
@@ -26,12 +27,10 @@ _ANY_CASE = {name: re.compile(rb"\r\n" + re.escape(name) + rb"[ \t]*:", re.IGNOR
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
-class HeaderFacts(NamedTuple):
-    """(A tuple: made for every delivery, and a frozen dataclass costs a microsecond.)"""
-
-    from_domain: str | None
-    message_id: str | None
-    subject: str | None  # None unless asked for
+# (the From: domain, the Message-ID, the Subject or None unless asked for): a plain tuple,
+# made for every message delivered.
+HeaderFacts = tuple[str | None, str | None, str | None]
+NO_FACTS: HeaderFacts = (None, None, None)
 
 
 def header_section(message: bytes) -> bytes:
@@ -63,35 +62,34 @@ def _value(message: bytes, end: int, name: bytes) -> bytes | None:
     return message[start:end if stop < 0 else stop].replace(b"\r\n", b"")
 
 
-def _clean(text: str) -> str:
+def clean(text: str) -> str:
     """One line of printable text: control characters (a CR, an escape sequence for the
-    help desk's terminal) become spaces, and runs of spaces one."""
+    help desk's terminal) become spaces, and runs of spaces one. Applied where the text is
+    shown (forwarder/history/view.py): what is stored is only bounded."""
     return " ".join(_CONTROL.sub(" ", text).split())
 
 
 def _text(raw: bytes, limit: int) -> str:
-    text = raw.decode("utf-8", "replace").strip()
-    return (text if text.isprintable() else _clean(text))[:limit]
+    return raw[:4 * limit].strip().decode("utf-8", "replace")[:limit]
 
 
 def from_domain(value: bytes) -> str | None:
     """The domain of the first mailbox: after the '@' of the angle-addr if there is one,
-    else of the value (RFC 5322 3.4); None unless it is made of LDH labels."""
-    at = value.find(b"@", value.find(b"<") + 1)
+    else of the value (RFC 5322 3.4), lower-cased; None if there is no '@'."""
+    angle = value.find(b"<")
+    at = value.find(b"@", angle + 1)
     if at < 0:
         return None
-    domain = value[at + 1:].partition(b">")[0].partition(b",")[0].strip()
-    if not domain.replace(b".", b"").replace(b"-", b"").isalnum():
-        return None
-    return domain.decode("ascii").lower()
+    domain = value[at + 1:].partition(b">" if angle >= 0 else b",")[0].strip()
+    return domain[:MAX_VALUE].decode("utf-8", "replace").lower() or None
 
 
 def decoded_subject(value: bytes) -> str:
     """RFC 2047 encoded words decoded; a malformed one is kept as it came."""
-    text = _text(value, 4 * MAX_SUBJECT)
+    text = clean(_text(value, 4 * MAX_SUBJECT))
     with contextlib.suppress(HeaderParseError, LookupError, UnicodeError, ValueError):
         text = str(make_header(decode_header(text)))
-    return _clean(text)[:MAX_SUBJECT]
+    return clean(text)[:MAX_SUBJECT]
 
 
 def scan(message: bytes, subjects: bool) -> HeaderFacts:
@@ -100,11 +98,25 @@ def scan(message: bytes, subjects: bool) -> HeaderFacts:
 
 
 def scan_section(section: bytes, subjects: bool) -> HeaderFacts:
-    """The facts of a header section (`header_section`'s result)."""
-    end = len(section)
-    sender = _value(section, end, b"from")
-    message_id = _value(section, end, b"message-id")
+    """The facts of a header section (`header_section`'s result). Run for every message
+    delivered, so the usual shape (`From:` and `Message-ID:` so spelled, each on one line)
+    is read in line with a few bytes methods, and anything else the general way."""
+    find, end = section.find, len(section)
+    start = find(b"\r\nFrom:")
+    stop = find(b"\r\n", start + 7) if start >= 0 else -1
+    if stop < 0 or section.startswith((b" ", b"\t"), stop + 2):
+        sender = _value(section, end, b"from")  # absent, folded, or spelled otherwise
+    else:
+        sender = section[start + 7:stop]
+    start = find(b"\r\nMessage-ID:")
+    if start < 0:
+        start = find(b"\r\nMessage-Id:")
+    stop = find(b"\r\n", start + 13) if start >= 0 else -1
+    if stop < 0 or section.startswith((b" ", b"\t"), stop + 2):
+        message_id = _value(section, end, b"message-id")
+    else:
+        message_id = section[start + 13:stop]
     subject = _value(section, end, b"subject") if subjects else None
-    return HeaderFacts(None if sender is None else from_domain(sender),
-                       None if message_id is None else _text(message_id, MAX_VALUE) or None,
-                       None if subject is None else decoded_subject(subject))
+    return (None if sender is None else from_domain(sender),
+            None if message_id is None else _text(message_id, MAX_VALUE) or None,
+            None if subject is None else decoded_subject(subject))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from forwarder.history.headers import HEADER_LIMIT, HeaderFacts, scan
+from forwarder.history.headers import HEADER_LIMIT, NO_FACTS, HeaderFacts, scan
 from forwarder.history.store import QUEUED, AttemptView, MessageView, RefusalView
 
 _ATTEMPTS = (
@@ -101,10 +101,9 @@ def _join_queue(conn: sqlite3.Connection, views: dict[str, MessageView], address
             conn.execute(sql, params).fetchall():
         view = views.get(qid)
         if view is None:
-            facts = _facts(conn, qid, subjects)
-            view = views[qid] = MessageView(qid, arrived, address, client, sender,
-                                            facts.from_domain, facts.message_id,
-                                            facts.subject, size, False)
+            domain, message_id, subject = _facts(conn, qid, subjects)
+            view = views[qid] = MessageView(qid, arrived, address, client, sender, domain,
+                                            message_id, subject, size, False)
         target = view.target(rcpt, route)
         target.in_queue, target.held, target.in_delivery = True, bool(held), bool(leased)
         target.queued_next = next_attempt
@@ -118,4 +117,4 @@ def _facts(conn: sqlite3.Connection, queue_id: str, subjects: bool) -> HeaderFac
     """The header facts of a message not tried yet, from its bytes in the queue."""
     row = conn.execute("SELECT substr(body, 1, ?) FROM messages WHERE id = ?",
                        (HEADER_LIMIT, queue_id)).fetchone()
-    return scan(bytes(row[0]), subjects) if row else HeaderFacts(None, None, None)
+    return scan(bytes(row[0]), subjects) if row else NO_FACTS

@@ -25,7 +25,6 @@ from functools import partial
 from typing import Any
 
 from forwarder import log, sendtest
-from forwarder.addresses import normalize_domain
 from forwarder.clock import Clock
 from forwarder.config import HistorySettings
 from forwarder.history import headers, store
@@ -44,9 +43,10 @@ UNRECORDED_REFUSALS = frozenset({"unknown", "bad_syntax", "relay_denied", "srs_i
 
 
 def address_key(address: str) -> str:
-    """The directory key of one of our addresses as a client wrote it (addresses.Address)."""
-    local, _, domain = address.rpartition("@")
-    return f"{local.lower()}@{normalize_domain(domain)}"
+    """The directory key of one of our addresses as a client wrote it (addresses.Address:
+    local part lower-cased, domain lower-cased without its one trailing dot)."""
+    key = address.lower()
+    return key[:-1] if key.endswith(".") else key
 
 
 class HistoryRecorder:
@@ -144,19 +144,20 @@ def _record_round(conn: sqlite3.Connection, job: Job, head: bytes, results: Sequ
     """The rows of one delivery round. Run for every message delivered, so written for
     speed: routes and outcomes are compared by identity and their values read from the
     members (`.value` and hashing an enum member run Python code)."""
-    # SRS returns and DSNs are not about one of our addresses.
-    kept = [(rcpt, result) for rcpt, result in zip(job.recipients, results, strict=True)
-            if rcpt.route is not Route.SRS_RETURN and rcpt.route is not Route.BOUNCE]
-    if not kept:
-        return
-    facts = headers.scan_section(head, subjects)
-    message = (job.client, job.sender, facts.from_domain, facts.message_id, facts.subject,
-               job.size, int(job.test))
     rows = []
-    for rcpt, result in kept:
-        attempt = attempts[rcpt.id]
-        rows.append((job.arrived_at, job.message_id, address_key(rcpt.orig_rcpt), rcpt.rcpt,
-                     rcpt.route._value_, *message, result.attempted_at, attempt.relay,
+    message: tuple[Any, ...] = ()
+    for rcpt, result in zip(job.recipients, results, strict=True):
+        route = rcpt.route
+        if route is Route.SRS_RETURN or route is Route.BOUNCE:
+            continue  # not about one of our addresses
+        if not message:
+            domain, message_id, subject = headers.scan_section(head, subjects)
+            message = (job.client, job.sender, domain, message_id, subject, job.size,
+                       int(job.test))
+        attempt, key = attempts[rcpt.id], rcpt.orig_rcpt.lower()  # address_key, in line
+        rows.append((job.arrived_at, job.message_id, key[:-1] if key[-1] == "." else key,
+                     rcpt.rcpt, route._value_, *message, result.attempted_at, attempt.relay,
                      "" if attempt.tls is None else attempt.tls.version, result.error,
                      result.outcome._value_, result.retry_at, bounced.get(rcpt.id)))
-    store.record_tries(conn, rows)
+    if rows:
+        store.record_tries(conn, rows)

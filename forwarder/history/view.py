@@ -6,12 +6,20 @@ in JSON, ISO 8601 with the local offset. Pure: no database, no clock (`now` is p
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, tzinfo
 from typing import Any
 
 from forwarder.history.store import QUEUED, AttemptView, MessageView, RefusalView, TargetView
 
 INDENT = "    "
+# What strangers wrote (a Message-ID, a domain, a reply) is stored as it came, cut to size;
+# a control character is shown as "?" so it never reaches the help desk's terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(line: str) -> str:
+    return _CONTROL.sub("?", line)
 
 
 def local(ts: float, tz: tzinfo | None = None) -> datetime:
@@ -107,12 +115,12 @@ def message_lines(m: MessageView, now: float, tz: tzinfo | None = None) -> list[
                      else f"{INDENT}and {_target(t, m, now, tz)}")
         lines += [f"{INDENT}earlier: {a.outcome} {clock_time(a.at, m.received_at, now, tz)} "
                   f"for {t.target} {_attempt(a)}" for a in t.attempts[:-1]]
-    return lines
+    return [printable(line) for line in lines]
 
 
 def refusal_line(r: RefusalView, now: float, tz: tzinfo | None = None) -> str:
-    return (f"{when(r.at, now, tz)} refused at RCPT: mail from {r.sender or '<>'} "
-            f"(client {r.client}) got {r.reply}")
+    return printable(f"{when(r.at, now, tz)} refused at RCPT: mail from {r.sender or '<>'} "
+                     f"(client {r.client}) got {r.reply}")
 
 
 def lines(messages: list[MessageView], refusals: list[RefusalView], now: float,
