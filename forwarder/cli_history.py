@@ -19,7 +19,7 @@ from typing import Any
 from forwarder import sendtest
 from forwarder.addresses import AddressError, parse_address
 from forwarder.cli_common import CliError, add_command, emit, one_line
-from forwarder.cli_ops import lookup_summary
+from forwarder.cli_lookup import lookup_summary
 from forwarder.cli_status import read_status
 from forwarder.config import Settings
 from forwarder.control import STATUS_SOCKET
@@ -99,7 +99,8 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     kept = (f"kept {retention:g} days" if retention > 0
             else "not kept (history retention_days = 0)")
     text = [f"{address}: now {summary['verdict']}, {summary['reply']}"
-            + (f" ({summary['route']} to {summary['target']})" if summary["target"] else ""),
+            + (f" ({summary['route']} to {', '.join(summary['targets'])})"
+               if summary["targets"] else ""),
             *view.lines(messages, refusals, now),
             f"-- {len(messages)} message(s), {len(refusals)} refusal(s) at RCPT"
             + (f" since {view.when(since, now)}" if since else "")

@@ -30,11 +30,12 @@ from forwarder.config import ConfigError, HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
 from forwarder.control import STATUS_SOCKET, StatusService
 from forwarder.delivery import Dispatcher, MailRouter, Router
-from forwarder.directory import DirectoryReader
+from forwarder.directory import SqliteDaemonDirectory
 from forwarder.dns import CachingResolver, MxRouter
 from forwarder.front import Accepted, Front
 from forwarder.history.recorder import HistoryRecorder
-from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
+from forwarder.metrics import Metrics
+from forwarder.metricsserver import MetricsServer, start_metrics_server
 from forwarder.mtasts import MtaSts
 from forwarder.policy import needs_srs
 from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
@@ -43,6 +44,7 @@ from forwarder.senders import SenderTally
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
+from forwarder.targetupkeep import TargetUpkeep
 from forwarder.workers import Acceptors, MainLink, listening_socket
 
 LOG = log.get("forwarder.daemon")
@@ -69,6 +71,34 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+def mail_router(settings: Settings, resolver: CachingResolver | None) -> MailRouter:
+    mx = None if resolver is None else MxRouter(resolver, port=settings.delivery.mx_port)
+    return MailRouter(settings.mailbox_host, settings.smarthost, mx)
+
+
+def make_resolver(settings: Settings, clock: Clock) -> CachingResolver | None:
+    servers = settings.dns_servers
+    try:
+        if servers:
+            return CachingResolver([s.host for s in servers], port=servers[0].port,
+                                   now=clock.now)
+        return CachingResolver(use_system_config=True, now=clock.now)
+    except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
+        LOG.error("dns_unavailable", error=str(exc))
+        return None
+
+
+def per_process(settings: Settings, processes: int) -> Settings:
+    """With several accepting processes, each takes its share of the total connection
+    cap, so "500 in all" holds for the daemon; the per-client cap stays whole in each
+    (a client's connections are not spread evenly, and 20 must always be possible)."""
+    if processes == 1:
+        return settings
+    share = -(-settings.limits.max_connections // processes)
+    return dataclasses.replace(
+        settings, limits=dataclasses.replace(settings.limits, max_connections=share))
+
+
 class Daemon:
     """The running forwarder. `async with Daemon(settings) as d:` serves on `d.port`."""
 
@@ -86,7 +116,7 @@ class Daemon:
         multi = control_fd is not None or (acceptor_argv is not None
                                            and settings.acceptor_count > 0)
         self._processes = 1 + settings.acceptor_count if multi else 1
-        self.settings = settings = self._per_process(settings)
+        self.settings = settings = per_process(settings, self._processes)
         # Several accepting processes (forwarder/workers.py): the main process is given
         # the argv to start acceptors with; an acceptor is given the two inherited fds.
         self.acceptor_argv = acceptor_argv
@@ -98,8 +128,8 @@ class Daemon:
         self.clock = clock or SystemClock()
         self._fixed_router = router
         # One resolver (and cache) for MX routing, MTA-STS and the inbound checks.
-        self.resolver = self._resolver(settings)
-        self.router = router or self._router(settings, self.resolver)
+        self.resolver = make_resolver(settings, self.clock)
+        self.router = router or mail_router(settings, self.resolver)
         self.reload_settings = reload_settings
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
@@ -112,7 +142,7 @@ class Daemon:
         self.queue = Queue(settings.queue_path, settings.busy_timeout)
         # Live sessions (caps, shutdown notice), the STARTTLS context, the session's metrics.
         self.connections = Connections(metrics=self.metrics)
-        self.directory: DirectoryReader | None = None
+        self.directory: SqliteDaemonDirectory | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
         self.senders = SenderTally(self.clock.now)
@@ -127,24 +157,10 @@ class Daemon:
                                      self.clock, self.metrics,
                                      envelope_sender=self._envelope_sender,
                                      mta_sts=self.mta_sts, history=self.history)
+        self.targets = TargetUpkeep(settings, self.queue, self.dispatcher, self.clock, self.metrics)
         # `forwarder status` (forwarder/control.py); only the main process listens.
         self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
                                     self.clock, lambda: describe(self), self.refresh_status)
-
-    def _router(self, settings: Settings, resolver: CachingResolver | None) -> MailRouter:
-        mx = None if resolver is None else MxRouter(resolver, port=settings.delivery.mx_port)
-        return MailRouter(settings.mailbox_host, settings.smarthost, mx)
-
-    def _resolver(self, settings: Settings) -> CachingResolver | None:
-        servers = settings.dns_servers
-        try:
-            if servers:
-                return CachingResolver([s.host for s in servers], port=servers[0].port,
-                                       now=self.clock.now)
-            return CachingResolver(use_system_config=True, now=self.clock.now)
-        except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
-            LOG.error("dns_unavailable", error=str(exc))
-            return None
 
     def _mta_sts(self, settings: Settings) -> MtaSts | None:
         """MTA-STS applies to delivery by MX (RFC 8461), with the daemon's resolver."""
@@ -179,7 +195,7 @@ class Daemon:
             self._lock_fd = lock_state_dir(self.settings.state_dir)
         self.return_path = ReturnPath(self.settings.state_dir,
                                       self.settings.effective_srs_domain, self.clock)
-        self.directory = await DirectoryReader.open(
+        self.directory = await SqliteDaemonDirectory.open(
             self.settings.directory_path, self.settings.busy_timeout)
         self.connections.tls_context = load_tls_context(self.settings.tls_cert,
                                                         self.settings.tls_key)
@@ -198,6 +214,7 @@ class Daemon:
             self._start_acceptor()
             return
         await self._start_metrics()
+        await self.targets.start(self.directory)
         self._spawn(self.dispatcher.run(), "dispatcher")
         self._spawn(self._status_loop(), "status")
         interval = watchdog_interval()
@@ -322,6 +339,8 @@ class Daemon:
             new = self.reload_settings()
             assert self.return_path is not None
             self.return_path.reload(new.effective_srs_domain)
+            if self.front is not None:
+                self.front.reload_token_secrets()
             self.connections.reload_tls(new)
         except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
             LOG.error("reload_refused", error=str(exc))
@@ -332,26 +351,17 @@ class Daemon:
             new = dataclasses.replace(new, listen=self.settings.listen,
                                       state_dir=self.settings.state_dir)
         self._apply(new)
+        self.targets.reload(new)
         LOG.info("reloaded", domains=list(new.domains))
         self.notifier.ready("reloaded")
         return True
 
-    def _per_process(self, settings: Settings) -> Settings:
-        """With several accepting processes, each takes its share of the total connection
-        cap, so "500 in all" holds for the daemon; the per-client cap stays whole in each
-        (a client's connections are not spread evenly, and 20 must always be possible)."""
-        if self._processes == 1:
-            return settings
-        share = -(-settings.limits.max_connections // self._processes)
-        return dataclasses.replace(
-            settings, limits=dataclasses.replace(settings.limits, max_connections=share))
-
     def _apply(self, new: Settings) -> None:
-        new = self._per_process(new)
+        new = per_process(new, self._processes)
         self.settings = new
         if self._fixed_router is None:
-            self.resolver = self._resolver(new)
-            self.router = self._router(new, self.resolver)
+            self.resolver = make_resolver(new, self.clock)
+            self.router = mail_router(new, self.resolver)
         if self.mta_sts is not None and self.resolver is not None:
             self.mta_sts.resolver = self.resolver
         self.dispatcher.set_router(self.router, new)
@@ -376,6 +386,7 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.targets.stop()
         if self.link is not None:
             self.link.report(self.metrics)
             self.link.close()

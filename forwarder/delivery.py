@@ -65,6 +65,8 @@ class Dispatcher:
     metrics: Metrics
     envelope_sender: Callable[[Job, RecipientJob], Awaitable[str]] = field(
         default=lambda job, rcpt: _unchanged_sender(job))
+    # Told every round's results (forwarder/targetwatch.py: the dead-target rule).
+    observe: Callable[[Job, list[Result]], None] | None = None
     mta_sts: MtaSts | None = None
     # The delivery history (forwarder/history/): attempts written with their outcomes, and
     # send-test messages told apart.
@@ -203,6 +205,9 @@ class Dispatcher:
         # got this far did not bring the daemon down).
         _, new_ids = await self.queue.record(results, dsns, [(job.message_id, job.lane)],
                                              also=also)
+        # A test message's failure is the admin's answer, not evidence against a target.
+        if self.observe is not None and not job.test:
+            self.observe(job, results)
         for rcpt, result in zip(job.recipients, results, strict=True):
             self._log(job, rcpt, result, attempts[rcpt.id], now)
             delivered = result.outcome is Outcome.DELIVERED
@@ -213,7 +218,7 @@ class Dispatcher:
                 self.metrics.delivery_result(result.outcome, rcpt.route.value, latency)
         for dsn, ids in zip(dsns, new_ids, strict=True):
             LOG.info("bounce_queued", queue_id=dsn.id, orig_queue_id=job.message_id,
-                     to=job.sender)
+                     to=dsn.recipients[0].rcpt, route=dsn.recipients[0].route.value)
             self.submit(Job.fresh(dsn, ids))
 
     def _header(self, job: Job, body: bytes | None) -> bytes | None:

@@ -75,7 +75,7 @@ def outcomes(capsys: pytest.CaptureFixture[str], state_dir: Path, address: str) 
 
 
 def graduate(directory: Directory, address: str, target: str | None) -> None:
-    directory.add(address, target)
+    directory.add(address, [target] if target else [])
     directory.delete(address)
 
 
