@@ -56,7 +56,7 @@ def our_address(text: str, settings: Settings) -> str:
     return address.key
 
 
-def _matches(m: MessageView | store.RefusalView, wanted: str | None) -> bool:
+def _matches(m: MessageView | store.RefusalView | store.ReplyView, wanted: str | None) -> bool:
     """`--from`: an envelope sender (with '@'), or a domain matching the envelope sender's
     or the From: field's, subdomains included."""
     if wanted is None:
@@ -71,8 +71,7 @@ def _matches(m: MessageView | store.RefusalView, wanted: str | None) -> bool:
     return any(d == wanted or d.endswith("." + wanted) for d in domains)
 
 
-def _read(settings: Settings, address: str,
-          since: float) -> tuple[list[MessageView], list[store.RefusalView]]:
+def _read(settings: Settings, address: str, since: float) -> reader.Found:
     try:
         conn = store.open_reader(settings.queue_path, settings.busy_timeout)
     except HistoryUnavailable as exc:
@@ -87,22 +86,25 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     address = our_address(args.address, settings)
     now = time.time()
     since = args.since or 0.0
-    messages, refusals = _read(settings, address, since)
+    messages, refusals, replies = _read(settings, address, since)
     messages = [m for m in messages if _matches(m, args.sender)]
     refusals = [r for r in refusals if _matches(r, args.sender)]
+    replies = [r for r in replies if _matches(r, args.sender)]
     summary = lookup_summary(address, settings)
     retention = settings.history.retention_days
     doc = {"address": address, "node": settings.hostname, "now": summary,
            "since": view.iso(since) if since else None, "retention_days": retention,
            "messages": [view.message_doc(m) for m in messages],
-           "refusals": [view.refusal_doc(r) for r in refusals]}
+           "refusals": [view.refusal_doc(r) for r in refusals],
+           "replies": [view.reply_doc(r) for r in replies]}
     kept = (f"kept {retention:g} days" if retention > 0
             else "not kept (history retention_days = 0)")
     text = [f"{address}: now {summary['verdict']}, {summary['reply']}"
             + (f" ({summary['route']} to {', '.join(summary['targets'])})"
                if summary["targets"] else ""),
-            *view.lines(messages, refusals, now),
+            *view.lines(messages, refusals, replies, now),
             f"-- {len(messages)} message(s), {len(refusals)} refusal(s) at RCPT"
+            + (f", {len(replies)} reply(ies) to notices" if replies else "")
             + (f" since {view.when(since, now)}" if since else "")
             + f"; history {kept}, on this node ({settings.hostname}) only"]
     emit(args, doc, "\n".join(text))

@@ -357,6 +357,8 @@ class Front:
                      kind=use.kind.value, account=result.account, target=result.target,
                      state=None if result.after is None else result.after.value,
                      ignored=result.ignored)
+            if self.history is not None:
+                self.history.replied(use, result, session.client, sender)
         return None
     def _inbound(self, session: SessionInfo, envelope: Envelope[Accepted],
                  accepted: list[Accepted], queue_id: str) -> Inbound:

@@ -83,7 +83,7 @@ def row(queue_id: str, target: str, at: float, reply: str, outcome: str,
               "address": "marie.curie@sigma-clermont.fr", "target": target, "route": "redirect",
               "client": "192.0.2.1", "sender": "noreply@jobteaser.com",
               "from_domain": "jobteaser.com", "message_id": f"<{queue_id}@jobteaser.com>",
-              "subject": None, "size": 2048, "test": 0, "at": at,
+              "subject": None, "notice": None, "size": 2048, "test": 0, "at": at,
               "relay": "mx.example.org[192.0.2.7]:25", "tls": tls, "reply": reply,
               "outcome": outcome, "next_attempt": next_attempt, "dsn_id": None}
     return tuple(values[column] for column in store.TRY_COLUMNS)
@@ -102,14 +102,15 @@ def test_rows_on_a_queue_file_and_the_lines_read_aloud(tmp_path: Path) -> None:
     store.insert_refusal(conn, 1.8e9 - 60, "marie.curie@sigma-clermont.fr", "192.0.2.9",
                          "", "550 5.1.1 <marie.curie@sigma-clermont.fr>: closed")
     reader_conn = store.open_reader(path)
-    messages, refusals = reader.read_address(reader_conn, "marie.curie@sigma-clermont.fr", 0.0,
-                                             subjects=False)
+    messages, refusals, replies = reader.read_address(
+        reader_conn, "marie.curie@sigma-clermont.fr", 0.0, subjects=False)
     (message,) = messages
     main, backup = message.targets  # in the order they were written
     assert message.checks == checks and main.outcome == "delivered"
     # Deferred, and not in the queue file (this one never was): the history says so.
     assert backup.outcome == "deferred" and backup.in_queue is False
-    lines = view.lines(messages, refusals, 1.8e9, UTC)
+    assert replies == []
+    lines = view.lines(messages, refusals, replies, 1.8e9, UTC)
     assert lines == [
         "15 Jan 07:59 refused at RCPT: mail from <> (client 192.0.2.9) got 550 5.1.1 "
         "<marie.curie@sigma-clermont.fr>: closed",

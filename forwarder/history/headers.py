@@ -92,6 +92,13 @@ def decoded_subject(value: bytes) -> str:
     return clean(text)[:MAX_SUBJECT]
 
 
+def notice_kind(section: bytes) -> str:
+    """Which of our notices to a target (forwarder/notices.py) a header section is: the
+    one asking to confirm has the confirm+ address as its `Reply-To:`; the one saying
+    another target fails has none."""
+    return "confirm" if section.find(b"\r\nReply-To:") >= 0 else "failing"
+
+
 def scan(message: bytes, subjects: bool) -> HeaderFacts:
     """The facts of a whole message (its header section is found first)."""
     return scan_section(header_section(message), subjects)

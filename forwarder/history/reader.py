@@ -11,21 +11,33 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from forwarder.history.headers import HEADER_LIMIT, NO_FACTS, HeaderFacts, scan
-from forwarder.history.store import QUEUED, AttemptView, MessageView, RefusalView
+from forwarder.history.headers import (
+    HEADER_LIMIT,
+    NO_FACTS,
+    HeaderFacts,
+    header_section,
+    notice_kind,
+    scan,
+)
+from forwarder.history.store import QUEUED, AttemptView, MessageView, RefusalView, ReplyView
 
 _ATTEMPTS = (
-    "SELECT received_at, queue_id, client, sender, from_domain, message_id, subject, size,"
-    " test, target, route, at, relay, tls, reply, outcome, next_attempt, dsn_id"
+    "SELECT received_at, queue_id, client, sender, from_domain, message_id, subject, notice,"
+    " size, test, target, route, at, relay, tls, reply, outcome, next_attempt, dsn_id"
     " FROM history WHERE id >= ? AND address = ? AND received_at >= ?")
 # Rows are appended in the order of their attempts, which come after their message's
 # receipt; a clock stepped back by up to this much still finds every row.
 CLOCK_SLACK = 3600.0
+NOTICE_ROUTE = "notice"  # policy.Route.NOTICE: one of our notices to a target
 # Our addresses are compared case-insensitively (PRODUCT.md): the client's spelling is kept.
 _QUEUED = (
     "SELECT m.id, m.arrived_at, m.client, m.sender, m.size, m.held, r.rcpt, r.route,"
     " r.next_attempt, r.leased FROM recipients r JOIN messages m ON m.id = r.message_id"
     " WHERE lower(r.orig_rcpt) = ? AND m.arrived_at >= ?")
+
+
+# What is kept about an address: its messages, the refusals at RCPT, the replies to notices.
+Found = tuple[list[MessageView], list[RefusalView], list[ReplyView]]
 
 
 def first_row(conn: sqlite3.Connection, since: float) -> int:
@@ -48,9 +60,10 @@ def first_row(conn: sqlite3.Connection, since: float) -> int:
 
 
 def read_address(conn: sqlite3.Connection, address: str, since: float, subjects: bool,
-                 queue_id: str | None = None) -> tuple[list[MessageView], list[RefusalView]]:
+                 queue_id: str | None = None) -> Found:
     """Everything kept about `address` since `since` (or about one message of it), oldest
-    first. `subjects`: whether a message still queued shows its subject (as configured)."""
+    first: the messages, the refusals at RCPT, the replies to notices. `subjects`: whether
+    a message still queued shows its subject (as configured)."""
     conn.execute("BEGIN")
     try:
         views = _attempts(conn, address, since, queue_id)
@@ -59,18 +72,28 @@ def read_address(conn: sqlite3.Connection, address: str, since: float, subjects:
             row = conn.execute("SELECT checks FROM history_checks WHERE received_at = ?"
                                " AND queue_id = ?", (view.received_at, view.queue_id)).fetchone()
             view.checks = json.loads(row[0]) if row else {}
-        refusals = [] if queue_id is not None else [RefusalView(*row) for row in conn.execute(
-            "SELECT at, address, client, sender, reply FROM history_refusals"
-            " WHERE address = ? AND at >= ? ORDER BY at, id", (address, since))]
+        refusals, replies = ([], []) if queue_id is not None else _rcpt_events(conn, address,
+                                                                              since)
     finally:
         conn.execute("COMMIT")
-    return sorted(views.values(), key=lambda m: (m.received_at, m.queue_id)), refusals
+    return sorted(views.values(), key=lambda m: (m.received_at, m.queue_id)), refusals, replies
+
+
+def _rcpt_events(conn: sqlite3.Connection, address: str,
+                 since: float) -> tuple[list[RefusalView], list[ReplyView]]:
+    refusals = [RefusalView(*row) for row in conn.execute(
+        "SELECT at, address, client, sender, reply FROM history_refusals"
+        " WHERE address = ? AND at >= ? ORDER BY at, id", (address, since))]
+    replies = [ReplyView(*row) for row in conn.execute(
+        "SELECT at, address, target, kind, client, sender, result FROM history_replies"
+        " WHERE address = ? AND at >= ? ORDER BY at, id", (address, since))]
+    return refusals, replies
 
 
 def read_message(conn: sqlite3.Connection, address: str, queue_id: str, subjects: bool,
                  since: float = 0.0) -> MessageView | None:
     """One message to `address`, received since `since` (what `send-test` waits on)."""
-    messages, _ = read_address(conn, address, since, subjects, queue_id)
+    messages, _, _ = read_address(conn, address, since, subjects, queue_id)
     return messages[0] if messages else None
 
 
@@ -81,12 +104,12 @@ def _attempts(conn: sqlite3.Connection, address: str, since: float,
     if queue_id is not None:
         sql, params = sql + " AND queue_id = ?", [*params, queue_id]
     for row in conn.execute(sql + " ORDER BY id", params):
-        (received, qid, client, sender, domain, message_id, subject, size, test, target,
-         route, at, relay, tls, reply, outcome, next_attempt, dsn_id) = row
+        (received, qid, client, sender, domain, message_id, subject, notice, size, test,
+         target, route, at, relay, tls, reply, outcome, next_attempt, dsn_id) = row
         view = views.get(qid)
         if view is None:
             view = views[qid] = MessageView(qid, received, address, client, sender, domain,
-                                            message_id, subject, size, bool(test))
+                                            message_id, subject, size, bool(test), notice)
         view.target(target, route).attempts.append(AttemptView(
             at, relay, tls, reply, outcome, next_attempt, dsn_id))
     return views
@@ -101,9 +124,9 @@ def _join_queue(conn: sqlite3.Connection, views: dict[str, MessageView], address
             conn.execute(sql, params).fetchall():
         view = views.get(qid)
         if view is None:
-            domain, message_id, subject = _facts(conn, qid, subjects)
+            domain, message_id, subject, notice = _facts(conn, qid, subjects, route)
             view = views[qid] = MessageView(qid, arrived, address, client, sender, domain,
-                                            message_id, subject, size, False)
+                                            message_id, subject, size, False, notice)
         target = view.target(rcpt, route)
         target.in_queue, target.held, target.in_delivery = True, bool(held), bool(leased)
         target.queued_next = next_attempt
@@ -113,8 +136,14 @@ def _join_queue(conn: sqlite3.Connection, views: dict[str, MessageView], address
                 target.in_queue = False  # deleted by an administrator since
 
 
-def _facts(conn: sqlite3.Connection, queue_id: str, subjects: bool) -> HeaderFacts:
-    """The header facts of a message not tried yet, from its bytes in the queue."""
+def _facts(conn: sqlite3.Connection, queue_id: str, subjects: bool,
+           route: str) -> tuple[str | None, str | None, str | None, str | None]:
+    """The header facts of a message not tried yet, from its bytes in the queue, and
+    which notice it is if it is one of ours."""
     row = conn.execute("SELECT substr(body, 1, ?) FROM messages WHERE id = ?",
                        (HEADER_LIMIT, queue_id)).fetchone()
-    return scan(bytes(row[0]), subjects) if row else NO_FACTS
+    if row is None:
+        return (*NO_FACTS, None)
+    section = header_section(b"\r\n" + bytes(row[0]))  # a notice starts with its From:
+    facts: HeaderFacts = scan(section, subjects)
+    return (*facts, notice_kind(section) if route == NOTICE_ROUTE else None)

@@ -6,7 +6,10 @@
   once costs one row; one not tried yet needs none (the queue's rows say it).
 - The checks at receipt, when there are any: one row in the transaction that queues the
   message (the intake's journal, forwarder/queue/intake.py).
-- A refused RCPT for an account of ours: one row, riding along with the next commit.
+- A refused RCPT for an account of ours, or a message to a notice's confirm+ or refuse+
+  address (what it did to the target): one row, riding along with the next commit.
+- Our notices to an address's targets are delivered like its mail: their attempts are
+  rows too, marked with the notice's kind.
 - Every hour (forwarder/daemon.py), rows older than the retention are deleted, in chunks.
 
 A failure to write the history never fails the queue's write: it is logged
@@ -27,9 +30,10 @@ from typing import Any
 from forwarder import log, sendtest
 from forwarder.clock import Clock
 from forwarder.config import HistorySettings
+from forwarder.directory.model import TokenUse
 from forwarder.history import headers, store
 from forwarder.metrics import Metrics
-from forwarder.policy import Refuse, Route
+from forwarder.policy import Consume, Refuse, Route
 from forwarder.queue import Job, NewMessage, Queue, QueueError, Result
 from forwarder.queue.writer import Op
 from forwarder.smtpclient import Attempt
@@ -105,17 +109,32 @@ class HistoryRecorder:
         """A refused RCPT: kept if it names an account of ours (UNRECORDED_REFUSALS)."""
         if not self.enabled or verdict.reason in UNRECORDED_REFUSALS:
             return
-        op = self._guarded("refusal", None, store.insert_refusal, self.clock.now(),
-                           address_key(address), client, sender, verdict.reply.at(address))
-        # Not while shutting down (QueueError): the refusal is in the log line all the same.
+        self._soon("refusal", self._guarded(
+            "refusal", None, store.insert_refusal, self.clock.now(), address_key(address),
+            client, sender, verdict.reply.at(address)))
+
+    def replied(self, use: Consume, result: TokenUse, client: str, sender: str) -> None:
+        """A message to a notice's confirm+ or refuse+ address, consumed: what it did to
+        the target (its state after, or why nothing changed)."""
+        if not self.enabled:
+            return
+        outcome = (f"ignored: {result.ignored}" if result.ignored is not None
+                   else "no longer declared" if result.after is None else result.after.value)
+        self._soon("reply", self._guarded(
+            "reply", None, store.insert_reply, self.clock.now(), address_key(result.account),
+            result.target, use.kind.value, client, sender, outcome))
+
+    def _soon(self, what: str, op: Op) -> None:
+        """`op` in the queue's next commit, without waiting for it. Not while shutting
+        down (QueueError): the event is in its log line all the same."""
         with contextlib.suppress(QueueError):
             written = self.queue.write_soon(op)
-            written.add_done_callback(self._commit_failed)
+            written.add_done_callback(partial(self._commit_failed, what))
 
-    def _commit_failed(self, written: asyncio.Future[Any]) -> None:
-        """The commit that carried a refusal failed (the queue reports its own faults)."""
+    def _commit_failed(self, what: str, written: asyncio.Future[Any]) -> None:
+        """The commit that carried a row failed (the queue reports its own faults)."""
         if not written.cancelled() and written.exception() is not None:
-            self._failed("refusal", None, written.exception() or Exception())
+            self._failed(what, None, written.exception() or Exception())
 
     def is_test(self, job: Job, head: bytes) -> bool:
         return sendtest.is_marked(head) and sendtest.is_test(
@@ -148,11 +167,12 @@ def _record_round(conn: sqlite3.Connection, job: Job, head: bytes, results: Sequ
     message: tuple[Any, ...] = ()
     for rcpt, result in zip(job.recipients, results, strict=True):
         route = rcpt.route
-        if route is Route.SRS_RETURN or route is Route.BOUNCE:
+        if route is Route.SRS_RETURN or route is Route.BOUNCE or route is Route.NOTICE_BOUNCE:
             continue  # not about one of our addresses
         if not message:
             domain, message_id, subject = headers.scan_section(head, subjects)
-            message = (job.client, job.sender, domain, message_id, subject, job.size,
+            notice = headers.notice_kind(head) if route is Route.NOTICE else None
+            message = (job.client, job.sender, domain, message_id, subject, notice, job.size,
                        int(job.test))
         attempt, key = attempts[rcpt.id], rcpt.orig_rcpt.lower()  # address_key, in line
         rows.append((job.arrived_at, job.message_id, key[:-1] if key[-1] == "." else key,

@@ -30,29 +30,31 @@ class HistoryUnavailable(Exception):
 
 # A delivery attempt's row, in this order: the message, the target, the attempt.
 TRY_COLUMNS = ("received_at", "queue_id", "address", "target", "route", "client", "sender",
-               "from_domain", "message_id", "subject", "size", "test", "at", "relay", "tls",
-               "reply", "outcome", "next_attempt", "dsn_id")
+               "from_domain", "message_id", "subject", "notice", "size", "test", "at", "relay",
+               "tls", "reply", "outcome", "next_attempt", "dsn_id")
 _INSERT_TRY = (f"INSERT INTO history ({', '.join(TRY_COLUMNS)})"
                f" VALUES ({', '.join('?' * len(TRY_COLUMNS))})")
 
 
-# The usual row (delivered, no subject kept, no DSN) without its three NULLs: the sqlite3
+# The usual row (delivered, no subject kept, no DSN) without its four NULLs: the sqlite3
 # module binds None through its adaptation protocol, some 3000 instructions each, a third
 # of what the row's insert cost (callgrind, bench/history_cost.py).
-_OPTIONAL = {TRY_COLUMNS.index(name) for name in ("subject", "next_attempt", "dsn_id")}
+_OPTIONAL = {TRY_COLUMNS.index(name)
+             for name in ("subject", "notice", "next_attempt", "dsn_id")}
 _USUAL = [n for n in range(len(TRY_COLUMNS)) if n not in _OPTIONAL]
 _INSERT_USUAL = (f"INSERT INTO history ({', '.join(TRY_COLUMNS[n] for n in _USUAL)})"
                  f" VALUES ({', '.join('?' * len(_USUAL))})")
-_SUBJECT, _NEXT, _DSN = sorted(_OPTIONAL)
+_SUBJECT, _NOTICE, _NEXT, _DSN = sorted(_OPTIONAL)
 # record_tries cuts the usual row out of a full one with two slices.
-assert (len(TRY_COLUMNS) - 2, len(TRY_COLUMNS) - 1) == (_NEXT, _DSN)
+assert (_SUBJECT + 1, len(TRY_COLUMNS) - 2, len(TRY_COLUMNS) - 1) == (_NOTICE, _NEXT, _DSN)
 
 
 def record_tries(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     """Append a delivery round's attempts (rows of TRY_COLUMNS)."""
     for row in rows:  # one or two: execute() costs less than executemany() here
-        if row[_SUBJECT] is None and row[_NEXT] is None and row[_DSN] is None:
-            conn.execute(_INSERT_USUAL, row[:_SUBJECT] + row[_SUBJECT + 1:_NEXT])
+        if (row[_SUBJECT] is None and row[_NOTICE] is None and row[_NEXT] is None
+                and row[_DSN] is None):
+            conn.execute(_INSERT_USUAL, row[:_SUBJECT] + row[_NOTICE + 1:_NEXT])
         else:
             conn.execute(_INSERT_TRY, row)
 
@@ -67,6 +69,13 @@ def insert_refusal(conn: sqlite3.Connection, at: float, address: str, client: st
                    sender: str, reply: str) -> None:
     conn.execute("INSERT INTO history_refusals (at, address, client, sender, reply)"
                  " VALUES (?, ?, ?, ?, ?)", (at, address, client, sender, reply))
+
+
+def insert_reply(conn: sqlite3.Connection, at: float, address: str, target: str, kind: str,
+                 client: str, sender: str, result: str) -> None:
+    conn.execute("INSERT INTO history_replies (at, address, target, kind, client, sender,"
+                 " result) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (at, address, target, kind, client, sender, result))
 
 
 def _purge_oldest(conn: sqlite3.Connection, table: str, time: str, cutoff: float,
@@ -85,6 +94,7 @@ def purge_before(conn: sqlite3.Connection, cutoff: float, chunk: int = PURGE_CHU
     In chunks, so one commit of the queue's writer never holds the lock for long."""
     gone = _purge_oldest(conn, "history", "at", cutoff, chunk)
     gone += _purge_oldest(conn, "history_refusals", "at", cutoff, chunk)
+    gone += _purge_oldest(conn, "history_replies", "at", cutoff, chunk)
     edge = conn.execute("SELECT received_at FROM history_checks WHERE received_at < ?"
                         " ORDER BY received_at LIMIT 1 OFFSET ?", (cutoff, chunk)).fetchone()
     # Up to the chunk's last arrival, included, so that rows of one instant go together.
@@ -104,6 +114,7 @@ def forget(conn: sqlite3.Connection, address: str) -> int:
         " (SELECT queue_id FROM history WHERE address = ?)", (address,)).rowcount
     gone += conn.execute("DELETE FROM history WHERE address = ?", (address,)).rowcount
     gone += conn.execute("DELETE FROM history_refusals WHERE address = ?", (address,)).rowcount
+    gone += conn.execute("DELETE FROM history_replies WHERE address = ?", (address,)).rowcount
     return int(gone)
 
 
@@ -181,6 +192,7 @@ class MessageView:
     subject: str | None
     size: int
     test: bool
+    notice: str | None = None  # one of our notices to a target: 'confirm' or 'failing'
     checks: dict[str, Any] = field(default_factory=dict)
     targets: list[TargetView] = field(default_factory=list)
 
@@ -199,6 +211,19 @@ class RefusalView:
     client: str
     sender: str
     reply: str
+
+
+@dataclass(frozen=True)
+class ReplyView:
+    """A message to a notice's confirm+ or refuse+ address, and what it did."""
+
+    at: float
+    address: str
+    target: str
+    kind: str
+    client: str
+    sender: str
+    result: str
 
 
 def open_reader(queue_path: Path, busy_timeout: float = 5.0) -> sqlite3.Connection:

@@ -10,9 +10,19 @@ import re
 from datetime import datetime, tzinfo
 from typing import Any
 
-from forwarder.history.store import QUEUED, AttemptView, MessageView, RefusalView, TargetView
+from forwarder.history.store import (
+    QUEUED,
+    AttemptView,
+    MessageView,
+    RefusalView,
+    ReplyView,
+    TargetView,
+)
 
 INDENT = "    "
+# Our notices to a graduate's targets (forwarder/notices.py), as the help desk names them.
+NOTICES = {"confirm": "confirmation notice (asks the target to confirm or refuse)",
+           "failing": "notice that another target is failing"}
 # What strangers wrote (a Message-ID, a domain, a reply) is stored as it came, cut to size;
 # a control character is shown as "?" so it never reaches the help desk's terminal.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -76,7 +86,8 @@ def _target(t: TargetView, m: MessageView, now: float, tz: tzinfo | None) -> str
     if t.outcome == "delivered" and last is not None:
         return f"delivered {at}to {t.target} {_attempt(last)}{tries}"
     if t.outcome == "failed" and last is not None:
-        dsn = (f"; bounced: DSN {t.dsn_id} to {m.sender}" if t.dsn_id
+        to = "the admin address" if m.notice else m.sender  # a notice's DSN: bounces.py
+        dsn = (f"; bounced: DSN {t.dsn_id} to {to}" if t.dsn_id
                else "; no DSN (test message)" if m.test else "; no DSN sent")
         return f"not delivered {at}to {t.target} {_attempt(last)}{tries}{dsn}"
     text = (f"queued for {t.target}, not tried yet" if last is None
@@ -102,13 +113,7 @@ def _checks(checks: dict[str, Any]) -> str:
 
 def message_lines(m: MessageView, now: float, tz: tzinfo | None = None) -> list[str]:
     """One line per target (the first carries the message), then each earlier attempt."""
-    sender_domain = m.sender.rpartition("@")[2].lower()
-    shown_from = (f" (From: {m.from_domain})" if m.from_domain
-                  and m.from_domain != sender_domain else "")
-    subject = f"'{m.subject}'" if m.subject is not None else "subject not stored"
-    head = (f"{when(m.received_at, now, tz)} {'TEST ' if m.test else ''}from "
-            f"{m.sender or '<>'}{shown_from}, {subject}, {max(1, round(m.size / 1024))} KB, "
-            f"{m.message_id or 'no Message-ID'}, queue id {m.queue_id}{_checks(m.checks)}")
+    head = _notice_head(m, now, tz) if m.notice else _message_head(m, now, tz)
     lines: list[str] = []
     for number, t in enumerate(m.targets):
         lines.append(f"{head}; {_target(t, m, now, tz)}" if number == 0
@@ -118,17 +123,41 @@ def message_lines(m: MessageView, now: float, tz: tzinfo | None = None) -> list[
     return [printable(line) for line in lines]
 
 
+def _notice_head(m: MessageView, now: float, tz: tzinfo | None) -> str:
+    return (f"{when(m.received_at, now, tz)} {NOTICES.get(m.notice or '', 'notice')} from "
+            f"{m.sender}, queue id {m.queue_id}")
+
+
+def _message_head(m: MessageView, now: float, tz: tzinfo | None) -> str:
+    sender_domain = m.sender.rpartition("@")[2].lower()
+    shown_from = (f" (From: {m.from_domain})" if m.from_domain
+                  and m.from_domain != sender_domain else "")
+    subject = f"'{m.subject}'" if m.subject is not None else "subject not stored"
+    return (f"{when(m.received_at, now, tz)} {'TEST ' if m.test else ''}from "
+            f"{m.sender or '<>'}{shown_from}, {subject}, {max(1, round(m.size / 1024))} KB, "
+            f"{m.message_id or 'no Message-ID'}, queue id {m.queue_id}{_checks(m.checks)}")
+
+
 def refusal_line(r: RefusalView, now: float, tz: tzinfo | None = None) -> str:
     return printable(f"{when(r.at, now, tz)} refused at RCPT: mail from {r.sender or '<>'} "
                      f"(client {r.client}) got {r.reply}")
 
 
-def lines(messages: list[MessageView], refusals: list[RefusalView], now: float,
-          tz: tzinfo | None = None) -> list[str]:
-    """Messages and refusals in the order they happened."""
+def reply_line(r: ReplyView, now: float, tz: tzinfo | None = None) -> str:
+    """A message to a notice's confirm+ or refuse+ address, and what it did."""
+    by = f"a message from {r.sender or '<>'} (client {r.client}) to its {r.kind}+ address"
+    if r.result.startswith("ignored"):
+        return printable(f"{when(r.at, now, tz)} target {r.target}: {by} {r.result}")
+    return printable(f"{when(r.at, now, tz)} target {r.target} {r.result} by {by}")
+
+
+def lines(messages: list[MessageView], refusals: list[RefusalView], replies: list[ReplyView],
+          now: float, tz: tzinfo | None = None) -> list[str]:
+    """Messages, refusals and replies to notices in the order they happened."""
     events: list[tuple[float, list[str]]] = [(m.received_at, message_lines(m, now, tz))
                                              for m in messages]
     events += [(r.at, [refusal_line(r, now, tz)]) for r in refusals]
+    events += [(r.at, [reply_line(r, now, tz)]) for r in replies]
     events.sort(key=lambda event: event[0])
     return [line for _, block in events for line in block]
 
@@ -162,10 +191,15 @@ def message_doc(m: MessageView, tz: tzinfo | None = None) -> dict[str, Any]:
     return {"queue_id": m.queue_id, "received_at": iso(m.received_at, tz), "address": m.address,
             "client": m.client, "sender": m.sender, "from_domain": m.from_domain,
             "message_id": m.message_id, "subject": m.subject, "size": m.size,
-            "checks": m.checks, "test": m.test,
+            "checks": m.checks, "test": m.test, "notice": m.notice,
             "targets": [target_doc(t, tz) for t in m.targets]}
 
 
 def refusal_doc(r: RefusalView, tz: tzinfo | None = None) -> dict[str, Any]:
     return {"at": iso(r.at, tz), "address": r.address, "client": r.client, "sender": r.sender,
             "reply": r.reply}
+
+
+def reply_doc(r: ReplyView, tz: tzinfo | None = None) -> dict[str, Any]:
+    return {"at": iso(r.at, tz), "address": r.address, "target": r.target, "kind": r.kind,
+            "client": r.client, "sender": r.sender, "result": r.result}

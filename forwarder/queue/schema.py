@@ -69,9 +69,11 @@ SCHEMA = (
     # row per delivery attempt, appended with the record of its outcome (the message's
     # facts repeated, so a message delivered at once costs one row); the checks at receipt
     # of a message, when there are any; the refusals at RCPT of our accounts. No bodies;
-    # the subject only if configured. Rows leave in `id` order (retention). No index by
-    # address: its random inserts dirtied a page per message in every commit (10 us a
-    # message, bench/history_cost.py), while a help desk's read scans in well under a second.
+    # the subject only if configured; our notices to targets, with their kind, and the
+    # replies to their confirm+ and refuse+ addresses. Rows leave in `id` order
+    # (retention). No index by address: its random inserts dirtied a page per message in
+    # every commit (10 us a message, bench/history_cost.py), while a help desk's read scans
+    # in well under a second.
     """
     CREATE TABLE history (
         id           INTEGER PRIMARY KEY,
@@ -85,6 +87,7 @@ SCHEMA = (
         from_domain  TEXT,
         message_id   TEXT,
         subject      TEXT,
+        notice       TEXT,               -- our notice to a target: 'confirm' or 'failing'
         size         INTEGER NOT NULL,
         test         INTEGER NOT NULL,   -- a forwarder send-test message
         at           REAL NOT NULL,      -- the attempt
@@ -110,6 +113,17 @@ SCHEMA = (
         reply   TEXT NOT NULL
     );
     CREATE INDEX history_refusals_address ON history_refusals (address, at);
+    CREATE TABLE history_replies (
+        id      INTEGER PRIMARY KEY,
+        at      REAL NOT NULL,
+        address TEXT NOT NULL,           -- the account the notice was about
+        target  TEXT NOT NULL,
+        kind    TEXT NOT NULL,           -- confirm, refuse (the address written to)
+        client  TEXT NOT NULL,
+        sender  TEXT NOT NULL,
+        result  TEXT NOT NULL            -- the target's state after, or why it was ignored
+    );
+    CREATE INDEX history_replies_address ON history_replies (address, at);
     """,
 )
 QUEUE_SCHEMA_VERSION = len(SCHEMA)
