@@ -325,6 +325,17 @@ async def test_send_test_delivered_and_refused(
     assert len(sink.messages) == 1
     assert registry.get_sample_value("forwarder_test_deliveries_total",
                                      {"result": "failed"}) == 1
+    # Not evidence against the target (the dead-target rule): ordinary mail refused the
+    # same way is the first failure on record.
+    watch = d.targets.watch
+    assert watch is not None
+    await watch.flush()
+    assert directory.require(GRAD).targets[0].health.failures == 0
+    await send(d, GRAD, "after-test")
+    await until(lambda: outcomes(capsys, state_dir, GRAD)[-1] == "failed")
+    await until(lambda: d.dispatcher.in_flight == set())
+    await watch.flush()
+    assert directory.require(GRAD).targets[0].health.failures == 1
 
 
 async def test_send_test_needs_the_daemon_and_says_so(
