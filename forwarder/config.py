@@ -181,6 +181,14 @@ class RateLimits:
 
 
 @dataclass(frozen=True)
+class HistorySettings:
+    # The delivery history per address (forwarder/history/): how long it is kept, in days
+    # (0: nothing is recorded, and what was is purged); subjects only if the admin says so.
+    retention_days: float = 30.0
+    subjects: bool = False
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: HostPort = field(default_factory=lambda: parse_hostport(DEFAULT_LISTEN))
     domains: tuple[str, ...] = (DEFAULT_DOMAIN,)
@@ -211,6 +219,7 @@ class Settings:
     checks: CheckSettings = field(default_factory=CheckSettings)
     rspamd: RspamdSettings = field(default_factory=RspamdSettings)
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    history: HistorySettings = field(default_factory=HistorySettings)
     config_file: Path | None = None
     # Inbound STARTTLS (RFC 3207) is offered when both are set (forwarder/session.py).
     tls_cert: Path | None = None
@@ -262,7 +271,8 @@ _TOP_KEYS = {f.name for f in dataclasses.fields(Settings)} - {"config_file"}
 _SECTIONS: dict[str, type[Any]] = {"limits": Limits, "delivery": DeliverySettings,
                                    "targets": TargetSettings,
                                    "checks": CheckSettings, "rspamd": RspamdSettings,
-                                   "rate_limits": RateLimits}
+                                   "rate_limits": RateLimits,
+                                   "history": HistorySettings}
 DMARC_REJECT_MODES = ("reject", "mark", "off")
 _TOKEN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
 

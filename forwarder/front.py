@@ -14,6 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import Any
 
 from forwarder import log, replies
 from forwarder.addresses import AddressError, has_control_chars, parse_sender
@@ -23,6 +24,7 @@ from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.directory import DaemonDirectory
 from forwarder.dsnparams import DsnRequest, RecipientDsn, mail_dsn, options_dict, rcpt_dsn
+from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
 from forwarder.policy import (
     Accept,
@@ -138,6 +140,7 @@ class Front:
         return_path: ReturnPath,
         metrics: Metrics,
         checks: Checks | None = None,
+        history: HistoryRecorder | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
@@ -148,6 +151,7 @@ class Front:
         # The notices' token secrets, the first signing (read again on SIGHUP).
         self.token_secrets = directory.token_secrets()
         self.checks = checks
+        self.history = history  # keeps the refusals of our addresses (forwarder/history/)
 
     def reload_token_secrets(self) -> None:
         """SIGHUP: a rotation done with `forwarder token rotate` (raises OSError or
@@ -196,6 +200,8 @@ class Front:
         if isinstance(verdict, Refuse):
             LOG.info("rcpt", client=session.client, to=address, verdict="refused",
                      reason=verdict.reason, reply=verdict.reply.code)
+            if self.history is not None:
+                self.history.refused(address, session.client, envelope.sender, verdict)
             return verdict.reply.at(address)
         # An accepted recipient is logged once, in the "queued" line (with its route): a
         # line per RCPT as well was a fifth of the logging, itself 10-18 % of the CPU
@@ -304,7 +310,8 @@ class Front:
                 self.metrics.message_refused(result.decision.reason)
                 return str(result.decision.reply)
             content, prefix, checked = result.content, result.prefix, result.fields
-        message = self._message(session, envelope, accepted, content, queue_id, now, prefix)
+        message = self._message(session, envelope, accepted, content, queue_id, now, prefix,
+                                checked)
         try:
             await self.intake.accept(message)
         except QueueError as exc:
@@ -350,6 +357,8 @@ class Front:
                      kind=use.kind.value, account=result.account, target=result.target,
                      state=None if result.after is None else result.after.value,
                      ignored=result.ignored)
+            if self.history is not None:
+                self.history.replied(use, result, session.client, sender)
         return None
     def _inbound(self, session: SessionInfo, envelope: Envelope[Accepted],
                  accepted: list[Accepted], queue_id: str) -> Inbound:
@@ -365,6 +374,7 @@ class Front:
     def _message(
         self, session: SessionInfo, envelope: Envelope[Accepted], accepted: list[Accepted],
         content: bytes, queue_id: str, now: float, prefix: bytes = b"",
+        checked: dict[str, Any] | None = None,
     ) -> NewMessage:
         seen: set[tuple[str, str]] = set()
         recipients: list[NewRecipient] = []
@@ -383,9 +393,10 @@ class Front:
                                  envelope.smtp_utf8)
         # The checks' fields (Authentication-Results, X-Spam-*) go on top, above our trace
         # field (RFC 8601 5: at the top of the header section).
+        # The checks' verdicts go to the delivery history too (forwarder/history/).
         return NewMessage(queue_id, envelope.sender, now, session.client,
                           prefix + header + content, tuple(recipients),
-                          message_flags(envelope, content))
+                          message_flags(envelope, content), checked or {})
 
     def exception_reply(self, error: BaseException) -> str:
         LOG.error("session_error", error=type(error).__name__, exc_info=error)
