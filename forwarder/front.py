@@ -114,6 +114,14 @@ def received_header(
         "utf-8" if smtputf8 else "ascii", "replace")
 
 
+def _forwarded_fields(session: SessionInfo) -> dict[str, str]:
+    """For logs: the relay's client as XFORWARD gave it (`orig_client`, `orig_helo`)."""
+    forwarded = session.forwarded
+    if forwarded is None or forwarded.addr is None:
+        return {}
+    return {"orig_client": forwarded.addr, "orig_helo": forwarded.helo or ""}
+
+
 def message_flags(envelope: Envelope[Accepted], content: bytes) -> MessageFlags:
     """What delivery must know about the message: the DSN request, SMTPUTF8, and whether
     it has 8-bit octets (what the body is, not what BODY= said: a client that declares
@@ -306,7 +314,7 @@ class Front:
             if result.decision.reply is not None:
                 LOG.warning("refused", client=session.client, reason=result.decision.reason,
                             reply=result.decision.reply.code, **{"from": envelope.sender},
-                            **result.fields)
+                            **result.fields, **_forwarded_fields(session))
                 self.metrics.message_refused(result.decision.reason)
                 return str(result.decision.reply)
             content, prefix, checked = result.content, result.prefix, result.fields
@@ -324,6 +332,8 @@ class Front:
         # one to say (each field costs on every message: docs/performance.md).
         tls = session.tls
         extra: dict[str, object] = {} if tls is None else {"cipher": tls.cipher}
+        if session.forwarded is not None:
+            extra.update(_forwarded_fields(session))
         if message.flags is not PLAIN:
             extra.update(body="8BITMIME" if message.flags.eight_bit else "7BIT",
                          smtputf8=message.flags.smtputf8)
@@ -365,7 +375,8 @@ class Front:
         """The message as the inbound checks see it, for the recipients it is queued for
         (a confirm+ or refuse+ one has been consumed already)."""
         assert envelope.content is not None
-        return Inbound(queue_id, session.client, session.host_name or "", envelope.sender,
+        # Behind a trusted relay that sent XFORWARD, its client is the one judged.
+        return Inbound(queue_id, session.origin, session.origin_helo, envelope.sender,
                        [a.orig_rcpt for a in accepted],
                        all(isinstance(a.verdict, Accept) and a.verdict.route is Route.POSTMASTER
                            for a in accepted),
