@@ -21,6 +21,7 @@ from forwarder.cli_common import (
     one_line,
     open_directory,
 )
+from forwarder.clustercheck import cluster_problems
 from forwarder.config import ConfigError, Settings
 from forwarder.directory import (
     SCHEMA_VERSION,
@@ -246,6 +247,10 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     problems = [f"config: {p}" for p in getattr(args, "config_problems", [])]
     problems += _storage_problems(settings, notes)
     problems += _tls_problems(settings)
+    staleness = None
+    if settings.directory_url:
+        found, staleness = cluster_problems(settings, notes)
+        problems += found
     warnings = []
     if settings.postmaster is None:
         warnings.append("postmaster: not set; mail to postmaster@ and abuse@ our domains is "
@@ -263,6 +268,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
              "section 3):\n" + "\n".join(postfix))
     emit(args, {"ok": not problems, "problems": problems, "warnings": warnings,
                 "notes": notes, "postfix_maps": postfix,
+                "directory_staleness_seconds": staleness,
                 "config_file": None if settings.config_file is None else
                 str(settings.config_file), "state_dir": str(settings.state_dir)}, text)
     return 1 if problems else 0
