@@ -35,8 +35,10 @@ def _free_port() -> int:
 
 
 class PgCluster:
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, durable: bool = False) -> None:
         self.bindir = bindir
+        # Tests need no durability (the cluster is thrown away); a benchmark does.
+        self.durable = durable
         self.root = Path(tempfile.mkdtemp(prefix="forwarder-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
@@ -61,8 +63,9 @@ class PgCluster:
         pwfile.unlink()
 
     def start(self) -> None:
-        opts = (f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off")
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.root}"
+        if not self.durable:
+            opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", opts,
                   "-l", str(self.root / "log"), "-w", "-t", "30", "start")
 

@@ -136,6 +136,11 @@ async def test_postgresql_down_copy_answers_then_451_never_550_then_catch_up(
         assert cli(config, a.settings.state_dir, "account", "add", other,
                    "--no-dns-check") == 1
         clock.advance(a.settings.directory_max_staleness + 1)
+        for node in (a, b):  # the metric says so
+            lines = node.metrics.render().decode().splitlines()
+            staleness = next(float(line.split()[1]) for line in lines
+                             if line.startswith("forwarder_directory_staleness_seconds "))
+            assert staleness > node.settings.directory_max_staleness
         for node in (a, b):
             for address in (GRAD, other):
                 code, message = await rcpt(node, address)

@@ -40,7 +40,6 @@ from forwarder.directory.replica import (
     ReplicaState,
     fetch,
     read_secrets,
-    read_synced_at,
     replica_path,
 )
 from forwarder.directory.upkeep import Upkeep
@@ -134,8 +133,9 @@ class Replicator:
                     LOG.info("directory_connected", version=self.version)
                 self.connected = True
                 await self._follow(conn)
-            except (psycopg.Error, OSError) as exc:
+            except Exception as exc:  # the copy unwritable too: keep trying, never die
                 self._lost(exc)
+                await asyncio.sleep(delay)
             finally:
                 with contextlib.suppress(psycopg.Error, OSError):
                     await conn.close()
@@ -216,25 +216,28 @@ class ClusterDirectory(SqliteDaemonDirectory):
     def staleness(self) -> float:
         if self.replicator is not None:
             return self.replicator.staleness()
-        if time.monotonic() - self._checked_at >= 1.0:  # an acceptor: read it from the file
-            self._synced_at = read_synced_at(self.path, self.busy_timeout)
-            self._checked_at = time.monotonic()
         if self._synced_at is None:
             return float("inf")
         return max(0.0, self.clock.now() - self._synced_at)
 
-    def _vouch(self) -> None:
+    async def _vouch(self) -> None:
+        if self.replicator is None and time.monotonic() - self._checked_at >= 1.0:
+            # An acceptor process: the main process records each sync in the copy.
+            rows = list(await self._conn.execute_fetchall(
+                "SELECT value FROM replica_meta WHERE name = 'synced_at'"))
+            self._synced_at = float(rows[0][0]) if rows else None
+            self._checked_at = time.monotonic()
         staleness = self.staleness()
         if staleness > self.max_staleness:
             raise DirectoryStale(f"directory copy not synchronised for {staleness:.0f} s "
                                  f"(directory_max_staleness {self.max_staleness:.0f} s)")
 
     async def lookup(self, address: str) -> Account | None:
-        self._vouch()
+        await self._vouch()
         return await super().lookup(address)
 
     async def binding(self, target_id: int) -> Binding | None:
-        self._vouch()
+        await self._vouch()
         return await super().binding(target_id)
 
     def token_secrets(self) -> list[bytes]:
