@@ -234,11 +234,7 @@ class Settings:
     # system's. `mta_sts = false` ignores published policies (opportunistic TLS only).
     tls_ca_file: Path | None = None
     mta_sts: bool = True
-    # Several nodes (docs/cluster.md): the directory in PostgreSQL ("postgresql://user@host/
-    # db"; the password here, or libpq's $PGPASSWORD, ~/.pgpass or service file); empty:
-    # the embedded SQLite directory. Each node answers RCPT from its copy, refreshed on
-    # every change and swept every `directory_sweep` seconds; a copy not synchronised for
-    # `directory_max_staleness` seconds answers 451 4.3.0 instead of vouching for anyone.
+    # Several nodes (docs/cluster.md, admin.md section 13): the directory in PostgreSQL.
     directory_url: str = ""
     directory_password: str = ""
     directory_max_staleness: float = 900.0
@@ -327,7 +323,7 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
             problems.append("acceptors: must be a whole number from -1 (auto) to 64")
             return -1
         return value
-    if key in _CLUSTER_KEYS:
+    if key.startswith("directory_") and key != "directory_password" and value != "":
         return _convert_cluster(key, value, problems)
     if key in ("busy_timeout", "stop_timeout"):
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
@@ -343,21 +339,14 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
     return value
 
 
-_CLUSTER_KEYS = ("directory_url", "directory_max_staleness", "directory_sweep")
-
-
 def _convert_cluster(key: str, value: Any, problems: list[str]) -> Any:
-    if key == "directory_url":
-        if not isinstance(value, str) or (
-                value and not value.startswith(("postgresql://", "postgres://"))):
-            problems.append("directory_url: must be empty (the SQLite directory) or a "
-                            "postgresql:// URL")
-            return ""
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if key == "directory_url" and not str(value).startswith(("postgresql://", "postgres://")):
+        problems.append(f"{key}: must be empty (SQLite) or a postgresql:// URL")
+    elif key != "directory_url" and not (type(value) in (int, float) and value > 0):
         problems.append(f"{key}: must be a number of seconds > 0")
-        return 900.0 if key == "directory_max_staleness" else 30.0
-    return float(value)
+    else:
+        return value if key == "directory_url" else float(value)
+    return value
 
 
 def _networks(key: str, value: Any, problems: list[str]) -> tuple[str, ...]:

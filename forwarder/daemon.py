@@ -31,8 +31,7 @@ from forwarder.connections import Connections, load_tls_context
 from forwarder.control import STATUS_SOCKET, StatusService
 from forwarder.delivery import Dispatcher, MailRouter, Router
 from forwarder.directory import SqliteDaemonDirectory
-from forwarder.directory.cluster import ClusterDirectory
-from forwarder.directory.pgstores import PgKeyStore, ReplicaSecrets
+from forwarder.directory.cluster import open_daemon_directory
 from forwarder.dns import CachingResolver, MxRouter
 from forwarder.front import Accepted, Front
 from forwarder.history.recorder import HistoryRecorder
@@ -230,34 +229,20 @@ class Daemon:
         self.notifier.ready(f"listening on {self.settings.listen.host}:{self.port}")
 
     async def _open_directory(self, acceptor: bool) -> None:
-        """The embedded SQLite directory, or (several nodes, docs/cluster.md) this node's
-        copy of the PostgreSQL one, with the SRS secrets and long-sender keys there."""
-        s = self.settings
-        if not s.directory_url:
-            self.directory = await SqliteDaemonDirectory.open(s.directory_path,
-                                                              s.busy_timeout)
-            self.return_path = ReturnPath(s.state_dir, s.effective_srs_domain, self.clock)
-            return
-        cluster = await ClusterDirectory.open_cluster(s, self.clock, replicate=not acceptor)
-        self.directory = cluster
-        self.metrics.directory_staleness(lambda: min(cluster.staleness(), 1e9))
-        self.return_path = ReturnPath(s.state_dir, s.effective_srs_domain, self.clock,
-                                      secrets=ReplicaSecrets(cluster.path, "srs"),
-                                      keys=PgKeyStore(s.directory_url, s.directory_password))
-        if cluster.replicator is not None:
-            cluster.replicator.on_secrets = self._secrets_changed
+        """The embedded SQLite directory, or this node's copy of the PostgreSQL one."""
+        self.directory, self.return_path, cluster = await open_daemon_directory(
+            self.settings, self.clock, acceptor)
+        if cluster is not None:
+            self.metrics.directory_staleness(lambda: min(cluster.staleness(), 1e9))
+            cluster.on_secrets = self._reload_secrets
 
-    def _secrets_changed(self) -> None:
-        """A rotation made on any node, copied here: sign and check with it at once."""
-        try:
-            if self.return_path is not None:
-                self.return_path.reload(self.settings.effective_srs_domain)
-            if self.front is not None:
-                self.front.reload_token_secrets()
-        except (OSError, ValueError) as exc:
-            LOG.error("secrets_reload_failed", error=str(exc))
-            return
-        LOG.info("secrets_reloaded", source="directory")
+    def _reload_secrets(self, domain: str | None = None) -> None:
+        """The SRS and token secrets, read again: on SIGHUP, and on a node of several when
+        a rotation made on any node has been copied here (raises OSError, ValueError)."""
+        assert self.return_path is not None
+        self.return_path.reload(domain or self.settings.effective_srs_domain)
+        if self.front is not None:
+            self.front.reload_token_secrets()
 
     async def _listen(self, acceptor: bool) -> None:
         """Bind (or, in an acceptor, take over the inherited socket) and serve SMTP."""
@@ -367,10 +352,7 @@ class Daemon:
             self.acceptors.signal_all(signal.SIGHUP)  # they re-read the same file
         try:
             new = self.reload_settings()
-            assert self.return_path is not None
-            self.return_path.reload(new.effective_srs_domain)
-            if self.front is not None:
-                self.front.reload_token_secrets()
+            self._reload_secrets(new.effective_srs_domain)
             self.connections.reload_tls(new)
         except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
             LOG.error("reload_refused", error=str(exc))

@@ -19,6 +19,8 @@ from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.daemon import Daemon
 from forwarder.directory.pgadmin import PgDirectory
+from forwarder.returnpath import MAX_AGE_DAYS
+from forwarder.srs import Srs
 from forwarder.tokens import TokenKind, make_token
 from tests.conftest import DOMAIN, Sink, make_settings, simple_message, smtp_send, until
 from tests.pgcluster import PASSWORD, PgCluster
@@ -192,3 +194,27 @@ async def test_confirmation_token_checks_on_every_node(
     address = f"{TokenKind.CONFIRM.prefix}{token}@{DOMAIN}"
     await rcpt_until(b, address, 250, within=2.0)
     assert (await rcpt(a, address))[0] == 250
+
+
+async def test_secrets_rotated_on_one_node_are_used_by_every_node(
+    nodes: NodeFactory, tmp_path: Path, pg_url: str, clock: FakeClock
+) -> None:
+    a = await nodes("a", "127.0.0.1")
+    b = await nodes("b", "127.0.0.2")
+    config = write_config(tmp_path / "a.toml", pg_url)
+    assert cli(config, a.settings.state_dir, "srs", "rotate") == 0
+    assert cli(config, a.settings.state_dir, "token", "rotate") == 0
+    for node in (a, b):
+        await uses_two_secrets(node, clock)
+
+
+async def uses_two_secrets(node: Daemon, clock: FakeClock) -> None:
+    """The node checks tokens with both token secrets and signs SRS with the new one."""
+    assert node.front is not None and node.return_path is not None
+    front, return_path = node.front, node.return_path
+    await until(lambda: len(front.token_secrets) == 2, timeout=2.0)
+    secrets = return_path.secrets.load()
+    assert len(secrets) == 2
+    signer = Srs(secrets, DOMAIN, clock.now, max_age_days=MAX_AGE_DAYS)
+    await until(lambda: return_path.srs.forward("noreply@jobteaser.com")
+                == signer.forward("noreply@jobteaser.com"), timeout=2.0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -34,7 +33,7 @@ from forwarder.directory.daemon import SqliteDaemonDirectory
 from forwarder.directory.model import DirectoryStale
 from forwarder.directory.pgconn import DirectoryUnavailable, connect_kwargs
 from forwarder.directory.pgschema import NOTIFY_CHANNEL, open_directory_db
-from forwarder.directory.pgstores import PgSecrets
+from forwarder.directory.pgstores import PgKeyStore, PgSecrets, ReplicaSecrets
 from forwarder.directory.replica import (
     ReplicaFile,
     ReplicaState,
@@ -44,6 +43,7 @@ from forwarder.directory.replica import (
 )
 from forwarder.directory.upkeep import Upkeep
 from forwarder.policy import Account
+from forwarder.returnpath import ReturnPath
 from forwarder.tokens import Binding
 
 LOG = log.get("forwarder.directory")
@@ -185,9 +185,12 @@ class ClusterDirectory(SqliteDaemonDirectory):
     replicator: Replicator | None = None
     clock: Clock
     max_staleness: float
-    _checked_at = 0.0
     _synced_at: float | None = None
+    _secrets_version: str | None = None
     _task: asyncio.Task[None] | None = None
+    # Called when the secrets changed (a rotation on any node): in the main process by the
+    # replicator, in an acceptor process by its watch of the copy.
+    on_secrets: Callable[[], None] | None = None
 
     @classmethod
     async def open_cluster(cls, settings: Settings, clock: Clock,
@@ -210,8 +213,42 @@ class ClusterDirectory(SqliteDaemonDirectory):
         self.clock, self.max_staleness = clock, settings.directory_max_staleness
         self.replicator = replicator
         if replicator is not None:
+            replicator.on_secrets = self._secrets_changed
             self._task = asyncio.create_task(replicator.run(), name="directory-replica")
+        else:
+            await self._read_meta()
+            self._task = asyncio.create_task(self._watch(), name="directory-watch")
         return self
+
+    def _secrets_changed(self) -> None:
+        if self.on_secrets is None:
+            return
+        try:
+            self.on_secrets()
+        except (OSError, ValueError) as exc:
+            LOG.error("secrets_reload_failed", error=str(exc))
+            return
+        LOG.info("secrets_reloaded", source="directory")
+
+    async def _read_meta(self) -> None:
+        found = await self._conn.execute_fetchall(
+            "SELECT name, value FROM replica_meta WHERE name IN"
+            " ('synced_at', 'secrets_version')")
+        rows: dict[str, str] = {str(name): str(value) for name, value in found}
+        synced = rows.get("synced_at")
+        self._synced_at = None if synced is None else float(synced)
+        version = rows.get("secrets_version")
+        if self._secrets_version is not None and version != self._secrets_version:
+            self._secrets_changed()
+        self._secrets_version = version or ""
+
+    async def _watch(self) -> None:
+        """An acceptor process: the main process records each sync in the copy; read it
+        every second (staleness, and secrets rotated meanwhile)."""
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                await self._read_meta()
 
     def staleness(self) -> float:
         if self.replicator is not None:
@@ -220,24 +257,18 @@ class ClusterDirectory(SqliteDaemonDirectory):
             return float("inf")
         return max(0.0, self.clock.now() - self._synced_at)
 
-    async def _vouch(self) -> None:
-        if self.replicator is None and time.monotonic() - self._checked_at >= 1.0:
-            # An acceptor process: the main process records each sync in the copy.
-            rows = list(await self._conn.execute_fetchall(
-                "SELECT value FROM replica_meta WHERE name = 'synced_at'"))
-            self._synced_at = float(rows[0][0]) if rows else None
-            self._checked_at = time.monotonic()
+    def _vouch(self) -> None:
         staleness = self.staleness()
         if staleness > self.max_staleness:
             raise DirectoryStale(f"directory copy not synchronised for {staleness:.0f} s "
                                  f"(directory_max_staleness {self.max_staleness:.0f} s)")
 
     async def lookup(self, address: str) -> Account | None:
-        await self._vouch()
+        self._vouch()
         return await super().lookup(address)
 
     async def binding(self, target_id: int) -> Binding | None:
-        await self._vouch()
+        self._vouch()
         return await super().binding(target_id)
 
     def token_secrets(self) -> list[bytes]:
@@ -272,3 +303,20 @@ async def _first_sync(settings: Settings, replicator: Replicator) -> None:
                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from exc
         LOG.error("directory_unavailable_at_start", error=type(exc).__name__,
                   version=state.version)
+
+
+async def open_daemon_directory(
+    settings: Settings, clock: Clock, acceptor: bool,
+) -> tuple[SqliteDaemonDirectory, ReturnPath, ClusterDirectory | None]:
+    """The daemon's directory and SRS stores: the embedded SQLite directory and the state
+    directory's files, or (several nodes) this node's copy of the PostgreSQL directory with
+    the SRS secrets copied there and the long-sender keys in PostgreSQL."""
+    s = settings
+    if not s.directory_url:
+        directory = await SqliteDaemonDirectory.open(s.directory_path, s.busy_timeout)
+        return directory, ReturnPath(s.state_dir, s.effective_srs_domain, clock), None
+    cluster = await ClusterDirectory.open_cluster(s, clock, replicate=not acceptor)
+    return_path = ReturnPath(s.state_dir, s.effective_srs_domain, clock,
+                             secrets=ReplicaSecrets(cluster.path, "srs"),
+                             keys=PgKeyStore(s.directory_url, s.directory_password))
+    return cluster, return_path, cluster

@@ -161,6 +161,8 @@ class ReplicaFile:
                                   [(a,) for a in batch.gone_accounts])
             if batch.secrets is not None:
                 self._write_secrets(batch.secrets)
+                self.conn.execute("INSERT OR REPLACE INTO replica_meta"
+                                  " VALUES ('secrets_version', ?)", (str(batch.version),))
             self.conn.executemany(
                 "INSERT OR REPLACE INTO replica_meta VALUES (?, ?)",
                 [("directory_id", batch.directory_id), ("version", str(batch.version)),
