@@ -64,6 +64,7 @@ class Replicator:
         self.synced_at: float | None = None
         self.version = 0
         self.connected = False
+        self.syncs = 0  # successful syncs so far
         # Called when the secrets changed (a rotation on any node): reload them.
         self.on_secrets: Callable[[], None] | None = None
 
@@ -102,6 +103,7 @@ class Replicator:
             self.on_secrets()
         was_stale = self.synced_at is not None and self.stale()
         self.synced_at, self.version = now, batch.version
+        self.syncs += 1
         if was_stale:
             LOG.warning("directory_fresh_again", version=batch.version)
         return 0 if batch.empty else len(batch.accounts) + len(batch.targets) + 1
@@ -120,6 +122,7 @@ class Replicator:
         delay = BACKOFF_FIRST
         cap = min(BACKOFF_MAX, self.settings.directory_sweep)
         while True:
+            syncs = self.syncs
             try:
                 conn = await self.connect()
             except (psycopg.Error, OSError) as exc:
@@ -127,7 +130,6 @@ class Replicator:
                 await asyncio.sleep(delay)
                 delay = min(cap, delay * 2)
                 continue
-            delay = BACKOFF_FIRST
             try:
                 if not self.connected:
                     LOG.info("directory_connected", version=self.version)
@@ -135,10 +137,16 @@ class Replicator:
                 await self._follow(conn)
             except Exception as exc:  # the copy unwritable too: keep trying, never die
                 self._lost(exc)
-                await asyncio.sleep(delay)
             finally:
                 with contextlib.suppress(psycopg.Error, OSError):
                     await conn.close()
+            # Back off unless this connection got somewhere (a sync that keeps failing
+            # with PostgreSQL up must not reconnect five times a second).
+            if self.syncs == syncs:
+                await asyncio.sleep(delay)
+                delay = min(cap, delay * 2)
+            else:
+                delay = BACKOFF_FIRST
 
     async def _follow(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:
