@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -14,11 +15,13 @@ import psycopg
 import pytest
 
 from forwarder.cli import main
+from forwarder.clock import FakeClock
 from forwarder.directory import DirectoryError, ImportRow
+from forwarder.directory.cluster import Replicator
 from forwarder.directory.pgadmin import PgDirectory
 from forwarder.directory.pgschema import SCHEMA_VERSION, open_directory_db, schema_version
 from forwarder.policy import AccountState
-from tests.conftest import DOMAIN
+from tests.conftest import DOMAIN, make_settings
 from tests.pgcluster import PASSWORD, PgCluster
 
 SCRIPT = [
@@ -176,3 +179,54 @@ def test_check_reports_postgresql_and_the_copy(
     main(["check", "--json", "--config", str(config), "--state-dir", str(state)])
     doc = json.loads(capsys.readouterr().out)
     assert any("directory_password" in problem for problem in doc["problems"])
+
+
+def copy_of(state: Path) -> dict[str, list[str]]:
+    """The node's copy: each account's state and targets in order."""
+    conn = sqlite3.connect(state / "directory-replica.sqlite3")
+    try:
+        found: dict[str, list[str]] = {}
+        for address, account_state in conn.execute("SELECT address, state FROM accounts"):
+            found[address] = [account_state]
+        for address, target in conn.execute("SELECT address, target FROM targets"
+                                            " ORDER BY address, position"):
+            found[address].append(target)
+        return found
+    finally:
+        conn.close()
+
+
+async def test_the_copy_replays_changes_and_starts_over_past_a_pruned_log(
+    tmp_path: Path, pg_url: str, clock: FakeClock
+) -> None:
+    settings = make_settings(tmp_path / "node", directory_url=pg_url,
+                             directory_password=PASSWORD)
+    anne, bob = f"anne.martin@{DOMAIN}", f"bob.durand@{DOMAIN}"
+    directory = PgDirectory(pg_url, PASSWORD, actor="test")
+    replicator = Replicator(settings, clock)
+    conn = await replicator.connect()
+    try:
+        directory.add(anne, ["a1@gmail.example", "a2@gmail.example"])
+        await replicator.sync(conn)
+        assert copy_of(settings.state_dir) == {anne: ["active", "a1@gmail.example",
+                                                      "a2@gmail.example"]}
+        # Replayed: a new order, a target removed and one added, an account deleted.
+        directory.set_targets(anne, ["a2@gmail.example", "a3@gmail.example"])
+        directory.add(bob)
+        directory.delete(anne)
+        assert await replicator.sync(conn) > 0
+        assert copy_of(settings.state_dir) == {
+            anne: ["deleted", "a2@gmail.example", "a3@gmail.example"], bob: ["active"]}
+        # The log pruned past this node's version: the copy is made again from scratch.
+        directory.purge(anne)
+        directory.pg.execute(
+            "WITH gone AS (DELETE FROM changes RETURNING version) UPDATE meta SET value ="
+            " greatest(value::bigint, (SELECT coalesce(max(version), 0) FROM gone))::text"
+            " WHERE name = 'pruned_through'")
+        await replicator.sync(conn)
+        assert copy_of(settings.state_dir) == {bob: ["active"]}
+        assert await replicator.sync(conn) == 0  # current: nothing to do
+    finally:
+        await conn.close()
+        await replicator.close()
+        directory.close()

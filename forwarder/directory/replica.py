@@ -82,8 +82,10 @@ async def _rows(conn: psycopg.AsyncConnection[Any], sql: str,
 
 async def _read(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch:
     meta = dict(await _rows(conn, "SELECT name, value FROM meta"))
-    top = int((await _rows(conn, "SELECT coalesce(max(version), 0) FROM changes"))[0][0])
     directory_id, pruned = meta["directory_id"], int(meta["pruned_through"])
+    # The newest version committed; a log pruned empty still has its versions behind it.
+    top = max(pruned, int((await _rows(conn, "SELECT coalesce(max(version), 0)"
+                                             " FROM changes"))[0][0]))
     batch = Batch(directory_id, top)
     if directory_id != have.directory_id or have.version < pruned or have.version > top:
         batch.full = True
