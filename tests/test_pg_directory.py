@@ -20,6 +20,7 @@ from forwarder.directory import DirectoryError, ImportRow
 from forwarder.directory.cluster import Replicator
 from forwarder.directory.pgadmin import PgDirectory
 from forwarder.directory.pgschema import SCHEMA_VERSION, open_directory_db, schema_version
+from forwarder.directory.upkeep import Upkeep
 from forwarder.policy import AccountState
 from tests.conftest import DOMAIN, make_settings
 from tests.pgcluster import PASSWORD, PgCluster
@@ -217,6 +218,9 @@ async def test_the_copy_replays_changes_and_starts_over_past_a_pruned_log(
         assert await replicator.sync(conn) > 0
         assert copy_of(settings.state_dir) == {
             anne: ["deleted", "a2@gmail.example", "a3@gmail.example"], bob: ["active"]}
+        # A success refreshed (thousands a minute) changes nothing a copy reads.
+        Upkeep(directory.pg).refresh_successes([(anne, "a2@gmail.example", 2e9)])
+        assert await replicator.sync(conn) == 0
         # The log pruned past this node's version: the copy is made again from scratch.
         directory.purge(anne)
         directory.pg.execute(
