@@ -40,6 +40,7 @@ SCRIPT = [
     ("account", "purge", f"bob.durand@{DOMAIN}", "--yes"),
     ("account", "show", f"bob.durand@{DOMAIN}"),  # refused: purged
     ("lookup", f"anne.martin@{DOMAIN}"),
+    ("report", "senders", "--json"),
 ]
 
 
@@ -76,7 +77,7 @@ def test_same_commands_same_output_on_both_backends(
 ) -> None:
     sqlite = run_script(capsys, tmp_path / "sqlite", None)
     postgres = run_script(capsys, tmp_path / "pg", pg_config(tmp_path / "pg.toml", pg_url))
-    assert [code for code, _, _ in sqlite] == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0]
+    assert [code for code, _, _ in sqlite] == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0]
     assert postgres == sqlite
     # Nothing of the directory went to the SQLite file on the PostgreSQL node.
     assert not (tmp_path / "pg" / "directory.sqlite3").exists()
