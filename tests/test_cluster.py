@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ from tests.pgcluster import PASSWORD, PgCluster
 
 GRAD = f"jean.dupont@{DOMAIN}"
 TARGET = "jean.dupont@gmail.example"
-NodeFactory = Callable[..., Awaitable[Daemon]]
 
 
 def write_config(path: Path, url: str) -> Path:
@@ -41,25 +40,36 @@ def cli(config: Path, state_dir: Path, *argv: str) -> int:
     return main([*argv, "--config", str(config), "--state-dir", str(state_dir)])
 
 
-@pytest.fixture
-async def nodes(tmp_path: Path, pg_url: str, clock: FakeClock) -> AsyncIterator[NodeFactory]:
-    started: list[Daemon] = []
+class Nodes:
+    """Daemons on one PostgreSQL directory, each with its own state directory."""
 
-    async def factory(name: str, host: str, **changes: Any) -> Daemon:
+    def __init__(self, root: Path, url: str, clock: FakeClock) -> None:
+        self.root, self.url, self.clock = root, url, clock
+        self.running: list[Daemon] = []
+
+    async def __call__(self, name: str, host: str, **changes: Any) -> Daemon:
         # Active accounts' mail goes to the school's mailbox host (nothing listens there:
         # RCPT is what these tests look at).
         changes.setdefault("mailbox_host", HostPort("127.0.0.1", 9))
-        settings = make_settings(tmp_path / name, listen=HostPort(host, 0),
-                                 directory_url=pg_url, directory_password=PASSWORD,
+        settings = make_settings(self.root / name, listen=HostPort(host, 0),
+                                 directory_url=self.url, directory_password=PASSWORD,
                                  directory_sweep=0.5, **changes)
-        d = Daemon(settings, clock=clock)
+        d = Daemon(settings, clock=self.clock)
         await d.start()
-        started.append(d)
+        self.running.append(d)
         return d
 
-    yield factory
-    for d in started:
+    async def stop(self, d: Daemon) -> None:
+        self.running.remove(d)
         await d.stop()
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path, pg_url: str, clock: FakeClock) -> AsyncIterator[Nodes]:
+    started = Nodes(tmp_path, pg_url, clock)
+    yield started
+    for d in list(started.running):
+        await started.stop(d)
 
 
 async def rcpt(d: Daemon, address: str) -> tuple[int, str]:
@@ -91,7 +101,7 @@ async def rcpt_until(d: Daemon, address: str, code: int, within: float) -> float
 
 
 async def test_account_added_on_a_answers_on_b_within_a_second(
-    nodes: NodeFactory, tmp_path: Path, pg_url: str
+    nodes: Nodes, tmp_path: Path, pg_url: str
 ) -> None:
     a = await nodes("a", "127.0.0.1")
     b = await nodes("b", "127.0.0.2")
@@ -119,7 +129,7 @@ async def test_account_added_on_a_answers_on_b_within_a_second(
 
 
 async def test_postgresql_down_copy_answers_then_451_never_550_then_catch_up(
-    nodes: NodeFactory, tmp_path: Path, pg_url: str, pg_cluster: PgCluster,
+    nodes: Nodes, tmp_path: Path, pg_url: str, pg_cluster: PgCluster,
     clock: FakeClock,
 ) -> None:
     a = await nodes("a", "127.0.0.1")
@@ -157,7 +167,7 @@ async def test_postgresql_down_copy_answers_then_451_never_550_then_catch_up(
 
 
 async def test_long_sender_forwarded_by_a_bounce_to_b_reaches_the_sender(
-    nodes: NodeFactory, tmp_path: Path, pg_url: str, sink: Sink
+    nodes: Nodes, tmp_path: Path, pg_url: str, sink: Sink
 ) -> None:
     config = write_config(tmp_path / "a.toml", pg_url)
     a = await nodes("a", "127.0.0.1", smarthost=HostPort("127.0.0.1", sink.port))
@@ -180,7 +190,7 @@ async def test_long_sender_forwarded_by_a_bounce_to_b_reaches_the_sender(
 
 
 async def test_confirmation_token_checks_on_every_node(
-    nodes: NodeFactory, pg_url: str, clock: FakeClock
+    nodes: Nodes, pg_url: str, clock: FakeClock
 ) -> None:
     """A notice's token is signed with the secret every node copies, and checked by B
     against the binding A's write put in PostgreSQL."""
@@ -197,7 +207,7 @@ async def test_confirmation_token_checks_on_every_node(
 
 
 async def test_secrets_rotated_on_one_node_are_used_by_every_node(
-    nodes: NodeFactory, tmp_path: Path, pg_url: str, clock: FakeClock
+    nodes: Nodes, tmp_path: Path, pg_url: str, clock: FakeClock
 ) -> None:
     a = await nodes("a", "127.0.0.1")
     b = await nodes("b", "127.0.0.2")
@@ -218,3 +228,25 @@ async def uses_two_secrets(node: Daemon, clock: FakeClock) -> None:
     signer = Srs(secrets, DOMAIN, clock.now, max_age_days=MAX_AGE_DAYS)
     await until(lambda: return_path.srs.forward("noreply@jobteaser.com")
                 == signer.forward("noreply@jobteaser.com"), timeout=2.0)
+
+
+async def test_node_restarted_without_postgresql_serves_its_copy_then_catches_up(
+    nodes: Nodes, tmp_path: Path, pg_url: str, pg_cluster: PgCluster
+) -> None:
+    a = await nodes("a", "127.0.0.1")
+    b = await nodes("b", "127.0.0.2")
+    config = write_config(tmp_path / "a.toml", pg_url)
+    other = f"marie.curie@{DOMAIN}"
+    assert cli(config, a.settings.state_dir, "account", "add", GRAD, "--no-dns-check") == 0
+    await rcpt_until(b, GRAD, 250, within=2.0)
+    await nodes.stop(b)
+    # Changed while B was away: B replays it when it comes back.
+    assert cli(config, a.settings.state_dir, "account", "add", other, "--no-dns-check") == 0
+    pg_cluster.stop()
+    try:
+        b = await nodes("b", "127.0.0.2")  # starts on its copy, as it was
+        assert (await rcpt(b, GRAD))[0] == 250
+        assert (await rcpt(b, other))[0] == 550
+    finally:
+        pg_cluster.start()
+    await rcpt_until(b, other, 250, within=10.0)
