@@ -184,7 +184,9 @@ def _storage_problems(settings: Settings, notes: list[str]) -> list[str]:
     problems += inspect_database(settings.queue_path, QUEUE_SCHEMA_VERSION)
     problems += token_secrets_problems(token_secrets_path(settings.state_dir))
     secrets = secrets_path(settings.state_dir)
-    if secrets.exists():
+    if settings.directory_url:  # the secrets are in PostgreSQL (forwarder/clustercheck.py)
+        pass
+    elif secrets.exists():
         problems += secrets_file_problems(secrets)
     elif not problems:  # a fresh install: the daemon (or `check --init`) creates it
         notes.append(f"{secrets}: not created yet; the daemon creates it at its first "

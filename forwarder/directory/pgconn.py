@@ -41,7 +41,12 @@ def connect_kwargs(url: str, password: str) -> dict[str, Any]:
     if it names one), the password from the configuration file if it has one (else
     libpq's own: $PGPASSWORD, ~/.pgpass, the service file), never from a command line."""
     kwargs: dict[str, Any] = {"conninfo": url, "connect_timeout": CONNECT_TIMEOUT,
-                              "application_name": "forwarder", "autocommit": True}
+                              "application_name": "forwarder", "autocommit": True,
+                              # A server gone without a word (a cut link) is noticed in
+                              # about a minute, not after TCP's quarter of an hour.
+                              "keepalives": 1, "keepalives_idle": 30,
+                              "keepalives_interval": 10, "keepalives_count": 3,
+                              "tcp_user_timeout": 60_000}
     if password:
         kwargs["password"] = password
     return kwargs
