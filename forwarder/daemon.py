@@ -17,6 +17,7 @@ import gc
 import os
 import signal
 import socket
+import sqlite3
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +52,20 @@ BACKLOG = 1024
 
 class StateLockError(Exception):
     pass
+
+
+class StartFailed(Exception):
+    """Start-up failed; everything opened was released. The message is the one log line."""
+
+
+def start_error(exc: BaseException, settings: Settings) -> str:
+    """One line saying why start-up failed, naming the file or address at fault."""
+    if isinstance(exc, sqlite3.DatabaseError):
+        return f"database in {settings.state_dir}: {exc}"
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}"
+    return str(exc) or type(exc).__name__
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -160,8 +175,13 @@ class Daemon:
                                       self.settings.effective_srs_domain, self.clock)
         self.directory = await DirectoryReader.open(
             self.settings.directory_path, self.settings.busy_timeout)
-        self.connections.tls_context = load_tls_context(self.settings.tls_cert,
-                                                        self.settings.tls_key)
+        try:
+            self.connections.tls_context = load_tls_context(self.settings.tls_cert,
+                                                            self.settings.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise StartFailed(f"TLS certificate {self.settings.tls_cert} or key "
+                              f"{self.settings.tls_key}: {reason}") from exc
         await self.queue.open()
         if not acceptor:
             recovered, held = await self.queue.recover(self.clock.now())
@@ -317,8 +337,11 @@ class Daemon:
 
     # --- stop -------------------------------------------------------------------------
 
-    async def stop(self) -> None:
-        self.notifier.stopping()
+    async def stop(self, quiet: bool = False) -> None:
+        """Stop everything that was started (also after a failed start: every thread and
+        the state lock are released, or the process could not exit)."""
+        if not quiet:
+            self.notifier.stopping()
         if self._server is not None:
             self._server.close()
         # 421 to idle sessions; transactions in flight finish (bounded), here and in each
@@ -346,7 +369,8 @@ class Daemon:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        LOG.info("stopped")
+        if not quiet:
+            LOG.info("stopped")
         log.flush()
 
     def request_stop(self) -> None:
@@ -357,7 +381,15 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        await self.start()
+        try:
+            await self.start()
+        except StateLockError:
+            raise  # nothing was opened
+        except Exception as exc:
+            await self.stop(quiet=True)
+            if isinstance(exc, StartFailed):
+                raise
+            raise StartFailed(start_error(exc, self.settings)) from exc
         try:
             await self._stop.wait()
         finally:
@@ -416,11 +448,8 @@ def run(
         runner = uvloop.run
     try:
         runner(daemon.serve_forever())
-    except StateLockError as exc:
+    except (StateLockError, StartFailed) as exc:
         LOG.error("start_failed", error=str(exc))
-        return 1
-    except OSError as exc:
-        LOG.error("start_failed", error=f"{exc.strerror or exc}")
         return 1
     finally:
         log.flush()
