@@ -7,6 +7,7 @@ nothing reads configuration from a global.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 import tomllib
@@ -77,6 +78,15 @@ class Limits:
     # RFC 5321 4.5.3.1.4 and 4.5.3.1.6: both lengths include the CRLF.
     max_command_line: int = 512
     max_line_length: int = 1000
+    # Postfix's smtpd_junk_command_limit and smtpd_hard_error_limit (forwarder/session.py),
+    # and the tarpit's step: the reply to the 11th error of a session waits this long,
+    # each later one a step more (policy.tarpit_delay).
+    max_junk_commands: int = 100
+    max_errors: int = 20
+    error_sleep: float = 1.0
+    # A whole session, however busy: past this, it is closed between two transactions
+    # (`421 4.4.2`), so no client holds a connection slot for ever.
+    session_timeout: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,9 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     config_file: Path | None = None
+    # Client networks whose errors are not counted across sessions (forwarder/tarpit.py):
+    # the school's own relay, which passes on its senders' mistakes.
+    error_limit_exempt: tuple[str, ...] = ()
     # Inbound STARTTLS (RFC 3207) is offered when both are set (forwarder/session.py).
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -180,6 +193,8 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
             problems.append("domains: must be a non-empty list of domain names")
             return None
         return tuple(d.strip().lower().rstrip(".") for d in value)
+    if key == "error_limit_exempt":
+        return _networks(key, value, problems)
     if key == "state_dir":
         return Path(str(value))
     if key in ("tls_cert", "tls_key"):  # inbound STARTTLS
@@ -201,6 +216,20 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
     if not isinstance(value, str):
         problems.append(f"{key}: must be a string")
     return value
+
+
+def _networks(key: str, value: Any, problems: list[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.append(f'{key}: must be a list of networks ("192.0.2.0/24", "2001:db8::1")')
+        return ()
+    for text in value:
+        try:
+            ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}")
+    return tuple(value)
 
 
 def _convert_section(name: str, raw: Any, problems: list[str]) -> Any:

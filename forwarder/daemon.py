@@ -19,6 +19,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +41,7 @@ from forwarder.returnpath import ReturnPath
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
+from forwarder.tarpit import ErrorLedger, parse_networks
 from forwarder.workers import Acceptors, MainLink, listening_socket
 
 LOG = log.get("forwarder.daemon")
@@ -121,6 +123,8 @@ class Daemon:
         self.queue = Queue(settings.queue_path, settings.busy_timeout)
         # Live sessions (caps, shutdown notice), the STARTTLS context, the session's metrics.
         self.connections = Connections(metrics=self.metrics)
+        # Recent errors per client address, for the tarpit (forwarder/tarpit.py).
+        self.error_ledger = ErrorLedger(time.monotonic, settings.error_limit_exempt)
         self.directory: DirectoryReader | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
@@ -260,7 +264,7 @@ class Daemon:
             LOG.info("metrics_listening", host=where.host, port=self._metrics_server.port)
 
     def _protocol(self, front: Front) -> SmtpProtocol[Accepted]:
-        return SmtpProtocol(front, self.settings, self.connections)
+        return SmtpProtocol(front, self.settings, self.connections, self.error_ledger)
 
     async def _status_loop(self) -> None:
         """Queue depth for metrics and for `systemctl status` (STATUS=); once an hour, the
@@ -328,6 +332,7 @@ class Daemon:
     def _apply(self, new: Settings) -> None:
         new = self._per_process(new)
         self.settings = new
+        self.error_ledger.exempt = parse_networks(new.error_limit_exempt)
         if self._fixed_router is None:
             self.router = self._router(new)
             self.dispatcher.router = self.router

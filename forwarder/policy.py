@@ -247,3 +247,25 @@ def count_received_headers(message: bytes) -> int:
         if line[:9].lower() == b"received:":
             count += 1
     return count
+
+
+# --- Errors: the tarpit -----------------------------------------------------------------
+#
+# A client that collects errors (refused recipients, bad commands, junk commands past
+# their limit) is slowed down, then cut off: that is what makes guessing SRS hashes or
+# harvesting the directory slow (docs/security.md has the arithmetic). Postfix's model:
+# smtpd_soft_error_limit (10) free errors, then each error's reply is delayed, and at
+# smtpd_hard_error_limit (20) `421 4.7.0` and close. Postfix's delay is a flat
+# smtpd_error_sleep_time (1 s); here it grows by that much per error past the soft limit,
+# up to MAX_ERROR_SLEEP. The count is the session's, or its client address's recent errors
+# if more (forwarder/tarpit.py), so reconnecting does not start afresh.
+
+SOFT_ERROR_LIMIT = 10
+MAX_ERROR_SLEEP_STEPS = 10  # the delay stops growing after this many steps
+
+
+def tarpit_delay(errors: int, step: float) -> float:
+    """Seconds to hold the reply to the `errors`-th error (`step`: the delay's increment)."""
+    if errors <= SOFT_ERROR_LIMIT:
+        return 0.0
+    return step * min(errors - SOFT_ERROR_LIMIT, MAX_ERROR_SLEEP_STEPS)

@@ -17,7 +17,12 @@ What a hostile peer gets (docs/security.md):
   at MAIL (`SIZE=`, RFC 1870) and while the body streams in, without keeping the excess;
 - control characters in an argument are a `501`, and every reply carries an enhanced status
   code (RFC 2034), except the greeting and the replies to HELO and EHLO;
-- a session that keeps sending garbage is closed with `421 4.7.0`.
+- a session that keeps sending garbage is closed with `421 4.7.0`, and so is one that
+  collects `max_errors` errors (every 5xx we answer: refused recipients, bad commands, and
+  NOOP, RSET, VRFY, EXPN or HELP past `max_junk_commands`), as Postfix's
+  smtpd_hard_error_limit and smtpd_junk_command_limit do; an accepted message forgives
+  both counts. Each error is reported as `ErrorCounted`, so the adapter can hold its
+  reply back (the tarpit).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from forwarder.smtpbody import TOO_LONG, BodyReader, CommandLines
 from forwarder.smtpevents import (
     Closing,
     Envelope,
+    ErrorCounted,
     Event,
     Hello,
     MailFrom,
@@ -88,6 +94,9 @@ class Session(Generic[T]):
         self._body: BodyReader | None = None
         self._current: str | None = None  # the command being answered
         self._bad_commands = 0
+        self._errors = 0  # 5xx answered since the last accepted message
+        self._junk = 0  # NOOP, RSET, VRFY, EXPN, HELP since the last accepted message
+        self._unreported = False  # an error counted, not yet returned as ErrorCounted
         self._tls = False
         self._hello: str | None = None  # the HELO/EHLO argument awaiting the handler
 
@@ -119,6 +128,11 @@ class Session(Generic[T]):
     def reply(self, status: str) -> None:
         """The handler's answer to the event just returned (a reply line)."""
         self._out += render_reply(status, self._current not in _NO_ENHANCED)
+        if status[:1] == "5":
+            self._error()
+        elif self._current == "DATA" and status[:3] == "250":
+            # A message was accepted: earlier errors are forgiven (Postfix does the same).
+            self._errors = self._junk = 0
 
     def reply_lines(self, statuses: list[str]) -> None:
         """The handler's answer to HELO or EHLO, one or several lines."""
@@ -129,6 +143,19 @@ class Session(Generic[T]):
 
     def say(self, reply: Reply) -> None:
         self._out += _line(reply)
+        if reply.code >= 500:
+            self._error()
+
+    def _error(self) -> None:
+        self._errors += 1
+        self._unreported = True
+
+    def _junk_command(self) -> None:
+        """RFC 5321 lets NOOP and RSET be sent at any time; an endless stream of them only
+        holds a connection slot, so past the limit each one is an error."""
+        self._junk += 1
+        if self._junk > self.limits.max_junk_commands:
+            self._error()
 
     def close_with(self, reply: Reply) -> None:
         """The adapter ends the session (a deadline, a shutdown): a last reply."""
@@ -161,6 +188,8 @@ class Session(Generic[T]):
     def next_event(self) -> Event[T] | None:
         """Consume input up to the next event (None: more input is needed, or closed)."""
         while not self.closed:
+            if self._unreported:
+                return self._report_error()
             if self._body is not None:
                 if not self._in:
                     return None
@@ -195,6 +224,12 @@ class Session(Generic[T]):
             return self._refuse(arg)
         self._current = command
         return method(self, arg)
+
+    def _report_error(self) -> Event[T]:
+        self._unreported = False
+        if self._errors >= self.limits.max_errors:
+            self.close_with(replies.TOO_MANY_ERRORS)  # written once the adapter lets go
+        return ErrorCounted(self._errors)
 
     def _refuse(self, reply: Reply) -> Event[T] | None:
         self._bad_commands += 1
@@ -321,10 +356,12 @@ class Session(Generic[T]):
             return None
         self.envelope = Envelope()
         self.say(replies.OK)
+        self._junk_command()
         return None
 
     def smtp_NOOP(self, arg: str | None) -> Event[T] | None:
         self.say(replies.OK)
+        self._junk_command()
         return None
 
     def smtp_QUIT(self, arg: str | None) -> Event[T] | None:
@@ -341,14 +378,17 @@ class Session(Generic[T]):
             self._out += render_reply(f"{replies.VRFY_UNPARSABLE} {arg}", False)
         else:
             self.say(replies.CANNOT_VRFY)
+        self._junk_command()
         return None
 
     def smtp_EXPN(self, arg: str | None) -> Event[T] | None:
         self.say(replies.NOT_IMPLEMENTED)
+        self._junk_command()
         return None
 
     def smtp_HELP(self, arg: str | None) -> Event[T] | None:
         self._out += render_reply(help_text(arg, self.tls_offered and not self._tls), False)
+        self._junk_command()
         return None
 
     def smtp_STARTTLS(self, arg: str | None) -> Event[T] | None:

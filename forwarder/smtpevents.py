@@ -17,6 +17,12 @@ T = TypeVar("T")
 
 # Postfix's smtpd_hard_error_limit is 20; garbage gets a shorter rope here.
 MAX_BAD_COMMANDS = 10
+# Postfix's smtpd_hard_error_limit: errors (refused recipients, bad commands, junk past
+# its limit) in one session before `421 4.7.0`.
+MAX_ERRORS = 20
+# Postfix's smtpd_junk_command_limit: NOOP, RSET, VRFY, EXPN and HELP are free up to this
+# many; each one past it counts as an error.
+MAX_JUNK_COMMANDS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +31,8 @@ class SessionLimits:
     max_line_length: int  # a text line in DATA, CRLF included (RFC 5321 4.5.3.1.6)
     max_command_line: int  # a command line, CRLF included (RFC 5321 4.5.3.1.4)
     max_bad_commands: int = MAX_BAD_COMMANDS
+    max_errors: int = MAX_ERRORS
+    max_junk_commands: int = MAX_JUNK_COMMANDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +131,15 @@ class MessageRefused:
 
 
 @dataclass(slots=True)
+class ErrorCounted:
+    """The session counted an error (its reply is in the output, not yet sent): the
+    adapter may hold the reply back (the tarpit) or close. `errors`: the session's count
+    since its last accepted message (Postfix forgives errors then)."""
+
+    errors: int
+
+
+@dataclass(slots=True)
 class StartTls:
     """The client asked for TLS and was told to go ahead: drop what it sent after the
     command (`discard_input`), then start the handshake."""
@@ -137,4 +154,5 @@ class Closing:
 
 
 Event: TypeAlias = (
-    "Hello | MailFrom | RcptTo | MessageReceived[T] | MessageRefused | StartTls | Closing")
+    "Hello | MailFrom | RcptTo | MessageReceived[T] | MessageRefused | ErrorCounted"
+    " | StartTls | Closing")
