@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 DEFAULT_DOMAIN = "sigma-clermont.fr"
 DEFAULT_LISTEN = "127.0.0.1:2525"
@@ -111,6 +113,54 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class CheckSettings:
+    """SPF, DKIM and DMARC before the 250 (docs/admin.md, "Inbound checks")."""
+
+    enabled: bool = False
+    # What a DMARC failure under the From domain's p=reject gets: "reject" (550 5.7.1),
+    # "mark" (forwarded, dmarc=fail in the header) or "off" (DMARC not evaluated).
+    dmarc_reject: str = "reject"
+    # When the checks cannot conclude because DNS failed (temperror): forward (true) or
+    # answer 451 4.7.0 (false). Never a 5xx either way.
+    fail_open: bool = True
+    # The authserv-id of our Authentication-Results (RFC 8601 2.5); empty: `hostname`.
+    authserv_id: str = ""
+    # The whole check, DNS included, per message (RFC 7208 4.6.4 suggests at least 20 s
+    # for SPF alone; the client waits up to 10 minutes after the dot, RFC 5321 4.5.3.2.6).
+    deadline: float = 20.0
+    # Worker threads for the synchronous libraries (pyspf, dkimpy): bounded, as each may
+    # wait on DNS.
+    threads: int = 8
+    # How often the per-sender-domain counts go to the directory (one transaction).
+    report_interval: float = 60.0
+
+
+@dataclass(frozen=True)
+class RspamdSettings:
+    """rspamd as the spam gate; `url` empty: no spam filter."""
+
+    url: str = ""
+    timeout: float = 10.0
+    # rspamd unreachable, slow or answering nonsense: forward (true, logged and counted)
+    # or answer 451 4.7.0 (false).
+    fail_open: bool = True
+    # Pooled HTTP connections to rspamd (per process).
+    connections: int = 16
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """Token buckets in memory, per process (docs/admin.md says how they add up)."""
+
+    # Messages a minute from one client address (the bucket holds this many); 0: off.
+    client_per_minute: int = 300
+    # Messages an hour to one of our addresses; 0: off.
+    recipient_per_hour: int = 100
+    # Clients the per-client limit does not apply to (the school's own relay, loopback).
+    exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: HostPort = field(default_factory=lambda: parse_hostport(DEFAULT_LISTEN))
     domains: tuple[str, ...] = (DEFAULT_DOMAIN,)
@@ -134,6 +184,9 @@ class Settings:
     acceptors: int = -1
     limits: Limits = field(default_factory=Limits)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    checks: CheckSettings = field(default_factory=CheckSettings)
+    rspamd: RspamdSettings = field(default_factory=RspamdSettings)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
     config_file: Path | None = None
     # Client networks whose errors are not counted across sessions (forwarder/tarpit.py):
     # the school's own relay, which passes on its senders' mistakes.
@@ -160,10 +213,18 @@ class Settings:
     def effective_srs_domain(self) -> str:
         return self.srs_domain or self.domains[0]
 
+    @property
+    def authserv_id(self) -> str:
+        return self.checks.authserv_id or self.hostname
+
 
 _HOSTPORT_KEYS = {"listen": 2525, "smarthost": 25, "mailbox_host": 25, "metrics_listen": 9325}
 _TOP_KEYS = {f.name for f in dataclasses.fields(Settings)} - {"config_file"}
-_SECTIONS: dict[str, type[Any]] = {"limits": Limits, "delivery": DeliverySettings}
+_SECTIONS: dict[str, type[Any]] = {"limits": Limits, "delivery": DeliverySettings,
+                                   "checks": CheckSettings, "rspamd": RspamdSettings,
+                                   "rate_limits": RateLimits}
+DMARC_REJECT_MODES = ("reject", "mark", "off")
+_TOKEN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
 
 
 def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
@@ -237,18 +298,61 @@ def _convert_section(name: str, raw: Any, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
         problems.append(f"[{name}]: must be a table")
         return cls()
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in known:
             problems.append(f"[{name}] unknown key {key!r}")
             continue
-        default = getattr(cls(), key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            problems.append(f"[{name}] {key}: must be a number >= 0")
+        converted = _convert_value(getattr(cls(), key), value)
+        problem = converted if isinstance(converted, _Problem) else _check(name, key, converted)
+        if problem is not None:
+            problems.append(f"[{name}] {key}: {problem}")
             continue
-        values[key] = type(default)(value)
+        values[key] = converted
     return cls(**values)
+
+
+class _Problem(str):
+    """A conversion that failed, saying why."""
+
+
+def _convert_value(default: Any, value: Any) -> Any:
+    """`value` as the type of `default` (the field's), or a _Problem."""
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else _Problem("must be true or false")
+    if isinstance(default, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            return _Problem("must be a number >= 0")
+        return type(default)(value)
+    if isinstance(default, str):
+        return value if isinstance(value, str) else _Problem("must be a string")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return _Problem("must be a list of strings")
+    return tuple(value)
+
+
+def _check(section: str, key: str, value: Any) -> str | None:
+    """What is wrong with a well-typed value, for the keys that take only some values."""
+    if (section, key) == ("checks", "dmarc_reject") and value not in DMARC_REJECT_MODES:
+        return f"must be one of {', '.join(DMARC_REJECT_MODES)}"
+    if (section, key) in (("checks", "threads"), ("rspamd", "connections")) and value < 1:
+        return "must be at least 1"
+    if key in ("deadline", "timeout", "report_interval") and value <= 0:
+        return "must be a number of seconds > 0"
+    if (section, key) == ("checks", "authserv_id") and value and not _TOKEN.match(value):
+        return "must be a host or domain name (it names us in Authentication-Results)"
+    if (section, key) == ("rspamd", "url") and value:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return "must be an http:// or https:// URL, e.g. http://127.0.0.1:11333"
+    if (section, key) == ("rate_limits", "exempt"):
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                return f"{network!r} is not an address or network (e.g. 10.0.0.25/32)"
+    return None
 
 
 def settings_from_mapping(data: Mapping[str, Any], base: Settings | None = None) -> Settings:

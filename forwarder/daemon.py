@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from forwarder import __version__, log
+from forwarder.checks import Checks
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
@@ -38,6 +39,7 @@ from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
 from forwarder.policy import needs_srs
 from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
 from forwarder.returnpath import ReturnPath
+from forwarder.senders import SenderTally
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
@@ -110,7 +112,9 @@ class Daemon:
         self._listener: socket.socket | None = None
         self.clock = clock or SystemClock()
         self._fixed_router = router
-        self.router = router or self._router(settings)
+        # One resolver (and cache) for MX routing and the inbound checks.
+        self.resolver = self._resolver(settings)
+        self.router = router or self._router(settings, self.resolver)
         self.reload_settings = reload_settings
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
@@ -128,6 +132,9 @@ class Daemon:
         self.directory: DirectoryReader | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
+        self.senders = SenderTally(self.clock.now)
+        self.checks = Checks(settings, self.resolver, self.metrics, self.senders,
+                             self.clock.now)
         self.pool = ConnectionPool(settings.delivery, settings.hostname)
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
                                      Sender(settings.delivery, self.pool), self.clock,
@@ -137,21 +144,20 @@ class Daemon:
         self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
                                     self.clock, lambda: describe(self), self.refresh_status)
 
-    def _router(self, settings: Settings) -> MailRouter:
-        return MailRouter(settings.mailbox_host, settings.smarthost, self._mx_router(settings))
+    def _router(self, settings: Settings, resolver: CachingResolver | None) -> MailRouter:
+        mx = None if resolver is None else MxRouter(resolver, port=settings.delivery.mx_port)
+        return MailRouter(settings.mailbox_host, settings.smarthost, mx)
 
-    def _mx_router(self, settings: Settings) -> MxRouter | None:
+    def _resolver(self, settings: Settings) -> CachingResolver | None:
         servers = settings.dns_servers
         try:
             if servers:
-                resolver = CachingResolver([s.host for s in servers], port=servers[0].port,
-                                           now=self.clock.now)
-            else:
-                resolver = CachingResolver(use_system_config=True, now=self.clock.now)
+                return CachingResolver([s.host for s in servers], port=servers[0].port,
+                                       now=self.clock.now)
+            return CachingResolver(use_system_config=True, now=self.clock.now)
         except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
             LOG.error("dns_unavailable", error=str(exc))
             return None
-        return MxRouter(resolver, port=settings.delivery.mx_port)
 
     async def _envelope_sender(self, job: Job, rcpt: RecipientJob) -> str:
         assert self.return_path is not None
@@ -192,6 +198,9 @@ class Daemon:
             if recovered or held:
                 LOG.warning("queue_recovered", recipients=recovered, held=held)
         await self._listen(acceptor)
+        # Every process counts the sender domains its checks saw and adds them up in the
+        # directory now and then.
+        self._spawn(self._report_loop(), "senders")
         if acceptor:
             self._start_acceptor()
             return
@@ -218,7 +227,7 @@ class Daemon:
                           else DirectIntake(self.queue, self.dispatcher.submit))
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, intake, self.clock,
-                           self.return_path, self.metrics)
+                           self.return_path, self.metrics, checks=self.checks)
         front = self.front
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
@@ -292,6 +301,16 @@ class Daemon:
             f"messages, {sum(stats['recipients'].values())} recipients, "
             f"{len(self.dispatcher.in_flight)} in delivery")
 
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.checks.report_interval)
+            await self.flush_senders()
+
+    async def flush_senders(self) -> int:
+        """Add the sender counts gathered since the last flush to the directory."""
+        assert self.directory is not None
+        return await self.senders.flush(self.directory.record_senders)
+
     # --- reload -----------------------------------------------------------------------
 
     def reload(self) -> bool:
@@ -334,8 +353,10 @@ class Daemon:
         self.settings = new
         self.error_ledger.exempt = parse_networks(new.error_limit_exempt)
         if self._fixed_router is None:
-            self.router = self._router(new)
+            self.resolver = self._resolver(new)
+            self.router = self._router(new, self.resolver)
             self.dispatcher.router = self.router
+        self.checks.apply(new, self.resolver)
         self.dispatcher.settings = new
         if self.front is not None:
             self.front.settings = new
@@ -363,11 +384,13 @@ class Daemon:
             self.link.close()
         await self.queue.release_leases(interrupted, self.clock.now())
         await self.pool.close()
+        await self.checks.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
         await self.status.close()
         await self.queue.close()
         if self.directory is not None:
+            await self.flush_senders()
             await self.directory.close()
         if self.return_path is not None:
             await self.return_path.close()

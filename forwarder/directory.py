@@ -24,6 +24,7 @@ import aiosqlite
 
 from forwarder import migrations
 from forwarder.policy import Account, AccountState
+from forwarder.senders import SenderCount
 
 # Each entry upgrades the schema from version N to N+1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -60,6 +61,19 @@ MIGRATIONS: tuple[str, ...] = (
                   AND NEW.action = OLD.action AND NEW.address = '(purged)'
                   AND NEW.old IS NULL AND NEW.new IS NULL)
         BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    """,
+    """
+    -- Per From domain and UTC day: how its mail passed DMARC (forwarder/senders.py), for
+    -- `forwarder report senders`. Counts only: no addresses, nothing about a person.
+    CREATE TABLE sender_stats (
+        domain       TEXT NOT NULL,
+        day          INTEGER NOT NULL,           -- days since 1970-01-01, UTC
+        dkim_aligned INTEGER NOT NULL DEFAULT 0, -- DMARC passed through aligned DKIM
+        spf_only     INTEGER NOT NULL DEFAULT 0, -- passed through SPF alone
+        unaligned    INTEGER NOT NULL DEFAULT 0, -- neither
+        policy       TEXT NOT NULL DEFAULT '',   -- the domain's DMARC p= as last seen
+        PRIMARY KEY (domain, day)
+    ) WITHOUT ROWID;
     """,
 )
 PURGED = "(purged)"
@@ -267,6 +281,17 @@ class Directory:
             for at, actor, action, old, new in rows
         ]
 
+    def sender_report(self, since_day: int) -> list[SenderCount]:
+        """Per From domain, the counts of the days from `since_day` on, added up; the
+        policy is the one seen last. Unordered: the report decides what is worst."""
+        rows = self.conn.execute(
+            "SELECT domain, sum(dkim_aligned), sum(spf_only), sum(unaligned),"
+            " (SELECT policy FROM sender_stats AS last WHERE last.domain = s.domain"
+            "  ORDER BY day DESC LIMIT 1)"
+            " FROM sender_stats AS s WHERE day >= ? GROUP BY domain", (since_day,))
+        return [SenderCount(domain, since_day, dkim, spf, none, policy or "")
+                for domain, dkim, spf, none, policy in rows]
+
     # --- import --------------------------------------------------------------------------
 
     def plan_import(self, rows: Iterable[ImportRow]) -> ImportPlan:
@@ -378,18 +403,48 @@ class _Transaction:
         self.conn.execute("COMMIT" if exc_type is None and self.commit else "ROLLBACK")
 
 
-class DirectoryReader:
-    """The daemon's view: one point lookup per RCPT through aiosqlite's thread."""
+_ADD_SENDER_COUNTS = (
+    "INSERT INTO sender_stats (domain, day, dkim_aligned, spf_only, unaligned, policy)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (domain, day) DO UPDATE SET"
+    " dkim_aligned = dkim_aligned + excluded.dkim_aligned,"
+    " spf_only = spf_only + excluded.spf_only,"
+    " unaligned = unaligned + excluded.unaligned,"
+    " policy = CASE WHEN excluded.policy = '' THEN policy ELSE excluded.policy END")
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+
+class DirectoryReader:
+    """The daemon's view: one point lookup per RCPT through aiosqlite's thread. Its one
+    write is the sender counts, added in one transaction now and then (record_senders),
+    on a connection of its own so the lookups' connection stays read-only."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path, busy_timeout: float) -> None:
         self._conn = conn
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._writer: aiosqlite.Connection | None = None
 
     @classmethod
     async def open(cls, path: Path, busy_timeout: float) -> DirectoryReader:
         connect(path, busy_timeout).close()  # create and migrate before serving
         conn = await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
         await conn.execute("PRAGMA query_only=ON")
-        return cls(conn)
+        return cls(conn, path, busy_timeout)
+
+    async def record_senders(self, rows: Sequence[SenderCount]) -> None:
+        """Add the counts to the sender report, all in one transaction."""
+        if self._writer is None:
+            self._writer = await aiosqlite.connect(self._path, timeout=self._busy_timeout,
+                                                   isolation_level=None)
+        writer = self._writer
+        await writer.execute("BEGIN IMMEDIATE")
+        try:
+            await writer.executemany(_ADD_SENDER_COUNTS, [
+                (r.domain, r.day, r.dkim_aligned, r.spf_only, r.unaligned, r.policy)
+                for r in rows])
+            await writer.execute("COMMIT")
+        except BaseException:
+            await writer.execute("ROLLBACK")
+            raise
 
     async def lookup(self, address: str) -> Account | None:
         # One hop to aiosqlite's thread (execute, fetch and close there), not three.
@@ -401,3 +456,5 @@ class DirectoryReader:
 
     async def close(self) -> None:
         await self._conn.close()
+        if self._writer is not None:
+            await self._writer.close()

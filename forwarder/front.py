@@ -17,6 +17,8 @@ from email.utils import format_datetime
 
 from forwarder import log, replies
 from forwarder.addresses import AddressError, has_control_chars, parse_sender
+from forwarder.checkpolicy import separate_transaction
+from forwarder.checks import Checks, Inbound
 from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.directory import DirectoryReader
@@ -89,6 +91,7 @@ class Front:
         clock: Clock,
         return_path: ReturnPath,
         metrics: Metrics,
+        checks: Checks | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
@@ -96,6 +99,7 @@ class Front:
         self.clock = clock
         self.return_path = return_path
         self.metrics = metrics
+        self.checks = checks
 
     # --- greeting --------------------------------------------------------------------
 
@@ -132,6 +136,8 @@ class Front:
             # RFC 5321 4.5.3.1.10: 452 past the limit; the client sends the rest later.
             return str(replies.RCPT_TOO_MANY)
         verdict = await self._verdict(address)
+        if self._needs_own_transaction(accepted, verdict):
+            verdict = Refuse(replies.RCPT_SEPARATE_TRANSACTION, "separate_transaction")
         self.metrics.rcpt_verdict(verdict.reason)
         if isinstance(verdict, Refuse):
             LOG.info("rcpt", client=session.client, to=address, verdict="refused",
@@ -144,6 +150,15 @@ class Front:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
+
+    def _needs_own_transaction(self, accepted: list[Accepted], verdict: Verdict) -> bool:
+        """With a spam filter, postmaster mail (never refused as spam) and other mail do
+        not share a transaction (forwarder/checkpolicy.py)."""
+        if (self.checks is None or not self.checks.splits_roles or not accepted
+                or not isinstance(verdict, Accept)):
+            return False
+        return separate_transaction(accepted[0].verdict.route is Route.POSTMASTER,
+                                    verdict.route is Route.POSTMASTER)
 
     async def _verdict(self, address: str) -> Verdict:
         first = classify_recipient(address, self.settings.domains, self.settings.postmaster,
@@ -190,7 +205,18 @@ class Front:
             return str(replies.TOO_MANY_HOPS)
         now = self.clock.now()
         queue_id = new_queue_id(now)
-        message = self._message(session, envelope, accepted, content, queue_id, now)
+        prefix, checked = b"", {}
+        if self.checks is not None and self.checks.active:
+            # Authentication, spam and rate limits, once per message, before the 250.
+            result = await self.checks.evaluate(self._inbound(session, envelope, queue_id))
+            if result.decision.reply is not None:
+                LOG.warning("refused", client=session.client, reason=result.decision.reason,
+                            reply=result.decision.reply.code, **{"from": envelope.sender},
+                            **result.fields)
+                self.metrics.message_refused(result.decision.reason)
+                return str(result.decision.reply)
+            content, prefix, checked = result.content, result.prefix, result.fields
+        message = self._message(session, envelope, accepted, content, queue_id, now, prefix)
         try:
             await self.intake.accept(message)
         except QueueError as exc:
@@ -202,12 +228,21 @@ class Front:
         LOG.info("queued", queue_id=queue_id, size=len(message.body), client=message.client,
                  **{"from": message.sender}, to=[r.rcpt for r in message.recipients],
                  orig_to=[r.orig_rcpt for r in message.recipients],
-                 route=[r.route.value for r in message.recipients])
+                 route=[r.route.value for r in message.recipients], **checked)
         return replies.queued(queue_id)
+
+    def _inbound(self, session: SessionInfo, envelope: Envelope[Accepted],
+                 queue_id: str) -> Inbound:
+        accepted = envelope.accepted
+        assert envelope.content is not None
+        return Inbound(queue_id, session.client, session.host_name or "", envelope.sender,
+                       [a.orig_rcpt for a in accepted],
+                       all(a.verdict.route is Route.POSTMASTER for a in accepted),
+                       envelope.content)
 
     def _message(
         self, session: SessionInfo, envelope: Envelope[Accepted], accepted: list[Accepted],
-        content: bytes, queue_id: str, now: float,
+        content: bytes, queue_id: str, now: float, prefix: bytes = b"",
     ) -> NewMessage:
         seen: set[tuple[str, str]] = set()
         recipients: list[NewRecipient] = []
@@ -220,8 +255,10 @@ class Front:
         single = accepted[0].orig_rcpt if len(accepted) == 1 else None
         header = received_header(session.host_name, session.client, self.settings.hostname,
                                  queue_id, single, session.extended_smtp, now)
-        return NewMessage(queue_id, envelope.sender, now, session.client, header + content,
-                          tuple(recipients))
+        # The checks' fields (Authentication-Results, X-Spam-*) go on top, above our trace
+        # field (RFC 8601 5: at the top of the header section).
+        return NewMessage(queue_id, envelope.sender, now, session.client,
+                          prefix + header + content, tuple(recipients))
 
     def exception_reply(self, error: BaseException) -> str:
         LOG.error("session_error", error=type(error).__name__, exc_info=error)

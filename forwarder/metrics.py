@@ -32,11 +32,14 @@ from forwarder.policy import Outcome
 from forwarder.replies import Reply
 
 __all__ = [
+    "AUTH_OUTCOMES",
     "DELIVERY_RESULTS",
     "DESTINATION_CLASSES",
     "LATENCY_BUCKETS",
     "QUEUE_STATES",
+    "RATE_SCOPES",
     "REFUSAL_REASONS",
+    "SPAM_ACTIONS",
     "Metrics",
     "MetricsServer",
     "start_metrics_server",
@@ -48,7 +51,19 @@ DELIVERY_RESULTS = ("delivered", "deferred", "failed")
 DESTINATION_CLASSES = ("mailbox", "redirect", "postmaster", "srs_return", "bounce")
 # Why a message was refused or deferred at or after DATA (forwarder_messages_refused_total).
 REFUSAL_REASONS = ("size", "bare_lf", "nul", "line_too_long", "loop", "queue_error",
-                   "no_space")
+                   "no_space", "dmarc", "spam", "spam_deferred", "rate_limited",
+                   "filter_unavailable", "auth_unavailable")
+# The inbound checks (forwarder/checks.py): each method's RFC 8601 results, rspamd's actions
+# ("unavailable": no verdict; "other": an action rspamd's configuration added), and which
+# rate limit refused.
+AUTH_OUTCOMES = {
+    "spf": ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"),
+    "dkim": ("pass", "fail", "neutral", "none", "temperror", "permerror"),
+    "dmarc": ("pass", "fail", "none", "temperror", "permerror"),
+}
+SPAM_ACTIONS = ("no_action", "add_header", "rewrite_subject", "greylist", "soft_reject",
+                "reject", "other", "unavailable")
+RATE_SCOPES = ("client", "recipient")
 # The session's own refusals after the final dot, by the reply it sent.
 _BODY_REFUSALS = {
     replies.SIZE_EXCEEDED: "size",
@@ -141,6 +156,14 @@ class Metrics:
         self._sessions_total = Counter(
             "forwarder_smtp_sessions", "SMTP sessions opened since start.", registry=reg
         )
+        self._auth = Counter(
+            "forwarder_auth_results", "SPF, DKIM and DMARC results of checked messages.",
+            ["method", "outcome"], registry=reg)
+        self._spam = Counter(
+            "forwarder_spam_checks", "rspamd verdicts, by action.", ["action"], registry=reg)
+        self._rate = Counter(
+            "forwarder_rate_limited", "Messages deferred by a rate limit.", ["scope"],
+            registry=reg)
 
     def _build_gauges(self) -> None:
         reg = self.registry
@@ -178,6 +201,9 @@ class Metrics:
             "forwarder_messages_refused_total": self._refused,
             "forwarder_accepted_bytes_total": self._bytes,
             "forwarder_smtp_sessions_total": self._sessions_total,
+            "forwarder_auth_results_total": self._auth,
+            "forwarder_spam_checks_total": self._spam,
+            "forwarder_rate_limited_total": self._rate,
         }
 
     def _preinit(self, verdicts: Iterable[str], states: Iterable[str]) -> None:
@@ -188,6 +214,13 @@ class Metrics:
             self._rcpt.labels(verdict=verdict)
         for reason in REFUSAL_REASONS:
             self._refused.labels(reason=reason)
+        for method, outcomes in AUTH_OUTCOMES.items():
+            for outcome in outcomes:
+                self._auth.labels(method=method, outcome=outcome)
+        for action in SPAM_ACTIONS:
+            self._spam.labels(action=action)
+        for scope in RATE_SCOPES:
+            self._rate.labels(scope=scope)
         self.queue_snapshot(dict.fromkeys(states, 0), None)
 
     # --- SMTP front -------------------------------------------------------------------
@@ -267,6 +300,26 @@ class Metrics:
         if reason is None:
             raise ValueError(f"no refusal reason for {reply}")
         self.message_refused(reason)
+
+    # --- inbound checks ---------------------------------------------------------------
+
+    def auth_result(self, method: str, outcome: str) -> None:
+        """One SPF, DKIM (one per signature) or DMARC result; a result the library names
+        otherwise counts as permerror (the set stays fixed)."""
+        known = AUTH_OUTCOMES[method]
+        self._auth.labels(method=method, outcome=outcome if outcome in known
+                          else "permerror").inc()
+
+    def spam_checked(self, action: str) -> None:
+        """rspamd's verdict on a message (an action in SPAM_ACTIONS)."""
+        if action not in SPAM_ACTIONS:
+            raise ValueError(f"unknown spam action {action!r}")
+        self._spam.labels(action=action).inc()
+
+    def rate_limited(self, scope: str) -> None:
+        if scope not in RATE_SCOPES:
+            raise ValueError(f"unknown rate-limit scope {scope!r}")
+        self._rate.labels(scope=scope).inc()
 
     # --- delivery ---------------------------------------------------------------------
 

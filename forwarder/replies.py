@@ -57,6 +57,26 @@ NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "no valid recipients")
 QUEUE_UNAVAILABLE = Reply(451, "4.3.0", "queue temporarily unavailable, try again later")
 QUEUE_FULL = Reply(452, "4.3.1", "insufficient system storage, try again later")
 
+# The inbound checks before the 250 (PRODUCT.md "Inbound checks before a 250"). RFC 3463:
+# 5.7.1 "delivery not authorized, message refused", 4.7.0 "other or undefined security
+# status" (a check that cannot conclude now), 4.7.1 for the filter's temporary refusals.
+DMARC_REJECTED = Reply(550, "5.7.1", "message refused: it fails the DMARC policy (p=reject) "
+                                     "of its From domain")
+SPAM_REJECTED = Reply(550, "5.7.1", "message refused as spam")
+SPAM_DEFERRED = Reply(451, "4.7.1", "message deferred by the spam filter, try again later")
+CLIENT_RATE_LIMITED = Reply(451, "4.7.0", "too many messages from your address, "
+                                          "try again later")
+RECIPIENT_RATE_LIMITED = Reply(451, "4.7.0", "too many messages for this recipient, "
+                                             "try again later")
+CHECKS_UNAVAILABLE = Reply(451, "4.7.0", "message authentication could not be checked now, "
+                                         "try again later")
+FILTER_UNAVAILABLE = Reply(451, "4.7.0", "spam filter unavailable, try again later")
+# RFC 5321 4.5.3.1.10: the client sends the recipients refused with 452 in a later
+# transaction. Used so that role-account mail, never refused as spam (RFC 5321 4.5.1),
+# never shares a message (and so a spam verdict) with other recipients.
+RCPT_SEPARATE_TRANSACTION = Reply(452, "4.5.3", "postmaster mail goes in a transaction of "
+                                                "its own, send this recipient again")
+
 # Session-level.
 BAD_ARGUMENT = Reply(501, "5.5.4", "syntax error in parameters or arguments")
 LOCAL_ERROR = Reply(451, "4.3.0", "local error in processing, try again later")

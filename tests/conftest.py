@@ -25,7 +25,7 @@ from forwarder.config import HostPort, Settings
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
 
-pytest_plugins = ["tests.dnsfixtures"]
+pytest_plugins = ["tests.dnsfixtures", "tests.rspamdfixture"]
 
 DOMAIN = "sigma-clermont.fr"
 

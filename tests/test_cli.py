@@ -279,6 +279,32 @@ def test_check_reports_every_problem(run: Run, state_dir: Path, tmp_path: Path) 
     assert run("account", "list", "--config", str(config))[0] == 1
 
 
+def test_check_reports_the_inbound_checks_settings(run: Run, tmp_path: Path) -> None:
+    config = tmp_path / "checks.toml"
+    config.write_text('[checks]\nenabled = "yes"\ndmarc_reject = "bounce"\nthreads = 0\n'
+                      'authserv_id = "a; dkim=pass"\ndeadline = 0\n'
+                      '[rspamd]\nurl = "ftp://rspamd"\nfail_open = 1\n'
+                      '[rate_limits]\nexempt = ["10.0.0.0/8", "gateway"]\nburst = 3\n')
+    code, out, _ = run("check", "--config", str(config), "--json")
+    assert code == 1
+    text = "\n".join(json.loads(out)["problems"])
+    for expected in ("[checks] enabled: must be true or false",
+                     "[checks] dmarc_reject: must be one of reject, mark, off",
+                     "[checks] threads: must be at least 1", "[checks] authserv_id",
+                     "[checks] deadline: must be a number of seconds > 0",
+                     "[rspamd] url: must be an http:// or https:// URL",
+                     "[rspamd] fail_open: must be true or false",
+                     "[rate_limits] exempt: 'gateway' is not an address or network",
+                     "[rate_limits] unknown key 'burst'"):
+        assert expected in text, expected
+    good = tmp_path / "good.toml"
+    good.write_text('[checks]\nenabled = true\ndmarc_reject = "mark"\n'
+                    '[rspamd]\nurl = "http://10.0.0.30:11333"\n'
+                    '[rate_limits]\nexempt = ["10.0.0.25/32"]\nclient_per_minute = 0\n')
+    run("srs", "rotate")
+    assert run("check", "--config", str(good))[0] == 0
+
+
 def test_check_loads_the_starttls_certificate(run: Run, tmp_path: Path) -> None:
     config = tmp_path / "tls.toml"
     config.write_text(f'tls_cert = "{tmp_path}/none.pem"\ntls_key = "{tmp_path}/none.key"\n')

@@ -30,7 +30,8 @@ LOG_METHODS = frozenset({"debug", "info", "warning", "warn", "error", "critical"
                          "msg"})
 # The labels whose values are a fixed set in forwarder/metrics.py, and so documented one by
 # one; `verdict` is the policy's reason and `le` the histogram's buckets.
-FIXED_LABELS = ("result", "destination", "reason", "state")
+FIXED_LABELS = ("result", "destination", "reason", "state", "method", "outcome", "action",
+                "scope")
 
 
 def _table_rows(text: str) -> list[list[str]]:
