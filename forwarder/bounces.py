@@ -6,26 +6,36 @@ through the same queue as any mail. Never one for a null sender, never one for a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Literal
 
 from forwarder.config import Settings
-from forwarder.dsn import RecipientStatus, build_dsn, is_bounce
+from forwarder.dsn import RecipientStatus, build_dsn, is_bounce, is_null_sender
 from forwarder.policy import Route
 from forwarder.queue import Job, NewMessage, NewRecipient, RecipientJob, Result, new_queue_id
 
+# The Content-Type field and its continuation lines (RFC 5322 2.2.3 folding).
+_CONTENT_TYPE = re.compile(rb"^content-type[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)",
+                           re.IGNORECASE | re.MULTILINE)
 
-def _header_block(body: bytes) -> bytes:
-    end = body.find(b"\r\n\r\n")
-    return body if end < 0 else body[: end + 4]
+
+def _header_block(head: bytes) -> bytes:
+    end = head.find(b"\r\n\r\n")
+    return head if end < 0 else head[: end + 4]
 
 
-def should_report(sender: str, body: bytes) -> bool:
-    headers = BytesHeaderParser(policy=compat32).parsebytes(_header_block(body))
-    return not is_bounce(sender, headers)
+def should_report(sender: str, head: bytes) -> bool:
+    """Whether a failure of this message is reported, from its first octets (`head`): only
+    its Content-Type is read (is it a DSN itself?), not every header field, so the cost
+    does not grow with the header section."""
+    if is_null_sender(sender):
+        return False
+    found = _CONTENT_TYPE.search(_header_block(head))
+    fields = [] if found is None else [
+        ("Content-Type", " ".join(found[1].decode("ascii", "replace").split()))]
+    return not is_bounce(sender, fields)
 
 
 def _when(ts: float) -> datetime:
@@ -48,16 +58,18 @@ def _status(rcpt: RecipientJob, result: Result, action: Literal["failed", "delay
 
 
 def make_dsn(
-    settings: Settings, job: Job, body: bytes, action: Literal["failed", "delayed"],
+    settings: Settings, job: Job, head: bytes, action: Literal["failed", "delayed"],
     chosen: Sequence[tuple[RecipientJob, Result]], now: float,
 ) -> NewMessage:
+    """The DSN for `job`'s sender; `head`: the message's first octets (its header section
+    or a bounded prefix of it: only the header fields are returned)."""
     until = (_when(job.arrived_at + settings.delivery.queue_lifetime)
              if action == "delayed" else None)
     dsn = build_dsn(
         reporting_mta=settings.hostname,
         original_sender=job.sender,
         arrival_date=_when(job.arrived_at),
-        original_message=body,
+        original_message=head,
         recipients=[_status(rcpt, result, action, until) for rcpt, result in chosen],
         from_address=f"MAILER-DAEMON@{settings.hostname}",
         message_id_domain=settings.hostname,

@@ -89,6 +89,10 @@ class Limits:
     # A whole session, however busy: past this, it is closed between two transactions
     # (`421 4.4.2`), so no client holds a connection slot for ever.
     session_timeout: float = 1800.0
+    # A message body past this many octets is written to a spool file as it arrives
+    # (forwarder/queue/spool.py), so a session holds at most about this much of it in
+    # memory; smaller ones stay in memory and in their queue row.
+    spill_threshold: int = 256 * 1024
 
 
 @dataclass(frozen=True)

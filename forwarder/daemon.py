@@ -19,7 +19,6 @@ import signal
 import socket
 import sqlite3
 import ssl
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -128,7 +127,7 @@ class Daemon:
         # Live sessions (caps, shutdown notice), the STARTTLS context, the session's metrics.
         self.connections = Connections(metrics=self.metrics)
         # Recent errors per client address, for the tarpit (forwarder/tarpit.py).
-        self.error_ledger = ErrorLedger(time.monotonic, settings.error_limit_exempt)
+        self.error_ledger = ErrorLedger(self.clock.now, settings.error_limit_exempt)
         self.directory: DirectoryReader | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
@@ -197,6 +196,7 @@ class Daemon:
             recovered, held = await self.queue.recover(self.clock.now())
             if recovered or held:
                 LOG.warning("queue_recovered", recipients=recovered, held=held)
+            await self._sweep_spool()
         await self._listen(acceptor)
         # Every process counts the sender domains its checks saw and adds them up in the
         # directory now and then.
@@ -227,7 +227,8 @@ class Daemon:
                           else DirectIntake(self.queue, self.dispatcher.submit))
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, intake, self.clock,
-                           self.return_path, self.metrics, checks=self.checks)
+                           self.return_path, self.metrics, checks=self.checks,
+                           spool=self.queue.spool)
         front = self.front
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
@@ -273,7 +274,8 @@ class Daemon:
             LOG.info("metrics_listening", host=where.host, port=self._metrics_server.port)
 
     def _protocol(self, front: Front) -> SmtpProtocol[Accepted]:
-        return SmtpProtocol(front, self.settings, self.connections, self.error_ledger)
+        return SmtpProtocol(front, self.settings, self.connections, self.error_ledger,
+                            self.queue.spool.open_incoming)
 
     async def _status_loop(self) -> None:
         """Queue depth for metrics and for `systemctl status` (STATUS=); once an hour, the
@@ -287,7 +289,18 @@ class Daemon:
                 purged_at = self.clock.now()
                 with contextlib.suppress(Exception):
                     await self.return_path.purge_expired()
+                await self._sweep_spool()
             await asyncio.sleep(STATUS_INTERVAL)
+
+    async def _sweep_spool(self) -> None:
+        """Spool files left by a crash or by a session cut off (forwarder/queue/spool.py)."""
+        try:
+            removed = await self.queue.sweep_spool()
+        except (OSError, sqlite3.Error) as exc:
+            LOG.error("spool_sweep_failed", error=str(exc))
+            return
+        if removed:
+            LOG.warning("spool_swept", files=removed)
 
     async def refresh_status(self) -> None:
         stats = await self.queue.stats()

@@ -28,7 +28,9 @@ from forwarder.dns import Destination, DnsPermanentError, DnsTemporaryError
 from forwarder.dns import Router as DnsRouter
 from forwarder.metrics import Metrics
 from forwarder.policy import Outcome, Route, is_expired, retry_delay
-from forwarder.queue import Job, NewMessage, Queue, RecipientJob, Result
+from forwarder.queue import Body, Job, NewMessage, Queue, RecipientJob, Result
+from forwarder.queue.spool import read_head
+from forwarder.smtpbody import HEAD_OCTETS, unstuff
 from forwarder.smtpclient import Attempt, Sender, local_attempt
 
 LOG = log.get("forwarder.delivery")
@@ -81,6 +83,18 @@ class MailRouter:
             raise RoutingError(exc.reason, permanent=True, status=status) from exc
         except DnsTemporaryError as exc:
             raise RoutingError(exc.reason) from exc
+
+
+async def message_head(body: Body) -> bytes:
+    """The first HEAD_OCTETS of a message, unstuffed (whole lines where it is cut): enough
+    for its header section or a bounded prefix of it."""
+    if isinstance(body, bytes):
+        return body[:HEAD_OCTETS]
+    if body.head:
+        return body.head[:HEAD_OCTETS]
+    raw = await asyncio.to_thread(read_head, body.path, HEAD_OCTETS)
+    cut = raw.rfind(b"\r\n") + 2
+    return (body.prefix + unstuff(raw[:cut]))[:HEAD_OCTETS]
 
 
 async def _unchanged_sender(job: Job) -> str:
@@ -192,7 +206,7 @@ class Dispatcher:
         attempts = await self._attempt_all(job, body)
         now = self.clock.now()
         results = [self._result(job, rcpt, attempts[rcpt.id], now) for rcpt in job.recipients]
-        dsns = self._reports(job, body, results, now)
+        dsns = await self._reports(job, body, results, now)
         # The attempt completed: crash blame is told so (a suspect alone in the lane that
         # got this far did not bring the daemon down).
         _, new_ids = await self.queue.record(results, dsns, [(job.message_id, job.lane)])
@@ -206,8 +220,8 @@ class Dispatcher:
                      to=job.sender)
             self.submit(Job.fresh(dsn, ids))
 
-    def _reports(self, job: Job, body: bytes, results: list[Result],
-                 now: float) -> list[NewMessage]:
+    async def _reports(self, job: Job, body: Body, results: list[Result],
+                       now: float) -> list[NewMessage]:
         """The DSNs this round causes: one for failures, one for first delay warnings."""
         by_id = {r.id: r for r in job.recipients}
         plan: tuple[tuple[Literal["failed", "delayed"], Outcome], ...] = (
@@ -216,13 +230,18 @@ class Dispatcher:
                              if r.outcome is wanted
                              and (wanted is Outcome.FAILED or r.warned)])
                    for action, wanted in plan]
-        # Parse the headers (is it a bounce?) only when there is something to report.
-        if not any(chosen for _, chosen in reports) or not should_report(job.sender, body):
+        # Read the headers (is it a bounce?) only when there is something to report, and
+        # only their first HEAD_OCTETS: a DSN returns a bounded prefix of them (RFC 6522's
+        # text/rfc822-headers may be truncated), whatever the header section's size.
+        if not any(chosen for _, chosen in reports):
             return []
-        return [make_dsn(self.settings, job, body, action, chosen, now)
+        head = await message_head(body)
+        if not should_report(job.sender, head):
+            return []
+        return [make_dsn(self.settings, job, head, action, chosen, now)
                 for action, chosen in reports if chosen]
 
-    async def _attempt_all(self, job: Job, body: bytes) -> dict[int, Attempt]:
+    async def _attempt_all(self, job: Job, body: Body) -> dict[int, Attempt]:
         groups: dict[tuple[str, tuple[Destination, ...]], list[RecipientJob]] = \
             defaultdict(list)
         attempts: dict[int, Attempt] = {}
@@ -243,7 +262,7 @@ class Dispatcher:
         return attempts
 
     async def _send_group(
-        self, sender: str, dests: list[Destination], rcpts: list[RecipientJob], body: bytes
+        self, sender: str, dests: list[Destination], rcpts: list[RecipientJob], body: Body
     ) -> dict[int, Attempt]:
         """Try each address in turn for the recipients not yet settled (RFC 5321 5.1);
         an address whose TLS handshake failed is tried once more, in clear, at the end."""

@@ -8,17 +8,21 @@ transient fault ever becomes a 5xx (DESIGN.md habit 4).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import re
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import Any
 
 from forwarder import log, replies
 from forwarder.addresses import AddressError, has_control_chars, parse_sender
 from forwarder.checkpolicy import separate_transaction
-from forwarder.checks import Checks, Inbound
+from forwarder.checks import Checked, Checks, Inbound
 from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.directory import DirectoryReader
@@ -34,13 +38,50 @@ from forwarder.policy import (
     count_received_headers,
     decide_account,
 )
-from forwarder.queue import Intake, NewMessage, NewRecipient, QueueError, new_queue_id
+from forwarder.queue import (
+    Body,
+    Intake,
+    NewMessage,
+    NewRecipient,
+    QueueError,
+    SpooledBody,
+    body_size,
+    new_queue_id,
+)
+from forwarder.queue.spool import Spool, read_unstuffed
 from forwarder.returnpath import ReturnPath
+from forwarder.smtpbody import HEAD_OCTETS, Spilled, stuffed_pieces
 from forwarder.smtpevents import Envelope, SessionInfo
 from forwarder.srs import SrsError
 
 LOG = log.get("forwarder.smtp")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+# Octets of spilled bodies the inbound checks may hold in memory at once (docs/security.md).
+BODIES_IN_MEMORY = 128 * 1024 * 1024
+
+
+class ByteBudget:
+    """A bound on the octets held at once: past it, the next holder waits its turn (its
+    client waits for the reply to its final dot, which RFC 5321 4.5.3.2.6 allows 10
+    minutes). One body bigger than the whole budget still passes, alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, octets: int) -> AsyncIterator[None]:
+        octets = min(octets, self.limit)
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.used + octets <= self.limit)
+            self.used += octets
+        try:
+            yield
+        finally:
+            async with self._freed:
+                self.used -= octets
+                self._freed.notify_all()
 
 
 @dataclass(frozen=True)
@@ -92,8 +133,12 @@ class Front:
         return_path: ReturnPath,
         metrics: Metrics,
         checks: Checks | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.settings = settings
+        self.spool = spool
+        # Big bodies read back into memory for the checks, at most this many octets at once.
+        self.bodies = ByteBudget(BODIES_IN_MEMORY)
         self.directory = directory
         self.intake = intake
         self.clock = clock
@@ -194,28 +239,35 @@ class Front:
     async def handle_DATA(self, server: object, session: SessionInfo,
                           envelope: Envelope[Accepted]) -> str:
         accepted = envelope.accepted
-        if not accepted or envelope.content is None:
-            return str(replies.NO_VALID_RECIPIENTS)
         content = envelope.content
-        limit = self.settings.limits.max_received_headers
-        if count_received_headers(content) > limit:
+        if not accepted or content is None:
+            return str(replies.NO_VALID_RECIPIENTS)
+        try:
+            return await self._data(session, envelope, accepted, content)
+        finally:
+            if isinstance(content, Spilled):
+                # Queued: the file was renamed into the spool, nothing is left here.
+                # Anything else: the received file goes.
+                content.spill.discard()
+
+    async def _data(self, session: SessionInfo, envelope: Envelope[Accepted],
+                    accepted: list[Accepted], content: bytes | Spilled) -> str:
+        head = content.head if isinstance(content, Spilled) else content
+        if count_received_headers(head) > self.settings.limits.max_received_headers:
             # RFC 5321 6.3: a message that has passed too many hops is in a loop.
             LOG.warning("refused", client=session.client, reason="too_many_hops")
             self.metrics.message_refused("loop")
             return str(replies.TOO_MANY_HOPS)
         now = self.clock.now()
         queue_id = new_queue_id(now)
-        prefix, checked = b"", {}
+        prefix: bytes = b""
+        checked: dict[str, Any] = {}
         if self.checks is not None and self.checks.active:
             # Authentication, spam and rate limits, once per message, before the 250.
-            result = await self.checks.evaluate(self._inbound(session, envelope, queue_id))
-            if result.decision.reply is not None:
-                LOG.warning("refused", client=session.client, reason=result.decision.reason,
-                            reply=result.decision.reply.code, **{"from": envelope.sender},
-                            **result.fields)
-                self.metrics.message_refused(result.decision.reason)
-                return str(result.decision.reply)
-            content, prefix, checked = result.content, result.prefix, result.fields
+            refusal, content, prefix, checked = await self._check(session, envelope,
+                                                                  queue_id, content)
+            if refusal is not None:
+                return refusal
         message = self._message(session, envelope, accepted, content, queue_id, now, prefix)
         try:
             await self.intake.accept(message)
@@ -224,25 +276,77 @@ class Front:
                       no_space=exc.no_space)
             self.metrics.message_refused("no_space" if exc.no_space else "queue_error")
             return str(replies.QUEUE_FULL if exc.no_space else replies.QUEUE_UNAVAILABLE)
-        self.metrics.message_accepted(len(content))
-        LOG.info("queued", queue_id=queue_id, size=len(message.body), client=message.client,
-                 **{"from": message.sender}, to=[r.rcpt for r in message.recipients],
+        size = content.size if isinstance(content, Spilled) else len(content)
+        self.metrics.message_accepted(size)
+        LOG.info("queued", queue_id=queue_id, size=body_size(message.body),
+                 client=message.client, **{"from": message.sender},
+                 to=[r.rcpt for r in message.recipients],
                  orig_to=[r.orig_rcpt for r in message.recipients],
                  route=[r.route.value for r in message.recipients], **checked)
         return replies.queued(queue_id)
 
+    async def _check(
+        self, session: SessionInfo, envelope: Envelope[Accepted], queue_id: str,
+        content: bytes | Spilled,
+    ) -> tuple[str | None, bytes | Spilled, bytes, dict[str, Any]]:
+        """The inbound checks: (the refusal, or None), the message as it is to be queued,
+        the header fields to put on top, the fields to log. A spilled message is read back
+        into memory only if a check reads whole messages (DKIM, rspamd), within the
+        budget of such bodies held at once."""
+        assert self.checks is not None
+        if not isinstance(content, Spilled) or not self.checks.reads_content:
+            # The rate limits alone read no content: the head stands in for it.
+            text = content if isinstance(content, bytes) else content.head
+            result = await self.checks.evaluate(self._inbound(session, envelope, queue_id,
+                                                              text))
+            kept: bytes | Spilled = content if isinstance(content, Spilled) else result.content
+            return self._refused(session, envelope, result), kept, result.prefix, \
+                result.fields
+        async with self.bodies.hold(content.size):
+            text = await asyncio.to_thread(read_unstuffed, content.spill.path)
+            result = await self.checks.evaluate(self._inbound(session, envelope, queue_id,
+                                                              text))
+            refusal = self._refused(session, envelope, result)
+            kept = content
+            if refusal is None and result.content != text:  # forged fields removed
+                kept = await asyncio.to_thread(self._respool, result.content)
+        return refusal, kept, result.prefix, result.fields
+
+    def _refused(self, session: SessionInfo, envelope: Envelope[Accepted],
+                 result: Checked) -> str | None:
+        if result.decision.reply is None:
+            return None
+        LOG.warning("refused", client=session.client, reason=result.decision.reason,
+                    reply=result.decision.reply.code, **{"from": envelope.sender},
+                    **result.fields)
+        self.metrics.message_refused(result.decision.reason)
+        return str(result.decision.reply)
+
+    def _respool(self, content: bytes) -> Spilled:
+        """A changed message back into a spool file of its own (in a worker thread)."""
+        assert self.spool is not None
+        spill = self.spool.open_incoming()
+        try:
+            for piece in stuffed_pieces(content):
+                spill.write(piece)
+            spill.close()
+        except BaseException:
+            spill.discard()
+            raise
+        cut = content.rfind(b"\r\n", 0, HEAD_OCTETS) + 2
+        return Spilled(spill, len(content), content[:cut])
+
     def _inbound(self, session: SessionInfo, envelope: Envelope[Accepted],
-                 queue_id: str) -> Inbound:
+                 queue_id: str, content: bytes) -> Inbound:
         accepted = envelope.accepted
-        assert envelope.content is not None
         return Inbound(queue_id, session.client, session.host_name or "", envelope.sender,
                        [a.orig_rcpt for a in accepted],
                        all(a.verdict.route is Route.POSTMASTER for a in accepted),
-                       envelope.content)
+                       content)
 
     def _message(
         self, session: SessionInfo, envelope: Envelope[Accepted], accepted: list[Accepted],
-        content: bytes, queue_id: str, now: float, prefix: bytes = b"",
+        content: bytes | Spilled, queue_id: str, now: float, prefix: bytes = b"",
     ) -> NewMessage:
         seen: set[tuple[str, str]] = set()
         recipients: list[NewRecipient] = []
@@ -257,8 +361,12 @@ class Front:
                                  queue_id, single, session.extended_smtp, now)
         # The checks' fields (Authentication-Results, X-Spam-*) go on top, above our trace
         # field (RFC 8601 5: at the top of the header section).
-        return NewMessage(queue_id, envelope.sender, now, session.client,
-                          prefix + header + content, tuple(recipients))
+        ours = prefix + header
+        body: Body = (ours + content if isinstance(content, bytes) else
+                      SpooledBody(ours, content.spill.path, len(ours) + content.size,
+                                  ours + content.head))
+        return NewMessage(queue_id, envelope.sender, now, session.client, body,
+                          tuple(recipients))
 
     def exception_reply(self, error: BaseException) -> str:
         LOG.error("session_error", error=type(error).__name__, exc_info=error)

@@ -9,6 +9,7 @@ recipient, shown as "in delivery") is allowed to finish.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from forwarder.queue.schema import open_queue_db
+from forwarder.queue.spool import Spool, read_head
+from forwarder.smtpbody import HEAD_OCTETS, unstuff
 
 
 class QueueAdminError(Exception):
@@ -69,6 +72,7 @@ def _recipient(row: Any) -> RecipientInfo:
 class QueueAdmin:
     def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
         self.conn = open_queue_db(path, busy_timeout)
+        self.spool = Spool(path.parent / "spool")
 
     def close(self) -> None:
         self.conn.close()
@@ -100,10 +104,16 @@ class QueueAdmin:
     def headers(self, queue_id: str) -> list[tuple[str, str]]:
         """The header fields as received (the body is never shown: PRODUCT.md, Logs)."""
         row = self.conn.execute(
-            "SELECT substr(body, 1, 65536) FROM messages WHERE id = ?", (queue_id,)).fetchone()
+            "SELECT substr(body, 1, ?), spooled FROM messages WHERE id = ?",
+            (HEAD_OCTETS, queue_id)).fetchone()
         if row is None:
             raise QueueAdminError(f"{queue_id}: no such message in the queue")
-        parsed = BytesHeaderParser(policy=compat32).parsebytes(bytes(row[0]))
+        head = bytes(row[0])
+        if row[1]:  # our fields in the row, the client's message in its spool file
+            with contextlib.suppress(FileNotFoundError):
+                raw = read_head(self.spool.path(queue_id), HEAD_OCTETS)
+                head += unstuff(raw[:raw.rfind(b"\r\n") + 2])
+        parsed = BytesHeaderParser(policy=compat32).parsebytes(head[:HEAD_OCTETS])
         return [(name, str(value)) for name, value in parsed.items()]
 
     def retry(self, queue_id: str | None, now: float) -> int:
@@ -135,6 +145,7 @@ class QueueAdmin:
                 f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ?",
                 (queue_id,))]
             self.conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
+        self.spool.remove([queue_id])  # after the commit: a crash leaves an orphan, swept
         return info
 
     def _require(self, queue_id: str) -> MessageInfo:

@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 
 from forwarder import replies
 from forwarder.replies import Reply
-from forwarder.smtpbody import TOO_LONG, BodyReader, CommandLines
+from forwarder.smtpbody import TOO_LONG, BodyReader, CommandLines, SpillFactory
 from forwarder.smtpevents import (
     Closing,
     Envelope,
@@ -75,8 +75,11 @@ class Session(Generic[T]):
     """One SMTP session's protocol state (see the module docstring)."""
 
     def __init__(self, hostname: str, limits: SessionLimits, info: SessionInfo,
-                 tls_offered: bool = False) -> None:
+                 tls_offered: bool = False, spill: SpillFactory | None = None) -> None:
         self.hostname = hostname
+        # Where a body past `limits.spill_at` octets goes (the adapter's spool files);
+        # None: kept in memory (the tables of tests/test_session.py).
+        self.spill = spill
         self.limits = limits
         self.info = info
         self.envelope: Envelope[T] = Envelope()
@@ -112,6 +115,12 @@ class Session(Generic[T]):
     def buffered(self) -> int:
         """Input octets not yet consumed (for the adapter's flow control)."""
         return len(self._in)
+
+    def abandon(self) -> None:
+        """The connection is gone: a body being read is forgotten (its spool file too)."""
+        if self._body is not None:
+            self._body.discard()
+            self._body = None
 
     def discard_input(self) -> None:
         """STARTTLS: whatever came with or after the command is never executed
@@ -241,9 +250,8 @@ class Session(Generic[T]):
 
     def _feed_body(self) -> Event[T] | None:
         assert self._body is not None
-        data = bytes(self._in)
+        done = self._body.feed(self._in)
         self._in.clear()
-        done = self._body.feed(data)
         if done is None:
             return None
         body, rest = done
@@ -347,7 +355,8 @@ class Session(Generic[T]):
             self.say(replies.BAD_ARGUMENT)
         else:
             self.say(replies.START_DATA)
-            self._body = BodyReader(self.limits.max_message_size, self.limits.max_line_length)
+            self._body = BodyReader(self.limits.max_message_size, self.limits.max_line_length,
+                                    self.spill, self.limits.spill_at)
         return None
 
     def smtp_RSET(self, arg: str | None) -> Event[T] | None:

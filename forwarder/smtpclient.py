@@ -15,14 +15,18 @@ import contextlib
 import re
 import ssl
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import aiosmtplib
 
 from forwarder.config import DeliverySettings
 from forwarder.dns import Destination
 from forwarder.policy import Outcome, outcome_of_reply
+from forwarder.queue.model import Body, SpooledBody
+from forwarder.queue.spool import CHUNK as SPOOL_CHUNK
+from forwarder.smtpbody import stuffed_pieces
 
 # How long an address whose TLS handshake failed is contacted in clear only.
 NO_TLS_SECONDS = 3600.0
@@ -162,9 +166,24 @@ class Sender:
         self._pool = pool
 
     async def send(
-        self, dest: Destination, sender: str, recipients: Sequence[str], body: bytes
+        self, dest: Destination, sender: str, recipients: Sequence[str], body: Body
     ) -> dict[str, Attempt]:
         relay = relay_name(dest)
+        wire = WireBody(body)
+        try:
+            await wire.open()  # before any connection: a spool file we cannot read is ours
+        except OSError as exc:
+            return _all(recipients, local_attempt(
+                "4.3.0", f"cannot read the queued message: {exc.strerror}", relay))
+        try:
+            return await self._send(dest, sender, recipients, wire, relay)
+        finally:
+            wire.close()
+
+    async def _send(
+        self, dest: Destination, sender: str, recipients: Sequence[str], wire: WireBody,
+        relay: str,
+    ) -> dict[str, Attempt]:
         async with self._pool.total, self._pool.slot(dest):
             try:
                 client = await self._pool.acquire(dest)
@@ -175,15 +194,15 @@ class Sender:
             except _TEMP_ERRORS as exc:
                 return _all(recipients, local_attempt(
                     "4.4.1", f"connect to {relay}: {describe(exc)}", relay, unreachable=True))
-            return await self._on(client, dest, sender, recipients, body, relay)
+            return await self._on(client, dest, sender, recipients, wire, relay)
 
     async def _on(
         self, client: aiosmtplib.SMTP, dest: Destination, sender: str,
-        recipients: Sequence[str], body: bytes, relay: str,
+        recipients: Sequence[str], wire: WireBody, relay: str,
     ) -> dict[str, Attempt]:
         reusable = needs_reset = False
         try:
-            results, needs_reset = await self._transaction(client, sender, recipients, body,
+            results, needs_reset = await self._transaction(client, sender, recipients, wire,
                                                            relay)
             reusable = True
             return results
@@ -200,8 +219,8 @@ class Sender:
             self._pool.release(dest, client, reusable)
 
     async def _transaction(
-        self, client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], body: bytes,
-        relay: str,
+        self, client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str],
+        wire: WireBody, relay: str,
     ) -> tuple[dict[str, Attempt], bool]:
         """Per-recipient attempts, and whether the session needs RSET before reuse: not
         after a completed DATA, which ends the transaction (RFC 5321 4.1.1.4), so a
@@ -218,13 +237,87 @@ class Sender:
             accepted.append(rcpt)
         if not accepted:
             return results, True
-        # RFC 5321 4.5.3.2.6: wait 10 minutes for the reply to the final dot.
-        # aiosmtplib turns bare CR/LF into CRLF and dot-stuffs, so no byte sequence we
-        # relay can be read as an end of data by the destination (SMTP smuggling).
-        reply = await client.data(body, timeout=self._settings.data_timeout)
+        # RFC 5321 4.5.3.2.6: wait 10 minutes for the reply to the final dot. What we
+        # queue has CRLF line ends only (bare CR or LF is refused on receipt) and goes out
+        # dot-stuffed, so no byte sequence we relay can be read as an end of data by the
+        # destination (SMTP smuggling).
+        reply = await send_data(client, wire, self._settings.data_timeout)
         for rcpt in accepted:
             results[rcpt] = reply_attempt(reply.code, reply.message, relay)
         return results, False
+
+
+class WireBody:
+    """A queued message as it goes out after DATA: in its wire form (CRLF, dot-stuffed),
+    a bounded piece at a time. A message kept in memory is stuffed piece by piece; a
+    spooled one is already in wire form after our own header fields, and is read from
+    its file in chunks, each read in a worker thread. Neither is ever processed in one
+    pass on the event loop (aiosmtplib's data() runs two regular expressions over the
+    whole message there)."""
+
+    def __init__(self, body: Body) -> None:
+        self.body = body
+        self._file: BinaryIO | None = None
+        self._tail = b"\r\n"  # the last octets sent (nothing sent: as after a line end)
+
+    async def open(self) -> None:
+        if isinstance(self.body, SpooledBody):
+            self._file = await asyncio.to_thread(open, self.body.path, "rb")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        body = self.body
+        if isinstance(body, bytes):
+            for piece in stuffed_pieces(body):
+                yield self._sent(piece)
+            return
+        for piece in stuffed_pieces(body.prefix):
+            yield self._sent(piece)
+        assert self._file is not None
+        self._file.seek(0)  # the same file goes to each destination in turn
+        while chunk := await asyncio.to_thread(self._file.read, SPOOL_CHUNK):
+            yield self._sent(chunk)
+
+    def _sent(self, piece: bytes) -> bytes:
+        if piece:
+            self._tail = piece[-2:]
+        return piece
+
+    @property
+    def end(self) -> bytes:
+        """The end of data: `.` CRLF on a line of its own (RFC 5321 4.5.2)."""
+        return b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n"
+
+
+async def send_data(client: aiosmtplib.SMTP, wire: WireBody,
+                    wait: float) -> aiosmtplib.SMTPResponse:
+    """DATA, the message streamed with flow control (the transport never holds more than
+    its high-water mark), then the reply to the final dot; `wait` bounds the writing (a
+    destination that stops reading) and the wait for that reply each."""
+    start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = client.protocol
+    try:
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        async with asyncio.timeout(wait):
+            async for piece in wire.pieces():
+                protocol.write(piece)
+                await protocol._drain_helper()
+        protocol.write(wire.end)
+        reply = await protocol.read_response(timeout=wait)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, TimeoutError,
+            ConnectionError):
+        client.close()
+        raise
+    if reply.code != 250:
+        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    return reply
 
 
 def plain_path(address: str) -> bytes | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeAlias, TypeVar
 
 from forwarder.replies import Reply
+from forwarder.smtpbody import Spilled
 
 T = TypeVar("T")
 
@@ -33,6 +34,8 @@ class SessionLimits:
     max_bad_commands: int = MAX_BAD_COMMANDS
     max_errors: int = MAX_ERRORS
     max_junk_commands: int = MAX_JUNK_COMMANDS
+    # A body past this many octets goes to a spill (a spool file) as it arrives.
+    spill_at: int = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +66,8 @@ class Envelope(Generic[T]):
     mail_options: list[str] = field(default_factory=list)
     rcpt_tos: list[str] = field(default_factory=list)
     rcpt_options: list[str] = field(default_factory=list)
-    content: bytes | None = None  # after the dot: unstuffed, checked
+    # After the dot, checked: the message unstuffed, or, past `spill_at`, where it went.
+    content: bytes | Spilled | None = None
     smtp_utf8: bool = False
     sender: str = ""
     accepted: list[T] = field(default_factory=list)

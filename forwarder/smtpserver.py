@@ -20,6 +20,7 @@ from forwarder.connections import Connections
 from forwarder.policy import tarpit_delay
 from forwarder.replies import Reply
 from forwarder.session import Session
+from forwarder.smtpbody import SpillFactory
 from forwarder.smtpevents import (
     Closing,
     ErrorCounted,
@@ -43,6 +44,10 @@ T = TypeVar("T")
 ABORT_GRACE = 5.0
 # Past this much input held (a command waiting, replies backed up), stop reading.
 _HIGH_WATER = 65536
+# Reads of at least this size count towards a burst (below: command traffic, never close
+# to one), and a burst past _BURST octets in one turn of the event loop yields the loop.
+_BIG_READ = 65536
+_BURST = 1024 * 1024
 
 
 def _stream(transport: object) -> asyncio.Transport | None:
@@ -57,7 +62,8 @@ def session_limits(settings: Settings) -> SessionLimits:
     limits = settings.limits
     return SessionLimits(limits.max_message_size, limits.max_line_length,
                          limits.max_command_line, max_errors=limits.max_errors,
-                         max_junk_commands=limits.max_junk_commands)
+                         max_junk_commands=limits.max_junk_commands,
+                         spill_at=limits.spill_threshold)
 
 
 class Deadline:
@@ -97,8 +103,10 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
     """One SMTP connection: the session's bytes, events and deadline (module docstring)."""
 
     def __init__(self, handler: Handler[T], settings: Settings,
-                 connections: Connections, errors: ErrorLedger | None = None) -> None:
+                 connections: Connections, errors: ErrorLedger | None = None,
+                 spill: SpillFactory | None = None) -> None:
         self.handler = handler
+        self.spill = spill  # where big bodies go as they arrive (spool files)
         self.settings = settings
         self.connections = connections
         self.errors = errors  # per client address, shared by the process's sessions
@@ -112,6 +120,8 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         self._write_paused = False
         self._task: asyncio.Future[Any] | None = None
         self._deadline = Deadline(self.loop, self._timed_out)
+        self._burst = 0  # octets of big reads in this turn of the event loop
+        self._yielding = False  # reading paused until the next turn (`_count_burst`)
         self._tarpit: asyncio.TimerHandle | None = None  # an error's reply held back
         self._lifetime: asyncio.TimerHandle | None = None  # the whole session's deadline
         self._expired = False
@@ -136,7 +146,7 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         self.transport = stream
         self.session = Session(self.settings.hostname, session_limits(self.settings),
                                SessionInfo(peer, self._client),
-                               self.connections.tls_context is not None)
+                               self.connections.tls_context is not None, self.spill)
         self._deadline.move(limits.command_timeout)
         self._lifetime = self.loop.call_later(limits.session_timeout, self._session_expired)
         self.session.greet()
@@ -147,6 +157,27 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             return
         self.session.receive(data)
         self._pump()
+        if len(data) >= _BIG_READ:
+            self._count_burst(len(data))
+
+    def _count_burst(self, octets: int) -> None:
+        """uvloop (libuv) reads a busy socket up to 32 times in one turn of the event loop,
+        each read handing us up to 256 KiB: a client streaming a big body would hold the
+        loop for tens of milliseconds, every other session waiting. Past _BURST octets in
+        one turn, this connection stops reading until the next turn."""
+        if self._burst == 0:
+            self.loop.call_soon(self._burst_over)
+        self._burst += octets
+        if self._burst > _BURST and not self._yielding and self.transport is not None:
+            self._yielding = True
+            self.transport.pause_reading()
+
+    def _burst_over(self) -> None:
+        self._burst = 0
+        if self._yielding:
+            self._yielding = False
+            if not self._read_paused and self.transport is not None:
+                self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         """The client closed its side: close ours (a commit in flight still completes)."""
@@ -160,6 +191,8 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             if timer is not None:
                 timer.cancel()
         self._tarpit = self._lifetime = None
+        if self.session is not None:
+            self.session.abandon()  # a body cut off half way: its spool file goes
         # A lookup or handshake in flight is abandoned; a queue commit is not (it runs on
         # its own, held by Connections, and its result is only not sent).
         if self._task is not None and not self._task.done():
@@ -230,7 +263,8 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             self.transport.pause_reading()
         elif self._read_paused and size <= _HIGH_WATER // 2:
             self._read_paused = False
-            self.transport.resume_reading()
+            if not self._yielding:
+                self.transport.resume_reading()
 
     # --- events -----------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ from tests.test_hostile import GRAD, forwarding, queue_messages
 
 REPO = Path(__file__).resolve().parent.parent
 BIG = simple_message() + b"x" * 998 + b"\r\n" + (b"y" * 998 + b"\r\n") * 400  # ~400 kB
+# Under the spill threshold (256 KiB): its bytes go into the queue row itself.
+IN_ROW = simple_message() + (b"y" * 998 + b"\r\n") * 200  # ~200 kB
 
 
 async def _send(d: Daemon, body: bytes = BIG) -> tuple[int, str]:
@@ -128,10 +130,10 @@ async def test_sqlite_full_gives_452_then_resumes(
         conn.execute(f"PRAGMA max_page_count = {pages + extra}")
 
     await d.queue._writer_db.run(cap, 2)
-    code, text = await _send(d)
+    code, text = await _send(d, IN_ROW)
     assert (code, text[:5]) == (452, "4.3.1")
     await d.queue._writer_db.run(cap, 100_000)
-    assert (await _send(d))[0] == 250
+    assert (await _send(d, IN_ROW))[0] == 250
     await _drained(d, sink, 1)
 
 

@@ -8,6 +8,7 @@
 | `ops.py` | the SQL: insert, record, lease, recover, crash blame applied |
 | `facade.py` | `Queue`, the daemon's handle on all of the above |
 | `intake.py` | the front's one door: `Intake.accept(message)` |
+| `spool.py` | bodies too big for a row: spool files, written as they arrive |
 
 The names below are the package's public face; import them from `forwarder.queue`.
 """
@@ -15,18 +16,22 @@ The names below are the package's public face; import them from `forwarder.queue
 from forwarder.queue.facade import Queue
 from forwarder.queue.intake import DirectIntake, Intake, ScannerIntake
 from forwarder.queue.model import (
+    Body,
     Job,
     NewMessage,
     NewRecipient,
     QueueError,
     RecipientJob,
     Result,
+    SpooledBody,
+    body_size,
     new_queue_id,
 )
 from forwarder.queue.schema import QUEUE_SCHEMA_VERSION, open_queue_db
 
 __all__ = [
     "QUEUE_SCHEMA_VERSION",
+    "Body",
     "DirectIntake",
     "Intake",
     "Job",
@@ -37,6 +42,8 @@ __all__ = [
     "RecipientJob",
     "Result",
     "ScannerIntake",
+    "SpooledBody",
+    "body_size",
     "new_queue_id",
     "open_queue_db",
 ]

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from forwarder.policy import Lane
 from forwarder.queue import ops
-from forwarder.queue.model import Job, NewMessage, Result
-from forwarder.queue.writer import DbThread, GroupCommitter, Op
+from forwarder.queue.model import Body, Job, NewMessage, QueueError, Result, SpooledBody
+from forwarder.queue.spool import Spool
+from forwarder.queue.writer import DbThread, GroupCommitter, Op, is_no_space
 
 
 class Queue:
@@ -22,9 +24,12 @@ class Queue:
         self._reader_db = DbThread(path, busy_timeout, "queue-reader")
         self._committer = GroupCommitter(self._writer_db)
         self._task: asyncio.Task[None] | None = None
+        # Bodies too big for a row (forwarder/queue/spool.py), beside the queue file.
+        self.spool = Spool(path.parent / "spool")
 
     async def open(self) -> None:
         await self._writer_db.run(lambda conn: None)  # create and migrate first
+        await asyncio.to_thread(self.spool.ensure)
         self._task = asyncio.create_task(self._committer.run(), name="queue-writer")
 
     async def close(self) -> None:
@@ -46,8 +51,23 @@ class Queue:
         """Commit and fsync the message; return its recipient ids, leased to this process
         (which delivers them from memory) or, if not `leased`, due at once for the
         scanner. Raises QueueError."""
-        ids: list[int] = await self._write(ops.insert_message(message, leased))
+        if isinstance(message.body, SpooledBody):
+            message = await self._spool(message, message.body)
+        try:
+            ids: list[int] = await self._write(ops.insert_message(message, leased))
+        except BaseException:
+            if isinstance(message.body, SpooledBody):
+                await asyncio.to_thread(self.spool.remove, [message.id])
+            raise
         return ids
+
+    async def _spool(self, message: NewMessage, body: SpooledBody) -> NewMessage:
+        """The received file made durable under the message's id, before its row."""
+        try:
+            path = await asyncio.to_thread(self.spool.commit, body.path, message.id)
+        except OSError as exc:
+            raise QueueError(f"spool write failed: {exc.strerror}", is_no_space(exc)) from exc
+        return dataclasses.replace(message, body=dataclasses.replace(body, path=path))
 
     async def record(
         self, results: Sequence[Result], new_messages: Sequence[NewMessage] = (),
@@ -56,8 +76,11 @@ class Queue:
         """Record outcomes and queue the DSNs they cause; `completed`: the messages whose
         attempt ended normally, and in which lane. Return the ids of messages that left the
         queue, and the (leased) recipient ids of each new message."""
+        spooled: list[str] = []
         done: tuple[list[str], list[list[int]]] = await self._write(
-            ops.record(results, new_messages, completed))
+            ops.record(results, new_messages, completed, spooled))
+        if spooled:  # their rows are gone: the files go too
+            await asyncio.to_thread(self.spool.remove, spooled)
         return done
 
     async def crashed(self, job: Job, retry_at: float) -> bool:
@@ -82,8 +105,13 @@ class Queue:
         if recipient_ids:
             await self._write(ops.release(list(recipient_ids), now))
 
-    async def load_body(self, message_id: str) -> bytes | None:
-        return await self._reader_db.run(ops.load_body, message_id)
+    async def load_body(self, message_id: str) -> Body | None:
+        return await self._reader_db.run(ops.load_body, message_id, self.spool.root)
+
+    async def sweep_spool(self) -> int:
+        """Remove spool files that no row names any more (forwarder/queue/spool.py)."""
+        named = await self._reader_db.run(ops.spooled_ids)
+        return await asyncio.to_thread(self.spool.sweep, named)
 
     async def stats(self) -> dict[str, Any]:
         return await self._reader_db.run(ops.stats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from forwarder.policy import Lane, Outcome, Route
 
@@ -29,6 +30,27 @@ def new_queue_id(now: float) -> str:
 
 
 @dataclass(frozen=True)
+class SpooledBody:
+    """A message too big for a queue row: `prefix` (our own header fields, kept in the
+    row), then the client's message in a spool file (forwarder/queue/spool.py) in its wire
+    form, dot-stuffed. `size`: the whole message's octets unstuffed; `head`: its first
+    octets unstuffed (whole lines, prefix included), where known (the header checks)."""
+
+    prefix: bytes
+    path: Path
+    size: int
+    head: bytes = b""
+
+
+# A message's bytes: in memory (unstuffed), or partly in a spool file.
+Body = bytes | SpooledBody
+
+
+def body_size(body: Body) -> int:
+    return len(body) if isinstance(body, bytes) else body.size
+
+
+@dataclass(frozen=True)
 class NewRecipient:
     orig_rcpt: str
     rcpt: str
@@ -41,7 +63,7 @@ class NewMessage:
     sender: str
     arrived_at: float
     client: str
-    body: bytes
+    body: Body
     recipients: tuple[NewRecipient, ...]
 
 
@@ -63,7 +85,7 @@ class Job:
     sender: str
     arrived_at: float
     recipients: list[RecipientJob]
-    body: bytes | None = None
+    body: Body | None = None
     isolated: bool = False  # a suspect, alone in the lane: a crash now is charged to it
 
     @classmethod

@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from forwarder.policy import BLAME, Charge, Ending, Lane, Outcome, Route, Suspicion, blame
-from forwarder.queue.model import Job, NewMessage, RecipientJob, Result
+from forwarder.queue.model import (
+    Body,
+    Job,
+    NewMessage,
+    RecipientJob,
+    Result,
+    SpooledBody,
+    body_size,
+)
 from forwarder.queue.schema import ISOLATED, LEASED
 from forwarder.queue.writer import Op
 
@@ -35,11 +44,15 @@ def insert_message(msg: NewMessage, leased: bool) -> Op:
     lease, next_attempt = ((LEASED, msg.arrived_at + LEASE_SECONDS) if leased
                            else (0, msg.arrived_at))
 
+    body = msg.body
+    stored, spooled = (body, 0) if isinstance(body, bytes) else (body.prefix, 1)
+
     def op(conn: sqlite3.Connection) -> list[int]:
         conn.execute(
-            "INSERT INTO messages (id, sender, arrived_at, size, client, body)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (msg.id, msg.sender, msg.arrived_at, len(msg.body), msg.client, msg.body),
+            "INSERT INTO messages (id, sender, arrived_at, size, client, body, spooled)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (msg.id, msg.sender, msg.arrived_at, body_size(body), msg.client, stored,
+             spooled),
         )
         ids = []
         for r in msg.recipients:
@@ -73,7 +86,7 @@ def apply_blame(conn: sqlite3.Connection, message_id: str, lane: Lane,
 
 
 def record(results: Sequence[Result], new_messages: Sequence[NewMessage],
-           completed: Sequence[tuple[str, Lane]]) -> Op:
+           completed: Sequence[tuple[str, Lane]], spooled: list[str] | None = None) -> Op:
     """Outcomes and the DSNs they cause, in one transaction: a failed recipient leaves the
     queue in the same commit that queues its bounce, so a crash can lose neither. The
     `completed` messages' attempts ended normally, in the lane given (crash blame)."""
@@ -95,7 +108,7 @@ def record(results: Sequence[Result], new_messages: Sequence[NewMessage],
                  r.error, r.dsn_status, r.remote_mta, int(r.warned), r.recipient_id),
             )
         new_ids = [insert_message(m, leased=True)(conn) for m in new_messages]
-        return _finished_messages(conn, touched), new_ids
+        return _finished_messages(conn, touched, spooled), new_ids
 
     return op
 
@@ -113,15 +126,20 @@ def crashed(message_id: str, lane: Lane, recipient_ids: Sequence[int], retry_at:
     return op
 
 
-def _finished_messages(conn: sqlite3.Connection, ids: Iterable[str]) -> list[str]:
-    """Delete messages with nothing left to try; return their ids."""
+def _finished_messages(conn: sqlite3.Connection, ids: Iterable[str],
+                       spooled: list[str] | None) -> list[str]:
+    """Delete messages with nothing left to try; return their ids, and add those whose
+    body is in a spool file to `spooled` (the file goes once the commit is done)."""
     done = []
     for message_id in ids:
         left = conn.execute("SELECT 1 FROM recipients WHERE message_id = ? LIMIT 1",
                             (message_id,)).fetchone()
         if left is None:
-            conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            row = conn.execute("DELETE FROM messages WHERE id = ? RETURNING spooled",
+                               (message_id,)).fetchone()
             done.append(message_id)
+            if row is not None and row[0] and spooled is not None:
+                spooled.append(message_id)
     return done
 
 
@@ -208,9 +226,19 @@ def release(ids: list[int], now: float) -> Op:
     return op
 
 
-def load_body(conn: sqlite3.Connection, message_id: str) -> bytes | None:
-    row = conn.execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchone()
-    return None if row is None else bytes(row[0])
+def load_body(conn: sqlite3.Connection, message_id: str, spool: Path) -> Body | None:
+    """A message's bytes: the row's, or its fields in the row and the rest in `spool`."""
+    row = conn.execute("SELECT body, spooled, size FROM messages WHERE id = ?",
+                       (message_id,)).fetchone()
+    if row is None:
+        return None
+    if not row[1]:
+        return bytes(row[0])
+    return SpooledBody(bytes(row[0]), spool / message_id, int(row[2]))
+
+
+def spooled_ids(conn: sqlite3.Connection) -> set[str]:
+    return {mid for (mid,) in conn.execute("SELECT id FROM messages WHERE spooled = 1")}
 
 
 def stats(conn: sqlite3.Connection) -> dict[str, Any]:

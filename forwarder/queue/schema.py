@@ -54,6 +54,12 @@ SCHEMA = (
     ALTER TABLE recipients DROP COLUMN state;
     CREATE INDEX recipients_due ON recipients (next_attempt);
     """,
+    # v5: a big message's body is in a spool file (forwarder/queue/spool.py); `body` then
+    # holds only our own header fields, and the file the rest, dot-stuffed.
+    """
+    ALTER TABLE messages ADD COLUMN spooled INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX messages_spooled ON messages (id) WHERE spooled = 1;
+    """,
 )
 QUEUE_SCHEMA_VERSION = len(SCHEMA)
 
