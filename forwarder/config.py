@@ -93,6 +93,9 @@ class Limits:
     # (forwarder/queue/spool.py), so a session holds at most about this much of it in
     # memory; smaller ones stay in memory and in their queue row.
     spill_threshold: int = 256 * 1024
+    # Free space kept back in the state directory (a preallocated file) for the writes that
+    # settle mail on a full disk: outcomes, start-up, queue delete (forwarder/queue/reserve.py).
+    disk_reserve: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)

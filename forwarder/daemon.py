@@ -33,6 +33,7 @@ from forwarder.control import STATUS_SOCKET, StatusService
 from forwarder.delivery import Dispatcher, MailRouter, Router
 from forwarder.directory import DirectoryReader
 from forwarder.dns import CachingResolver, MxRouter
+from forwarder.faults import FAULT_FILE, FaultRecord
 from forwarder.front import Accepted, Front
 from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
 from forwarder.policy import needs_srs
@@ -123,7 +124,13 @@ class Daemon:
         self._metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
-        self.queue = Queue(settings.queue_path, settings.busy_timeout)
+        self._stopped = False
+        self.queue = Queue(settings.queue_path, settings.busy_timeout,
+                           reserve=settings.limits.disk_reserve)
+        # The main process's fatal faults, for crash blame at the next start; armed only
+        # by `forwarder serve` (run()), not in a process that embeds the daemon.
+        self.faults = FaultRecord(settings.state_dir / FAULT_FILE)
+        self.record_faults = False
         # Live sessions (caps, shutdown notice), the STARTTLS context, the session's metrics.
         self.connections = Connections(metrics=self.metrics)
         # Recent errors per client address, for the tarpit (forwarder/tarpit.py).
@@ -180,6 +187,10 @@ class Daemon:
         acceptor = self.control_fd is not None
         if not acceptor:  # the main process owns the state directory and the leases
             self._lock_fd = lock_state_dir(self.settings.state_dir)
+            # Room for opening the databases and recovering the queue on a full disk (the
+            # reserve is remade once started, or as soon as there is space again:
+            # forwarder/queue/reserve.py).
+            await asyncio.to_thread(self.queue.reserve.release)
         self.return_path = ReturnPath(self.settings.state_dir,
                                       self.settings.effective_srs_domain, self.clock)
         self.directory = await DirectoryReader.open(
@@ -193,11 +204,11 @@ class Daemon:
                               f"{self.settings.tls_key}: {reason}") from exc
         await self.queue.open()
         if not acceptor:
-            recovered, held = await self.queue.recover(self.clock.now())
-            if recovered or held:
-                LOG.warning("queue_recovered", recipients=recovered, held=held)
+            await self._recover()
             await self._sweep_spool()
         await self._listen(acceptor)
+        await self._check_space(acceptor)
+        self._spawn(self._space_loop(acceptor), "space")
         # Every process counts the sender domains its checks saw and adds them up in the
         # directory now and then.
         self._spawn(self._report_loop(), "senders")
@@ -292,6 +303,43 @@ class Daemon:
                 await self._sweep_spool()
             await asyncio.sleep(STATUS_INTERVAL)
 
+    async def _space_loop(self, acceptor: bool) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            with contextlib.suppress(OSError):
+                await self._check_space(acceptor)
+
+    async def _check_space(self, acceptor: bool) -> None:
+        """The space reserve (forwarder/queue/reserve.py): the main process remakes it
+        when it is missing; while it cannot (or, in an acceptor, while it is missing),
+        new mail is refused (`452 4.3.1` at MAIL), so what is queued can still settle."""
+        reserve = self.queue.reserve
+        if self.queue.reserve_released:
+            LOG.warning("disk_reserve_used", times=self.queue.reserve_released)
+            self.queue.reserve_released = 0
+        check: Callable[[], bool] = (lambda: reserve.present) if acceptor else reserve.ensure
+        present = await asyncio.to_thread(check)
+        assert self.front is not None
+        if present == self.front.space_short:
+            self.front.space_short = not present
+            if present:
+                LOG.info("disk_space_back", reserve=reserve.size)
+            else:
+                LOG.error("disk_short", reserve=reserve.size, state_dir=str(reserve.path.parent))
+
+    async def _recover(self) -> None:
+        """Leases the last run left: blamed on their messages only if that run died of a
+        fault of its own (forwarder/faults.py), never for a kill from outside."""
+        report = await asyncio.to_thread(self.faults.read)
+        if report is not None:
+            LOG.warning("previous_run_faulted", report=report)
+        recovered, held = await self.queue.recover(self.clock.now(),
+                                                   faulted=report is not None)
+        if recovered or held:
+            LOG.warning("queue_recovered", recipients=recovered, held=held,
+                        faulted=report is not None)
+        await asyncio.to_thread(self.faults.arm if self.record_faults else self.faults.clear)
+
     async def _sweep_spool(self) -> None:
         """Spool files left by a crash or by a session cut off (forwarder/queue/spool.py)."""
         try:
@@ -378,7 +426,10 @@ class Daemon:
 
     async def stop(self, quiet: bool = False) -> None:
         """Stop everything that was started (also after a failed start: every thread and
-        the state lock are released, or the process could not exit)."""
+        the state lock are released, or the process could not exit). Once."""
+        if self._stopped:
+            return
+        self._stopped = True
         if not quiet:
             self.notifier.stopping()
         if self._server is not None:
@@ -407,6 +458,7 @@ class Daemon:
             await self.directory.close()
         if self.return_path is not None:
             await self.return_path.close()
+        self.faults.disarm()  # a clean stop: no fault to report
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -481,6 +533,7 @@ def run(
     daemon = Daemon(settings, reload_settings=reload_settings, notifier=notifier,
                     acceptor_argv=None if acceptor else acceptor_argv,
                     listen_fd=listen_fd, control_fd=control_fd)
+    daemon.record_faults = not acceptor
     tune_gc()
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):

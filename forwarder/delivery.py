@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,12 +29,20 @@ from forwarder.dns import Destination, DnsPermanentError, DnsTemporaryError
 from forwarder.dns import Router as DnsRouter
 from forwarder.metrics import Metrics
 from forwarder.policy import Outcome, Route, is_expired, retry_delay
-from forwarder.queue import Body, Job, NewMessage, Queue, RecipientJob, Result
+from forwarder.queue import Body, Job, NewMessage, Queue, QueueError, RecipientJob, Result
 from forwarder.queue.spool import read_head
 from forwarder.smtpbody import HEAD_OCTETS, unstuff
 from forwarder.smtpclient import Attempt, Sender, local_attempt
 
 LOG = log.get("forwarder.delivery")
+# How often held messages are looked through for those at the end of their lifetime.
+HELD_CHECK_INTERVAL = 60.0
+HELD_EXPIRED = ("x-local; held (quarantined) after repeated crashes, and not delivered"
+                " within the queue lifetime")
+# An outcome that could not be written is written again after this long, then twice as
+# long, up to the maximum (seconds).
+UNWRITTEN_FIRST_RETRY = 0.5
+UNWRITTEN_MAX_RETRY = 15.0
 
 
 class RoutingError(Exception):
@@ -114,19 +123,23 @@ class Dispatcher:
     envelope_sender: Callable[[Job, RecipientJob], Awaitable[str]] = field(
         default=lambda job, rcpt: _unchanged_sender(job))
     in_flight: set[int] = field(default_factory=set)
+    # Messages whose outcome waits to be written (a full disk): no new attempt meanwhile.
+    unwritten: set[str] = field(default_factory=set)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stopping: bool = False
     _more_due: bool = False
     _lane_busy: bool = False  # a suspect is being tried alone
+    _held_checked: float = -HELD_CHECK_INTERVAL  # when held messages were last looked at
 
     def wake(self) -> None:
         self._wake.set()
 
-    def submit(self, job: Job) -> None:
-        """Start delivering a job whose recipients are already leased to us."""
+    def submit(self, job: Job, held: bool = False) -> None:
+        """Start delivering a job whose recipients are already leased to us (`held`: a held
+        message at the end of its lifetime, bounced without an attempt)."""
         self.in_flight.update(r.id for r in job.recipients)
-        task = asyncio.create_task(self._run_job(job))
+        task = asyncio.create_task(self._bounce_held(job) if held else self._run_job(job))
         self._tasks.add(task)
         task.add_done_callback(self._job_done)
 
@@ -149,6 +162,9 @@ class Dispatcher:
 
     async def scan(self) -> int:
         """Lease whatever is due now and start it; return how many jobs started."""
+        if self.unwritten:
+            return 0  # storage is failing: outcomes first, no new attempts meanwhile
+        await self._expire_held()
         room = max(0, 4 * self.settings.delivery.concurrency - len(self._tasks))
         if room == 0 and self._lane_busy:  # a full house does not starve the suspect lane
             return 0
@@ -182,6 +198,10 @@ class Dispatcher:
             await self._deliver(job)
         except asyncio.CancelledError:
             raise
+        except (QueueError, sqlite3.Error) as exc:
+            # Storage, not the message: never counted as a crash (the leases stay; the
+            # recipients are tried again when they lapse, or at the next start).
+            LOG.error("queue_unavailable", queue_id=job.message_id, error=str(exc))
         except Exception:
             # A bug, not a delivery failure: retry later, and hold (quarantine) a message
             # that keeps doing this rather than crash on it forever (Mailman's "shunt").
@@ -199,17 +219,47 @@ class Dispatcher:
             if await self.queue.crashed(job, retry_at):
                 LOG.error("message_held", queue_id=job.message_id, reason="repeated crashes")
 
+    async def _expire_held(self) -> None:
+        """Held messages are never tried again, but one at the end of its lifetime leaves
+        the queue like any undeliverable message: as a bounce to its sender."""
+        now = self.clock.now()
+        if now - self._held_checked < HELD_CHECK_INTERVAL:
+            return
+        self._held_checked = now
+        try:
+            jobs = await self.queue.lease_expired_held(now, self.settings.delivery.queue_lifetime)
+        except Exception as exc:
+            LOG.error("queue_scan_failed", error=type(exc).__name__)
+            return
+        for job in jobs:
+            self.submit(job, held=True)
+
+    async def _bounce_held(self, job: Job) -> None:
+        try:
+            body = await self.queue.load_body(job.message_id)
+            if body is not None:
+                # RFC 3463 X.4.7: delivery time expired (as for any message past its time).
+                attempt = Attempt(Outcome.FAILED, "4.4.7", HELD_EXPIRED, None)
+                await self._conclude(job, body, {r.id: attempt for r in job.recipients})
+        except Exception:
+            LOG.exception("delivery_crashed", queue_id=job.message_id)
+        finally:
+            self.in_flight.difference_update(r.id for r in job.recipients)
+
     async def _deliver(self, job: Job) -> None:
         body = job.body if job.body is not None else await self.queue.load_body(job.message_id)
         if body is None:
             return  # deleted by an administrator meanwhile
-        attempts = await self._attempt_all(job, body)
+        await self._conclude(job, body, await self._attempt_all(job, body))
+
+    async def _conclude(self, job: Job, body: Body, attempts: dict[int, Attempt]) -> None:
+        """Record what the attempts did, with the DSNs they cause, then log and count."""
         now = self.clock.now()
         results = [self._result(job, rcpt, attempts[rcpt.id], now) for rcpt in job.recipients]
         dsns = await self._reports(job, body, results, now)
         # The attempt completed: crash blame is told so (a suspect alone in the lane that
         # got this far did not bring the daemon down).
-        _, new_ids = await self.queue.record(results, dsns, [(job.message_id, job.lane)])
+        new_ids = await self._record(job, results, dsns)
         for rcpt, result in zip(job.recipients, results, strict=True):
             self._log(job, rcpt, result, attempts[rcpt.id], now)
             delivered = result.outcome is Outcome.DELIVERED
@@ -240,6 +290,27 @@ class Dispatcher:
             return []
         return [make_dsn(self.settings, job, head, action, chosen, now)
                 for action, chosen in reports if chosen]
+
+    async def _record(self, job: Job, results: list[Result],
+                      dsns: list[NewMessage]) -> list[list[int]]:
+        """Write the outcomes. One that cannot be written (a full disk) is kept here and
+        written again until it is: the recipients stay in flight meanwhile, so the message
+        is neither sent again nor taken for a crash (before, both happened)."""
+        pause = UNWRITTEN_FIRST_RETRY
+        while True:
+            try:
+                _, new_ids = await self.queue.record(results, dsns,
+                                                     [(job.message_id, job.lane)])
+                return new_ids
+            except QueueError as exc:
+                LOG.error("outcome_unwritten", queue_id=job.message_id, error=str(exc),
+                          no_space=exc.no_space, retry_in=pause)
+                self.unwritten.add(job.message_id)
+                try:
+                    await asyncio.sleep(pause)
+                finally:
+                    self.unwritten.discard(job.message_id)
+                pause = min(pause * 2, UNWRITTEN_MAX_RETRY)
 
     async def _attempt_all(self, job: Job, body: Body) -> dict[int, Attempt]:
         groups: dict[tuple[str, tuple[Destination, ...]], list[RecipientJob]] = \

@@ -57,7 +57,7 @@ from forwarder.srs import SrsError
 LOG = log.get("forwarder.smtp")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 # Octets of spilled bodies the inbound checks may hold in memory at once (docs/security.md).
-BODIES_IN_MEMORY = 128 * 1024 * 1024
+BODIES_IN_MEMORY = 64 * 1024 * 1024
 
 
 class ByteBudget:
@@ -137,6 +137,9 @@ class Front:
     ) -> None:
         self.settings = settings
         self.spool = spool
+        # The disk is short (the space reserve is gone, forwarder/queue/reserve.py): new
+        # mail is refused at MAIL with 452 4.3.1 until it is back.
+        self.space_short = False
         # Big bodies read back into memory for the checks, at most this many octets at once.
         self.bodies = ByteBudget(BODIES_IN_MEMORY)
         self.directory = directory
@@ -164,6 +167,11 @@ class Front:
 
     def handle_MAIL(self, server: object, session: SessionInfo, envelope: Envelope[Accepted],
                     address: str, mail_options: list[str]) -> str:
+        if self.space_short:
+            # RFC 5321 4.5.3.1.10 / RFC 3463 4.3.1: the client keeps the message and tries
+            # later; what is queued keeps the space it needs to be delivered.
+            self.metrics.message_refused("no_space")
+            return str(replies.QUEUE_FULL)
         try:
             # Parsed once here; DATA queues this normalised form.
             envelope.sender = parse_sender(address)

@@ -157,20 +157,28 @@ def is_expired(arrived_at: float, now: float, lifetime: float) -> bool:
     return now - arrived_at >= lifetime
 
 
-# --- Crash blame ----------------------------------------------------------------------
+# --- Crash blame ---------------------------------------------------------------------
 #
 # Which message a crash is blamed on. Mailman's switchboard quarantines the one file a
 # runner was working on; a daemon delivering hundreds of messages at once needs more care,
 # or one OOM kill under load (or an administrator's kill -9 in a loop) would quarantine
-# every innocent message that happened to be in flight. So a message in ordinary delivery
-# when the process died only becomes a suspect; a suspect is tried alone, in a lane of its
-# own (one message at a time in the whole daemon), and only a crash while it is alone
-# there, or a worker raising on it, is charged to it. An attempt that completes alone,
-# whatever its outcome, clears the count: the message evidently does not bring the daemon
-# down. The queue (forwarder/queue/ops.py) applies these verdicts to its rows.
+# every innocent message that happened to be in flight. So a message is only ever charged
+# for a fault raised while processing it: a worker raising on it, or the process dying
+# of a fatal fault of its own (a segmentation fault, an abort, systemd's watchdog abort:
+# forwarder/faults.py records them). A process killed from outside (SIGKILL, the OOM
+# killer, power loss) leaves no such record, and is nobody's fault.
+#
+# A message in ordinary delivery when the process faulted only becomes a suspect; a
+# suspect is tried alone, in a lane of its own (one message at a time in the whole
+# daemon), and only a fault while it is alone there, or a worker raising on it, is
+# charged to it. An attempt that completes alone, whatever its outcome, clears the count:
+# the message evidently does not bring the daemon down. The queue
+# (forwarder/queue/ops.py) applies these verdicts to its rows.
 
 # A message charged with this many crashes is held (quarantined): suspected once, then
-# twice alone in the suspect lane when the process died, or a worker raising on it.
+# twice alone in the suspect lane when the process faulted, or a worker raising on it. A
+# held message is not tried again, but still leaves the queue at the end of its lifetime,
+# as a bounce to its sender like any other message that could not be delivered.
 MAX_CRASHES = 3
 
 
@@ -186,7 +194,12 @@ class Ending(enum.Enum):
 
     COMPLETED = "completed"  # an outcome was recorded (delivered, deferred or failed)
     RAISED = "raised"  # the worker raised on it (a bug, not a delivery failure)
-    PROCESS_DIED = "process_died"  # start-up found its lease: the process died meanwhile
+    # Start-up found its lease, and a fault report of the process that held it: it died
+    # of a fatal fault of its own while the message was in its hands.
+    FAULTED = "faulted"
+    # Start-up found its lease and no fault report: killed from outside (SIGKILL, the
+    # OOM killer), or the power failed.
+    KILLED = "killed"
 
 
 class Charge(enum.Enum):
@@ -204,10 +217,15 @@ BLAME: dict[tuple[Lane, Ending], Charge] = {
     (Lane.ALONE, Ending.COMPLETED): Charge.CLEAR,
     (Lane.ORDINARY, Ending.RAISED): Charge.CHARGE,
     (Lane.ALONE, Ending.RAISED): Charge.CHARGE,
-    # Hundreds of messages may be in flight at a crash: each is only suspected, never
+    # Hundreds of messages may be in flight at a fault: each is only suspected, never
     # charged twice for dying beside the others.
-    (Lane.ORDINARY, Ending.PROCESS_DIED): Charge.SUSPECT,
-    (Lane.ALONE, Ending.PROCESS_DIED): Charge.CHARGE,
+    (Lane.ORDINARY, Ending.FAULTED): Charge.SUSPECT,
+    (Lane.ALONE, Ending.FAULTED): Charge.CHARGE,
+    # Killed from outside: never the message's fault, wherever it was (before, a burst of
+    # kills charged a suspect for kills that landed while it sat alone in its lane, and
+    # held it).
+    (Lane.ORDINARY, Ending.KILLED): Charge.KEEP,
+    (Lane.ALONE, Ending.KILLED): Charge.KEEP,
 }
 
 

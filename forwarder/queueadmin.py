@@ -17,8 +17,10 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Any
 
+from forwarder.queue.reserve import RESERVE_FILE, SpaceReserve
 from forwarder.queue.schema import open_queue_db
 from forwarder.queue.spool import Spool, read_head
+from forwarder.queue.writer import is_no_space
 from forwarder.smtpbody import HEAD_OCTETS, unstuff
 
 
@@ -73,6 +75,7 @@ class QueueAdmin:
     def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
         self.conn = open_queue_db(path, busy_timeout)
         self.spool = Spool(path.parent / "spool")
+        self.reserve = SpaceReserve(path.parent / RESERVE_FILE, 0)
 
     def close(self) -> None:
         self.conn.close()
@@ -138,14 +141,25 @@ class QueueAdmin:
         return was == held
 
     def delete(self, queue_id: str) -> MessageInfo:
-        """Delete a message (recipients go with it: ON DELETE CASCADE); return what it was."""
+        """Delete a message (recipients go with it: ON DELETE CASCADE); return what it was.
+        On a full disk the space reserve is given back to make room for the commit
+        (forwarder/queue/reserve.py): deleting is how an administrator frees space."""
+        try:
+            info = self._delete(queue_id)
+        except sqlite3.OperationalError as exc:
+            if not is_no_space(exc) or not self.reserve.release():
+                raise
+            info = self._delete(queue_id)
+        self.spool.remove([queue_id])  # after the commit: a crash leaves an orphan, swept
+        return info
+
+    def _delete(self, queue_id: str) -> MessageInfo:
         with self._write():
             info = self._require(queue_id)
             info.recipients = [_recipient(r) for r in self.conn.execute(
                 f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ?",
                 (queue_id,))]
             self.conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
-        self.spool.remove([queue_id])  # after the commit: a crash leaves an orphan, swept
         return info
 
     def _require(self, queue_id: str) -> MessageInfo:
@@ -177,4 +191,12 @@ class _Txn:
         self.conn.execute(self.begin)
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        if exc_type is not None:
+            self.conn.execute("ROLLBACK")
+            return
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error:
+            if self.conn.in_transaction:  # the commit itself failed (a full disk)
+                self.conn.execute("ROLLBACK")
+            raise

@@ -47,7 +47,7 @@ _HIGH_WATER = 65536
 # Reads of at least this size count towards a burst (below: command traffic, never close
 # to one), and a burst past _BURST octets in one turn of the event loop yields the loop.
 _BIG_READ = 65536
-_BURST = 1024 * 1024
+_BURST = 512 * 1024
 
 
 def _stream(transport: object) -> asyncio.Transport | None:

@@ -250,7 +250,7 @@ async def test_a_session_ends_at_its_time_limit(start_daemon: DaemonFactory) -> 
             break
         await asyncio.sleep(0.05)
     assert (code, text) == (421, "4.4.2 session time limit exceeded, closing connection")
-    assert 0.5 <= time.monotonic() - started < 2
+    assert 0.5 <= time.monotonic() - started < 5
     assert await client.closed()
 
 

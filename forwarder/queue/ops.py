@@ -92,6 +92,8 @@ def record(results: Sequence[Result], new_messages: Sequence[NewMessage],
     `completed` messages' attempts ended normally, in the lane given (crash blame)."""
 
     def op(conn: sqlite3.Connection) -> tuple[list[str], list[list[int]]]:
+        if spooled is not None:
+            spooled.clear()  # a transaction that failed and is tried again starts afresh
         for message_id, lane in completed:
             apply_blame(conn, message_id, lane, Ending.COMPLETED)
         touched: set[str] = set()
@@ -196,10 +198,11 @@ def _lease_rows(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], now: 
     return list(jobs.values())
 
 
-def recover(now: float) -> Op:
-    """Start-up: leases left by a crash become due now, and each message that held one is
-    blamed as `policy.blame` says for a process that died during its attempt. Returns
-    (recipients recovered, messages newly held)."""
+def recover(now: float, ending: Ending) -> Op:
+    """Start-up: leases left by the last run become due now, and each message that held
+    one is blamed as `policy.blame` says for that run's `ending` (FAULTED: it died of a
+    fault of its own; KILLED: it was killed from outside). Returns (recipients recovered,
+    messages newly held)."""
 
     def op(conn: sqlite3.Connection) -> tuple[int, int]:
         # max(): a message with a recipient alone in the lane was in the lane.
@@ -208,12 +211,25 @@ def recover(now: float) -> Op:
         held = 0
         for message_id, lease in leased:
             lane = Lane.ALONE if lease == ISOLATED else Lane.ORDINARY
-            verdict = apply_blame(conn, message_id, lane, Ending.PROCESS_DIED)
+            verdict = apply_blame(conn, message_id, lane, ending)
             held += verdict is not None and verdict[1].held and not verdict[0].held
         recovered = conn.execute(
             "UPDATE recipients SET leased = 0, next_attempt = ? WHERE leased != 0", (now,)
         ).rowcount
         return recovered, held
+
+    return op
+
+
+def lease_expired_held(now: float, lifetime: float) -> Op:
+    """Held messages at the end of their lifetime, leased for their bounce: a held message
+    is never tried again, but it does not stay for ever either."""
+
+    def op(conn: sqlite3.Connection) -> list[Job]:
+        rows = conn.execute(
+            f"{_DUE_COLUMNS} WHERE m.held = 1 AND m.arrived_at <= ? AND r.leased = 0",
+            (now - lifetime,)).fetchall()
+        return _lease_rows(conn, rows, now, LEASED)
 
     return op
 

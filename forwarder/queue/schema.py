@@ -55,10 +55,12 @@ SCHEMA = (
     CREATE INDEX recipients_due ON recipients (next_attempt);
     """,
     # v5: a big message's body is in a spool file (forwarder/queue/spool.py); `body` then
-    # holds only our own header fields, and the file the rest, dot-stuffed.
+    # holds only our own header fields, and the file the rest, dot-stuffed. Held messages
+    # are found by age (they bounce at the end of their lifetime).
     """
     ALTER TABLE messages ADD COLUMN spooled INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX messages_spooled ON messages (id) WHERE spooled = 1;
+    CREATE INDEX messages_held ON messages (arrived_at) WHERE held = 1;
     """,
 )
 QUEUE_SCHEMA_VERSION = len(SCHEMA)
