@@ -6,6 +6,9 @@ somewhere else (`%` hacks, `!` paths, quoted local parts holding an `@`, comment
 refused outright rather than interpreted, so the daemon can never be made into an open
 relay by syntax. A sender is only ever written back (SRS, a bounce), never routed on, so
 any RFC 5321 4.1.2 reverse-path is taken: quoted local parts, `%` and `!`, address literals.
+UTF-8 (RFC 6531 3.3: atext extended with non-ASCII characters, domains as U-labels) is
+taken in both; the session lets it through only in an SMTPUTF8 transaction. Our own
+recipients are ASCII directory keys, so a UTF-8 local part of ours is simply unknown.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 import email_validator
+import idna
 
 # RFC 5321 4.5.3.1.1 and 4.5.3.1.2.
 MAX_LOCAL_PART = 64
@@ -23,7 +27,8 @@ MAX_PATH = 256
 
 # RFC 5322 3.2.3 atext, minus the characters that older MTAs treat as routing:
 # '%' (the "percent hack") and '!' (UUCP bang paths).
-_LOCAL_ATOM = r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+"
+# RFC 6531 3.3 adds UTF8-non-ascii to atext.
+_LOCAL_ATOM = r"[A-Za-z0-9#$&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
 _LOCAL_RE = re.compile(rf"{_LOCAL_ATOM}(?:\.{_LOCAL_ATOM})*")
 # RFC 5321 4.1.2 Domain: LDH labels separated by dots.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -31,8 +36,8 @@ _DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # RFC 5321 4.1.2: Dot-string of RFC 5322 atext (with "%" and "!"), or a Quoted-string of
 # qtextSMTP (printable ASCII but '"' and "\\") and quoted-pairSMTP ("\\" + printable).
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"'
 _SENDER_LOCAL_RE = re.compile(rf"{_ATOM}(?:\.{_ATOM})*|{_QUOTED}")
 # RFC 5321 4.1.3: a General-address-literal is a tag and printable text in brackets.
 _GENERAL_LITERAL_RE = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+")
@@ -72,21 +77,30 @@ def _split(text: str) -> tuple[str, str]:
     if has_control_chars(text):
         raise AddressError("control characters in address")
     # The path's 256 octets include its angle brackets; the address comes without them.
-    if len(text) + 2 > MAX_PATH:
+    if len(text.encode("utf-8")) + 2 > MAX_PATH:  # octets (RFC 6531 3.3)
         raise AddressError("address too long (RFC 5321 4.5.3.1.3)")
     local, at, domain = text.rpartition("@")
     if not at or not local:
         raise AddressError("address must be local-part@domain")
-    if len(local) > MAX_LOCAL_PART:
+    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
         raise AddressError("local part longer than 64 octets (RFC 5321 4.5.3.1.1)")
     return local, domain
 
 
 def _host_name(domain: str) -> str:
     domain = normalize_domain(domain)
-    if len(domain) > MAX_DOMAIN or not _DOMAIN_RE.fullmatch(domain):
+    ascii_form = domain if domain.isascii() else _a_labels(domain)
+    if len(ascii_form) > MAX_DOMAIN or not _DOMAIN_RE.fullmatch(ascii_form):
         raise AddressError("domain is not a valid host name")
     return domain
+
+
+def _a_labels(domain: str) -> str:
+    """A U-label domain's A-label form (RFC 5890), to check it as a host name."""
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
+        raise AddressError("domain is not a valid internationalized host name") from exc
 
 
 def parse_address(text: str) -> Address:

@@ -9,12 +9,26 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Literal
 
 from forwarder.config import Settings
-from forwarder.dsn import RecipientStatus, build_dsn, is_bounce, is_null_sender
+from forwarder.dsn import Action, RecipientStatus, build_dsn, is_bounce, is_null_sender
+from forwarder.dsnparams import RecipientDsn
 from forwarder.policy import Route
-from forwarder.queue import Job, NewMessage, NewRecipient, RecipientJob, Result, new_queue_id
+from forwarder.queue import (
+    Job,
+    MessageFlags,
+    NewMessage,
+    NewRecipient,
+    RecipientJob,
+    Result,
+    new_queue_id,
+)
+
+__all__ = ["Action", "make_dsn", "should_report"]
+# Our own DSNs ask for no DSN about themselves (RFC 3461 5.2.2: never a DSN of a DSN).
+_NEVER = RecipientDsn(notify="NEVER")
+_DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0", "relayed": "2.0.0"}
+
 
 # The Content-Type field and its continuation lines (RFC 5322 2.2.3 folding).
 _CONTENT_TYPE = re.compile(rb"^content-type[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)",
@@ -42,14 +56,15 @@ def _when(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def _status(rcpt: RecipientJob, result: Result, action: Literal["failed", "delayed"],
+def _status(rcpt: RecipientJob, result: Result, action: Action,
             retry_until: datetime | None) -> RecipientStatus:
     relay = result.remote_mta
     return RecipientStatus(
         final_recipient=rcpt.rcpt,
         original_recipient=rcpt.orig_rcpt,
+        orcpt=rcpt.dsn.orcpt,
         action=action,
-        status=result.dsn_status or ("5.0.0" if action == "failed" else "4.0.0"),
+        status=result.dsn_status or _DEFAULT_STATUS[action],
         remote_mta=relay.split("[", 1)[0] if relay else None,
         diagnostic_code=result.error,
         last_attempt_date=_when(result.attempted_at),
@@ -58,22 +73,28 @@ def _status(rcpt: RecipientJob, result: Result, action: Literal["failed", "delay
 
 
 def make_dsn(
-    settings: Settings, job: Job, head: bytes, action: Literal["failed", "delayed"],
+    settings: Settings, job: Job, body: bytes, action: Action,
     chosen: Sequence[tuple[RecipientJob, Result]], now: float,
 ) -> NewMessage:
-    """The DSN for `job`'s sender; `head`: the message's first octets (its header section
-    or a bounded prefix of it: only the header fields are returned)."""
+    """The DSN, queued from the null sender to the original sender, honouring the
+    sender's RET and ENVID (RFC 3461 4.3, 4.4). `body`: the message's first octets (its
+    header section or a bounded prefix of it), or the whole message when RET=FULL asks
+    for it and it is small enough to be returned (`dsn.MAX_RETURNED_MESSAGE`)."""
     until = (_when(job.arrived_at + settings.delivery.queue_lifetime)
              if action == "delayed" else None)
     dsn = build_dsn(
         reporting_mta=settings.hostname,
         original_sender=job.sender,
         arrival_date=_when(job.arrived_at),
-        original_message=head,
+        original_message=body,
         recipients=[_status(rcpt, result, action, until) for rcpt, result in chosen],
         from_address=f"MAILER-DAEMON@{settings.hostname}",
         message_id_domain=settings.hostname,
         now=_when(now),
+        envid=job.flags.dsn.envid,
+        return_full=job.flags.dsn.ret == "FULL",
     )
+    utf8 = not job.sender.isascii()  # RFC 6531: to a UTF-8 address only with SMTPUTF8
+    flags = MessageFlags(smtputf8=utf8, eight_bit=not dsn.isascii())
     return NewMessage(new_queue_id(now), "", now, "", dsn,
-                      (NewRecipient(job.sender, job.sender, Route.BOUNCE),))
+                      (NewRecipient(job.sender, job.sender, Route.BOUNCE, _NEVER),), flags)

@@ -36,6 +36,7 @@ from forwarder.policy import (
     classify_recipient,
     decide_account,
 )
+from forwarder.postfixmaps import RECIPIENTS_FILE, TRANSPORT_FILE, postfix_maps
 from forwarder.queue import QUEUE_SCHEMA_VERSION
 from forwarder.returnpath import (
     KEYS_FILE,
@@ -212,11 +213,16 @@ def _state_dir_problems(state_dir: Path) -> list[str]:
     return []
 
 
-def _storage_problems(settings: Settings) -> list[str]:
+def _storage_problems(settings: Settings, notes: list[str]) -> list[str]:
     problems = _state_dir_problems(settings.state_dir)
     problems += inspect_database(settings.directory_path, SCHEMA_VERSION)
     problems += inspect_database(settings.queue_path, QUEUE_SCHEMA_VERSION)
-    problems += secrets_file_problems(secrets_path(settings.state_dir))
+    secrets = secrets_path(settings.state_dir)
+    if secrets.exists():
+        problems += secrets_file_problems(secrets)
+    elif not problems:  # a fresh install: the daemon (or `check --init`) creates it
+        notes.append(f"{secrets}: not created yet; the daemon creates it at its first "
+                     "start (or run 'forwarder check --init')")
     if settings.mailbox_host is None:
         try:
             active = count_active(settings.directory_path, settings.busy_timeout)
@@ -247,9 +253,33 @@ def _tls_problems(settings: Settings) -> list[str]:
     return []
 
 
+def _init(settings: Settings) -> list[str]:
+    """`check --init`: what the first start would create (the state directory, the SRS
+    secrets), so a fresh install checks clean before it ever ran."""
+    done = []
+    if not settings.state_dir.exists():
+        settings.state_dir.mkdir(mode=0o750, parents=True)
+        done.append(f"created {settings.state_dir}")
+    secrets = secrets_path(settings.state_dir)
+    if settings.state_dir.is_dir() and ensure_secrets(secrets):
+        done.append(f"created {secrets}")
+    return done
+
+
+def _postfix_lines(settings: Settings) -> list[str]:
+    """The Postfix gateway's tables for our domains (docs/admin.md section 3)."""
+    listen = settings.listen
+    host = listen.host if listen.host not in ("0.0.0.0", "::", "") else settings.hostname
+    maps = postfix_maps(settings.domains, settings.effective_srs_domain,
+                        f"{host}:{listen.port}")
+    return ["# main.cf", *maps.main_cf, f"# /etc/postfix/{TRANSPORT_FILE}", *maps.transport,
+            f"# /etc/postfix/{RECIPIENTS_FILE}", *maps.recipients]
+
+
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    notes = _init(settings) if getattr(args, "init", False) else []
     problems = [f"config: {p}" for p in getattr(args, "config_problems", [])]
-    problems += _storage_problems(settings)
+    problems += _storage_problems(settings, notes)
     problems += _tls_problems(settings)
     warnings = []
     if settings.postmaster is None:
@@ -259,9 +289,15 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
         print(f"forwarder: problem: {problem}", file=sys.stderr)
     for warning in warnings:
         print(f"forwarder: warning: {warning}", file=sys.stderr)
+    for note in notes:
+        print(f"forwarder: note: {note}", file=sys.stderr)
     text = (f"{len(problems)} problem(s), {len(warnings)} warning(s)" if problems or warnings
             else "configuration and storage OK")
+    postfix = _postfix_lines(settings)
+    text += ("\n\nThe school's Postfix gateway routes these addresses here too (docs/admin.md "
+             "section 3):\n" + "\n".join(postfix))
     emit(args, {"ok": not problems, "problems": problems, "warnings": warnings,
+                "notes": notes, "postfix_maps": postfix,
                 "config_file": None if settings.config_file is None else
                 str(settings.config_file), "state_dir": str(settings.state_dir)}, text)
     return 1 if problems else 0
@@ -314,8 +350,12 @@ def register(sub: Any) -> None:
     p.add_argument("--smarthost", metavar="HOST:PORT", help="as for serve")
     p.add_argument("--mailbox-host", metavar="HOST:PORT", help="as for serve")
     p = add_command(sub, "check", cmd_check,
-                    "validate the configuration and the storage; report every problem",
+                    "validate the configuration and the storage; report every problem; "
+                    "print the Postfix gateway's tables",
                     "forwarder check --config /etc/forwarder/forwarder.toml", json_flag=True)
+    p.add_argument("--init", action="store_true",
+                   help="first create what the daemon would at its first start "
+                        "(state directory, SRS secrets)")
     p.set_defaults(collect_config_problems=True)
     srs = add_group(sub, "srs", "SRS secrets and addresses",
                     "forwarder srs reverse SRS0=HHHH=TT=example.org=jane@sigma-clermont.fr")

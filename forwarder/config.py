@@ -117,6 +117,19 @@ class DeliverySettings:
     poll_interval: float = 1.0
     # The port MX hosts are contacted on (25; tests point it at their sinks).
     mx_port: int = 25
+    # Head-of-line blocking (docs/performance.md): an MX destination (a recipient domain)
+    # gets at most this share of `concurrency` (and at most `per_destination`), so slow
+    # destinations cannot take every slot; the mailbox host and the smarthost have
+    # `per_destination` slots of their own, outside `concurrency`.
+    destination_share: float = 0.25
+    # A destination whose connections keep timing out or failing is throttled (its slots
+    # halved per failure) and, at one slot, suspended this long: its mail is deferred at
+    # once, without connecting (Postfix's "dead destination").
+    dead_destination_time: float = 300.0
+    # MTA-STS (RFC 8461): the port policy hosts are fetched from (443; tests change it),
+    # and how long a fetch may take.
+    mta_sts_port: int = 443
+    mta_sts_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +214,16 @@ class Settings:
     # Inbound STARTTLS (RFC 3207) is offered when both are set (forwarder/session.py).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Outbound: the name we give in EHLO (default: hostname) and the source addresses mail
+    # leaves from, IPv4 and IPv6 (SPF records must name them); unset: the kernel chooses.
+    helo_name: str | None = None
+    source_address: str | None = None
+    source_address6: str | None = None
+    # Certificates checked where a policy demands it (MTA-STS `enforce`, and the HTTPS
+    # fetch of the policies themselves) are verified against this CA bundle; unset: the
+    # system's. `mta_sts = false` ignores published policies (opportunistic TLS only).
+    tls_ca_file: Path | None = None
+    mta_sts: bool = True
 
     @property
     def directory_path(self) -> Path:
@@ -215,6 +238,10 @@ class Settings:
         if self.acceptors >= 0:
             return self.acceptors
         return max(0, (os.cpu_count() or 1) - 1)
+
+    @property
+    def ehlo_name(self) -> str:
+        return self.helo_name or self.hostname
 
     @property
     def effective_srs_domain(self) -> str:
@@ -265,8 +292,8 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
         return _networks(key, value, problems)
     if key == "state_dir":
         return Path(str(value))
-    if key in ("tls_cert", "tls_key"):  # inbound STARTTLS
-        return Path(str(value)) if value else None
+    if key in _OUTBOUND_KEYS:
+        return _convert_outbound(key, value, problems)
     if key == "acceptors":
         if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 64:
             problems.append("acceptors: must be a whole number from -1 (auto) to 64")
@@ -298,6 +325,35 @@ def _networks(key: str, value: Any, problems: list[str]) -> tuple[str, ...]:
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
     return tuple(value)
+
+
+_OUTBOUND_KEYS = ("tls_cert", "tls_key", "tls_ca_file", "source_address", "source_address6",
+                  "mta_sts")
+
+
+def _convert_outbound(key: str, value: Any, problems: list[str]) -> Any:
+    """TLS files, source addresses and the MTA-STS switch."""
+    if key in ("tls_cert", "tls_key", "tls_ca_file"):
+        return Path(str(value)) if value else None
+    if key in ("source_address", "source_address6"):
+        return _source_address(key, value, problems)
+    if not isinstance(value, bool):
+        problems.append(f"{key}: must be true or false")
+        return True
+    return value
+
+
+def _source_address(key: str, value: Any, problems: list[str]) -> str | None:
+    """An outbound source address: an IPv4 address for `source_address`, IPv6 for
+    `source_address6`."""
+    if value in ("", None):
+        return None
+    want = ipaddress.IPv4Address if key == "source_address" else ipaddress.IPv6Address
+    try:
+        return str(want(str(value)))
+    except ValueError:
+        problems.append(f"{key}: not an IPv{4 if key == 'source_address' else 6} address")
+        return None
 
 
 def _convert_section(name: str, raw: Any, problems: list[str]) -> Any:

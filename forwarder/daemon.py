@@ -36,6 +36,7 @@ from forwarder.dns import CachingResolver, MxRouter
 from forwarder.faults import FAULT_FILE, FaultRecord
 from forwarder.front import Accepted, Front
 from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
+from forwarder.mtasts import MtaSts
 from forwarder.policy import needs_srs
 from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
 from forwarder.returnpath import ReturnPath
@@ -112,7 +113,7 @@ class Daemon:
         self._listener: socket.socket | None = None
         self.clock = clock or SystemClock()
         self._fixed_router = router
-        # One resolver (and cache) for MX routing and the inbound checks.
+        # One resolver (and cache) for MX routing, MTA-STS and the inbound checks.
         self.resolver = self._resolver(settings)
         self.router = router or self._router(settings, self.resolver)
         self.reload_settings = reload_settings
@@ -141,11 +142,13 @@ class Daemon:
         self.senders = SenderTally(self.clock.now)
         self.checks = Checks(settings, self.resolver, self.metrics, self.senders,
                              self.clock.now)
-        self.pool = ConnectionPool(settings.delivery, settings.hostname)
+        self.pool = ConnectionPool(settings, self.metrics)
+        self.mta_sts = self._mta_sts(settings)
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
-                                     Sender(settings.delivery, self.pool), self.clock,
-                                     self.metrics,
-                                     envelope_sender=self._envelope_sender)
+                                     Sender(settings.delivery, self.pool, self.metrics),
+                                     self.clock, self.metrics,
+                                     envelope_sender=self._envelope_sender,
+                                     mta_sts=self.mta_sts)
         # `forwarder status` (forwarder/control.py); only the main process listens.
         self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
                                     self.clock, lambda: describe(self), self.refresh_status)
@@ -164,6 +167,15 @@ class Daemon:
         except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
             LOG.error("dns_unavailable", error=str(exc))
             return None
+
+    def _mta_sts(self, settings: Settings) -> MtaSts | None:
+        """MTA-STS applies to delivery by MX (RFC 8461), with the daemon's resolver."""
+        if not settings.mta_sts or self.resolver is None:
+            return None
+        d = settings.delivery
+        return MtaSts(self.resolver, self.clock.now, port=d.mta_sts_port,
+                      timeout=d.mta_sts_timeout,
+                      ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None)
 
     async def _envelope_sender(self, job: Job, rcpt: RecipientJob) -> str:
         assert self.return_path is not None
@@ -416,9 +428,11 @@ class Daemon:
         if self._fixed_router is None:
             self.resolver = self._resolver(new)
             self.router = self._router(new, self.resolver)
-            self.dispatcher.router = self.router
+        if self.mta_sts is not None and self.resolver is not None:
+            self.mta_sts.resolver = self.resolver
+        self.dispatcher.set_router(self.router, new)
+        self.pool.configure(new)
         self.checks.apply(new, self.resolver)
-        self.dispatcher.settings = new
         if self.front is not None:
             self.front.settings = new
 
@@ -448,6 +462,8 @@ class Daemon:
             self.link.close()
         await self.queue.release_leases(interrupted, self.clock.now())
         await self.pool.close()
+        if self.mta_sts is not None:
+            await self.mta_sts.close()
         await self.checks.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()

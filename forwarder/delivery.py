@@ -16,23 +16,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any
 
 from forwarder import log
-from forwarder.bounces import make_dsn, should_report
+from forwarder.bounces import Action, make_dsn, should_report
 from forwarder.clock import Clock
-from forwarder.config import HostPort, Settings
-from forwarder.dns import Destination, DnsPermanentError, DnsTemporaryError
-from forwarder.dns import Router as DnsRouter
+from forwarder.config import Settings
+from forwarder.dsn import MAX_RETURNED_MESSAGE
 from forwarder.metrics import Metrics
-from forwarder.policy import Outcome, Route, is_expired, retry_delay
+from forwarder.mtasts import MtaSts
+from forwarder.outbound import BodyHolder, Outbound
+from forwarder.policy import Outcome, is_expired, retry_delay
 from forwarder.queue import Body, Job, NewMessage, Queue, QueueError, RecipientJob, Result
 from forwarder.queue.spool import read_head
+from forwarder.routing import MailRouter, Router, RoutingError
+from forwarder.slots import Slots
 from forwarder.smtpbody import HEAD_OCTETS, unstuff
-from forwarder.smtpclient import Attempt, Sender, local_attempt
+from forwarder.smtpclient import Attempt, Sender
+
+__all__ = ["Dispatcher", "MailRouter", "Router", "RoutingError"]
 
 LOG = log.get("forwarder.delivery")
 # How often held messages are looked through for those at the end of their lifetime.
@@ -45,53 +49,14 @@ UNWRITTEN_FIRST_RETRY = 0.5
 UNWRITTEN_MAX_RETRY = 15.0
 
 
-class RoutingError(Exception):
-    """No destination now; `permanent` says whether trying again could help."""
-
-    def __init__(self, reason: str, permanent: bool = False, status: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.permanent = permanent
-        # RFC 3463: 5.1.2 bad destination system; 4.4.3 directory (DNS) failure.
-        self.status = status or ("5.1.2" if permanent else "4.4.3")
-
-
-class Router(Protocol):
-    async def route(self, recipient: str, route: Route) -> list[Destination]:
-        """The destinations to try in order, or raise RoutingError."""
-        ...
-
-
-def _fixed(hp: HostPort) -> Destination:
-    return Destination(hp.host, hp.host, hp.port)
-
-
-@dataclass
-class MailRouter:
-    """Active accounts go to the mailbox host; everything else to the smarthost if one is
-    configured, else to the recipient domain's MX hosts (RFC 5321 5.1)."""
-
-    mailbox_host: HostPort | None
-    smarthost: HostPort | None
-    mx: DnsRouter | None = None
-
-    async def route(self, recipient: str, route: Route) -> list[Destination]:
-        if route is Route.MAILBOX:
-            if self.mailbox_host is None:
-                raise RoutingError("mailbox host not configured")
-            return [_fixed(self.mailbox_host)]
-        if self.smarthost is not None:
-            return [_fixed(self.smarthost)]
-        if self.mx is None:
-            raise RoutingError("no smarthost and no DNS resolver configured")
-        try:
-            return await self.mx.route(recipient.rpartition("@")[2])
-        except DnsPermanentError as exc:
-            # RFC 7505 4.3: a null MX is reported as 5.1.10.
-            status = "5.1.10" if exc.reason.startswith("null MX") else "5.1.2"
-            raise RoutingError(exc.reason, permanent=True, status=status) from exc
-        except DnsTemporaryError as exc:
-            raise RoutingError(exc.reason) from exc
+def _reportable(action: Action, rcpt: RecipientJob, result: Result,
+                attempts: dict[int, Attempt]) -> bool:
+    if action == "failed":
+        return result.outcome is Outcome.FAILED and rcpt.dsn.wants("FAILURE")
+    if action == "delayed":
+        return result.outcome is Outcome.DEFERRED and result.warned and rcpt.dsn.wants("DELAY")
+    return (result.outcome is Outcome.DELIVERED and rcpt.dsn.notify is not None
+            and rcpt.dsn.wants("SUCCESS") and not attempts[result.recipient_id].dsn_passed)
 
 
 async def message_head(body: Body) -> bytes:
@@ -104,6 +69,18 @@ async def message_head(body: Body) -> bytes:
     raw = await asyncio.to_thread(read_head, body.path, HEAD_OCTETS)
     cut = raw.rfind(b"\r\n") + 2
     return (body.prefix + unstuff(raw[:cut]))[:HEAD_OCTETS]
+
+
+async def _returned(job: Job, body: Body) -> bytes:
+    """What a DSN about `job` returns of the message (RFC 3462, RFC 3461 4.3): the whole
+    message when RET=FULL asks for it and it is small enough, else the first octets, of
+    which only the header fields are used."""
+    if job.flags.dsn.ret == "FULL" and job.size <= MAX_RETURNED_MESSAGE:
+        if isinstance(body, bytes):
+            return body
+        rest = await asyncio.to_thread(read_head, body.path, MAX_RETURNED_MESSAGE + 1)
+        return body.prefix + unstuff(rest)
+    return await message_head(body)
 
 
 async def _unchanged_sender(job: Job) -> str:
@@ -122,6 +99,7 @@ class Dispatcher:
     metrics: Metrics
     envelope_sender: Callable[[Job, RecipientJob], Awaitable[str]] = field(
         default=lambda job, rcpt: _unchanged_sender(job))
+    mta_sts: MtaSts | None = None
     in_flight: set[int] = field(default_factory=set)
     # Messages whose outcome waits to be written (a full disk): no new attempt meanwhile.
     unwritten: set[str] = field(default_factory=set)
@@ -131,6 +109,25 @@ class Dispatcher:
     _more_due: bool = False
     _lane_busy: bool = False  # a suspect is being tried alone
     _held_checked: float = -HELD_CHECK_INTERVAL  # when held messages were last looked at
+    outbound: Outbound = field(init=False)
+
+    def __post_init__(self) -> None:
+        slots = Slots(self.settings.delivery, self.clock.now,
+                      self.metrics.destination_suspended)
+        self.metrics.count_suspended(lambda: slots.suspended_count)
+        self.outbound = Outbound(self.router, self.sender, slots, self.queue,
+                                 self.envelope_sender, self.mta_sts)
+
+    def set_router(self, router: Router, settings: Settings) -> None:
+        """SIGHUP: new routes and limits (the slots keep their windows and suspensions)."""
+        self.router = self.outbound.router = router
+        self.settings = settings
+        self.outbound.slots.settings = settings.delivery
+
+    @property
+    def bodies_held(self) -> int:
+        """Message bodies delivery holds in memory now (only those being sent)."""
+        return self.outbound.bodies.held
 
     def wake(self) -> None:
         self._wake.set()
@@ -148,7 +145,8 @@ class Dispatcher:
         # The last scan filled every slot, so more is probably due: look again once half
         # the slots are free instead of at the next poll, or a backlog drains at
         # 4 x concurrency messages per poll_interval (80/s) whatever the destination's speed.
-        if self._more_due and len(self._tasks) <= 2 * self.settings.delivery.concurrency:
+        active = len(self._tasks) - self.outbound.waiting
+        if self._more_due and active <= 2 * self.settings.delivery.concurrency:
             self._more_due = False
             self._wake.set()
 
@@ -161,11 +159,15 @@ class Dispatcher:
                 await self.scan()
 
     async def scan(self) -> int:
-        """Lease whatever is due now and start it; return how many jobs started."""
+        """Lease whatever is due now and start it; return how many jobs started. Jobs
+        waiting for a slot at a slow destination hold no body and do not count against
+        the room for more (up to a bound), so they cannot starve the others' retries."""
         if self.unwritten:
             return 0  # storage is failing: outcomes first, no new attempts meanwhile
         await self._expire_held()
-        room = max(0, 4 * self.settings.delivery.concurrency - len(self._tasks))
+        concurrency = self.settings.delivery.concurrency
+        active = len(self._tasks) - self.outbound.waiting
+        room = max(0, min(4 * concurrency - active, 20 * concurrency - len(self._tasks)))
         if room == 0 and self._lane_busy:  # a full house does not starve the suspect lane
             return 0
         try:
@@ -236,27 +238,34 @@ class Dispatcher:
 
     async def _bounce_held(self, job: Job) -> None:
         try:
-            body = await self.queue.load_body(job.message_id)
-            if body is not None:
-                # RFC 3463 X.4.7: delivery time expired (as for any message past its time).
-                attempt = Attempt(Outcome.FAILED, "4.4.7", HELD_EXPIRED, None)
-                await self._conclude(job, body, {r.id: attempt for r in job.recipients})
+            # RFC 3463 X.4.7: delivery time expired (as for any message past its time).
+            attempt = Attempt(Outcome.FAILED, "4.4.7", HELD_EXPIRED, None)
+            holder = BodyHolder(job.message_id, None, self.outbound.bodies)
+            await self._conclude(job, holder, {r.id: attempt for r in job.recipients})
         except Exception:
             LOG.exception("delivery_crashed", queue_id=job.message_id)
         finally:
             self.in_flight.difference_update(r.id for r in job.recipients)
 
     async def _deliver(self, job: Job) -> None:
-        body = job.body if job.body is not None else await self.queue.load_body(job.message_id)
-        if body is None:
-            return  # deleted by an administrator meanwhile
-        await self._conclude(job, body, await self._attempt_all(job, body))
+        holder = BodyHolder(job.message_id, job.body, self.outbound.bodies)
+        job.body = None  # the holder decides when the bytes may go (outbound.py)
+        try:
+            attempts = await self.outbound.attempt(job, holder)
+            if attempts is not None:  # None: deleted by an administrator meanwhile
+                await self._conclude(job, holder, attempts)
+        finally:
+            holder.drop()
 
-    async def _conclude(self, job: Job, body: Body, attempts: dict[int, Attempt]) -> None:
+    async def _conclude(self, job: Job, holder: BodyHolder,
+                        attempts: dict[int, Attempt]) -> None:
         """Record what the attempts did, with the DSNs they cause, then log and count."""
         now = self.clock.now()
         results = [self._result(job, rcpt, attempts[rcpt.id], now) for rcpt in job.recipients]
-        dsns = await self._reports(job, body, results, now)
+        try:
+            dsns = await self._reports(job, holder, results, attempts, now)
+        finally:
+            holder.drop()
         # The attempt completed: crash blame is told so (a suspect alone in the lane that
         # got this far did not bring the daemon down).
         new_ids = await self._record(job, results, dsns)
@@ -270,25 +279,27 @@ class Dispatcher:
                      to=job.sender)
             self.submit(Job.fresh(dsn, ids))
 
-    async def _reports(self, job: Job, body: Body, results: list[Result],
-                       now: float) -> list[NewMessage]:
-        """The DSNs this round causes: one for failures, one for first delay warnings."""
+    async def _reports(self, job: Job, holder: BodyHolder, results: list[Result],
+                       attempts: dict[int, Attempt], now: float) -> list[NewMessage]:
+        """The DSNs this round causes, as each recipient's NOTIFY asks (RFC 3461 4.1;
+        without NOTIFY: failures and delays): one for failures, one for first delay
+        warnings, and one "relayed" for NOTIFY=SUCCESS copies handed to a next hop that
+        does not offer DSN (RFC 3461 5.2.2.1; one that does reports on its own)."""
         by_id = {r.id: r for r in job.recipients}
-        plan: tuple[tuple[Literal["failed", "delayed"], Outcome], ...] = (
-            ("failed", Outcome.FAILED), ("delayed", Outcome.DEFERRED))
-        reports = [(action, [(by_id[r.recipient_id], r) for r in results
-                             if r.outcome is wanted
-                             and (wanted is Outcome.FAILED or r.warned)])
-                   for action, wanted in plan]
+        reports: list[tuple[Action, list[tuple[RecipientJob, Result]]]] = [
+            (action, [(by_id[r.recipient_id], r) for r in results
+                      if _reportable(action, by_id[r.recipient_id], r, attempts)])
+            for action in ("failed", "delayed", "relayed")]
+        if not any(chosen for _, chosen in reports):
+            return []
+        body = holder.body or await self.queue.load_body(job.message_id)
         # Read the headers (is it a bounce?) only when there is something to report, and
         # only their first HEAD_OCTETS: a DSN returns a bounded prefix of them (RFC 6522's
         # text/rfc822-headers may be truncated), whatever the header section's size.
-        if not any(chosen for _, chosen in reports):
+        if body is None or not should_report(job.sender, await message_head(body)):
             return []
-        head = await message_head(body)
-        if not should_report(job.sender, head):
-            return []
-        return [make_dsn(self.settings, job, head, action, chosen, now)
+        returned = await _returned(job, body)
+        return [make_dsn(self.settings, job, returned, action, chosen, now)
                 for action, chosen in reports if chosen]
 
     async def _record(self, job: Job, results: list[Result],
@@ -312,45 +323,6 @@ class Dispatcher:
                     self.unwritten.discard(job.message_id)
                 pause = min(pause * 2, UNWRITTEN_MAX_RETRY)
 
-    async def _attempt_all(self, job: Job, body: Body) -> dict[int, Attempt]:
-        groups: dict[tuple[str, tuple[Destination, ...]], list[RecipientJob]] = \
-            defaultdict(list)
-        attempts: dict[int, Attempt] = {}
-        for rcpt in job.recipients:
-            try:
-                dests = await self.router.route(rcpt.rcpt, rcpt.route)
-            except RoutingError as exc:
-                attempts[rcpt.id] = local_attempt(exc.status, exc.reason)
-                continue
-            groups[(await self.envelope_sender(job, rcpt), tuple(dests))].append(rcpt)
-        sends = [self._send_group(sender, list(dests), rcpts, body)
-                 for (sender, dests), rcpts in groups.items()]
-        if len(sends) == 1:  # the usual case: no task per group to run one coroutine
-            attempts.update(await sends[0])
-            return attempts
-        for result in await asyncio.gather(*sends):
-            attempts.update(result)
-        return attempts
-
-    async def _send_group(
-        self, sender: str, dests: list[Destination], rcpts: list[RecipientJob], body: Body
-    ) -> dict[int, Attempt]:
-        """Try each address in turn for the recipients not yet settled (RFC 5321 5.1);
-        an address whose TLS handshake failed is tried once more, in clear, at the end."""
-        pending = list(rcpts)
-        attempts: dict[int, Attempt] = {}
-        retried_clear: set[Destination] = set()
-        while dests and pending:
-            dest = dests.pop(0)
-            by_addr = await self.sender.send(dest, sender, [r.rcpt for r in pending], body)
-            for rcpt in pending:
-                attempts[rcpt.id] = by_addr[rcpt.rcpt]
-            if any(a.tls_failed for a in by_addr.values()) and dest not in retried_clear:
-                retried_clear.add(dest)
-                dests.append(dest)
-            pending = [r for r in pending if attempts[r.id].unreachable]
-        return attempts
-
     def _result(self, job: Job, rcpt: RecipientJob, attempt: Attempt, now: float) -> Result:
         outcome, retry_at, warned = attempt.outcome, None, False
         d = self.settings.delivery
@@ -373,7 +345,12 @@ class Dispatcher:
             "relay": attempt.relay or "none", "delay": round(now - job.arrived_at, 3),
             "dsn": result.dsn_status, "status": result.outcome.value,
             "route": rcpt.route.value,
+            # Every hop's TLS on record: "none" for clear text (or no session).
+            "tls": attempt.tls.version if attempt.tls else "none",
         }
+        if attempt.tls is not None:
+            fields["cipher"] = attempt.tls.cipher
+            fields["tls_verified"] = attempt.tls.verified
         if result.outcome is Outcome.DELIVERED:
             LOG.info("delivery", **fields)
         else:

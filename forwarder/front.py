@@ -26,6 +26,7 @@ from forwarder.checks import Checked, Checks, Inbound
 from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.directory import DirectoryReader
+from forwarder.dsnparams import DsnRequest, RecipientDsn, mail_dsn, options_dict, rcpt_dsn
 from forwarder.metrics import Metrics
 from forwarder.policy import (
     Accept,
@@ -39,8 +40,10 @@ from forwarder.policy import (
     decide_account,
 )
 from forwarder.queue import (
+    PLAIN,
     Body,
     Intake,
+    MessageFlags,
     NewMessage,
     NewRecipient,
     QueueError,
@@ -51,10 +54,11 @@ from forwarder.queue import (
 from forwarder.queue.spool import Spool, read_unstuffed
 from forwarder.returnpath import ReturnPath
 from forwarder.smtpbody import HEAD_OCTETS, Spilled, stuffed_pieces
-from forwarder.smtpevents import Envelope, SessionInfo
+from forwarder.smtpevents import Envelope, SessionInfo, TlsInfo
 from forwarder.srs import SrsError
 
 LOG = log.get("forwarder.smtp")
+NO_RECIPIENT_DSN = RecipientDsn()
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 # Octets of spilled bodies the inbound checks may hold in memory at once (docs/security.md).
 BODIES_IN_MEMORY = 64 * 1024 * 1024
@@ -90,6 +94,7 @@ class Accepted:
 
     orig_rcpt: str
     verdict: Accept
+    dsn: RecipientDsn = NO_RECIPIENT_DSN
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,25 +103,55 @@ def _date_field(second: int) -> str:
     return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
+def protocol_name(esmtp: bool, tls: bool, smtputf8: bool) -> str:
+    """The `with` of our Received field: RFC 3848 (ESMTP, ESMTPS; no AUTH here, so never
+    ESMTPA/ESMTPSA) and RFC 6531 3.7.3 (UTF8SMTP, UTF8SMTPS for SMTPUTF8 transactions)."""
+    if not esmtp:
+        return "SMTP"
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + "S" if tls else base
+
+
+def address_literal(ip: str) -> str:
+    """The client's address as RFC 5321 4.1.3 writes it: `[192.0.2.1]`, `[IPv6:2001:db8::1]`."""
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
 def received_header(
     helo: str | None, peer_ip: str, hostname: str, queue_id: str, rcpt: str | None,
-    esmtp: bool, now: float,
+    esmtp: bool, now: float, tls: TlsInfo | None = None, smtputf8: bool = False,
 ) -> bytes:
     """Our trace field (RFC 5321 4.4). Client-supplied text is reduced to a safe alphabet,
     so a HELO name can never start a new header line or break the field's syntax."""
     helo_text = _HELO_SAFE.sub("?", helo or "unknown")[:255]
-    ip = _HELO_SAFE.sub("?", peer_ip)
-    lines = [
-        f"Received: from {helo_text} ([{ip}])",
-        f"\tby {hostname} (forwarder) with {'ESMTP' if esmtp else 'SMTP'} id {queue_id}",
-    ]
+    ip = address_literal(_HELO_SAFE.sub("?", peer_ip))
+    lines = [f"Received: from {helo_text} ({ip})"]
+    if tls is not None:  # as Postfix writes it, so the hop's encryption is on record
+        lines.append(f"\t(using {_HELO_SAFE.sub('?', tls.version)} with cipher "
+                     f"{_HELO_SAFE.sub('?', tls.cipher)})")
+    protocol = protocol_name(esmtp, tls is not None, smtputf8)
+    lines.append(f"\tby {hostname} (forwarder) with {protocol} id {queue_id}")
     date = _date_field(int(now))
     if rcpt is not None:
         lines.append(f"\tfor <{_HELO_SAFE.sub('?', rcpt) if has_control_chars(rcpt) else rcpt}>;"
                      f" {date}")
     else:
         lines[-1] += f"; {date}"
-    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+    # A UTF-8 recipient stays UTF-8 in an SMTPUTF8 message (RFC 6532); elsewhere, "?".
+    return ("\r\n".join(lines) + "\r\n").encode(
+        "utf-8" if smtputf8 else "ascii", "replace")
+
+
+def message_flags(envelope: Envelope[Accepted], content: bytes | Spilled) -> MessageFlags:
+    """What delivery must know about the message: the DSN request, SMTPUTF8, and whether
+    it has 8-bit octets (what the body is, not what BODY= said: a client that declares
+    nothing and sends 8-bit still gets BODY=8BITMIME or a 7-bit conversion onward)."""
+    eight_bit = content.eight_bit if isinstance(content, Spilled) else not content.isascii()
+    if not envelope.mail_options:
+        return PLAIN if not eight_bit else MessageFlags(eight_bit=True)
+    dsn = mail_dsn(options_dict(envelope.mail_options))
+    return MessageFlags(dsn if isinstance(dsn, DsnRequest) else DsnRequest(),
+                        envelope.smtp_utf8, eight_bit)
 
 
 class Front:
@@ -179,6 +214,7 @@ class Front:
             return str(replies.MAIL_BAD_SYNTAX)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        envelope.smtp_utf8 = "SMTPUTF8" in mail_options
         return str(replies.MAIL_OK)
 
     async def handle_RCPT(self, server: object, session: SessionInfo,
@@ -199,7 +235,9 @@ class Front:
         # An accepted recipient is logged once, in the "queued" line (with its route): a
         # line per RCPT as well was a fifth of the logging, itself 10-18 % of the CPU
         # (docs/performance.md). Refusals are logged here, as nothing else records them.
-        accepted.append(Accepted(address, verdict))
+        dsn = rcpt_dsn(options_dict(rcpt_options)) if rcpt_options else NO_RECIPIENT_DSN
+        accepted.append(Accepted(address, verdict,
+                                 dsn if isinstance(dsn, RecipientDsn) else NO_RECIPIENT_DSN))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
@@ -286,11 +324,19 @@ class Front:
             return str(replies.QUEUE_FULL if exc.no_space else replies.QUEUE_UNAVAILABLE)
         size = content.size if isinstance(content, Spilled) else len(content)
         self.metrics.message_accepted(size)
+        # The client's TLS always; the cipher, 8BITMIME and SMTPUTF8 only when there is
+        # one to say (each field costs on every message: docs/performance.md).
+        tls = session.tls
+        extra: dict[str, object] = {} if tls is None else {"cipher": tls.cipher}
+        if message.flags is not PLAIN:
+            extra.update(body="8BITMIME" if message.flags.eight_bit else "7BIT",
+                         smtputf8=message.flags.smtputf8)
         LOG.info("queued", queue_id=queue_id, size=body_size(message.body),
                  client=message.client, **{"from": message.sender},
                  to=[r.rcpt for r in message.recipients],
                  orig_to=[r.orig_rcpt for r in message.recipients],
-                 route=[r.route.value for r in message.recipients], **checked)
+                 route=[r.route.value for r in message.recipients],
+                 tls=tls.version if tls else "none", **extra, **checked)
         return replies.queued(queue_id)
 
     async def _check(
@@ -342,7 +388,7 @@ class Front:
             spill.discard()
             raise
         cut = content.rfind(b"\r\n", 0, HEAD_OCTETS) + 2
-        return Spilled(spill, len(content), content[:cut])
+        return Spilled(spill, len(content), content[:cut], not content.isascii())
 
     def _inbound(self, session: SessionInfo, envelope: Envelope[Accepted],
                  queue_id: str, content: bytes) -> Inbound:
@@ -363,10 +409,11 @@ class Front:
             if key not in seen:
                 seen.add(key)
                 recipients.append(NewRecipient(item.orig_rcpt, item.verdict.target,
-                                               item.verdict.route))
+                                               item.verdict.route, item.dsn))
         single = accepted[0].orig_rcpt if len(accepted) == 1 else None
         header = received_header(session.host_name, session.client, self.settings.hostname,
-                                 queue_id, single, session.extended_smtp, now)
+                                 queue_id, single, session.extended_smtp, now, session.tls,
+                                 envelope.smtp_utf8)
         # The checks' fields (Authentication-Results, X-Spam-*) go on top, above our trace
         # field (RFC 8601 5: at the top of the header section).
         ours = prefix + header
@@ -374,7 +421,7 @@ class Front:
                       SpooledBody(ours, content.spill.path, len(ours) + content.size,
                                   ours + content.head))
         return NewMessage(queue_id, envelope.sender, now, session.client, body,
-                          tuple(recipients))
+                          tuple(recipients), message_flags(envelope, content))
 
     def exception_reply(self, error: BaseException) -> str:
         LOG.error("session_error", error=type(error).__name__, exc_info=error)

@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "RATE_SCOPES",
     "REFUSAL_REASONS",
     "SPAM_ACTIONS",
+    "TLS_RESULTS",
     "Metrics",
     "MetricsServer",
     "start_metrics_server",
@@ -74,6 +75,8 @@ _BODY_REFUSALS = {
     replies.QUEUE_FULL: "no_space",
     replies.QUEUE_UNAVAILABLE: "queue_error",
 }
+# How each outbound SMTP session ended up with TLS (forwarder_outbound_tls_total).
+TLS_RESULTS = ("verified", "encrypted", "clear", "handshake_failed", "policy_failed")
 # forwarder_queue_depth: the queue's recipient rows (`queued`, leased ones included) and,
 # among them, those being delivered right now (`in_flight`, the daemon's count).
 QUEUE_STATES = ("queued", "in_flight")
@@ -159,6 +162,15 @@ class Metrics:
         self._sessions_total = Counter(
             "forwarder_smtp_sessions", "SMTP sessions opened since start.", registry=reg
         )
+        self._outbound_tls = Counter(
+            "forwarder_outbound_tls", "Outbound SMTP sessions, by how TLS went.", ["tls"],
+            registry=reg)
+        self._converted = Counter(
+            "forwarder_mime_conversions",
+            "Messages converted to 7-bit for a next hop without 8BITMIME.", registry=reg)
+        self._suspended = Counter(
+            "forwarder_destination_suspensions",
+            "Destinations declared dead after timeouts or refused connections.", registry=reg)
         self._auth = Counter(
             "forwarder_auth_results", "SPF, DKIM and DMARC results of checked messages.",
             ["method", "outcome"], registry=reg)
@@ -187,6 +199,9 @@ class Metrics:
         self._open_sessions = Gauge(
             "forwarder_smtp_sessions_open", "SMTP sessions currently open.", registry=reg
         )
+        self._dead = Gauge(
+            "forwarder_destinations_suspended",
+            "Destinations whose delivery is suspended now (dead destinations).", registry=reg)
         self._own_open = 0
         self._child_open: dict[str, int] = {}
         self._child_rss: dict[str, int] = {}
@@ -217,6 +232,8 @@ class Metrics:
             self._rcpt.labels(verdict=verdict)
         for reason in REFUSAL_REASONS:
             self._refused.labels(reason=reason)
+        for result in TLS_RESULTS:
+            self._outbound_tls.labels(tls=result)
         for method, outcomes in AUTH_OUTCOMES.items():
             for outcome in outcomes:
                 self._auth.labels(method=method, outcome=outcome)
@@ -354,6 +371,23 @@ class Metrics:
         if destination not in DESTINATION_CLASSES:
             raise ValueError(f"unknown destination class {destination!r}")
         self._deliveries.labels(result=result, destination=destination).inc()
+
+    def outbound_tls(self, result: str) -> None:
+        """An outbound SMTP session opened (or failed to) with this TLS `result`."""
+        if result not in TLS_RESULTS:
+            raise ValueError(f"unknown TLS result {result!r}")
+        self._outbound_tls.labels(tls=result).inc()
+
+    def converted_7bit(self) -> None:
+        self._converted.inc()
+
+    def destination_suspended(self, suspended_now: int) -> None:
+        self._suspended.inc()
+        self._dead.set(suspended_now)
+
+    def count_suspended(self, count: Callable[[], int]) -> None:
+        """Read the number of suspended destinations at each scrape (delivery's slots)."""
+        self._dead.set_function(count)
 
     # --- queue ------------------------------------------------------------------------
 

@@ -116,6 +116,15 @@ RCPT_PARAMETERS_UNKNOWN = Reply(555, "5.5.4",
                                 "RCPT TO parameters not recognized or not implemented")
 BODY_UNSUPPORTED = Reply(555, "5.5.4", "Error: BODY can only be one of 7BIT, 8BITMIME")
 SMTPUTF8_ARGUMENT = Reply(501, "5.5.4", "Error: SMTPUTF8 takes no arguments")
+# RFC 6531 3.5: a UTF-8 address needs SMTPUTF8 on MAIL; X.6.7 is "non-ASCII addresses
+# not permitted for that sender/recipient" (RFC 6531 3.7.5 and the RFC 5248 registry).
+UTF8_NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "non-ASCII address requires MAIL FROM with SMTPUTF8")
+# RFC 3461 4: malformed DSN parameters are a syntax error in the arguments.
+DSN_BAD_RET = Reply(501, "5.5.4", "Error: RET must be FULL or HDRS")
+DSN_BAD_ENVID = Reply(501, "5.5.4", "Error: ENVID must be xtext of at most 100 characters")
+DSN_BAD_NOTIFY = Reply(501, "5.5.4",
+                       "Error: NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+DSN_BAD_ORCPT = Reply(501, "5.5.4", "Error: ORCPT must be addr-type;xtext")
 RSET_SYNTAX = Reply(501, "5.5.4", "Syntax: RSET")
 QUIT_SYNTAX = Reply(501, "5.5.4", "Syntax: QUIT")
 STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")

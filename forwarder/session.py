@@ -55,6 +55,7 @@ from forwarder.smtpsyntax import (
     envelope_path,
     help_text,
     mail_parameters_fault,
+    rcpt_parameters_fault,
     render_reply,
     split_command,
     split_path,
@@ -62,6 +63,8 @@ from forwarder.smtpsyntax import (
 
 T = TypeVar("T")
 
+# EHLO's keywords after SIZE: RFC 6152, RFC 2034, RFC 3461, RFC 6531.
+_EXTENSIONS = ("8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8")
 # Replies to HELO and EHLO and the greeting carry no enhanced code (RFC 2034 4).
 _NO_ENHANCED = frozenset({None, "HELO", "EHLO"})
 
@@ -228,7 +231,7 @@ class Session(Generic[T]):
         method = _COMMANDS.get(command)
         if method is None:
             return self._refuse(replies.COMMAND_UNRECOGNIZED)
-        arg = decode_argument(raw_arg)
+        arg = decode_argument(raw_arg, utf8=command in ("MAIL", "RCPT"))  # RFC 6531 3.3
         if isinstance(arg, Reply):
             return self._refuse(arg)
         self._current = command
@@ -285,15 +288,14 @@ class Session(Generic[T]):
 
     def smtp_EHLO(self, hostname: str | None) -> Event[T] | None:
         """RFC 5321 4.1.1.1 and the extensions we implement (no AUTH; PIPELINING, which is
-        safe because commands are answered in order)."""
+        safe because commands are answered in order): DSN (RFC 3461), SMTPUTF8 (RFC 6531)."""
         if not hostname:
             self.say(replies.BAD_ARGUMENT)
             return None
         self.envelope = Envelope()  # RFC 5321 4.1.4: EHLO resets
         self.info.extended_smtp = True
         self._hello = hostname
-        keywords = ["PIPELINING", f"SIZE {self.limits.max_message_size}", "8BITMIME",
-                    "ENHANCEDSTATUSCODES"]
+        keywords = ["PIPELINING", f"SIZE {self.limits.max_message_size}", *_EXTENSIONS]
         if self.tls_offered and not self._tls:
             keywords.append("STARTTLS")
         lines = [f"250-{self.hostname}"] + [f"250-{k}" for k in keywords[:-1]]
@@ -301,8 +303,7 @@ class Session(Generic[T]):
         return Hello(hostname, lines)
 
     def smtp_MAIL(self, arg: str | None) -> Event[T] | None:
-        """MAIL FROM (RFC 5321 4.1.1.2) with the SIZE (RFC 1870) and BODY (RFC 6152)
-        parameters; SIZE over the limit is 552 5.3.4 (RFC 1870 6.1)."""
+        """MAIL FROM (RFC 5321 4.1.1.2); parameters: smtpsyntax.mail_parameters_fault."""
         if self._helo_needed():
             return None
         syntax = replies.MAIL_SYNTAX_ESMTP if self.info.extended_smtp else replies.MAIL_SYNTAX
@@ -313,10 +314,11 @@ class Session(Generic[T]):
             self.say(replies.NESTED_MAIL)
             return None
         address, params = parsed
-        problem = mail_parameters_fault(params, self.limits.max_message_size)
+        problem = mail_parameters_fault(params, self.limits.max_message_size, address)
         if problem is not None:
             self.say(problem)
             return None
+        self.envelope.smtp_utf8 = "SMTPUTF8" in params
         return MailFrom(address, _options(params))
 
     def smtp_RCPT(self, arg: str | None) -> Event[T] | None:
@@ -330,10 +332,11 @@ class Session(Generic[T]):
         if parsed is None:
             return None
         address, params = parsed
-        if params:  # we implement no RCPT parameter (no DSN extension)
-            self.say(replies.RCPT_PARAMETERS_UNKNOWN)
+        problem = rcpt_parameters_fault(params, address, self.envelope.smtp_utf8)
+        if problem is not None:
+            self.say(problem)
             return None
-        return RcptTo(address, [])
+        return RcptTo(address, _options(params) if params else [])
 
     def _envelope_path(self, keyword: str, arg: str | None,
                        syntax: Reply) -> tuple[str, dict[str, str | bool]] | None:

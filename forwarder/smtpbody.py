@@ -131,11 +131,13 @@ class Spill(Protocol):
 class Spilled:
     """A body that went to a spill: its wire form is in `spill` (closed), `size` is the
     message's octets unstuffed, `head` its first octets unstuffed (whole lines, at most
-    HEAD_OCTETS): its header section, or the start of it."""
+    HEAD_OCTETS): its header section, or the start of it; `eight_bit`: whether any octet
+    is past US-ASCII (RFC 6152: BODY=8BITMIME or a conversion onward)."""
 
     spill: Spill
     size: int
     head: bytes
+    eight_bit: bool = False
 
 
 SpillFactory = Callable[[], Spill]
@@ -173,6 +175,7 @@ class BodyReader:
         self._size = 0  # octets unstuffed, of the whole lines seen
         self._counts = [0, 0, 0]  # CRLF, CR, LF
         self._nul = False
+        self._eight_bit = False
         self._fault: Reply | None = None  # too big or a line too long: refused
         self._storage: Reply | None = None  # the spill failed: 451 or 452
 
@@ -216,6 +219,7 @@ class BodyReader:
         counts[1] += region.count(b"\r")
         counts[2] += region.count(b"\n")
         self._nul = self._nul or b"\x00" in region
+        self._eight_bit = self._eight_bit or not region.isascii()
         if self._content_fault() is None and self._storage is None:
             self._keep(region)
 
@@ -264,7 +268,7 @@ class BodyReader:
         except OSError as error:
             self.discard()
             return _storage_fault(error)
-        return Spilled(self._spill, self._size, self._head)
+        return Spilled(self._spill, self._size, self._head, self._eight_bit)
 
     def discard(self) -> None:
         """Forget what was kept (the session ended, or the message is refused)."""

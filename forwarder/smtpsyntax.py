@@ -10,6 +10,7 @@ import functools
 import re
 
 from forwarder import replies
+from forwarder.dsnparams import mail_dsn, rcpt_dsn
 from forwarder.replies import Reply
 
 # RFC 1870 6: the SIZE parameter lengthens MAIL FROM by up to 26 octets.
@@ -62,13 +63,22 @@ def split_command(line: bytes) -> tuple[str, bytes] | Reply:
     return word.decode("ascii").upper(), arg.strip(b" ")
 
 
-def decode_argument(arg: bytes) -> str | Reply | None:
-    """An argument as text; control characters or 8-bit octets are a 501 (no SMTPUTF8)."""
+def decode_argument(arg: bytes, utf8: bool = False) -> str | Reply | None:
+    """An argument as text; control characters are a 501, and so are 8-bit octets except
+    well-formed UTF-8 where `utf8` (MAIL and RCPT paths: RFC 6531 3.3, checked against
+    the SMTPUTF8 parameter by the session)."""
     if not arg:
         return None
-    if _CONTROL.search(arg) or not arg.isascii():
+    if _CONTROL.search(arg):
         return replies.BAD_ARGUMENT
-    return arg.decode("ascii")
+    if arg.isascii():
+        return arg.decode("ascii")
+    if not utf8:
+        return replies.BAD_ARGUMENT
+    try:
+        return arg.decode("utf-8")
+    except UnicodeDecodeError:
+        return replies.BAD_ARGUMENT
 
 
 def _path_end(text: str) -> int:
@@ -165,10 +175,14 @@ def parameters(params: str) -> dict[str, str | bool] | None:
     return result
 
 
-def mail_parameters_fault(params: dict[str, str | bool], max_size: int) -> Reply | None:
-    """What is wrong with MAIL FROM's parameters, or None. RFC 5321 4.1.1.11: a parameter
-    we do not implement is a 555 (so is SMTPUTF8, which we do not advertise); a malformed
-    one a 501."""
+def mail_parameters_fault(params: dict[str, str | bool], max_size: int,
+                          address: str = "") -> Reply | None:
+    """What is wrong with MAIL FROM's parameters, or None: SIZE (RFC 1870; over the limit
+    552 5.3.4, 6.1), BODY (RFC 6152), SMTPUTF8 (RFC 6531: required by a UTF-8 `address`,
+    3.5), RET and ENVID (RFC 3461). RFC 5321 4.1.1.11: a parameter we do not implement is
+    a 555; a malformed one a 501."""
+    if not address.isascii() and "SMTPUTF8" not in params:
+        return replies.UTF8_NEEDS_SMTPUTF8
     if not params:
         return None
     params = dict(params)
@@ -185,9 +199,26 @@ def mail_parameters_fault(params: dict[str, str | bool], max_size: int) -> Reply
             return replies.MAIL_SYNTAX_ESMTP
         if int(size) > max_size:
             return replies.SIZE_EXCEEDED
-    if params or smtputf8:
-        return replies.MAIL_PARAMETERS_UNKNOWN
-    return None
+    dsn = mail_dsn(params)
+    if isinstance(dsn, Reply):
+        return dsn
+    return replies.MAIL_PARAMETERS_UNKNOWN if params else None
+
+
+def rcpt_parameters_fault(params: dict[str, str | bool], address: str = "",
+                          smtputf8: bool = False) -> Reply | None:
+    """What is wrong with RCPT TO's parameters, or None: NOTIFY and ORCPT (RFC 3461) are
+    the only ones we implement (RFC 5321 4.1.1.11: others are a 555); a UTF-8 `address`
+    needs an SMTPUTF8 transaction (RFC 6531 3.5)."""
+    if not smtputf8 and not address.isascii():
+        return replies.UTF8_NEEDS_SMTPUTF8
+    if not params:
+        return None
+    params = dict(params)
+    dsn = rcpt_dsn(params)
+    if isinstance(dsn, Reply):
+        return dsn
+    return replies.RCPT_PARAMETERS_UNKNOWN if params else None
 
 
 def envelope_path(keyword: str, arg: str | None, extended: bool,

@@ -23,7 +23,7 @@ from tests.test_hostile import GRAD, RawClient, forwarding, stuffed
 Script = list[tuple[str, tuple[int, str]]]
 
 EHLO = ("EHLO client.test", (250, "forwarder.test\nPIPELINING\nSIZE 26214400\n8BITMIME\n"
-                                  "ENHANCEDSTATUSCODES"))
+                                  "ENHANCEDSTATUSCODES\nDSN\nSMTPUTF8"))
 SCRIPTS: dict[str, Script] = {
     # RFC 5321 4.1.1.1, 4.3.2: greeting, then EHLO with its extensions.
     "ehlo": [EHLO],
@@ -50,7 +50,7 @@ SCRIPTS: dict[str, Script] = {
     **{f"mail parameter {p}": [EHLO, (f"MAIL FROM:<a@sender.example> {p}", (555, text))]
        for p, text in [
            ("X-FOO=1", "5.5.4 MAIL FROM parameters not recognized or not implemented"),
-           ("SMTPUTF8", "5.5.4 MAIL FROM parameters not recognized or not implemented"),
+           ("AUTH=<>", "5.5.4 MAIL FROM parameters not recognized or not implemented"),
            ("BODY=BINARYMIME", "5.5.4 Error: BODY can only be one of 7BIT, 8BITMIME")]},
     "rcpt parameter": [EHLO, ("MAIL FROM:<a@sender.example>", (250, "2.1.0 Ok")),
                        (f"RCPT TO:<{GRAD}> X-FOO=1",

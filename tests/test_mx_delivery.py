@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from forwarder import log
 from forwarder.clock import FakeClock
 from forwarder.config import DeliverySettings, HostPort
 from forwarder.daemon import Daemon
@@ -278,6 +279,10 @@ def self_signed(tmp_path: Path) -> ssl.SSLContext:
     return ctx
 
 
+def tls_failures() -> list[dict[str, object]]:
+    return [p for p in log.recent_problems() if p["event"] == "tls_failed"]
+
+
 @pytest.mark.parametrize("broken", [False, True])
 # Setting up the deliberately obsolete server below is itself deprecated.
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
@@ -297,11 +302,18 @@ async def test_opportunistic_starttls(
         world.dns.set_records("gmail.test", "MX", [(10, "mx1.gmail.test.")])
         graduate(directory, "lea@gmail.test")
         d = await start(start_daemon, world)
+        before = len(tls_failures())
         await smtp_send(d.port, SENDER, [GRAD], simple_message())
         (got,) = await tls_sink.wait_for(1)
         # A self-signed certificate is fine (RFC 7435); a failed handshake falls back to
-        # a delivery in clear, as Postfix's "may" level does.
+        # a delivery in clear, as Postfix's "may" level does, and is logged and counted.
         assert got.tls is (not broken)
+        counted = {r: d.metrics.registry.get_sample_value(
+            "forwarder_outbound_tls_total", {"tls": r}) for r in ("encrypted",
+                                                                     "handshake_failed")}
+        assert counted == ({"encrypted": 0, "handshake_failed": 1} if broken
+                           else {"encrypted": 1, "handshake_failed": 0})
+        assert len(tls_failures()) - before == int(broken)
     finally:
         await tls_sink.stop()
 

@@ -30,7 +30,7 @@ from forwarder.smtpevents import (
 
 LIMITS = SessionLimits(max_message_size=1000, max_line_length=100, max_command_line=512)
 EHLO = ["250-mx.test", "250-PIPELINING", "250-SIZE 1000", "250-8BITMIME",
-        "250 ENHANCEDSTATUSCODES"]
+        "250-ENHANCEDSTATUSCODES", "250-DSN", "250 SMTPUTF8"]
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Driver:
 def _run(script: list[tuple[str, list[str]]], tls: bool = False) -> Driver:
     driver = Driver(tls=tls)
     for line, expected in script:
-        assert driver.send(line.encode("ascii") + b"\r\n") == expected, line
+        assert driver.send(line.encode("utf-8") + b"\r\n") == expected, line
     return driver
 
 
@@ -104,9 +104,36 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
     "unknown mail parameter": [("EHLO c", EHLO), (
         "MAIL FROM:<a@b.example> X-FOO=1",
         ["555 5.5.4 MAIL FROM parameters not recognized or not implemented"])],
-    "smtputf8 not offered": [("EHLO c", EHLO), (
-        "MAIL FROM:<a@b.example> SMTPUTF8",
-        ["555 5.5.4 MAIL FROM parameters not recognized or not implemented"])],
+    # RFC 6531 3.3: UTF-8 paths in an SMTPUTF8 transaction; without it, 553 5.6.7.
+    "smtputf8": [("EHLO c", EHLO), ("MAIL FROM:<a@b.example> SMTPUTF8", ["250 2.1.0 Ok"])],
+    "utf-8 sender": [("EHLO c", EHLO), ("MAIL FROM:<jöe@exämple.org> SMTPUTF8",
+                                        ["250 2.1.0 Ok"]),
+                     ("RCPT TO:<élodie@mx.test>", ["250 2.1.5 Ok"])],
+    "utf-8 sender without smtputf8": [("EHLO c", EHLO), (
+        "MAIL FROM:<jöe@exämple.org>",
+        ["553 5.6.7 non-ASCII address requires MAIL FROM with SMTPUTF8"])],
+    "utf-8 recipient without smtputf8": [("EHLO c", EHLO), MAIL, (
+        "RCPT TO:<élodie@mx.test>",
+        ["553 5.6.7 non-ASCII address requires MAIL FROM with SMTPUTF8"])],
+    "smtputf8 with a value": [("EHLO c", EHLO), (
+        "MAIL FROM:<a@b.example> SMTPUTF8=yes", ["501 5.5.4 Error: SMTPUTF8 takes no arguments"])],
+    "utf-8 in helo": [("EHLO é.example", ["501 5.5.4 syntax error in parameters or arguments"])],
+    # RFC 3461 4: the DSN extension's parameters.
+    "dsn on mail": [("EHLO c", EHLO), ("MAIL FROM:<a@b.example> RET=HDRS ENVID=QQ+2B1",
+                                       ["250 2.1.0 Ok"])],
+    "bad ret": [("EHLO c", EHLO), ("MAIL FROM:<a@b.example> RET=BODY",
+                                   ["501 5.5.4 Error: RET must be FULL or HDRS"])],
+    "bad envid": [("EHLO c", EHLO), ("MAIL FROM:<a@b.example> ENVID=a+zz",
+                                     ["501 5.5.4 Error: ENVID must be xtext of at most 100 "
+                                      "characters"])],
+    "dsn on rcpt": [("EHLO c", EHLO), MAIL, (
+        "RCPT TO:<b@mx.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+2Bx@mx.test",
+        ["250 2.1.5 Ok"])],
+    "notify never with another": [("EHLO c", EHLO), MAIL, (
+        "RCPT TO:<b@mx.test> NOTIFY=NEVER,SUCCESS",
+        ["501 5.5.4 Error: NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY"])],
+    "orcpt without a type": [("EHLO c", EHLO), MAIL, (
+        "RCPT TO:<b@mx.test> ORCPT=b@mx.test", ["501 5.5.4 Error: ORCPT must be addr-type;xtext"])],
     "binarymime not offered": [("EHLO c", EHLO), (
         "MAIL FROM:<a@b.example> BODY=BINARYMIME",
         ["555 5.5.4 Error: BODY can only be one of 7BIT, 8BITMIME"])],
@@ -120,7 +147,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
     "parameters after helo": [HELO, ("MAIL FROM:<a@b.example> SIZE=1",
                                      ["501 5.5.4 Syntax: MAIL FROM: <address>"])],
     "rcpt parameter": [("EHLO c", EHLO), MAIL, (
-        "RCPT TO:<b@mx.test> NOTIFY=NEVER",
+        "RCPT TO:<b@mx.test> X-FOO=1",
         ["555 5.5.4 RCPT TO parameters not recognized or not implemented"])],
     "data without mail": [HELO, ("DATA", ["503 5.5.1 bad sequence of commands"])],
     "data without recipients": [HELO, MAIL, ("DATA", ["554 5.5.1 no valid recipients"])],
@@ -257,7 +284,7 @@ def test_quit_ends_the_session() -> None:
 def test_starttls_forgets_everything() -> None:
     """RFC 3207 4.2 and CVE-2024-34083: what came with the command is dropped, and the
     session starts over (HELO needed again; STARTTLS no longer offered)."""
-    driver = _run([("EHLO c", [*EHLO[:-1], "250-ENHANCEDSTATUSCODES", "250 STARTTLS"]),
+    driver = _run([("EHLO c", [*EHLO[:-1], "250-SMTPUTF8", "250 STARTTLS"]),
                    MAIL], tls=True)
     session = driver.session
     session.receive(b"STARTTLS\r\nRCPT TO:<b@mx.test>\r\n")

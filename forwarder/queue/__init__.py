@@ -16,8 +16,10 @@ The names below are the package's public face; import them from `forwarder.queue
 from forwarder.queue.facade import Queue
 from forwarder.queue.intake import DirectIntake, Intake, ScannerIntake
 from forwarder.queue.model import (
+    PLAIN,
     Body,
     Job,
+    MessageFlags,
     NewMessage,
     NewRecipient,
     QueueError,
@@ -30,11 +32,13 @@ from forwarder.queue.model import (
 from forwarder.queue.schema import QUEUE_SCHEMA_VERSION, open_queue_db
 
 __all__ = [
+    "PLAIN",
     "QUEUE_SCHEMA_VERSION",
     "Body",
     "DirectIntake",
     "Intake",
     "Job",
+    "MessageFlags",
     "NewMessage",
     "NewRecipient",
     "Queue",

@@ -7,7 +7,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from forwarder.dsnparams import DsnRequest, RecipientDsn
 from forwarder.policy import Lane, Outcome, Route
+
+NO_DSN_REQUEST = DsnRequest()
+NO_RECIPIENT_DSN = RecipientDsn()
 
 
 class QueueError(Exception):
@@ -55,6 +59,20 @@ class NewRecipient:
     orig_rcpt: str
     rcpt: str
     route: Route
+    dsn: RecipientDsn = NO_RECIPIENT_DSN  # NOTIFY and ORCPT (RFC 3461)
+
+
+@dataclass(frozen=True)
+class MessageFlags:
+    """What the client said about the message, kept for its delivery: the DSN request
+    (RFC 3461 RET, ENVID), SMTPUTF8 (RFC 6531) and whether the body has 8-bit octets."""
+
+    dsn: DsnRequest = NO_DSN_REQUEST
+    smtputf8: bool = False
+    eight_bit: bool = False
+
+
+PLAIN = MessageFlags()
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,7 @@ class NewMessage:
     client: str
     body: Body
     recipients: tuple[NewRecipient, ...]
+    flags: MessageFlags = PLAIN
 
 
 @dataclass
@@ -75,6 +94,7 @@ class RecipientJob:
     route: Route
     attempts: int
     warned: bool = False
+    dsn: RecipientDsn = NO_RECIPIENT_DSN
 
 
 @dataclass
@@ -87,15 +107,17 @@ class Job:
     recipients: list[RecipientJob]
     body: Body | None = None
     isolated: bool = False  # a suspect, alone in the lane: a crash now is charged to it
+    flags: MessageFlags = PLAIN
+    size: int = 0  # of the body, known without it (SIZE= on MAIL, RFC 1870)
 
     @classmethod
     def fresh(cls, message: NewMessage, recipient_ids: list[int]) -> Job:
         """The job for a message just committed (its recipients leased with it), with its
         bytes still in memory."""
         return cls(message.id, message.sender, message.arrived_at, [
-            RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0)
+            RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0, dsn=r.dsn)
             for rid, r in zip(recipient_ids, message.recipients, strict=True)
-        ], message.body)
+        ], message.body, flags=message.flags, size=body_size(message.body))
 
     @property
     def lane(self) -> Lane:

@@ -15,10 +15,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from forwarder.dsnparams import DsnRequest, RecipientDsn
 from forwarder.policy import BLAME, Charge, Ending, Lane, Outcome, Route, Suspicion, blame
 from forwarder.queue.model import (
     Body,
     Job,
+    MessageFlags,
     NewMessage,
     RecipientJob,
     Result,
@@ -44,22 +46,25 @@ def insert_message(msg: NewMessage, leased: bool) -> Op:
     lease, next_attempt = ((LEASED, msg.arrived_at + LEASE_SECONDS) if leased
                            else (0, msg.arrived_at))
 
+    flags = msg.flags
     body = msg.body
     stored, spooled = (body, 0) if isinstance(body, bytes) else (body.prefix, 1)
 
     def op(conn: sqlite3.Connection) -> list[int]:
         conn.execute(
-            "INSERT INTO messages (id, sender, arrived_at, size, client, body, spooled)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (id, sender, arrived_at, size, client, body, ret, envid,"
+            " smtputf8, eight_bit, spooled) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (msg.id, msg.sender, msg.arrived_at, body_size(body), msg.client, stored,
+             flags.dsn.ret, flags.dsn.envid, int(flags.smtputf8), int(flags.eight_bit),
              spooled),
         )
         ids = []
         for r in msg.recipients:
             cursor = conn.execute(
                 "INSERT INTO recipients (message_id, orig_rcpt, rcpt, route, leased,"
-                " next_attempt) VALUES (?, ?, ?, ?, ?, ?)",
-                (msg.id, r.orig_rcpt, r.rcpt, r.route.value, lease, next_attempt),
+                " next_attempt, notify, orcpt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (msg.id, r.orig_rcpt, r.rcpt, r.route.value, lease, next_attempt,
+                 r.dsn.notify, r.dsn.orcpt),
             )
             ids.append(int(cursor.lastrowid or 0))
         return ids
@@ -146,7 +151,8 @@ def _finished_messages(conn: sqlite3.Connection, ids: Iterable[str],
 
 
 _DUE_COLUMNS = ("SELECT r.id, r.message_id, r.orig_rcpt, r.rcpt, r.route, r.attempts,"
-                " r.warned, m.sender, m.arrived_at"
+                " r.warned, r.notify, r.orcpt, m.sender, m.arrived_at, m.ret, m.envid,"
+                " m.smtputf8, m.eight_bit, m.size"
                 " FROM recipients r JOIN messages m ON m.id = r.message_id")
 
 
@@ -189,12 +195,17 @@ def _due_suspect(conn: sqlite3.Connection, now: float,
 def _lease_rows(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], now: float,
                 lease: int) -> list[Job]:
     jobs: dict[str, Job] = {}
-    for rid, mid, orig, rcpt, route, attempts, warned, sender, arrived in rows:
+    for (rid, mid, orig, rcpt, route, attempts, warned, notify, orcpt, sender, arrived,
+         ret, envid, smtputf8, eight_bit, size) in rows:
         conn.execute("UPDATE recipients SET leased = ?, next_attempt = ? WHERE id = ?",
                      (lease, now + LEASE_SECONDS, rid))
-        job = jobs.setdefault(mid, Job(mid, sender, arrived, [], isolated=lease == ISOLATED))
-        job.recipients.append(
-            RecipientJob(rid, orig, rcpt, Route(route), attempts, bool(warned)))
+        job = jobs.get(mid)
+        if job is None:
+            flags = MessageFlags(DsnRequest(ret, envid), bool(smtputf8), bool(eight_bit))
+            job = jobs[mid] = Job(mid, sender, arrived, [], isolated=lease == ISOLATED,
+                                  flags=flags, size=size)
+        job.recipients.append(RecipientJob(rid, orig, rcpt, Route(route), attempts,
+                                           bool(warned), RecipientDsn(notify, orcpt)))
     return list(jobs.values())
 
 

@@ -54,7 +54,17 @@ SCHEMA = (
     ALTER TABLE recipients DROP COLUMN state;
     CREATE INDEX recipients_due ON recipients (next_attempt);
     """,
-    # v5: a big message's body is in a spool file (forwarder/queue/spool.py); `body` then
+    # v5: the DSN extension's parameters (RFC 3461: RET and ENVID per message, NOTIFY and
+    # ORCPT per recipient), SMTPUTF8 (RFC 6531) and whether the body has 8-bit octets.
+    """
+    ALTER TABLE messages ADD COLUMN ret TEXT;
+    ALTER TABLE messages ADD COLUMN envid TEXT;
+    ALTER TABLE messages ADD COLUMN smtputf8 INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN eight_bit INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE recipients ADD COLUMN notify TEXT;
+    ALTER TABLE recipients ADD COLUMN orcpt TEXT;
+    """,
+    # v6: a big message's body is in a spool file (forwarder/queue/spool.py); `body` then
     # holds only our own header fields, and the file the rest, dot-stuffed. Held messages
     # are found by age (they bounce at the end of their lifetime).
     """
