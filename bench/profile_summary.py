@@ -19,7 +19,7 @@ RULES: list[tuple[str, str]] = [
     ("logging (structlog, JSON, stdout)", r"structlog/|forwarder/log\.py|logging/__init__"),
     ("metrics", r"forwarder/metrics\.py|prometheus_client/"),
     ("queue (our code, writer thread hop)", r"forwarder/queue/"),
-    ("directory lookup (aiosqlite hop)", r"forwarder/directory\.py|aiosqlite/"),
+    ("directory lookup (aiosqlite hop)", r"forwarder/directory/|aiosqlite/"),
     ("delivery (aiosmtplib client)", r"aiosmtplib/"),
     ("delivery (our dispatcher/sender)", r"forwarder/delivery\.py|forwarder/returnpath\.py"
      r"|forwarder/srs(store)?\.py|_envelope_sender"),

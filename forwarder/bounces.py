@@ -72,6 +72,15 @@ def _status(rcpt: RecipientJob, result: Result, action: Action,
     )
 
 
+def report_to(settings: Settings, job: Job) -> tuple[str, Route]:
+    """Where a DSN about `job` goes: the original sender, except for our own notices to
+    redirect targets, whose DSNs go to the admin address (`postmaster`), so that the
+    school hears of a target that bounced (their route tells them apart)."""
+    if job.recipients and all(r.route is Route.NOTICE for r in job.recipients):
+        return settings.postmaster or job.sender, Route.NOTICE_BOUNCE
+    return job.sender, Route.BOUNCE
+
+
 def make_dsn(
     settings: Settings, job: Job, body: bytes, action: Action,
     chosen: Sequence[tuple[RecipientJob, Result]], now: float,
@@ -94,7 +103,8 @@ def make_dsn(
         envid=job.flags.dsn.envid,
         return_full=job.flags.dsn.ret == "FULL",
     )
-    utf8 = not job.sender.isascii()  # RFC 6531: to a UTF-8 address only with SMTPUTF8
+    to, route = report_to(settings, job)
+    utf8 = not to.isascii()  # RFC 6531: to a UTF-8 address only with SMTPUTF8
     flags = MessageFlags(smtputf8=utf8, eight_bit=not dsn.isascii())
     return NewMessage(new_queue_id(now), "", now, "", dsn,
-                      (NewRecipient(job.sender, job.sender, Route.BOUNCE, _NEVER),), flags)
+                      (NewRecipient(to, to, route, _NEVER),), flags)

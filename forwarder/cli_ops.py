@@ -1,4 +1,4 @@
-"""`forwarder lookup`, `check`, `srs rotate|reverse` and `serve`."""
+"""`forwarder check`, `srs rotate|reverse`, `token rotate` and `serve`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from forwarder import replies
 from forwarder.cli_common import (
     CliError,
     add_command,
@@ -22,20 +21,15 @@ from forwarder.cli_common import (
 )
 from forwarder.clock import SystemClock
 from forwarder.config import ConfigError, Settings
-from forwarder.directory import SCHEMA_VERSION, Directory, count_active
+from forwarder.directory import (
+    SCHEMA_VERSION,
+    Directory,
+    count_active,
+    token_secrets_path,
+    token_secrets_problems,
+)
 from forwarder.dns import CachingResolver
 from forwarder.migrations import inspect_database
-from forwarder.policy import (
-    Accept,
-    Account,
-    NeedsLookup,
-    NeedsSrsCheck,
-    Refuse,
-    Route,
-    Verdict,
-    classify_recipient,
-    decide_account,
-)
 from forwarder.postfixmaps import RECIPIENTS_FILE, TRANSPORT_FILE, postfix_maps
 from forwarder.queue import QUEUE_SCHEMA_VERSION
 from forwarder.returnpath import (
@@ -111,75 +105,15 @@ def cmd_srs_rotate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-# --- lookup ---------------------------------------------------------------------------
-
-
-def _verdict(address: str, settings: Settings) -> tuple[Verdict, Account | None, str | None]:
-    """What the daemon's RCPT handler would decide now (front.py), with the account row
-    and a detail for the admin."""
-    first = classify_recipient(address, settings.domains, settings.postmaster,
-                               settings.effective_srs_domain)
-    if isinstance(first, NeedsSrsCheck):
-        try:
-            original = srs_reverse(settings, str(first.address))
-        except SrsError as exc:
-            return Refuse(replies.RCPT_BAD_SRS, "srs_invalid"), None, exc.reason.value
-        except (OSError, ValueError, sqlite3.Error) as exc:
-            return Refuse(replies.RCPT_TEMPFAIL, "srs_store_unavailable"), None, str(exc)
-        return Accept(Route.SRS_RETURN, original, "srs_return"), None, None
-    if not isinstance(first, NeedsLookup):
-        return first, None, None
-    try:
-        directory = Directory(settings.directory_path, settings.busy_timeout)
-        row = directory.get(first.address.key)
-        directory.close()
-    except (sqlite3.Error, OSError) as exc:
-        return Refuse(replies.RCPT_TEMPFAIL, "directory_unavailable"), None, str(exc)
-    account = None if row is None else row.account
-    return decide_account(account, settings.domains, settings.mailbox_host is not None), \
-        account, None
-
-
-def _next_hop(verdict: Accept, settings: Settings) -> str:
-    """Where delivery would connect (delivery.MailRouter), without resolving anything."""
-    if verdict.route is Route.MAILBOX:
-        return f"mailbox host {settings.mailbox_host}"
-    if settings.smarthost is not None:
-        return f"smarthost {settings.smarthost}"
-    return f"MX of {verdict.target.rpartition('@')[2]}"
-
-
-def cmd_lookup(args: argparse.Namespace, settings: Settings) -> int:
-    verdict, account, detail = _verdict(args.address, settings)
-    doc: dict[str, Any] = {
-        "address": args.address, "reason": verdict.reason, "detail": detail,
-        "account": None if account is None else
-        {"address": account.address, "state": account.state.value,
-         "redirect": account.redirect},
-        "route": None, "target": None, "next_hop": None}
-    if isinstance(verdict, Refuse):
-        kind = "deferred" if verdict.reply.is_temporary else "refused"
-        doc.update(verdict=kind, reply=verdict.reply.at(args.address))
-    else:
-        doc.update(verdict="accepted", reply=str(replies.RCPT_OK), route=verdict.route.value,
-                   target=verdict.target, next_hop=_next_hop(verdict, settings))
-    emit(args, doc, _lookup_text(doc))
+def cmd_token_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    directory = Directory(settings.directory_path, settings.busy_timeout)
+    count = directory.rotate_token_secrets()
+    path = token_secrets_path(settings.state_dir)
+    emit(args, {"file": str(path), "secrets": count},
+         f"{path}: {count} secret(s), the first one signs. Run 'systemctl reload "
+         "forwarder' so the daemon checks with it; keep the old ones at least "
+         f"{int(settings.targets.token_days) + 1} days so notices already sent verify.")
     return 0
-
-
-def _lookup_text(doc: dict[str, Any]) -> str:
-    lines = [f"{one_line(doc['address'])}: {doc['verdict']} ({doc['reason']})",
-             f"reply: {doc['reply']}"]
-    if doc["account"] is not None:
-        account = doc["account"]
-        lines.append(f"account: {account['address']} {account['state']}, "
-                     f"redirect {account['redirect'] or '-'}")
-    if doc["detail"]:
-        lines.append(f"detail: {one_line(doc['detail'])}")
-    if doc["route"]:
-        srs = " (SRS reverse of the address)" if doc["route"] == Route.SRS_RETURN else ""
-        lines.append(f"route: {doc['route']} -> {doc['target']}{srs} via {doc['next_hop']}")
-    return "\n".join(lines)
 
 
 # --- check ----------------------------------------------------------------------------
@@ -217,6 +151,7 @@ def _storage_problems(settings: Settings, notes: list[str]) -> list[str]:
     problems = _state_dir_problems(settings.state_dir)
     problems += inspect_database(settings.directory_path, SCHEMA_VERSION)
     problems += inspect_database(settings.queue_path, QUEUE_SCHEMA_VERSION)
+    problems += token_secrets_problems(token_secrets_path(settings.state_dir))
     secrets = secrets_path(settings.state_dir)
     if secrets.exists():
         problems += secrets_file_problems(secrets)
@@ -342,13 +277,6 @@ def register(sub: Any) -> None:
     # Set by the main process when it starts an acceptor (forwarder/workers.py).
     p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
-    p = add_command(sub, "lookup", cmd_lookup,
-                    "what mail to ADDRESS would get now, and why (any address)",
-                    "forwarder lookup marie.curie@sigma-clermont.fr", json_flag=True)
-    p.add_argument("address")
-    # The same overrides as `serve`, to ask what a daemon started with them would say.
-    p.add_argument("--smarthost", metavar="HOST:PORT", help="as for serve")
-    p.add_argument("--mailbox-host", metavar="HOST:PORT", help="as for serve")
     p = add_command(sub, "check", cmd_check,
                     "validate the configuration and the storage; report every problem; "
                     "print the Postfix gateway's tables",
@@ -367,6 +295,11 @@ def register(sub: Any) -> None:
                     "forwarder srs reverse SRS0=HHHH=TT=example.org=jane@sigma-clermont.fr",
                     json_flag=True)
     p.add_argument("address")
+    token = add_group(sub, "token", "the secrets of the notices' confirm+ and refuse+ addresses",
+                      "forwarder token rotate && systemctl reload forwarder")
+    add_command(token, "rotate", cmd_token_rotate,
+                "add a new signing secret, keeping the old ones for verification",
+                "forwarder token rotate && systemctl reload forwarder", json_flag=True)
 
 
 def config_error_settings(args: argparse.Namespace, exc: ConfigError) -> Settings | None:

@@ -133,6 +133,22 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class TargetSettings:
+    """Redirect targets (forwarder/targets.py, docs/admin.md "Redirect targets")."""
+
+    # The dead-target rule: this many mailbox failures (5.1.x, 5.2.1) spanning at least
+    # this many days, with no success in between, make a target `failing` (PRODUCT.md).
+    max_failures: int = 5
+    failure_days: float = 30.0
+    # How long a notice's confirm+ and refuse+ addresses stay valid.
+    token_days: float = 30.0
+    # Seconds between two notices of one import, so that a term's thousands of new
+    # targets are not mailed in one burst (a provider's rate limits, our reputation);
+    # a target declared on its own gets its notice at once.
+    notice_interval: float = 1.0
+
+
+@dataclass(frozen=True)
 class CheckSettings:
     """SPF, DKIM and DMARC before the 250 (docs/admin.md, "Inbound checks")."""
 
@@ -204,6 +220,10 @@ class Settings:
     acceptors: int = -1
     limits: Limits = field(default_factory=Limits)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    targets: TargetSettings = field(default_factory=TargetSettings)
+    # From: and envelope sender of the notices to redirect targets; None: postmaster@ the
+    # first domain (whose mail reaches `postmaster`, the admin address).
+    notice_sender: str | None = None
     checks: CheckSettings = field(default_factory=CheckSettings)
     rspamd: RspamdSettings = field(default_factory=RspamdSettings)
     rate_limits: RateLimits = field(default_factory=RateLimits)
@@ -248,6 +268,10 @@ class Settings:
         return self.srs_domain or self.domains[0]
 
     @property
+    def effective_notice_sender(self) -> str:
+        return self.notice_sender or f"postmaster@{self.domains[0]}"
+
+    @property
     def authserv_id(self) -> str:
         return self.checks.authserv_id or self.hostname
 
@@ -255,6 +279,7 @@ class Settings:
 _HOSTPORT_KEYS = {"listen": 2525, "smarthost": 25, "mailbox_host": 25, "metrics_listen": 9325}
 _TOP_KEYS = {f.name for f in dataclasses.fields(Settings)} - {"config_file"}
 _SECTIONS: dict[str, type[Any]] = {"limits": Limits, "delivery": DeliverySettings,
+                                   "targets": TargetSettings,
                                    "checks": CheckSettings, "rspamd": RspamdSettings,
                                    "rate_limits": RateLimits}
 DMARC_REJECT_MODES = ("reject", "mark", "off")
@@ -403,6 +428,10 @@ def _check(section: str, key: str, value: Any) -> str | None:
         return "must be at least 1"
     if key in ("deadline", "timeout", "report_interval") and value <= 0:
         return "must be a number of seconds > 0"
+    if (section, key) == ("targets", "max_failures") and value < 1:
+        return "must be at least 1"
+    if (section, key) == ("targets", "token_days") and value <= 0:
+        return "must be a number of days > 0"
     if (section, key) == ("checks", "authserv_id") and value and not _TOKEN.match(value):
         return "must be a host or domain name (it names us in Authentication-Results)"
     if (section, key) == ("rspamd", "url") and value:

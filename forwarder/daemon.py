@@ -12,15 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
-import gc
 import os
 import signal
 import socket
 import sqlite3
 import ssl
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -30,12 +27,23 @@ from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
 from forwarder.control import STATUS_SOCKET, StatusService
-from forwarder.delivery import Dispatcher, MailRouter, Router
-from forwarder.directory import DirectoryReader
-from forwarder.dns import CachingResolver, MxRouter
+from forwarder.daemonparts import (
+    StartFailed,
+    StateLockError,
+    check_space,
+    lock_state_dir,
+    mail_router,
+    make_resolver,
+    per_process,
+    start_error,
+    tune_gc,
+)
+from forwarder.delivery import Dispatcher, Router
+from forwarder.directory import SqliteDaemonDirectory
 from forwarder.faults import FAULT_FILE, FaultRecord
 from forwarder.front import Accepted, Front
-from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
+from forwarder.metrics import Metrics
+from forwarder.metricsserver import MetricsServer, start_metrics_server
 from forwarder.mtasts import MtaSts
 from forwarder.policy import needs_srs
 from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
@@ -44,6 +52,7 @@ from forwarder.senders import SenderTally
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
+from forwarder.targetupkeep import TargetUpkeep
 from forwarder.tarpit import ErrorLedger, parse_networks
 from forwarder.workers import Acceptors, MainLink, listening_socket
 
@@ -53,36 +62,6 @@ PURGE_INTERVAL = 3600.0
 # Pending connections the kernel holds for us: bursts of 500 clients must not wait for a
 # SYN retransmission (asyncio's default is 100).
 BACKLOG = 1024
-
-
-class StateLockError(Exception):
-    pass
-
-
-class StartFailed(Exception):
-    """Start-up failed; everything opened was released. The message is the one log line."""
-
-
-def start_error(exc: BaseException, settings: Settings) -> str:
-    """One line saying why start-up failed, naming the file or address at fault."""
-    if isinstance(exc, sqlite3.DatabaseError):
-        return f"database in {settings.state_dir}: {exc}"
-    if isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename else ""
-        return f"{where}{exc.strerror or exc}"
-    return str(exc) or type(exc).__name__
-
-
-def lock_state_dir(state_dir: Path) -> int:
-    """One daemon per state directory: a second one would deliver the same queue twice."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "forwarder.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StateLockError(f"another forwarder is running on {state_dir}") from None
-    return fd
 
 
 class Daemon:
@@ -102,7 +81,7 @@ class Daemon:
         multi = control_fd is not None or (acceptor_argv is not None
                                            and settings.acceptor_count > 0)
         self._processes = 1 + settings.acceptor_count if multi else 1
-        self.settings = settings = self._per_process(settings)
+        self.settings = settings = per_process(settings, self._processes)
         # Several accepting processes (forwarder/workers.py): the main process is given
         # the argv to start acceptors with; an acceptor is given the two inherited fds.
         self.acceptor_argv = acceptor_argv
@@ -114,8 +93,8 @@ class Daemon:
         self.clock = clock or SystemClock()
         self._fixed_router = router
         # One resolver (and cache) for MX routing, MTA-STS and the inbound checks.
-        self.resolver = self._resolver(settings)
-        self.router = router or self._router(settings, self.resolver)
+        self.resolver = make_resolver(settings, self.clock)
+        self.router = router or mail_router(settings, self.resolver)
         self.reload_settings = reload_settings
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
@@ -136,7 +115,7 @@ class Daemon:
         self.connections = Connections(metrics=self.metrics)
         # Recent errors per client address, for the tarpit (forwarder/tarpit.py).
         self.error_ledger = ErrorLedger(self.clock.now, settings.error_limit_exempt)
-        self.directory: DirectoryReader | None = None
+        self.directory: SqliteDaemonDirectory | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
         self.senders = SenderTally(self.clock.now)
@@ -149,24 +128,10 @@ class Daemon:
                                      self.clock, self.metrics,
                                      envelope_sender=self._envelope_sender,
                                      mta_sts=self.mta_sts)
+        self.targets = TargetUpkeep(settings, self.queue, self.dispatcher, self.clock, self.metrics)
         # `forwarder status` (forwarder/control.py); only the main process listens.
         self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
                                     self.clock, lambda: describe(self), self.refresh_status)
-
-    def _router(self, settings: Settings, resolver: CachingResolver | None) -> MailRouter:
-        mx = None if resolver is None else MxRouter(resolver, port=settings.delivery.mx_port)
-        return MailRouter(settings.mailbox_host, settings.smarthost, mx)
-
-    def _resolver(self, settings: Settings) -> CachingResolver | None:
-        servers = settings.dns_servers
-        try:
-            if servers:
-                return CachingResolver([s.host for s in servers], port=servers[0].port,
-                                       now=self.clock.now)
-            return CachingResolver(use_system_config=True, now=self.clock.now)
-        except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
-            LOG.error("dns_unavailable", error=str(exc))
-            return None
 
     def _mta_sts(self, settings: Settings) -> MtaSts | None:
         """MTA-STS applies to delivery by MX (RFC 8461), with the daemon's resolver."""
@@ -205,7 +170,7 @@ class Daemon:
             await asyncio.to_thread(self.queue.reserve.release)
         self.return_path = ReturnPath(self.settings.state_dir,
                                       self.settings.effective_srs_domain, self.clock)
-        self.directory = await DirectoryReader.open(
+        self.directory = await SqliteDaemonDirectory.open(
             self.settings.directory_path, self.settings.busy_timeout)
         try:
             self.connections.tls_context = load_tls_context(self.settings.tls_cert,
@@ -219,7 +184,7 @@ class Daemon:
             await self._recover()
             await self._sweep_spool()
         await self._listen(acceptor)
-        await self._check_space(acceptor)
+        await check_space(self.queue, self.front, acceptor)
         self._spawn(self._space_loop(acceptor), "space")
         # Every process counts the sender domains its checks saw and adds them up in the
         # directory now and then.
@@ -228,6 +193,7 @@ class Daemon:
             self._start_acceptor()
             return
         await self._start_metrics()
+        await self.targets.start(self.directory)
         self._spawn(self.dispatcher.run(), "dispatcher")
         self._spawn(self._status_loop(), "status")
         interval = watchdog_interval()
@@ -319,25 +285,7 @@ class Daemon:
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
             with contextlib.suppress(OSError):
-                await self._check_space(acceptor)
-
-    async def _check_space(self, acceptor: bool) -> None:
-        """The space reserve (forwarder/queue/reserve.py): the main process remakes it
-        when it is missing; while it cannot (or, in an acceptor, while it is missing),
-        new mail is refused (`452 4.3.1` at MAIL), so what is queued can still settle."""
-        reserve = self.queue.reserve
-        if self.queue.reserve_released:
-            LOG.warning("disk_reserve_used", times=self.queue.reserve_released)
-            self.queue.reserve_released = 0
-        check: Callable[[], bool] = (lambda: reserve.present) if acceptor else reserve.ensure
-        present = await asyncio.to_thread(check)
-        assert self.front is not None
-        if present == self.front.space_short:
-            self.front.space_short = not present
-            if present:
-                LOG.info("disk_space_back", reserve=reserve.size)
-            else:
-                LOG.error("disk_short", reserve=reserve.size, state_dir=str(reserve.path.parent))
+                await check_space(self.queue, self.front, acceptor)
 
     async def _recover(self) -> None:
         """Leases the last run left: blamed on their messages only if that run died of a
@@ -397,6 +345,8 @@ class Daemon:
             new = self.reload_settings()
             assert self.return_path is not None
             self.return_path.reload(new.effective_srs_domain)
+            if self.front is not None:
+                self.front.reload_token_secrets()
             self.connections.reload_tls(new)
         except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
             LOG.error("reload_refused", error=str(exc))
@@ -407,27 +357,18 @@ class Daemon:
             new = dataclasses.replace(new, listen=self.settings.listen,
                                       state_dir=self.settings.state_dir)
         self._apply(new)
+        self.targets.reload(new)
         LOG.info("reloaded", domains=list(new.domains))
         self.notifier.ready("reloaded")
         return True
 
-    def _per_process(self, settings: Settings) -> Settings:
-        """With several accepting processes, each takes its share of the total connection
-        cap, so "500 in all" holds for the daemon; the per-client cap stays whole in each
-        (a client's connections are not spread evenly, and 20 must always be possible)."""
-        if self._processes == 1:
-            return settings
-        share = -(-settings.limits.max_connections // self._processes)
-        return dataclasses.replace(
-            settings, limits=dataclasses.replace(settings.limits, max_connections=share))
-
     def _apply(self, new: Settings) -> None:
-        new = self._per_process(new)
+        new = per_process(new, self._processes)
         self.settings = new
         self.error_ledger.exempt = parse_networks(new.error_limit_exempt)
         if self._fixed_router is None:
-            self.resolver = self._resolver(new)
-            self.router = self._router(new, self.resolver)
+            self.resolver = make_resolver(new, self.clock)
+            self.router = mail_router(new, self.resolver)
         if self.mta_sts is not None and self.resolver is not None:
             self.mta_sts.resolver = self.resolver
         self.dispatcher.set_router(self.router, new)
@@ -457,6 +398,7 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.targets.stop()
         if self.link is not None:
             self.link.report(self.metrics)
             self.link.close()
@@ -519,19 +461,6 @@ def describe(daemon: Daemon) -> dict[str, Any]:
             "metrics": None if served is None else str(HostPort(served.host, served.port))},
         "acceptors": acceptors,
     }
-
-
-# Python's cyclic garbage collector runs a young-generation pass every 700 allocations,
-# and under load a message allocates thousands of objects (sessions, futures, tasks), most
-# of them freed by reference counting anyway. Collecting every 20,000 allocations, with
-# the objects of start-up frozen out of every pass, gave +19 % accepted messages a second
-# (docs/performance.md); cyclic garbage just waits a little longer.
-GC_THRESHOLDS = (20_000, 20, 20)
-
-
-def tune_gc() -> None:
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run(

@@ -99,6 +99,8 @@ class Dispatcher:
     metrics: Metrics
     envelope_sender: Callable[[Job, RecipientJob], Awaitable[str]] = field(
         default=lambda job, rcpt: _unchanged_sender(job))
+    # Told every round's results (forwarder/targetwatch.py: the dead-target rule).
+    observe: Callable[[Job, list[Result]], None] | None = None
     mta_sts: MtaSts | None = None
     in_flight: set[int] = field(default_factory=set)
     # Messages whose outcome waits to be written (a full disk): no new attempt meanwhile.
@@ -269,6 +271,8 @@ class Dispatcher:
         # The attempt completed: crash blame is told so (a suspect alone in the lane that
         # got this far did not bring the daemon down).
         new_ids = await self._record(job, results, dsns)
+        if self.observe is not None:
+            self.observe(job, results)
         for rcpt, result in zip(job.recipients, results, strict=True):
             self._log(job, rcpt, result, attempts[rcpt.id], now)
             delivered = result.outcome is Outcome.DELIVERED
@@ -276,7 +280,7 @@ class Dispatcher:
             self.metrics.delivery_result(result.outcome, rcpt.route.value, latency)
         for dsn, ids in zip(dsns, new_ids, strict=True):
             LOG.info("bounce_queued", queue_id=dsn.id, orig_queue_id=job.message_id,
-                     to=job.sender)
+                     to=dsn.recipients[0].rcpt, route=dsn.recipients[0].route.value)
             self.submit(Job.fresh(dsn, ids))
 
     async def _reports(self, job: Job, holder: BodyHolder, results: list[Result],

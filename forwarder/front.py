@@ -9,11 +9,9 @@ transient fault ever becomes a 5xx (DESIGN.md habit 4).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import re
 import sqlite3
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -21,23 +19,27 @@ from typing import Any
 
 from forwarder import log, replies
 from forwarder.addresses import AddressError, has_control_chars, parse_sender
+from forwarder.bodybudget import BODIES_IN_MEMORY, ByteBudget, respool
 from forwarder.checkpolicy import separate_transaction
 from forwarder.checks import Checked, Checks, Inbound
 from forwarder.clock import Clock
 from forwarder.config import Settings
-from forwarder.directory import DirectoryReader
+from forwarder.directory import DaemonDirectory
 from forwarder.dsnparams import DsnRequest, RecipientDsn, mail_dsn, options_dict, rcpt_dsn
 from forwarder.metrics import Metrics
 from forwarder.policy import (
     Accept,
+    Consume,
     NeedsLookup,
     NeedsSrsCheck,
+    NeedsTokenCheck,
     Refuse,
     Route,
     Verdict,
     classify_recipient,
     count_received_headers,
     decide_account,
+    is_automatic,
 )
 from forwarder.queue import (
     PLAIN,
@@ -53,47 +55,23 @@ from forwarder.queue import (
 )
 from forwarder.queue.spool import Spool, read_unstuffed
 from forwarder.returnpath import ReturnPath
-from forwarder.smtpbody import HEAD_OCTETS, Spilled, stuffed_pieces
+from forwarder.smtpbody import Spilled
 from forwarder.smtpevents import Envelope, SessionInfo, TlsInfo
 from forwarder.srs import SrsError
+from forwarder.tokens import TokenError, check_token, parse_token
 
 LOG = log.get("forwarder.smtp")
 NO_RECIPIENT_DSN = RecipientDsn()
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
-# Octets of spilled bodies the inbound checks may hold in memory at once (docs/security.md).
-BODIES_IN_MEMORY = 64 * 1024 * 1024
-
-
-class ByteBudget:
-    """A bound on the octets held at once: past it, the next holder waits its turn (its
-    client waits for the reply to its final dot, which RFC 5321 4.5.3.2.6 allows 10
-    minutes). One body bigger than the whole budget still passes, alone."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._freed = asyncio.Condition()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, octets: int) -> AsyncIterator[None]:
-        octets = min(octets, self.limit)
-        async with self._freed:
-            await self._freed.wait_for(lambda: self.used + octets <= self.limit)
-            self.used += octets
-        try:
-            yield
-        finally:
-            async with self._freed:
-                self.used -= octets
-                self._freed.notify_all()
 
 
 @dataclass(frozen=True)
 class Accepted:
-    """An accepted RCPT: what the client said, and where the copy goes."""
+    """An accepted RCPT: what the client said, and where the copies go (or, for a
+    confirm+ or refuse+ address, what the message does once complete)."""
 
     orig_rcpt: str
-    verdict: Accept
+    verdict: Accept | Consume
     dsn: RecipientDsn = NO_RECIPIENT_DSN
 
 
@@ -162,7 +140,7 @@ class Front:
     def __init__(
         self,
         settings: Settings,
-        directory: DirectoryReader,
+        directory: DaemonDirectory,
         intake: Intake,
         clock: Clock,
         return_path: ReturnPath,
@@ -182,7 +160,14 @@ class Front:
         self.clock = clock
         self.return_path = return_path
         self.metrics = metrics
+        # The notices' token secrets, the first signing (read again on SIGHUP).
+        self.token_secrets = directory.token_secrets()
         self.checks = checks
+
+    def reload_token_secrets(self) -> None:
+        """SIGHUP: a rotation done with `forwarder token rotate` (raises OSError or
+        ValueError if the file cannot be read: the reload is then refused)."""
+        self.token_secrets = self.directory.token_secrets()
 
     # --- greeting --------------------------------------------------------------------
 
@@ -248,14 +233,18 @@ class Front:
         if (self.checks is None or not self.checks.splits_roles or not accepted
                 or not isinstance(verdict, Accept)):
             return False
-        return separate_transaction(accepted[0].verdict.route is Route.POSTMASTER,
-                                    verdict.route is Route.POSTMASTER)
+        first = accepted[0].verdict  # a confirm+/refuse+ one counts as other mail
+        return separate_transaction(
+            isinstance(first, Accept) and first.route is Route.POSTMASTER,
+            verdict.route is Route.POSTMASTER)
 
     async def _verdict(self, address: str) -> Verdict:
         first = classify_recipient(address, self.settings.domains, self.settings.postmaster,
                                    self.return_path.domain)
         if isinstance(first, NeedsSrsCheck):
             return await self._srs_verdict(str(first.address))
+        if isinstance(first, NeedsTokenCheck):
+            return await self._token_verdict(address, first)
         if not isinstance(first, NeedsLookup):
             return first
         try:
@@ -279,6 +268,25 @@ class Front:
         except (sqlite3.Error, OSError):
             return Refuse(replies.RCPT_TEMPFAIL, "srs_store_unavailable")
         return Accept(Route.SRS_RETURN, original, "srs_return")
+
+    async def _token_verdict(self, address: str, check: NeedsTokenCheck) -> Verdict:
+        """A reply to a notice: checked like an SRS address (tokens.py), against the
+        directory's record of the target it names. It takes effect only once the message
+        is complete (handle_DATA): an RCPT probe (a gateway's recipient verification, a
+        callout) must not confirm or refuse anything."""
+        try:
+            claim = parse_token(check.kind, check.token)
+            binding = await self.directory.binding(claim.target_id)
+            check_token(claim, binding, self.token_secrets, self.clock.now())
+        except TokenError as exc:
+            LOG.info("token_refused", to=address, reason=exc.reason.value)
+            return Refuse(replies.RCPT_BAD_TOKEN, "token_invalid")
+        except (sqlite3.Error, OSError) as exc:
+            LOG.error("directory_unavailable", error=type(exc).__name__, detail=str(exc))
+            return Refuse(replies.RCPT_TEMPFAIL, "directory_unavailable")
+        assert binding is not None
+        return Consume(check.kind, claim.target_id, binding.account, binding.target,
+                       check.kind.value)
 
     # --- data ------------------------------------------------------------------------
 
@@ -304,13 +312,21 @@ class Front:
             LOG.warning("refused", client=session.client, reason="too_many_hops")
             self.metrics.message_refused("loop")
             return str(replies.TOO_MANY_HOPS)
+        consumed = [a.verdict for a in accepted if isinstance(a.verdict, Consume)]
+        if consumed:
+            failed = await self._consume(session, envelope.sender, consumed, content)
+            if failed is not None:
+                return failed
+            accepted = [a for a in accepted if isinstance(a.verdict, Accept)]
+            if not accepted:
+                return str(replies.CONSUMED)
         now = self.clock.now()
         queue_id = new_queue_id(now)
         prefix: bytes = b""
         checked: dict[str, Any] = {}
         if self.checks is not None and self.checks.active:
             # Authentication, spam and rate limits, once per message, before the 250.
-            refusal, content, prefix, checked = await self._check(session, envelope,
+            refusal, content, prefix, checked = await self._check(session, envelope, accepted,
                                                                   queue_id, content)
             if refusal is not None:
                 return refusal
@@ -340,8 +356,8 @@ class Front:
         return replies.queued(queue_id)
 
     async def _check(
-        self, session: SessionInfo, envelope: Envelope[Accepted], queue_id: str,
-        content: bytes | Spilled,
+        self, session: SessionInfo, envelope: Envelope[Accepted], accepted: list[Accepted],
+        queue_id: str, content: bytes | Spilled,
     ) -> tuple[str | None, bytes | Spilled, bytes, dict[str, Any]]:
         """The inbound checks: (the refusal, or None), the message as it is to be queued,
         the header fields to put on top, the fields to log. A spilled message is read back
@@ -351,19 +367,20 @@ class Front:
         if not isinstance(content, Spilled) or not self.checks.reads_content:
             # The rate limits alone read no content: the head stands in for it.
             text = content if isinstance(content, bytes) else content.head
-            result = await self.checks.evaluate(self._inbound(session, envelope, queue_id,
-                                                              text))
+            result = await self.checks.evaluate(self._inbound(session, envelope, accepted,
+                                                              queue_id, text))
             kept: bytes | Spilled = content if isinstance(content, Spilled) else result.content
             return self._refused(session, envelope, result), kept, result.prefix, \
                 result.fields
         async with self.bodies.hold(content.size):
             text = await asyncio.to_thread(read_unstuffed, content.spill.path)
-            result = await self.checks.evaluate(self._inbound(session, envelope, queue_id,
-                                                              text))
+            result = await self.checks.evaluate(self._inbound(session, envelope, accepted,
+                                                              queue_id, text))
             refusal = self._refused(session, envelope, result)
             kept = content
             if refusal is None and result.content != text:  # forged fields removed
-                kept = await asyncio.to_thread(self._respool, result.content)
+                assert self.spool is not None
+                kept = await asyncio.to_thread(respool, self.spool, result.content)
         return refusal, kept, result.prefix, result.fields
 
     def _refused(self, session: SessionInfo, envelope: Envelope[Accepted],
@@ -376,26 +393,40 @@ class Front:
         self.metrics.message_refused(result.decision.reason)
         return str(result.decision.reply)
 
-    def _respool(self, content: bytes) -> Spilled:
-        """A changed message back into a spool file of its own (in a worker thread)."""
-        assert self.spool is not None
-        spill = self.spool.open_incoming()
-        try:
-            for piece in stuffed_pieces(content):
-                spill.write(piece)
-            spill.close()
-        except BaseException:
-            spill.discard()
-            raise
-        cut = content.rfind(b"\r\n", 0, HEAD_OCTETS) + 2
-        return Spilled(spill, len(content), content[:cut], not content.isascii())
+    async def _consume(self, session: SessionInfo, sender: str, uses: list[Consume],
+                       content: bytes | Spilled) -> str | None:
+        """Apply the confirm+ and refuse+ addresses of a complete message (each once) and
+        audit them; the message itself is kept nowhere. None, or a 451 if the directory
+        cannot take the write (the client retries; applying again changes nothing)."""
+        automatic = is_automatic(
+            sender, content.head if isinstance(content, Spilled) else content)
+        now = self.clock.now()
+        done: set[tuple[int, str]] = set()
+        for use in uses:
+            if (use.target_id, use.kind.value) in done:
+                continue
+            done.add((use.target_id, use.kind.value))
+            try:
+                result = await self.directory.consume(use, session.client, sender,
+                                                      automatic, now)
+            except (sqlite3.Error, OSError) as exc:
+                LOG.error("directory_write_failed", error=type(exc).__name__,
+                          detail=str(exc), client=session.client)
+                return str(replies.DIRECTORY_WRITE_FAILED)
+            LOG.info("token_consumed", client=session.client, **{"from": sender},
+                     kind=use.kind.value, account=result.account, target=result.target,
+                     state=None if result.after is None else result.after.value,
+                     ignored=result.ignored)
+        return None
 
     def _inbound(self, session: SessionInfo, envelope: Envelope[Accepted],
-                 queue_id: str, content: bytes) -> Inbound:
-        accepted = envelope.accepted
+                 accepted: list[Accepted], queue_id: str, content: bytes) -> Inbound:
+        """The message as the inbound checks see it, for the recipients it is queued for
+        (a confirm+ or refuse+ one has been consumed already)."""
         return Inbound(queue_id, session.client, session.host_name or "", envelope.sender,
                        [a.orig_rcpt for a in accepted],
-                       all(a.verdict.route is Route.POSTMASTER for a in accepted),
+                       all(isinstance(a.verdict, Accept) and a.verdict.route is Route.POSTMASTER
+                           for a in accepted),
                        content)
 
     def _message(
@@ -405,11 +436,14 @@ class Front:
         seen: set[tuple[str, str]] = set()
         recipients: list[NewRecipient] = []
         for item in accepted:
-            key = (item.verdict.target.lower(), item.verdict.route.value)
-            if key not in seen:
-                seen.add(key)
-                recipients.append(NewRecipient(item.orig_rcpt, item.verdict.target,
-                                               item.verdict.route, item.dsn))
+            verdict = item.verdict
+            assert isinstance(verdict, Accept)
+            for target in verdict.targets:
+                key = (target.lower(), verdict.route.value)
+                if key not in seen:
+                    seen.add(key)
+                    recipients.append(NewRecipient(item.orig_rcpt, target, verdict.route,
+                                                   item.dsn))
         single = accepted[0].orig_rcpt if len(accepted) == 1 else None
         header = received_header(session.host_name, session.client, self.settings.hostname,
                                  queue_id, single, session.extended_smtp, now, session.tls,

@@ -1,4 +1,4 @@
-"""Prometheus metrics, and a tiny /metrics HTTP endpoint served from the asyncio loop.
+"""Prometheus metrics (the /metrics HTTP endpoint that serves them: metricsserver.py).
 
 Callers report events (`rcpt_verdict`, `message_accepted`, `delivered`, ...) and never touch
 prometheus objects, so the metric names and labels live in this file and in docs/metrics.md
@@ -8,17 +8,13 @@ tests (and a daemon restarted in-process) can build as many as they like.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -40,16 +36,16 @@ __all__ = [
     "RATE_SCOPES",
     "REFUSAL_REASONS",
     "SPAM_ACTIONS",
+    "TARGET_STATES",
     "TLS_RESULTS",
     "Metrics",
-    "MetricsServer",
-    "start_metrics_server",
 ]
 
 # Label values with a fixed set (policy.Outcome and policy.Route): a typo must not silently
 # create a new time series, and pre-creating them makes rate() see the very first event.
 DELIVERY_RESULTS = ("delivered", "deferred", "failed")
-DESTINATION_CLASSES = ("mailbox", "redirect", "postmaster", "srs_return", "bounce")
+DESTINATION_CLASSES = ("mailbox", "redirect", "postmaster", "srs_return", "bounce", "notice",
+                       "notice_bounce")
 # Why a message was refused or deferred at or after DATA (forwarder_messages_refused_total).
 REFUSAL_REASONS = ("size", "bare_lf", "nul", "line_too_long", "loop", "queue_error",
                    "no_space", "dmarc", "spam", "spam_deferred", "rate_limited",
@@ -80,6 +76,8 @@ TLS_RESULTS = ("verified", "encrypted", "clear", "handshake_failed", "policy_fai
 # forwarder_queue_depth: the queue's recipient rows (`queued`, leased ones included) and,
 # among them, those being delivered right now (`in_flight`, the daemon's count).
 QUEUE_STATES = ("queued", "in_flight")
+# forwarder_targets: redirect targets by state (targets.TargetState).
+TARGET_STATES = ("pending", "confirmed", "refused", "off", "failing")
 
 # Acceptance-to-delivery: a relay hop takes tens of milliseconds, a greylisted destination
 # minutes, a down one hours, and the queue lifetime is 5 days (then the message bounces).
@@ -185,6 +183,10 @@ class Metrics:
         self._queue_depth = Gauge(
             "forwarder_queue_depth", "Queued recipients, by state.", ["state"], registry=reg
         )
+        self._targets = Gauge(
+            "forwarder_targets", "Redirect targets in the directory, by state.", ["state"],
+            registry=reg,
+        )
         self._oldest = Gauge(
             "forwarder_queue_oldest_age_seconds",
             "Age of the oldest message still queued (0 when the queue is empty).",
@@ -242,6 +244,7 @@ class Metrics:
         for scope in RATE_SCOPES:
             self._rate.labels(scope=scope)
         self.queue_snapshot(dict.fromkeys(states, 0), None)
+        self.targets_snapshot({})
 
     # --- SMTP front -------------------------------------------------------------------
 
@@ -402,6 +405,13 @@ class Metrics:
             self._queue_depth.labels(state=state).set(depth_by_state.get(state, 0))
         self._oldest.set(max(0.0, oldest_age) if oldest_age is not None else 0.0)
 
+    # --- directory ------------------------------------------------------------------------
+
+    def targets_snapshot(self, by_state: Mapping[str, int]) -> None:
+        """The redirect targets as last counted, per state (a state with none reads 0)."""
+        for state in TARGET_STATES:
+            self._targets.labels(state=state).set(by_state.get(state, 0))
+
     def summary(self) -> dict[str, Any]:
         """The figures `forwarder status` shows, read back from this registry (so they
         include what the acceptors reported): running totals, the queue as last counted,
@@ -431,67 +441,3 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""
         return generate_latest(self.registry)
-
-
-# --- the /metrics endpoint ------------------------------------------------------------
-
-_REQUEST_TIMEOUT = 10.0
-_MAX_HEADER_LINES = 100
-
-
-@dataclass
-class MetricsServer:
-    """A running /metrics endpoint; `port` is the bound one (useful with port 0)."""
-
-    server: asyncio.Server
-    host: str
-    port: int
-
-    async def close(self) -> None:
-        self.server.close()
-        await self.server.wait_closed()
-
-
-async def start_metrics_server(metrics: Metrics, host: str, port: int) -> MetricsServer:
-    """Serve GET /metrics over HTTP/1.0 from the running event loop (no extra thread).
-
-    Bind it to loopback: there is no authentication. Returns once the socket is listening.
-    """
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(_REQUEST_TIMEOUT):
-                status, body, content_type = await _respond(metrics, reader)
-                head = (
-                    f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                )
-                writer.write(head.encode("ascii") + body)
-                await writer.drain()
-        except (TimeoutError, ConnectionError, ValueError, asyncio.IncompleteReadError):
-            pass  # a scraper that went away or sent garbage: nothing worth reporting
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    server = await asyncio.start_server(handle, host, port)
-    bound_port: int = server.sockets[0].getsockname()[1]
-    return MetricsServer(server, host, bound_port)
-
-
-async def _respond(metrics: Metrics, reader: asyncio.StreamReader) -> tuple[str, bytes, str]:
-    """Read one request; return (status line, body, content type)."""
-    request_line = (await reader.readline()).decode("latin-1").split()
-    # Headers are read and ignored so the client sees a clean close, not a reset.
-    for _ in range(_MAX_HEADER_LINES):
-        if (await reader.readline()).strip() == b"":
-            break
-    if len(request_line) < 2:
-        return "400 Bad Request", b"bad request\n", "text/plain"
-    method, target = request_line[0], request_line[1]
-    if target.partition("?")[0] != "/metrics":
-        return "404 Not Found", b"not found: try /metrics\n", "text/plain"
-    if method != "GET":
-        return "405 Method Not Allowed", b"method not allowed\n", "text/plain"
-    return "200 OK", metrics.render(), CONTENT_TYPE_LATEST

@@ -1,5 +1,6 @@
-"""Pure decisions: recipient verdicts, retry schedule, outcome of a destination's reply,
-crash blame.
+"""Pure decisions: recipient verdicts, target selection, retry schedule, outcome of a
+destination's reply, crash blame. (The targets' own rules, the dead-target rule among them,
+are in targets.py; tokens in tokens.py.)
 
 No I/O here (no asyncio, no sqlite, no sockets), in the manner of h11's `_state.py`:
 every rule is a table or a small function, tested without an event loop.
@@ -14,6 +15,8 @@ from forwarder import replies
 from forwarder.addresses import Address, AddressError, is_own_domain, parse_address
 from forwarder.replies import Reply
 from forwarder.srs import is_srs_local
+from forwarder.targets import TargetState, TargetView
+from forwarder.tokens import TokenKind, split_local
 
 # RFC 5321 4.5.1: postmaster must be accepted; RFC 2142 adds abuse.
 ROLE_ACCOUNTS = frozenset({"postmaster", "abuse"})
@@ -27,6 +30,13 @@ class Route(enum.StrEnum):
     POSTMASTER = "postmaster"  # role account: the configured postmaster address
     SRS_RETURN = "srs_return"  # a bounce to one of our SRS addresses: back to the sender
     BOUNCE = "bounce"  # a DSN we generated, sent to the original sender
+    NOTICE = "notice"  # a notice of ours to a redirect target (targets.py)
+    NOTICE_BOUNCE = "notice_bounce"  # a DSN about a notice, sent to the admin address
+
+
+# Routes whose outcome is recorded against the target (the dead-target rule): forwarded
+# mail and our own notices, which fail at a dead mailbox just the same.
+WATCHED_ROUTES = frozenset({Route.REDIRECT, Route.NOTICE})
 
 
 class AccountState(enum.StrEnum):
@@ -36,9 +46,11 @@ class AccountState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Account:
+    """An account as RCPT sees it: its state and its targets, in their declared order."""
+
     address: str
     state: AccountState
-    redirect: str | None
+    targets: tuple[TargetView, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,12 @@ class Accept:
     route: Route
     target: str  # the envelope recipient the copy is sent to
     reason: str
+    # Further copies of the same message (a graduate's other targets), same route.
+    more_targets: tuple[str, ...] = ()
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return (self.target, *self.more_targets)
 
 
 @dataclass(frozen=True)
@@ -54,7 +72,19 @@ class Refuse:
     reason: str
 
 
-Verdict = Accept | Refuse
+@dataclass(frozen=True)
+class Consume:
+    """A valid confirm+ or refuse+ address: the message is taken (250) and consumed once
+    complete, never queued nor forwarded."""
+
+    kind: TokenKind
+    target_id: int
+    account: str
+    target: str
+    reason: str  # "confirm" or "refuse"
+
+
+Verdict = Accept | Refuse | Consume
 
 
 @dataclass(frozen=True)
@@ -71,9 +101,18 @@ class NeedsSrsCheck:
     address: Address
 
 
+@dataclass(frozen=True)
+class NeedsTokenCheck:
+    """A confirm+ or refuse+ address in our domains: a reply to a notice, to be verified
+    (tokens.py) like an SRS address."""
+
+    kind: TokenKind
+    token: str
+
+
 def classify_recipient(
     text: str, domains: tuple[str, ...], postmaster: str | None, srs_domain: str | None = None
-) -> Verdict | NeedsLookup | NeedsSrsCheck:
+) -> Verdict | NeedsLookup | NeedsSrsCheck | NeedsTokenCheck:
     """First step of the RCPT verdict, before any directory access."""
     if text.lower() == "postmaster":
         # RFC 5321 4.1.1.3: "RCPT TO:<Postmaster>" without a domain must be accepted.
@@ -89,7 +128,15 @@ def classify_recipient(
         return Refuse(replies.RCPT_RELAY_DENIED, "relay_denied")
     if address.local.lower() in ROLE_ACCOUNTS:
         return _postmaster(postmaster)
+    token = split_local(address.local)
+    if token is not None:
+        return NeedsTokenCheck(*token)
     return NeedsLookup(address)
+
+
+def is_reserved_local(local: str) -> bool:
+    """Local parts no account may have: role accounts and the notices' reply addresses."""
+    return local.lower() in ROLE_ACCOUNTS or split_local(local) is not None
 
 
 def _postmaster(postmaster: str | None) -> Verdict:
@@ -100,7 +147,7 @@ def _postmaster(postmaster: str | None) -> Verdict:
 
 def decide_account(
     account: Account | None, domains: tuple[str, ...], mailbox_configured: bool
-) -> Verdict:
+) -> Accept | Refuse:
     """The verdict for an address of ours, given its directory row (None: not there)."""
     if account is None:
         return Refuse(replies.RCPT_UNKNOWN, "unknown")
@@ -109,13 +156,25 @@ def decide_account(
             # PRODUCT.md: mailbox host unset for an active account -> deferred, never lost.
             return Refuse(replies.RCPT_NOT_CONFIGURED, "mailbox_unset")
         return Accept(Route.MAILBOX, account.address, "mailbox")
-    if not account.redirect:
+    if not account.targets:
         return Refuse(replies.RCPT_CLOSED, "closed")
-    target_domain = account.redirect.rpartition("@")[2]
-    if is_own_domain(target_domain, domains):
-        # Refused when declared; if one slipped in anyway, refuse rather than loop.
+    return select_targets(account.targets, domains)
+
+
+def select_targets(targets: tuple[TargetView, ...],
+                   domains: tuple[str, ...]) -> Accept | Refuse:
+    """A deleted account's mail goes to every target that is on, in declared order; when
+    none is, the refusal says why (PRODUCT.md lifecycle table)."""
+    on = [t.target for t in targets if t.on]
+    # Refused when declared; if one slipped in anyway, refuse rather than loop.
+    outside = [t for t in on if not is_own_domain(t.rpartition("@")[2], domains)]
+    if outside:
+        return Accept(Route.REDIRECT, outside[0], "forward", tuple(outside[1:]))
+    if on:
         return Refuse(replies.RCPT_LOOP, "loop")
-    return Accept(Route.REDIRECT, account.redirect, "forward")
+    if any(t.state is TargetState.FAILING for t in targets):
+        return Refuse(replies.RCPT_TARGETS_FAILING, "targets_failing")
+    return Refuse(replies.RCPT_TARGETS_OFF, "targets_off")
 
 
 def needs_srs(route: Route, sender: str, target: str, domains: tuple[str, ...]) -> bool:
@@ -287,3 +346,30 @@ def tarpit_delay(errors: int, step: float) -> float:
     if errors <= SOFT_ERROR_LIMIT:
         return 0.0
     return step * min(errors - SOFT_ERROR_LIMIT, MAX_ERROR_SLEEP_STEPS)
+
+
+# RFC 3834 5 and common practice: headers that mark a message as written by a program.
+_AUTOMATIC_PRECEDENCE = (b"bulk", b"junk", b"list", b"auto_reply")
+_AUTOMATIC_FIELDS = (b"x-autoreply:", b"x-autorespond:")
+
+
+def is_automatic(sender: str, message: bytes) -> bool:
+    """Whether a message was sent by a program rather than a person: a bounce (null
+    sender), `Auto-Submitted` other than `no` (RFC 3834 5), a `Precedence` of bulk, junk,
+    list or auto_reply, or an autoresponder's own marks. A vacation reply to a notice
+    lands on its confirm+ address (Reply-To) and must not confirm a stranger's mailbox."""
+    if not sender:
+        return True
+    end = message.find(b"\r\n\r\n")
+    header = message if end < 0 else message[: end + 2]
+    for line in header.split(b"\r\n"):
+        lower = line.lower()
+        if lower.startswith(b"auto-submitted:"):
+            if lower[15:].strip().split(b";")[0].strip() != b"no":
+                return True
+        elif lower.startswith(b"precedence:"):
+            if lower[11:].strip() in _AUTOMATIC_PRECEDENCE:
+                return True
+        elif lower.startswith(_AUTOMATIC_FIELDS):
+            return True
+    return False

@@ -39,6 +39,14 @@ RCPT_CLOSED = Reply(
 )
 RCPT_UNKNOWN = Reply(550, "5.1.1", "user unknown")
 RCPT_BAD_SRS = Reply(550, "5.1.1", "invalid SRS address")
+# Every target declared, none on: failing ones make the reason the one senders can act on.
+RCPT_TARGETS_FAILING = Reply(
+    550, "5.1.1",
+    "forwarding address no longer works / la redirection ne fonctionne plus")
+RCPT_TARGETS_OFF = Reply(
+    550, "5.1.1", "forwarding address disabled / redirection desactivee")
+# A confirm+ or refuse+ address (a reply to a notice) whose token does not verify.
+RCPT_BAD_TOKEN = Reply(550, "5.1.1", "invalid or expired confirmation address")
 RCPT_LOOP = Reply(550, "5.4.6", "forwarding loop: redirect points into our own domains")
 RCPT_RELAY_DENIED = Reply(554, "5.7.1", "relay access denied")
 RCPT_BAD_SYNTAX = Reply(553, "5.1.3", "bad recipient address syntax")
@@ -56,6 +64,9 @@ BARE_LINE_END = Reply(550, "5.6.0", "bare CR or LF in message; lines must end wi
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "no valid recipients")
 QUEUE_UNAVAILABLE = Reply(451, "4.3.0", "queue temporarily unavailable, try again later")
 QUEUE_FULL = Reply(452, "4.3.1", "insufficient system storage, try again later")
+# A message to confirm+ or refuse+ addresses only: recorded, consumed, never queued.
+CONSUMED = Reply(250, "2.0.0", "Ok: recorded, thank you / enregistre, merci")
+DIRECTORY_WRITE_FAILED = Reply(451, "4.3.0", "directory temporarily unavailable, try again later")
 
 # The inbound checks before the 250 (PRODUCT.md "Inbound checks before a 250"). RFC 3463:
 # 5.7.1 "delivery not authorized, message refused", 4.7.0 "other or undefined security

@@ -95,12 +95,13 @@ class SecretsFile:
         return short_hash_day(self.path.with_name(SHORT_HASH_FILE), fresh, today, record)
 
 
-def load_secrets(path: str | os.PathLike[str]) -> list[bytes]:
-    """The secrets in `path`, one per line, first one signing; blank lines are skipped."""
+def load_secrets(path: str | os.PathLike[str], what: str = "SRS") -> list[bytes]:
+    """The secrets in `path`, one per line, first one signing; blank lines are skipped.
+    (`what` names them in messages: the notices' token secrets use the same format.)"""
     lines = Path(path).read_bytes().splitlines()
     found = [line.strip() for line in lines if line.strip()]
     if not found:
-        raise ValueError(f"{os.fspath(path)}: no SRS secret in the file")
+        raise ValueError(f"{os.fspath(path)}: no {what} secret in the file")
     return found
 
 
@@ -172,7 +173,7 @@ def short_hash_day(path: str | os.PathLike[str], fresh: bool, today: int,
     return None if text == "none" else int(text)
 
 
-def secrets_file_problems(path: str | os.PathLike[str]) -> list[str]:
+def secrets_file_problems(path: str | os.PathLike[str], what: str = "SRS") -> list[str]:
     """What `forwarder check` should report about the secrets file; [] if all is well."""
     target = Path(path)
     try:
@@ -187,10 +188,10 @@ def secrets_file_problems(path: str | os.PathLike[str]) -> list[str]:
     if st.st_mode & 0o077:
         problems.append(
             f"{target}: mode {stat.S_IMODE(st.st_mode):04o} lets other users read or "
-            "change the SRS secrets; chmod 600"
+            f"change the {what} secrets; chmod 600"
         )
     try:
-        found = load_secrets(target)
+        found = load_secrets(target, what)
     except (OSError, ValueError) as exc:
         return [*problems, f"{target}: {getattr(exc, 'strerror', None) or exc}"]
     short = sum(1 for s in found if len(s) < _MIN_SECRET_BYTES)

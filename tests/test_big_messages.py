@@ -248,7 +248,7 @@ async def test_a_spooled_message_goes_out_as_it_came_in(
     """Past the threshold: the body is in a spool file (not the row) while queued, is
     delivered byte for byte (stuffing undone once, by the destination), and its file goes
     with its last recipient."""
-    directory.add(GRAD, "marie@perso.example")
+    directory.add(GRAD, ["marie@perso.example"])
     directory.delete(GRAD)
     sink.handler.data_reply = "451 4.3.0 later"
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
@@ -305,7 +305,7 @@ async def test_a_session_cut_off_mid_body_leaves_no_file(
 async def test_queue_show_and_delete_of_a_spooled_message(
     start_daemon: DaemonFactory, sink: Sink, directory: Directory, state_dir: Path,
 ) -> None:
-    directory.add(GRAD, "marie@perso.example")
+    directory.add(GRAD, ["marie@perso.example"])
     directory.delete(GRAD)
     sink.handler.data_reply = "451 4.3.0 later"
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))

@@ -60,7 +60,7 @@ async def zone(key: SigningKey) -> AsyncIterator[DnsServer]:
 
 @pytest.fixture
 def graduate(directory: Directory) -> str:
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     directory.delete(GRAD)
     return GRAD
 

@@ -37,7 +37,7 @@ def queue_rows(state_dir: Path) -> list[tuple[str, int]]:
 async def test_redirect_is_forwarded_with_bytes_unchanged(
     start_daemon: DaemonFactory, sink: Sink, directory: Directory
 ) -> None:
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     directory.delete(GRAD)
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
     body = simple_message()
@@ -57,7 +57,7 @@ async def test_redirect_is_forwarded_with_bytes_unchanged(
 async def test_active_account_goes_to_mailbox_host(
     start_daemon: DaemonFactory, sink: Sink, directory: Directory
 ) -> None:
-    directory.add(GRAD, TARGET)  # active: the redirect is not used yet
+    directory.add(GRAD, [TARGET])  # active: the redirect is not used yet
     d = await start_daemon(mailbox_host=HostPort("127.0.0.1", sink.port))
     rcpts, _ = await smtp_send(d.port, "noreply@jobteaser.com", [GRAD.upper()],
                                   simple_message())
@@ -88,8 +88,11 @@ async def test_refused_recipients(
     directory.delete(f"closed.student@{DOMAIN}")
     directory.add(f"active.nomailbox@{DOMAIN}")
     # A redirect into our own domain cannot be declared through the CLI; write it raw.
+    directory.add(f"loop.student@{DOMAIN}")
+    directory.delete(f"loop.student@{DOMAIN}")
     directory.conn.execute(
-        "INSERT INTO accounts VALUES (?, 'deleted', ?, 0, 0)",
+        "INSERT INTO targets (address, position, target, state, why, declared_at, changed_at)"
+        " VALUES (?, 0, ?, 'confirmed', 'written raw', 0, 0)",
         (f"loop.student@{DOMAIN}", f"other@{DOMAIN}"))
     d = await start_daemon()
     rcpts, data = await smtp_send(d.port, "noreply@jobteaser.com", [rcpt], simple_message())
@@ -114,7 +117,7 @@ async def test_postmaster_and_abuse_go_to_configured_address(
 async def test_redirect_changed_with_cli_applies_to_next_message(
     start_daemon: DaemonFactory, sink: Sink, directory: Directory
 ) -> None:
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     directory.delete(GRAD)
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
     await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], simple_message())
@@ -131,7 +134,7 @@ async def test_redirect_changed_with_cli_applies_to_next_message(
 async def test_sink_down_then_up_is_retried_on_backoff(
     start_daemon: DaemonFactory, directory: Directory, clock: FakeClock
 ) -> None:
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     directory.delete(GRAD)
     port = await refused_port()
     d = await start_daemon(smarthost=HostPort("127.0.0.1", port))
@@ -155,7 +158,7 @@ async def test_sink_down_then_up_is_retried_on_backoff(
 async def test_destination_tempfail_then_permfail(
     start_daemon: DaemonFactory, sink: Sink, directory: Directory, clock: FakeClock
 ) -> None:
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     directory.delete(GRAD)
     sink.handler.rcpt_reply = lambda rcpt: "450 4.2.0 mailbox busy"
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
@@ -184,7 +187,7 @@ async def test_destination_tempfail_then_permfail(
 async def test_directory_locked_gives_451_not_5xx(
     start_daemon: DaemonFactory, directory: Directory, state_dir: Path
 ) -> None:
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     d = await start_daemon(busy_timeout=0.2)
     # Another process holds every WAL lock byte of the directory's shared-memory index,
     # as a process stuck in a checkpoint or recovery would (SQLite's unix VFS: bytes
@@ -206,7 +209,7 @@ async def test_directory_locked_gives_451_not_5xx(
 async def test_corrupted_directory_gives_451(
     start_daemon: DaemonFactory, directory: Directory, state_dir: Path
 ) -> None:
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     directory.close()
     d = await start_daemon()
     path = state_dir / "directory.sqlite3"

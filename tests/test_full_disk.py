@@ -24,8 +24,7 @@ import pytest
 from forwarder.clock import FakeClock
 from forwarder.config import HostPort, Limits
 from forwarder.daemon import Daemon
-from forwarder.directory import Directory
-from tests.conftest import Sink, make_settings, simple_message, smtp_send, until
+from tests.conftest import NoticedDirectory, Sink, make_settings, simple_message, smtp_send, until
 from tests.test_hostile import GRAD, forwarding
 from tests.test_storage_faults import _fill, small_fs
 
@@ -83,7 +82,7 @@ async def test_an_outcome_that_cannot_be_written_is_kept_and_written_later(
     each message once; they stay in delivery, are not charged as crashes, and leave the
     queue once the space is back, each delivered exactly once."""
     state = small_fs / "state"
-    forwarding(Directory(state / "directory.sqlite3", actor="test"))
+    forwarding(NoticedDirectory(state / "directory.sqlite3", actor="test"))
     d = await daemon_on(state, 0)
     opened = gate(sink)
     for n in range(5):
@@ -110,7 +109,7 @@ async def test_the_reserve_settles_outcomes_then_new_mail_waits_for_space(
     """With the reserve (2 MiB here): the outcomes are written at once, the reserve given
     back for them; new mail then gets 452 4.3.1 at MAIL until the reserve can be remade."""
     state = small_fs / "state"
-    forwarding(Directory(state / "directory.sqlite3", actor="test"))
+    forwarding(NoticedDirectory(state / "directory.sqlite3", actor="test"))
     d = await daemon_on(state, 2 * MIB)
     opened = gate(sink)
     for n in range(3):
@@ -137,7 +136,7 @@ async def test_start_and_queue_delete_on_a_full_disk(
     small_fs: Path, daemon_on: Starter, sink: Sink, clock: FakeClock,
 ) -> None:
     state = small_fs / "state"
-    forwarding(Directory(state / "directory.sqlite3", actor="test"))
+    forwarding(NoticedDirectory(state / "directory.sqlite3", actor="test"))
     sink.handler.data_reply = "451 4.3.0 later"
     first = await daemon_on(state, 2 * MIB)
     _, data = await smtp_send(first.port, "a@sender.example", [GRAD], BIG)

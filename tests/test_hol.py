@@ -24,9 +24,8 @@ from forwarder.config import DeliverySettings, HostPort
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
 from forwarder.policy import Route
-from tests.conftest import DOMAIN, DaemonFactory, Sink, simple_message, smtp_send, until
+from tests.conftest import DOMAIN, DaemonFactory, Sink, free_port, simple_message, smtp_send, until
 from tests.dnsserver import DnsServer
-from tests.test_mx_delivery import free_port
 
 SENDER = "noreply@jobteaser.test"
 TIMEOUT = 3.0  # the tarpits' sessions time out after this (connect and final dot)
@@ -125,7 +124,7 @@ async def test_tarpits_hold_bounded_slots_and_are_throttled(
         for kind in ("silent", "stall", "good"):
             target = {"silent": "tarpit1.test", "stall": "tarpit2.test",
                       "good": "good.test"}[kind]
-            directory.add(address(kind, n), f"g{n}@{target}")
+            directory.add(address(kind, n), [f"g{n}@{target}"])
             directory.delete(address(kind, n))
         directory.add(address("student", n))  # enrolled: the mailbox host
     settings = DeliverySettings(

@@ -114,7 +114,7 @@ def queue_messages(state_dir: Path) -> int:
 def forwarding(directory: Directory, *pairs: tuple[str, str]) -> None:
     """Graduates whose school account is deleted, with a declared redirect."""
     for address, target in pairs or ((GRAD, TARGET),):
-        directory.add(address, target)
+        directory.add(address, [target])
         directory.delete(address)
 
 

@@ -26,9 +26,9 @@ from aiosmtpd.smtp import SMTP
 from forwarder.config import DeliverySettings, HostPort
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
-from tests.conftest import DOMAIN, DaemonFactory, Received, Sink, SinkHandler, until
+from tests.conftest import DOMAIN, DaemonFactory, Received, Sink, SinkHandler, free_port, until
 from tests.dnsserver import DnsServer
-from tests.test_mx_delivery import delivery_status, free_port, queue_rows, self_signed
+from tests.test_mx_delivery import delivery_status, queue_rows, self_signed
 
 GRAD = f"prenom.nom@{DOMAIN}"
 SENDER = "noreply@jobteaser.test"
@@ -162,7 +162,7 @@ async def start(start_daemon: DaemonFactory, hops: Hops, **changes: Any) -> Daem
 
 def graduate(directory: Directory, target: str = "lea@gmail.test",
              address: str = GRAD) -> None:
-    directory.add(address, target)
+    directory.add(address, [target])
     directory.delete(address)
 
 

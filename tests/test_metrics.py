@@ -22,11 +22,10 @@ from forwarder.metrics import (
     LATENCY_BUCKETS,
     REFUSAL_REASONS,
     Metrics,
-    MetricsServer,
     _ProcessCollector,
     resident_memory_bytes,
-    start_metrics_server,
 )
+from forwarder.metricsserver import MetricsServer, start_metrics_server
 from forwarder.policy import Outcome, Route
 from tests.conftest import DOMAIN, DaemonFactory
 

@@ -255,7 +255,7 @@ async def loaded_daemon(tmp_path: Path, sink: Sink) -> AsyncIterator[Service]:
     kind: delivered, deferred (still queued), refused at RCPT, refused after DATA."""
     directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
     for address, target in ((GRAD, TARGET), (SLOW, SLOW_TARGET)):
-        directory.add(address, target)
+        directory.add(address, [target])
         directory.delete(address)
     sink.handler.rcpt_reply = lambda rcpt: "451 4.7.1 later" if rcpt == SLOW_TARGET else None
     svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port, extra="acceptors = 1\n"))

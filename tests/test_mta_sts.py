@@ -29,9 +29,17 @@ from forwarder.config import DeliverySettings, HostPort
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
 from forwarder.mtasts import PolicyError, mx_matches, parse_policy, parse_txt
-from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send, until
+from tests.conftest import (
+    DOMAIN,
+    DaemonFactory,
+    Sink,
+    free_port,
+    scan_due,
+    simple_message,
+    smtp_send,
+    until,
+)
 from tests.dnsserver import DnsServer
-from tests.test_mx_delivery import free_port
 
 GRAD = f"lea.bernard@{DOMAIN}"
 SENDER = "noreply@jobteaser.com"
@@ -188,7 +196,7 @@ async def secure(dns_server: DnsServer, tmp_path: Path) -> AsyncIterator[Secure]
 
 async def start(start_daemon: DaemonFactory, secure: Secure, directory: Directory,
                 **changes: Any) -> Daemon:
-    directory.add(GRAD, "lea@secure.test")
+    directory.add(GRAD, ["lea@secure.test"])
     directory.delete(GRAD)
     return await start_daemon(
         dns_servers=(HostPort("127.0.0.1", secure.dns.port),), tls_ca_file=secure.ca.path,

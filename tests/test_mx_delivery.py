@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import email
-import socket
 import sqlite3
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -24,27 +23,20 @@ from forwarder.clock import FakeClock
 from forwarder.config import DeliverySettings, HostPort
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
-from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send, until
+from tests.conftest import (
+    DOMAIN,
+    DaemonFactory,
+    Sink,
+    free_port,
+    scan_due,
+    simple_message,
+    smtp_send,
+    until,
+)
 from tests.dnsserver import Behaviour, DnsServer
 
 GRAD = f"lea.bernard@{DOMAIN}"
 SENDER = "noreply@jobteaser.test"
-
-
-def free_port(hosts: tuple[str, ...]) -> int:
-    """A port number free on every one of `hosts` (each sink binds its own loopback IP)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((hosts[0], 0))
-            port: int = probe.getsockname()[1]
-        try:
-            for host in hosts[1:]:
-                with socket.socket() as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no common free port")
 
 
 @dataclasses.dataclass
@@ -79,7 +71,7 @@ async def start(start_daemon: DaemonFactory, world: World, **delivery: float) ->
 
 
 def graduate(directory: Directory, target: str) -> None:
-    directory.add(GRAD, target)
+    directory.add(GRAD, [target])
     directory.delete(GRAD)
 
 

@@ -35,6 +35,7 @@ from forwarder.policy import (
     outcome_of_reply,
     retry_delay,
 )
+from forwarder.targets import TargetState, TargetView
 
 OURS = ("sigma-clermont.fr",)
 PM = "it@school-it.example"
@@ -82,16 +83,20 @@ def test_postmaster_unset_is_deferred_not_refused() -> None:
 A = "jean.dupont@sigma-clermont.fr"
 
 
+def on(*targets: str) -> tuple[TargetView, ...]:
+    return tuple(TargetView(t, TargetState.CONFIRMED) for t in targets)
+
+
 @pytest.mark.parametrize(
     ("account", "mailbox", "reply", "route"),
     [
         (None, True, replies.RCPT_UNKNOWN, None),
-        (Account(A, AccountState.ACTIVE, None), True, None, Route.MAILBOX),
-        (Account(A, AccountState.ACTIVE, "x@perso.example"), True, None, Route.MAILBOX),
-        (Account(A, AccountState.ACTIVE, None), False, replies.RCPT_NOT_CONFIGURED, None),
-        (Account(A, AccountState.DELETED, "x@perso.example"), False, None, Route.REDIRECT),
-        (Account(A, AccountState.DELETED, None), True, replies.RCPT_CLOSED, None),
-        (Account(A, AccountState.DELETED, "y@sigma-clermont.fr"), True, replies.RCPT_LOOP,
+        (Account(A, AccountState.ACTIVE), True, None, Route.MAILBOX),
+        (Account(A, AccountState.ACTIVE, on("x@perso.example")), True, None, Route.MAILBOX),
+        (Account(A, AccountState.ACTIVE), False, replies.RCPT_NOT_CONFIGURED, None),
+        (Account(A, AccountState.DELETED, on("x@perso.example")), False, None, Route.REDIRECT),
+        (Account(A, AccountState.DELETED), True, replies.RCPT_CLOSED, None),
+        (Account(A, AccountState.DELETED, on("y@sigma-clermont.fr")), True, replies.RCPT_LOOP,
          None),
     ],
 )

@@ -132,7 +132,7 @@ class Gateway:
 @pytest.fixture
 async def chain(start_daemon: DaemonFactory, sink: Sink,
                 directory: Directory) -> AsyncIterator[tuple[Gateway, Daemon]]:
-    directory.add(GRAD, "lea@gmail.test")
+    directory.add(GRAD, ["lea@gmail.test"])
     directory.delete(GRAD)
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
     # Not pytest's tmp_path: Postfix's daemons run as `postfix` and must reach the files.

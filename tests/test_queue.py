@@ -33,9 +33,9 @@ def rows(d: Daemon, sql: str) -> list[tuple[object, ...]]:
 async def test_message_that_keeps_crashing_a_worker_is_held(
     start_daemon: DaemonFactory, sink: Sink, directory: Directory, clock: FakeClock
 ) -> None:
-    directory.add(GRAD, "victim@poison.example")
+    directory.add(GRAD, ["victim@poison.example"])
     directory.delete(GRAD)
-    directory.add(f"other@{DOMAIN}", "fine@perso.example")
+    directory.add(f"other@{DOMAIN}", ["fine@perso.example"])
     directory.delete(f"other@{DOMAIN}")
     smarthost = HostPort("127.0.0.1", sink.port)
     d = await start_daemon(smarthost=smarthost, router=BuggyRouter(None, smarthost))
@@ -60,7 +60,7 @@ async def test_message_that_keeps_crashing_a_worker_is_held(
 async def test_delivered_message_leaves_no_bytes_behind(
     start_daemon: DaemonFactory, sink: Sink, directory: Directory
 ) -> None:
-    directory.add(GRAD, "jd@perso.example")
+    directory.add(GRAD, ["jd@perso.example"])
     directory.delete(GRAD)
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
     await smtp_send(d.port, "noreply@jobteaser.com", [GRAD, f"postmaster@{DOMAIN}"],

@@ -31,7 +31,7 @@ def message(extra: bytes = b"", body: bytes = b"Bonjour,\r\n") -> bytes:
 
 @pytest.fixture
 def graduate(directory: Directory) -> str:
-    directory.add(GRAD, "camille@gmail.example")
+    directory.add(GRAD, ["camille@gmail.example"])
     directory.delete(GRAD)
     return GRAD
 

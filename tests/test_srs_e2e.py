@@ -16,7 +16,7 @@ JOBTEASER = "noreply@jobteaser.com"
 
 
 def graduate(directory: Directory) -> None:
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     directory.delete(GRAD)
 
 

@@ -70,7 +70,7 @@ async def test_a_running_daemon_reports_traffic_queue_and_errors(
 ) -> None:
     log.drain_problems()  # warnings of earlier tests in this process
     for address, target in ((GRAD, TARGET), (LATE, LATE_TARGET)):
-        directory.add(address, target)
+        directory.add(address, [target])
         directory.delete(address)
     sink.handler.rcpt_reply = lambda rcpt: "451 4.7.1 try later" if rcpt == LATE_TARGET else None
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
@@ -154,7 +154,7 @@ async def test_status_speaks_for_the_acceptor_processes(
 ) -> None:
     """Mail taken in, and warnings logged, by whichever process took the connection."""
     directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     directory.delete(GRAD)
     svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port, extra="acceptors = 1\n"))
     await svc.start()

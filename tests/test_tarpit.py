@@ -48,7 +48,7 @@ async def timed(client: RawClient, line: str) -> tuple[int, str, float]:
 async def test_srs_addresses_carry_a_long_hash(
     start_daemon: DaemonFactory, sink: Sink, directory: Directory,
 ) -> None:
-    directory.add(f"jean.dupont@{DOMAIN}", "jd@gmail.example")
+    directory.add(f"jean.dupont@{DOMAIN}", ["jd@gmail.example"])
     directory.delete(f"jean.dupont@{DOMAIN}")
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
     await smtp_send(d.port, "noreply@jobteaser.com", [f"jean.dupont@{DOMAIN}"],
