@@ -132,7 +132,7 @@ _BODY = st.lists(_LINE.map(b"".join), max_size=12).map(
 _SIZE_OR_LINE = {replies.SIZE_EXCEEDED, replies.TEXT_LINE_TOO_LONG}
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=_BODY, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
        stuff=st.booleans(), spill_at=st.one_of(st.none(), st.integers(0, 40)))
 @example(body=b"", cuts=[], stuff=True, spill_at=None)
