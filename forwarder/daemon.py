@@ -15,13 +15,12 @@ import dataclasses
 import os
 import signal
 import socket
-import sqlite3
 import ssl
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
-from forwarder import __version__, log
+from forwarder import __version__, log, sendtest
 from forwarder.checks import Checks
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, HostPort, Settings
@@ -35,13 +34,16 @@ from forwarder.daemonparts import (
     mail_router,
     make_resolver,
     per_process,
+    recover_queue,
     start_error,
+    sweep_spool,
     tune_gc,
 )
 from forwarder.delivery import Dispatcher, Router
 from forwarder.directory import SqliteDaemonDirectory
 from forwarder.faults import FAULT_FILE, FaultRecord
 from forwarder.front import Accepted, Front
+from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
 from forwarder.metricsserver import MetricsServer, start_metrics_server
 from forwarder.mtasts import MtaSts
@@ -114,7 +116,9 @@ class Daemon:
         # Live sessions (caps, shutdown notice), the STARTTLS context, the session's metrics.
         self.connections = Connections(metrics=self.metrics)
         # Recent errors per client address, for the tarpit (forwarder/tarpit.py).
-        self.error_ledger = ErrorLedger(self.clock.now, settings.error_limit_exempt)
+        # A trusted XFORWARD gateway passes on its clients' mistakes: exempt like the others.
+        self.error_ledger = ErrorLedger(self.clock.now,
+                                        settings.error_limit_exempt + settings.xforward_hosts)
         self.directory: SqliteDaemonDirectory | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
@@ -123,11 +127,13 @@ class Daemon:
                              self.clock.now)
         self.pool = ConnectionPool(settings, self.metrics)
         self.mta_sts = self._mta_sts(settings)
+        # The delivery history per address, in the queue's file (forwarder/history/).
+        self.history = HistoryRecorder(settings.history, self.queue, self.clock, self.metrics)
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
                                      Sender(settings.delivery, self.pool, self.metrics),
                                      self.clock, self.metrics,
                                      envelope_sender=self._envelope_sender,
-                                     mta_sts=self.mta_sts)
+                                     mta_sts=self.mta_sts, history=self.history)
         self.targets = TargetUpkeep(settings, self.queue, self.dispatcher, self.clock, self.metrics)
         # `forwarder status` (forwarder/control.py); only the main process listens.
         self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
@@ -179,10 +185,12 @@ class Daemon:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise StartFailed(f"TLS certificate {self.settings.tls_cert} or key "
                               f"{self.settings.tls_key}: {reason}") from exc
+        if not acceptor:  # the key of send-test's mark, checked where mail is delivered
+            self.history.test_key = sendtest.ensure_key(self.settings.state_dir)
         await self.queue.open()
         if not acceptor:
-            await self._recover()
-            await self._sweep_spool()
+            await recover_queue(self.queue, self.faults, self.clock.now(), self.record_faults)
+            await sweep_spool(self.queue)
         await self._listen(acceptor)
         await check_space(self.queue, self.front, acceptor)
         self._spawn(self._space_loop(acceptor), "space")
@@ -212,12 +220,13 @@ class Daemon:
         """Bind (or, in an acceptor, take over the inherited socket) and serve SMTP."""
         # The main process delivers what it accepts; an acceptor leaves it to the main
         # process's scanner (forwarder/queue/intake.py).
-        intake: Intake = (ScannerIntake(self.queue, self._wake_main) if acceptor
-                          else DirectIntake(self.queue, self.dispatcher.submit))
+        journal = self.history.journal
+        intake: Intake = (ScannerIntake(self.queue, self._wake_main, journal) if acceptor
+                          else DirectIntake(self.queue, self.dispatcher.submit, journal))
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, intake, self.clock,
                            self.return_path, self.metrics, checks=self.checks,
-                           spool=self.queue.spool)
+                           spool=self.queue.spool, history=self.history)
         front = self.front
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
@@ -268,7 +277,8 @@ class Daemon:
 
     async def _status_loop(self) -> None:
         """Queue depth for metrics and for `systemctl status` (STATUS=); once an hour, the
-        long-sender keys whose SRS addresses have expired are forgotten."""
+        long-sender keys whose SRS addresses have expired are forgotten and the delivery
+        history past its retention is deleted."""
         purged_at = -PURGE_INTERVAL
         while True:
             with contextlib.suppress(Exception):
@@ -278,7 +288,9 @@ class Daemon:
                 purged_at = self.clock.now()
                 with contextlib.suppress(Exception):
                     await self.return_path.purge_expired()
-                await self._sweep_spool()
+                with contextlib.suppress(Exception):
+                    await self.history.purge_expired()
+                await sweep_spool(self.queue)
             await asyncio.sleep(STATUS_INTERVAL)
 
     async def _space_loop(self, acceptor: bool) -> None:
@@ -286,29 +298,6 @@ class Daemon:
             await asyncio.sleep(STATUS_INTERVAL)
             with contextlib.suppress(OSError):
                 await check_space(self.queue, self.front, acceptor)
-
-    async def _recover(self) -> None:
-        """Leases the last run left: blamed on their messages only if that run died of a
-        fault of its own (forwarder/faults.py), never for a kill from outside."""
-        report = await asyncio.to_thread(self.faults.read)
-        if report is not None:
-            LOG.warning("previous_run_faulted", report=report)
-        recovered, held = await self.queue.recover(self.clock.now(),
-                                                   faulted=report is not None)
-        if recovered or held:
-            LOG.warning("queue_recovered", recipients=recovered, held=held,
-                        faulted=report is not None)
-        await asyncio.to_thread(self.faults.arm if self.record_faults else self.faults.clear)
-
-    async def _sweep_spool(self) -> None:
-        """Spool files left by a crash or by a session cut off (forwarder/queue/spool.py)."""
-        try:
-            removed = await self.queue.sweep_spool()
-        except (OSError, sqlite3.Error) as exc:
-            LOG.error("spool_sweep_failed", error=str(exc))
-            return
-        if removed:
-            LOG.warning("spool_swept", files=removed)
 
     async def refresh_status(self) -> None:
         stats = await self.queue.stats()
@@ -365,7 +354,7 @@ class Daemon:
     def _apply(self, new: Settings) -> None:
         new = per_process(new, self._processes)
         self.settings = new
-        self.error_ledger.exempt = parse_networks(new.error_limit_exempt)
+        self.error_ledger.exempt = parse_networks(new.error_limit_exempt + new.xforward_hosts)
         if self._fixed_router is None:
             self.resolver = make_resolver(new, self.clock)
             self.router = mail_router(new, self.resolver)
@@ -374,6 +363,7 @@ class Daemon:
         self.dispatcher.set_router(self.router, new)
         self.pool.configure(new)
         self.checks.apply(new, self.resolver)
+        self.history.settings = new.history
         if self.front is not None:
             self.front.settings = new
 

@@ -1,6 +1,7 @@
 """The daemon's parts that hold no state of their own: start-up errors and the state
 directory's lock, the resolver and router a configuration asks for, each process's share
-of the caps, the garbage collector's tuning, and the disk space check."""
+of the caps, the garbage collector's tuning, the disk space check, and the queue's
+recovery and spool sweep at start."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from forwarder import log
 from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.dns import CachingResolver, MxRouter
+from forwarder.faults import FaultRecord
 from forwarder.front import Front
 from forwarder.queue import Queue
 from forwarder.routing import MailRouter
@@ -99,6 +101,31 @@ async def check_space(queue: Queue, front: Front | None, acceptor: bool) -> None
             LOG.info("disk_space_back", reserve=reserve.size)
         else:
             LOG.error("disk_short", reserve=reserve.size, state_dir=str(reserve.path.parent))
+
+
+async def recover_queue(queue: Queue, faults: FaultRecord, now: float, record: bool) -> None:
+    """Leases the last run left: blamed on their messages only if that run died of a
+    fault of its own (forwarder/faults.py), never for a kill from outside. Then the fault
+    report is armed for this run (`record`: `forwarder serve`) or cleared."""
+    report = await asyncio.to_thread(faults.read)
+    if report is not None:
+        LOG.warning("previous_run_faulted", report=report)
+    recovered, held = await queue.recover(now, faulted=report is not None)
+    if recovered or held:
+        LOG.warning("queue_recovered", recipients=recovered, held=held,
+                    faulted=report is not None)
+    await asyncio.to_thread(faults.arm if record else faults.clear)
+
+
+async def sweep_spool(queue: Queue) -> None:
+    """Spool files left by a crash or by a session cut off (forwarder/queue/spool.py)."""
+    try:
+        removed = await queue.sweep_spool()
+    except (OSError, sqlite3.Error) as exc:
+        LOG.error("spool_sweep_failed", error=str(exc))
+        return
+    if removed:
+        LOG.warning("spool_swept", files=removed)
 
 
 # Python's cyclic garbage collector runs a young-generation pass every 700 allocations,

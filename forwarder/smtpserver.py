@@ -36,6 +36,7 @@ from forwarder.smtpevents import (
     TlsInfo,
 )
 from forwarder.tarpit import ErrorLedger
+from forwarder.xforward import trusted
 
 LOG = log.get("forwarder.smtp")
 T = TypeVar("T")
@@ -145,7 +146,8 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         self._admitted = True
         self.transport = stream
         self.session = Session(self.settings.hostname, session_limits(self.settings),
-                               SessionInfo(peer, self._client),
+                               SessionInfo(peer, self._client, xforward_allowed=trusted(
+                                   self._client, self.settings.xforward_hosts)),
                                self.connections.tls_context is not None, self.spill)
         self._deadline.move(limits.command_timeout)
         self._lifetime = self.loop.call_later(limits.session_timeout, self._session_expired)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from forwarder.dsnparams import DsnRequest, RecipientDsn
@@ -84,6 +85,9 @@ class NewMessage:
     body: Body
     recipients: tuple[NewRecipient, ...]
     flags: MessageFlags = PLAIN
+    # The verdicts of the checks at receipt (name -> result), for the delivery history;
+    # not a queue column.
+    checks: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,6 +113,10 @@ class Job:
     isolated: bool = False  # a suspect, alone in the lane: a crash now is charged to it
     flags: MessageFlags = PLAIN
     size: int = 0  # of the body, known without it (SIZE= on MAIL, RFC 1870)
+    # A `forwarder send-test` message (forwarder/sendtest.py), known once its bytes are
+    # read: counted apart in the metrics, never bounced, not evidence against a target.
+    test: bool = False
+    client: str = ""  # the address it came from (for the delivery history)
 
     @classmethod
     def fresh(cls, message: NewMessage, recipient_ids: list[int]) -> Job:
@@ -117,7 +125,8 @@ class Job:
         return cls(message.id, message.sender, message.arrived_at, [
             RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0, dsn=r.dsn)
             for rid, r in zip(recipient_ids, message.recipients, strict=True)
-        ], message.body, flags=message.flags, size=body_size(message.body))
+        ], message.body, flags=message.flags, size=body_size(message.body),
+            client=message.client)
 
     @property
     def lane(self) -> Lane:
