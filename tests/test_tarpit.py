@@ -15,6 +15,8 @@ import contextlib
 import time
 from pathlib import Path
 
+import pytest
+
 from forwarder.clock import FakeClock
 from forwarder.config import HostPort, Limits
 from forwarder.directory import Directory
@@ -150,12 +152,14 @@ async def test_an_accepted_message_forgives_the_session_not_the_address(
     await client.close()
 
 
+@pytest.mark.parametrize("listed", ["error_limit_exempt", "xforward_hosts"])
 async def test_exempt_networks_are_counted_per_session_only(
-    start_daemon: DaemonFactory,
+    start_daemon: DaemonFactory, listed: str,
 ) -> None:
     """The school's relay passes its senders' mistakes on: listed in error_limit_exempt,
-    its address collects no errors across sessions (each session still does)."""
-    d = await start_daemon(limits=FAST, error_limit_exempt=("127.0.0.0/8",))
+    or trusted for XFORWARD, its address collects no errors across sessions (each session
+    still does)."""
+    d = await start_daemon(limits=FAST, **{listed: ("127.0.0.0/8",)})
     waits = []
     for _ in range(3):
         client = await rcpt_session(d.port)
