@@ -86,6 +86,30 @@ async def _returned(job: Job, body: Body) -> bytes:
     return await message_head(body)
 
 
+async def record_until_written(queue: Queue, unwritten: set[str], job: Job,
+                               results: list[Result], dsns: list[NewMessage],
+                               also: Op | None = None) -> list[list[int]]:
+    """Write the outcomes. One that cannot be written (a full disk) is kept here and
+    written again until it is, its message in `unwritten` meanwhile: the recipients stay
+    in flight, so the message is neither sent again nor taken for a crash (before, both
+    happened)."""
+    pause = UNWRITTEN_FIRST_RETRY
+    while True:
+        try:
+            _, new_ids = await queue.record(results, dsns, [(job.message_id, job.lane)],
+                                            also=also)
+            return new_ids
+        except QueueError as exc:
+            LOG.error("outcome_unwritten", queue_id=job.message_id, error=str(exc),
+                      no_space=exc.no_space, retry_in=pause)
+            unwritten.add(job.message_id)
+            try:
+                await asyncio.sleep(pause)
+            finally:
+                unwritten.discard(job.message_id)
+            pause = min(pause * 2, UNWRITTEN_MAX_RETRY)
+
+
 async def _unchanged_sender(job: Job) -> str:
     return job.sender
 
@@ -281,7 +305,8 @@ class Dispatcher:
             job, head, results, attempts, _bounced(job, results, attempts, dsns))
         # The attempt completed: crash blame is told so (a suspect alone in the lane that
         # got this far did not bring the daemon down).
-        new_ids = await self._record(job, results, dsns, also)
+        new_ids = await record_until_written(self.queue, self.unwritten, job, results,
+                                             dsns, also)
         # A test message's failure is the admin's answer, not evidence against a target.
         if self.observe is not None and not job.test:
             self.observe(job, results)
@@ -339,28 +364,6 @@ class Dispatcher:
         returned = await _returned(job, body)
         return [make_dsn(self.settings, job, returned, action, chosen, now)
                 for action, chosen in reports if chosen]
-
-    async def _record(self, job: Job, results: list[Result], dsns: list[NewMessage],
-                      also: Op | None = None) -> list[list[int]]:
-        """Write the outcomes. One that cannot be written (a full disk) is kept here and
-        written again until it is: the recipients stay in flight meanwhile, so the message
-        is neither sent again nor taken for a crash (before, both happened)."""
-        pause = UNWRITTEN_FIRST_RETRY
-        while True:
-            try:
-                _, new_ids = await self.queue.record(results, dsns,
-                                                     [(job.message_id, job.lane)],
-                                                     also=also)
-                return new_ids
-            except QueueError as exc:
-                LOG.error("outcome_unwritten", queue_id=job.message_id, error=str(exc),
-                          no_space=exc.no_space, retry_in=pause)
-                self.unwritten.add(job.message_id)
-                try:
-                    await asyncio.sleep(pause)
-                finally:
-                    self.unwritten.discard(job.message_id)
-                pause = min(pause * 2, UNWRITTEN_MAX_RETRY)
 
     def _result(self, job: Job, rcpt: RecipientJob, attempt: Attempt, now: float) -> Result:
         outcome, retry_at, warned = attempt.outcome, None, False

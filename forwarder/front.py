@@ -8,7 +8,6 @@ transient fault ever becomes a 5xx (DESIGN.md habit 4).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
 import sqlite3
@@ -19,9 +18,9 @@ from typing import Any
 
 from forwarder import log, replies
 from forwarder.addresses import AddressError, has_control_chars, parse_sender
-from forwarder.bodybudget import BODIES_IN_MEMORY, ByteBudget, respool
+from forwarder.bodybudget import BODIES_IN_MEMORY, ByteBudget, ContentChecks, head_of, queued_body
 from forwarder.checkpolicy import separate_transaction
-from forwarder.checks import Checked, Checks, Inbound
+from forwarder.checks import Checks, Inbound
 from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.directory import DaemonDirectory
@@ -44,17 +43,15 @@ from forwarder.policy import (
 )
 from forwarder.queue import (
     PLAIN,
-    Body,
     Intake,
     MessageFlags,
     NewMessage,
     NewRecipient,
     QueueError,
-    SpooledBody,
     body_size,
     new_queue_id,
 )
-from forwarder.queue.spool import Spool, read_unstuffed
+from forwarder.queue.spool import Spool
 from forwarder.returnpath import ReturnPath
 from forwarder.smtpbody import Spilled
 from forwarder.smtpevents import Envelope, SessionInfo, TlsInfo
@@ -163,8 +160,6 @@ class Front:
         # The disk is short (the space reserve is gone, forwarder/queue/reserve.py): new
         # mail is refused at MAIL with 452 4.3.1 until it is back.
         self.space_short = False
-        # Big bodies read back into memory for the checks, at most this many octets at once.
-        self.bodies = ByteBudget(BODIES_IN_MEMORY)
         self.directory = directory
         self.intake = intake
         self.clock = clock
@@ -173,6 +168,8 @@ class Front:
         # The notices' token secrets, the first signing (read again on SIGHUP).
         self.token_secrets = directory.token_secrets()
         self.checks = checks
+        # Big bodies read back into memory for the checks, at most this many octets at once.
+        self.content_checks = ContentChecks(checks, spool, ByteBudget(BODIES_IN_MEMORY))
         self.history = history  # keeps the refusals of our addresses (forwarder/history/)
 
     def reload_token_secrets(self) -> None:
@@ -313,14 +310,12 @@ class Front:
             return await self._data(session, envelope, accepted, content)
         finally:
             if isinstance(content, Spilled):
-                # Queued: the file was renamed into the spool, nothing is left here.
-                # Anything else: the received file goes.
+                # Queued: renamed into the spool already; anything else: the file goes.
                 content.spill.discard()
 
     async def _data(self, session: SessionInfo, envelope: Envelope[Accepted],
                     accepted: list[Accepted], content: bytes | Spilled) -> str:
-        head = content.head if isinstance(content, Spilled) else content
-        if count_received_headers(head) > self.settings.limits.max_received_headers:
+        if count_received_headers(head_of(content)) > self.settings.limits.max_received_headers:
             # RFC 5321 6.3: a message that has passed too many hops is in a loop.
             LOG.warning("refused", client=session.client, reason="too_many_hops")
             self.metrics.message_refused("loop")
@@ -335,14 +330,18 @@ class Front:
                 return str(replies.CONSUMED)
         now = self.clock.now()
         queue_id = new_queue_id(now)
-        prefix: bytes = b""
-        checked: dict[str, Any] = {}
+        prefix, checked = b"", dict[str, Any]()
         if self.checks is not None and self.checks.active:
             # Authentication, spam and rate limits, once per message, before the 250.
-            refusal, content, prefix, checked = await self._check(session, envelope, accepted,
-                                                                  queue_id, content)
-            if refusal is not None:
-                return refusal
+            result, content = await self.content_checks.evaluate(
+                functools.partial(self._inbound, session, envelope, accepted, queue_id), content)
+            if result.decision.reply is not None:
+                LOG.warning("refused", client=session.client, reason=result.decision.reason,
+                            reply=result.decision.reply.code, **{"from": envelope.sender},
+                            **result.fields, **_forwarded_fields(session))
+                self.metrics.message_refused(result.decision.reason)
+                return str(result.decision.reply)
+            prefix, checked = result.prefix, result.fields
         message = self._message(session, envelope, accepted, content, queue_id, now, prefix,
                                 checked)
         try:
@@ -352,8 +351,8 @@ class Front:
                       no_space=exc.no_space)
             self.metrics.message_refused("no_space" if exc.no_space else "queue_error")
             return str(replies.QUEUE_FULL if exc.no_space else replies.QUEUE_UNAVAILABLE)
-        size = content.size if isinstance(content, Spilled) else len(content)
-        self.metrics.message_accepted(size)
+        self.metrics.message_accepted(content.size if isinstance(content, Spilled)
+                                      else len(content))
         # The client's TLS always; the cipher, 8BITMIME and SMTPUTF8 only when there is
         # one to say (each field costs on every message: docs/performance.md).
         tls = session.tls
@@ -371,51 +370,12 @@ class Front:
                  tls=tls.version if tls else "none", **extra, **checked)
         return replies.queued(queue_id)
 
-    async def _check(
-        self, session: SessionInfo, envelope: Envelope[Accepted], accepted: list[Accepted],
-        queue_id: str, content: bytes | Spilled,
-    ) -> tuple[str | None, bytes | Spilled, bytes, dict[str, Any]]:
-        """The inbound checks: (the refusal, or None), the message as it is to be queued,
-        the header fields to put on top, the fields to log. A spilled message is read back
-        into memory only if a check reads whole messages (DKIM, rspamd), within the
-        budget of such bodies held at once."""
-        assert self.checks is not None
-        if not isinstance(content, Spilled) or not self.checks.reads_content:
-            # The rate limits alone read no content: the head stands in for it.
-            text = content if isinstance(content, bytes) else content.head
-            result = await self.checks.evaluate(self._inbound(session, envelope, accepted,
-                                                              queue_id, text))
-            kept: bytes | Spilled = content if isinstance(content, Spilled) else result.content
-            return self._refused(session, envelope, result), kept, result.prefix, \
-                result.fields
-        async with self.bodies.hold(content.size):
-            text = await asyncio.to_thread(read_unstuffed, content.spill.path)
-            result = await self.checks.evaluate(self._inbound(session, envelope, accepted,
-                                                              queue_id, text))
-            refusal = self._refused(session, envelope, result)
-            kept = content
-            if refusal is None and result.content != text:  # forged fields removed
-                assert self.spool is not None
-                kept = await asyncio.to_thread(respool, self.spool, result.content)
-        return refusal, kept, result.prefix, result.fields
-
-    def _refused(self, session: SessionInfo, envelope: Envelope[Accepted],
-                 result: Checked) -> str | None:
-        if result.decision.reply is None:
-            return None
-        LOG.warning("refused", client=session.client, reason=result.decision.reason,
-                    reply=result.decision.reply.code, **{"from": envelope.sender},
-                    **result.fields, **_forwarded_fields(session))
-        self.metrics.message_refused(result.decision.reason)
-        return str(result.decision.reply)
-
     async def _consume(self, session: SessionInfo, sender: str, uses: list[Consume],
                        content: bytes | Spilled) -> str | None:
         """Apply the confirm+ and refuse+ addresses of a complete message (each once) and
         audit them; the message itself is kept nowhere. None, or a 451 if the directory
         cannot take the write (the client retries; applying again changes nothing)."""
-        automatic = is_automatic(
-            sender, content.head if isinstance(content, Spilled) else content)
+        automatic = is_automatic(sender, head_of(content))
         now = self.clock.now()
         done: set[tuple[int, str]] = set()
         for use in uses:
@@ -470,12 +430,9 @@ class Front:
                                  envelope.smtp_utf8)
         # The checks' fields (Authentication-Results, X-Spam-*) go on top, above our trace
         # field (RFC 8601 5: at the top of the header section).
-        ours = prefix + header
-        body: Body = (ours + content if isinstance(content, bytes) else
-                      SpooledBody(ours, content.spill.path, len(ours) + content.size,
-                                  ours + content.head))
         # The checks' verdicts go to the delivery history too (forwarder/history/).
-        return NewMessage(queue_id, envelope.sender, now, session.client, body,
+        return NewMessage(queue_id, envelope.sender, now, session.client,
+                          queued_body(prefix + header, content),
                           tuple(recipients), message_flags(envelope, content), checked or {})
 
     def exception_reply(self, error: BaseException) -> str:
