@@ -150,7 +150,7 @@ def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    from forwarder.daemon import StateLockError, lock_state_dir
+    from forwarder.daemonparts import StateLockError, lock_state_dir
 
     if not settings.queue_path.exists():
         raise CliError(f"no queue in {settings.state_dir} (wrong --state-dir or --config?)")

@@ -19,8 +19,7 @@ from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.daemon import Daemon
 from forwarder.directory.pgadmin import PgDirectory
-from forwarder.returnpath import MAX_AGE_DAYS
-from forwarder.srs import Srs
+from forwarder.returnpath import load_srs
 from forwarder.tokens import TokenKind, make_token
 from tests.conftest import DOMAIN, Sink, make_settings, simple_message, smtp_send, until
 from tests.pgcluster import PASSWORD, PgCluster
@@ -225,7 +224,7 @@ async def uses_two_secrets(node: Daemon, clock: FakeClock) -> None:
     await until(lambda: len(front.token_secrets) == 2, timeout=2.0)
     secrets = return_path.secrets.load()
     assert len(secrets) == 2
-    signer = Srs(secrets, DOMAIN, clock.now, max_age_days=MAX_AGE_DAYS)
+    signer = load_srs(return_path.secrets, DOMAIN, clock, record=False)
     await until(lambda: return_path.srs.forward("noreply@jobteaser.com")
                 == signer.forward("noreply@jobteaser.com"), timeout=2.0)
 

@@ -53,6 +53,10 @@ class PgSecrets:
                 self.conn.execute("ROLLBACK")
             raise
 
+    def short_hashes_until(self, fresh: bool, today: int, record: bool = True) -> int | None:
+        """Never: secrets in PostgreSQL were made by a release that signs long hashes."""
+        return None
+
     def load(self) -> list[bytes]:
         rows = self.conn.execute("SELECT secret FROM secrets WHERE kind = ?"
                                  " ORDER BY position", (self.kind,)).fetchall()
@@ -93,6 +97,10 @@ class ReplicaSecrets:
 
     def load(self) -> list[bytes]:
         return read_secrets(self.path, self.kind)
+
+    def short_hashes_until(self, fresh: bool, today: int, record: bool = True) -> int | None:
+        """Never: secrets in PostgreSQL were made by a release that signs long hashes."""
+        return None
 
 
 class PgKeys:
