@@ -19,6 +19,7 @@ from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.daemon import Daemon
 from forwarder.directory.pgadmin import PgDirectory
+from forwarder.directory.replica import read_srs_key, replica_path
 from forwarder.returnpath import load_srs
 from forwarder.tokens import TokenKind, make_token
 from tests.conftest import DOMAIN, Sink, make_settings, simple_message, smtp_send, until
@@ -166,7 +167,7 @@ async def test_postgresql_down_copy_answers_then_451_never_550_then_catch_up(
 
 
 async def test_long_sender_forwarded_by_a_bounce_to_b_reaches_the_sender(
-    nodes: Nodes, tmp_path: Path, pg_url: str, sink: Sink
+    nodes: Nodes, tmp_path: Path, pg_url: str, sink: Sink, pg_cluster: PgCluster
 ) -> None:
     config = write_config(tmp_path / "a.toml", pg_url)
     a = await nodes("a", "127.0.0.1", smarthost=HostPort("127.0.0.1", sink.port))
@@ -182,8 +183,15 @@ async def test_long_sender_forwarded_by_a_bounce_to_b_reaches_the_sender(
                             for m in sink.messages))
     srs = next(m.mail_from for m in sink.messages if m.mail_from.upper().startswith("SRS0="))
     assert sender not in srs  # the long-sender form: a key in PostgreSQL
-    rcpts, data = await smtp_send(b.port, "", [srs], b"Subject: bounce\r\n\r\nno\r\n",
-                                  host="127.0.0.2")
+    key = srs.split("=")[-1].split("@")[0]
+    # The key reaches B's copy: B reverses the address even without PostgreSQL.
+    await until(lambda: read_srs_key(replica_path(b.settings.state_dir), key) == sender)
+    pg_cluster.stop()
+    try:
+        rcpts, data = await smtp_send(b.port, "", [srs], b"Subject: bounce\r\n\r\nno\r\n",
+                                      host="127.0.0.2")
+    finally:
+        pg_cluster.start()
     assert rcpts[srs][0] == 250 and data is not None and data[0] == 250
     await until(lambda: any(m.rcpt_tos == [sender] for m in sink.messages))
 

@@ -326,5 +326,6 @@ async def open_daemon_directory(
     cluster = await ClusterDirectory.open_cluster(s, clock, replicate=not acceptor)
     return_path = ReturnPath(s.state_dir, s.effective_srs_domain, clock,
                              secrets=ReplicaSecrets(cluster.path, "srs"),
-                             keys=PgKeyStore(s.directory_url, s.directory_password))
+                             keys=PgKeyStore(s.directory_url, s.directory_password,
+                                             cluster.path))
     return cluster, return_path, cluster

@@ -5,7 +5,8 @@ code base serves both (forwarder/directory/pgconn.py), and what several nodes sh
 the SRS long-sender keys, the SRS and token secrets, and the change log the nodes' local
 copies replay (forwarder/directory/replica.py).
 
-The change log: every insert, update or delete of an account, a target or a secret adds
+The change log: every insert, update or delete of an account, a target, a secret or a
+long sender's SRS key adds
 a row with the next `version` (a bigserial), and wakes the nodes with NOTIFY. The trigger
 takes the directory's write lock first (pgconn.WRITE_LOCK), so writers commit one at a
 time and in the order of their versions: a node that has seen version N has seen every
@@ -128,11 +129,19 @@ MIGRATIONS: tuple[str, ...] = (
                 RETURN NULL;
             END IF;
         END IF;
+        -- Nor a long sender's key stored again (its time refreshed, at every message).
+        IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'srs_keys' THEN
+            IF OLD.key = NEW.key AND OLD.sender = NEW.sender THEN
+                RETURN NULL;
+            END IF;
+        END IF;
         PERFORM pg_advisory_xact_lock({WRITE_LOCK});
         IF TG_TABLE_NAME = 'accounts' THEN
             row_key := CASE WHEN TG_OP = 'DELETE' THEN OLD.address ELSE NEW.address END;
         ELSIF TG_TABLE_NAME = 'targets' THEN
             row_key := CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END;
+        ELSIF TG_TABLE_NAME = 'srs_keys' THEN
+            row_key := CASE WHEN TG_OP = 'DELETE' THEN OLD.key ELSE NEW.key END;
         ELSE
             row_key := CASE WHEN TG_OP = 'DELETE' THEN OLD.kind ELSE NEW.kind END;
         END IF;
@@ -162,6 +171,10 @@ MIGRATIONS: tuple[str, ...] = (
         FOR EACH ROW EXECUTE FUNCTION log_change();
     CREATE TRIGGER secrets_log AFTER INSERT OR UPDATE OR DELETE ON secrets
         FOR EACH ROW EXECUTE FUNCTION log_change();
+    CREATE TRIGGER srs_keys_log AFTER INSERT OR UPDATE OR DELETE ON srs_keys
+        FOR EACH ROW EXECUTE FUNCTION log_change();
+    CREATE TRIGGER srs_keys_notify AFTER INSERT OR DELETE ON srs_keys
+        FOR EACH STATEMENT EXECUTE FUNCTION notify_change();
     CREATE TRIGGER accounts_notify AFTER INSERT OR UPDATE OR DELETE ON accounts
         FOR EACH STATEMENT EXECUTE FUNCTION notify_change();
     CREATE TRIGGER targets_notify AFTER INSERT OR UPDATE OR DELETE ON targets

@@ -4,7 +4,8 @@ that any node reverses any node's SRS address and checks any node's tokens.
 
 The daemon reads the secrets from its copy (`ReplicaSecrets`: copied with the directory,
 forwarder/directory/replica.py), never from the network; the keys of long senders are
-asked of PostgreSQL when such a bounce comes back (rare: senders too long for SRS0).
+copied too, and asked of PostgreSQL only when a bounce names one not copied yet (made on
+another node in the last few milliseconds).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TypeVar
 
 from forwarder.directory.pgconn import PgConnection
 from forwarder.directory.pgschema import open_directory_db
-from forwarder.directory.replica import read_secrets
+from forwarder.directory.replica import read_secrets, read_srs_key
 from forwarder.srs import new_key
 
 T = TypeVar("T")
@@ -131,9 +132,11 @@ class PgKeyStore:
     opened again on the next call. Errors are OSErrors (pgconn.DirectoryUnavailable):
     the caller defers, never a 5xx."""
 
-    def __init__(self, url: str, password: str) -> None:
+    def __init__(self, url: str, password: str, replica: Path | None = None) -> None:
         self.url = url
         self.password = password
+        # The node's copy: a key already copied there is read without the network.
+        self.replica = replica
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="srs-keys")
         self._keys: PgKeys | None = None
 
@@ -157,6 +160,12 @@ class PgKeyStore:
         return await self._run(lambda keys: keys.put(sender, now))
 
     async def get(self, key: str) -> str | None:
+        loop = asyncio.get_running_loop()
+        if self.replica is not None:
+            found = await loop.run_in_executor(self._executor, read_srs_key, self.replica, key)
+            if found is not None:
+                return found
+        # Made moments ago on another node and not copied yet (or no copy): ask PostgreSQL.
         return await self._run(lambda keys: keys.get(key))
 
     async def purge(self, before: float) -> int:

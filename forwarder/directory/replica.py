@@ -31,6 +31,9 @@ _REPLICA_TABLES = (
     "CREATE TABLE IF NOT EXISTS replica_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS replica_secrets (kind TEXT NOT NULL, position INTEGER"
     " NOT NULL, secret TEXT NOT NULL, PRIMARY KEY (kind, position))",
+    # The SRS long-sender keys, so that a bounce to one is reversed without the network.
+    "CREATE TABLE IF NOT EXISTS replica_srs_keys (key TEXT PRIMARY KEY, sender TEXT NOT NULL)"
+    " WITHOUT ROWID",
 )
 
 
@@ -57,11 +60,13 @@ class Batch:
     targets: list[tuple[Any, ...]] = field(default_factory=list)
     changed_targets: list[int] = field(default_factory=list)
     secrets: dict[str, list[str]] | None = None  # kind -> secrets in order, if changed
+    srs_keys: list[tuple[Any, ...]] = field(default_factory=list)  # (key, sender)
+    changed_srs_keys: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         return not (self.full or self.accounts or self.gone_accounts or self.changed_targets
-                    or self.secrets is not None)
+                    or self.secrets is not None or self.changed_srs_keys)
 
 
 async def fetch(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch:
@@ -93,6 +98,7 @@ async def _read(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch
             conn, "SELECT address, state, created_at, updated_at FROM accounts")
         batch.targets = await _rows(conn, f"SELECT {TARGET_FIELDS} FROM targets")
         batch.secrets = await _secrets(conn)
+        batch.srs_keys = await _rows(conn, "SELECT key, sender FROM srs_keys")
         return batch
     if top == have.version:
         return batch
@@ -111,6 +117,10 @@ async def _read(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch
                                           " WHERE id = ANY(%s)", (batch.changed_targets,))
     if any(tbl == "secrets" for tbl, _ in keys):
         batch.secrets = await _secrets(conn)
+    batch.changed_srs_keys = [key for tbl, key in keys if tbl == "srs_keys"]
+    if batch.changed_srs_keys:
+        batch.srs_keys = await _rows(conn, "SELECT key, sender FROM srs_keys"
+                                           " WHERE key = ANY(%s)", (batch.changed_srs_keys,))
     return batch
 
 
@@ -161,6 +171,11 @@ class ReplicaFile:
                 batch.targets)
             self.conn.executemany("DELETE FROM accounts WHERE address = ?",
                                   [(a,) for a in batch.gone_accounts])
+            if batch.full:
+                self.conn.execute("DELETE FROM replica_srs_keys")
+            self.conn.executemany("DELETE FROM replica_srs_keys WHERE key = ?",
+                                  [(k,) for k in batch.changed_srs_keys])
+            self.conn.executemany("INSERT INTO replica_srs_keys VALUES (?, ?)", batch.srs_keys)
             if batch.secrets is not None:
                 self._write_secrets(batch.secrets)
                 self.conn.execute("INSERT OR REPLACE INTO replica_meta"
@@ -214,3 +229,18 @@ def read_synced_at(path: Path, busy_timeout: float = 5.0) -> float | None:
         return read_state(conn).synced_at
     finally:
         conn.close()
+
+
+def read_srs_key(path: Path, key: str) -> str | None:
+    """The long sender stored under `key` in the copy, or None (read-only)."""
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5.0)
+    try:
+        row = conn.execute("SELECT sender FROM replica_srs_keys WHERE key = ?",
+                           (key.upper(),)).fetchone()
+    except sqlite3.OperationalError:
+        row = None
+    finally:
+        conn.close()
+    return None if row is None else str(row[0])
