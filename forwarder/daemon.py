@@ -35,16 +35,22 @@ from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
 from forwarder.policy import needs_srs
 from forwarder.queue import Job, Queue, RecipientJob
 from forwarder.returnpath import ReturnPath
+from forwarder.sharedcounts import SharedCounts
 from forwarder.smtp import ForwarderSMTP
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
-from forwarder.workers import Acceptors, MainLink, listening_socket
+from forwarder.workers import (
+    Acceptors,
+    Inherited,
+    MainLink,
+    StartError,
+    bind_listener,
+    die_with_parent,
+    listen_error,
+)
 
 LOG = log.get("forwarder.daemon")
 STATUS_INTERVAL = 5.0
-# Pending connections the kernel holds for us: bursts of 500 clients must not wait for a
-# SYN retransmission (asyncio's default is 100).
-BACKLOG = 1024
 
 
 class StateLockError(Exception):
@@ -74,18 +80,15 @@ class Daemon:
         reload_settings: Callable[[], Settings] | None = None,
         notifier: Notifier | None = None,
         acceptor_argv: Sequence[str] | None = None,
-        listen_fd: int | None = None,
-        control_fd: int | None = None,
+        inherited: Inherited | None = None,
     ) -> None:
-        multi = control_fd is not None or (acceptor_argv is not None
-                                           and settings.acceptor_count > 0)
+        multi = acceptor_argv is not None and settings.acceptor_count > 0
         self._processes = 1 + settings.acceptor_count if multi else 1
-        self.settings = settings = self._per_process(settings)
+        self.settings = settings
         # Several accepting processes (forwarder/workers.py): the main process is given
-        # the argv to start acceptors with; an acceptor is given the two inherited fds.
+        # the argv to start acceptors with; an acceptor is given the inherited fds.
         self.acceptor_argv = acceptor_argv
-        self.listen_fd = listen_fd
-        self.control_fd = control_fd
+        self.inherited = inherited
         self.acceptors: Acceptors | None = None
         self.link: MainLink | None = None
         self._listener: socket.socket | None = None
@@ -102,8 +105,13 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self.queue = Queue(settings.queue_path, settings.busy_timeout)
-        # Issue 7: live sessions (caps, shutdown notice) and the STARTTLS context.
-        self.connections = Connections(metrics=self.metrics)
+        # Live sessions (caps, shutdown notice) and the STARTTLS context; the caps are
+        # counted in a table shared with the acceptors (forwarder/sharedcounts.py).
+        if inherited is not None:
+            counts = SharedCounts.attach(inherited.counts_fd, inherited.slot)
+        else:
+            counts = SharedCounts.create(self._processes)
+        self.connections = Connections(metrics=self.metrics, counts=counts)
         self.directory: DirectoryReader | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
@@ -148,9 +156,16 @@ class Daemon:
     # --- start ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        acceptor = self.control_fd is not None
-        if not acceptor:  # the main process owns the state directory and the leases
+        acceptor = self.inherited is not None
+        if self.inherited is not None:
+            self._listener = socket.socket(fileno=self.inherited.listen_fd)
+        else:  # the main process owns the state directory, the leases and the socket
             self._lock_fd = lock_state_dir(self.settings.state_dir)
+            try:  # a busy address fails here, before anything else is opened
+                self._listener = bind_listener(self.settings.listen)
+            except StartError:
+                self._unlock()
+                raise
         self.return_path = ReturnPath(self.settings.state_dir,
                                       self.settings.effective_srs_domain, self.clock)
         self.directory = await DirectoryReader.open(
@@ -181,7 +196,7 @@ class Daemon:
         self.notifier.ready(f"listening on {self.settings.listen.host}:{self.port}")
 
     async def _listen(self, acceptor: bool) -> None:
-        """Bind (or, in an acceptor, take over the inherited socket) and serve SMTP."""
+        """Serve SMTP on the socket bound at start (or, in an acceptor, inherited)."""
         if acceptor:
             submit: Callable[[Job], None] = lambda job: self._wake_main()  # noqa: E731
         else:
@@ -191,26 +206,21 @@ class Daemon:
                            self.return_path, self.metrics, in_memory=not acceptor)
         front = self.front
         loop = asyncio.get_running_loop()
-        listen = self.settings.listen
-        if self.listen_fd is not None:
-            self._listener = socket.socket(fileno=self.listen_fd)
-        elif self._processes > 1:  # the main process of several: a socket to share
-            self._listener = listening_socket(listen.host, listen.port, BACKLOG)
-        if self._listener is not None:
-            self._server = await loop.create_server(lambda: self._protocol(front),
-                                                    sock=self._listener)
-        else:
-            self._server = await loop.create_server(lambda: self._protocol(front), listen.host,
-                                                    listen.port, backlog=BACKLOG)
-        self.port = self._server.sockets[0].getsockname()[1]
+        assert self._listener is not None
+        # create_server calls listen() again with its own default of 100 unless told: every
+        # process passes the configured backlog, or the last one to start would reset it.
+        self._server = await loop.create_server(lambda: self._protocol(front),
+                                                sock=self._listener,
+                                                backlog=self.settings.listen_backlog)
+        self.port = self._listener.getsockname()[1]
 
     def _wake_main(self) -> None:
         if self.link is not None:
             self.link.wake()
 
     def _start_acceptor(self) -> None:
-        assert self.control_fd is not None
-        self.link = MainLink(self.control_fd, on_lost=self.request_stop)
+        assert self.inherited is not None
+        self.link = MainLink(self.inherited.control_fd, on_lost=self.request_stop)
         self.link.start()
         self._spawn(self.link.report_loop(self.metrics), "report")
         self.link.ready()
@@ -219,8 +229,8 @@ class Daemon:
         if self._processes == 1 or self.acceptor_argv is None or self._listener is None:
             return
         self.acceptors = Acceptors(self._processes - 1, self.acceptor_argv, self._listener,
-                                   self.dispatcher.wake, self.metrics,
-                                   self.settings.stop_timeout)
+                                   self.connections.counts, self.dispatcher.wake,
+                                   self.metrics, self.settings.stop_timeout)
         await self.acceptors.start()
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -229,8 +239,12 @@ class Daemon:
     async def _start_metrics(self) -> None:
         where = self.settings.metrics_listen
         if where is not None:
-            self._metrics_server = await start_metrics_server(self.metrics, where.host,
-                                                              where.port)
+            try:
+                self._metrics_server = await start_metrics_server(self.metrics, where.host,
+                                                                  where.port)
+            except OSError as exc:
+                raise listen_error(f"serve metrics on {where}", exc,
+                                   "another program listens there") from None
             LOG.info("metrics_listening", host=where.host, port=self._metrics_server.port)
 
     def _protocol(self, front: Front) -> ForwarderSMTP:
@@ -278,23 +292,16 @@ class Daemon:
             LOG.warning("reload_partial", detail="listen and state_dir need a restart")
             new = dataclasses.replace(new, listen=self.settings.listen,
                                       state_dir=self.settings.state_dir)
+        if new.listen_backlog != self.settings.listen_backlog and self._listener is not None:
+            # listen() on a listening socket sets its backlog (Linux), for every process
+            # that shares it.
+            self._listener.listen(new.listen_backlog)
         self._apply(new)
         LOG.info("reloaded", domains=list(new.domains))
         self.notifier.ready("reloaded")
         return True
 
-    def _per_process(self, settings: Settings) -> Settings:
-        """With several accepting processes, each takes its share of the total connection
-        cap, so "500 in all" holds for the daemon; the per-client cap stays whole in each
-        (a client's connections are not spread evenly, and 20 must always be possible)."""
-        if self._processes == 1:
-            return settings
-        share = -(-settings.limits.max_connections // self._processes)
-        return dataclasses.replace(
-            settings, limits=dataclasses.replace(settings.limits, max_connections=share))
-
     def _apply(self, new: Settings) -> None:
-        new = self._per_process(new)
         self.settings = new
         if self._fixed_router is None:
             self.router = self._router(new)
@@ -305,10 +312,12 @@ class Daemon:
 
     # --- stop -------------------------------------------------------------------------
 
-    async def stop(self) -> None:
+    async def stop(self, quiet: bool = False) -> None:
         self.notifier.stopping()
         if self._server is not None:
             self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         # 421 to idle sessions; transactions in flight finish (bounded), here and in each
         # acceptor process at the same time.
         await asyncio.gather(
@@ -330,11 +339,16 @@ class Daemon:
             await self.directory.close()
         if self.return_path is not None:
             await self.return_path.close()
+        self.connections.counts.close_fd()  # the acceptors are gone; the mapping stays
+        self._unlock()
+        if not quiet:
+            LOG.info("stopped")
+        log.flush()
+
+    def _unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        LOG.info("stopped")
-        log.flush()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -344,7 +358,13 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # Release what was opened (the database threads would keep the process from
+            # exiting); the caller logs the one line that says why.
+            await self.stop(quiet=True)
+            raise
         try:
             await self._stop.wait()
         finally:
@@ -369,17 +389,21 @@ def run(
     settings: Settings,
     reload_settings: Callable[[], Settings] | None = None,
     acceptor_argv: Sequence[str] | None = None,
-    listen_fd: int | None = None,
-    control_fd: int | None = None,
+    inherited: Inherited | None = None,
 ) -> int:
     """Entry point of `forwarder serve` (and of the acceptor processes it starts)."""
     log.configure(settings.log_format, settings.log_level)
-    acceptor = control_fd is not None
+    try:
+        if inherited is not None:
+            die_with_parent(inherited.control_fd)
+    except StartError as exc:
+        LOG.error("start_failed", error=str(exc))
+        return 1
     # Only the main process speaks to systemd (NotifyAccess=main).
-    notifier = Notifier({}) if acceptor else Notifier()
+    notifier = Notifier({}) if inherited is not None else Notifier()
     daemon = Daemon(settings, reload_settings=reload_settings, notifier=notifier,
-                    acceptor_argv=None if acceptor else acceptor_argv,
-                    listen_fd=listen_fd, control_fd=control_fd)
+                    acceptor_argv=None if inherited is not None else acceptor_argv,
+                    inherited=inherited)
     tune_gc()
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):
@@ -388,7 +412,7 @@ def run(
         runner = uvloop.run
     try:
         runner(daemon.serve_forever())
-    except StateLockError as exc:
+    except (StateLockError, StartError) as exc:
         LOG.error("start_failed", error=str(exc))
         return 1
     except OSError as exc:

@@ -10,24 +10,42 @@ writer at a time, readers always) and then tells the main process over a socketp
 work is due; the main process's scanner leases it like any retry, so what is accepted is
 delivered exactly as in a single process, and a crash of either side loses nothing.
 
-The socketpair is SOCK_SEQPACKET: messages keep their boundaries, and when the main process
-dies (even by SIGKILL) the acceptor reads end-of-file and stops, so no orphan keeps taking
-mail on a port nobody delivers from.
+Only the daemon's own processes share the socket: the main process binds it once, without
+SO_REUSEPORT, so a second daemon started on the same address (another state directory, a
+mistaken second unit) fails with "address already in use" instead of silently taking part
+of the connections into its own queue. The acceptors inherit that one socket.
+
+An acceptor dies with the main process: it asks the kernel for SIGKILL when its parent
+dies (PR_SET_PDEATHSIG), which no busy or stopped event loop can delay, so a restart after
+a crash never meets an orphan holding the port. That is a crash of the whole daemon: what
+was acknowledged is committed, a session cut before its 250 is retried by its client. The
+socketpair is SOCK_SEQPACKET: messages keep their boundaries, and its end-of-file stops an
+acceptor gracefully where the signal is not available.
+
+The connection caps are counted in a table all processes share (forwarder/sharedcounts.py):
+slot 0 is the main process's, acceptor i has slot i + 1, and a dead acceptor's slot is
+zeroed when it is reaped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import json
+import os
 import signal
 import socket
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from forwarder import log
+from forwarder.config import HostPort
 from forwarder.metrics import Metrics
+from forwarder.sharedcounts import SharedCounts
 
 LOG = log.get("forwarder.workers")
 
@@ -37,6 +55,29 @@ METRICS = b"m"
 REPORT_INTERVAL = 1.0
 RESPAWN_DELAY = 1.0
 START_TIMEOUT = 60.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class StartError(Exception):
+    """The daemon cannot start: one line for the log, and exit 1."""
+
+
+class ListenError(StartError):
+    """The listening address cannot be had."""
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """What an acceptor process is handed by the main process (as hidden `serve` flags)."""
+
+    listen_fd: int
+    control_fd: int
+    counts_fd: int
+    slot: int
+
+    def argv(self) -> list[str]:
+        return ["--listen-fd", str(self.listen_fd), "--control-fd", str(self.control_fd),
+                "--counts-fd", str(self.counts_fd), "--slot", str(self.slot)]
 
 
 def _receive(sock: socket.socket, size: int) -> bytes | None:
@@ -62,12 +103,13 @@ class Acceptors:
     """The main process's side: starts, watches, signals and stops the acceptors."""
 
     def __init__(
-        self, count: int, argv: Sequence[str], listener: socket.socket,
+        self, count: int, argv: Sequence[str], listener: socket.socket, counts: SharedCounts,
         on_wake: Callable[[], None], metrics: Metrics, stop_timeout: float,
     ) -> None:
         self.count = count
         self.argv = list(argv)
         self.listener = listener
+        self.counts = counts
         self.on_wake = on_wake
         self.metrics = metrics
         self.stop_timeout = stop_timeout
@@ -83,10 +125,11 @@ class Acceptors:
 
     async def _spawn(self, index: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        fds = (self.listener.fileno(), theirs.fileno())
+        assert self.counts.fd is not None
+        given = Inherited(self.listener.fileno(), theirs.fileno(), self.counts.fd, index + 1)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "forwarder.cli", "serve", *self.argv,
-            "--listen-fd", str(fds[0]), "--control-fd", str(fds[1]), pass_fds=fds)
+            sys.executable, "-m", "forwarder.cli", "serve", *self.argv, *given.argv(),
+            pass_fds=(given.listen_fd, given.control_fd, given.counts_fd))
         theirs.close()
         ours.setblocking(False)
         child = _Child(index, proc, ours)
@@ -110,6 +153,7 @@ class Acceptors:
             self.on_wake()
         elif kind == READY:
             child.ready.set()
+            LOG.info("acceptor_ready", index=child.index, pid=child.proc.pid)
         elif kind == METRICS:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 report = json.loads(payload)
@@ -121,6 +165,8 @@ class Acceptors:
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(child.link.fileno())
         child.link.close()
+        # Its connections died with it: free their places under the caps now.
+        self.counts.clear(child.index + 1)
         self.metrics.forget(f"acceptor-{child.index}")
         if self._stopping:
             return
@@ -205,13 +251,57 @@ class MainLink:
         self.sock.close()
 
 
-def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """The listener shared with the acceptors (inherited, not reopened, so port 0 works).
+def bind_listener(where: HostPort) -> socket.socket:
+    """The daemon's one listening socket, bound but not yet listening (asyncio's
+    create_server calls listen() with the configured backlog). Bound first thing at
+    start-up, so that a busy address fails before anything else is opened.
 
-    SO_REUSEPORT lets a main process restarted after a crash bind the port while an
-    acceptor of the dead one is still finishing its sessions (it stops as soon as it sees
-    the main process gone); whatever that acceptor still commits goes to the same queue."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=backlog, reuse_port=True)
+    SO_REUSEADDR (as every MTA sets it) lets a restart bind while connections of the
+    previous run are in TIME_WAIT; it does not let two sockets listen on one address.
+    SO_REUSEPORT would, and is deliberately not set. The acceptors inherit this socket
+    (not reopened, so port 0 works)."""
+    family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as asyncio does: IPv4 has a listen line of its own
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((where.host, where.port))
+    except OSError as exc:
+        sock.close()
+        raise listen_error(f"listen on {where}", exc,
+                           "another mail server, or another forwarder, listens there") from None
     sock.setblocking(False)
     return sock
+
+
+def listen_error(what: str, exc: OSError, hint: str) -> ListenError:
+    """One line for the log: what could not be done, why, and (address in use) by whom."""
+    if exc.errno == errno.EADDRINUSE:
+        return ListenError(f"cannot {what}: address already in use ({hint})")
+    return ListenError(f"cannot {what}: {os.strerror(exc.errno or 0)}")
+
+
+def die_with_parent(control_fd: int) -> None:
+    """In an acceptor, first thing: be killed when the main process dies (Linux
+    prctl(2) PR_SET_PDEATHSIG), even if that happened before this call.
+
+    The control socketpair was made by the main process, so its peer credentials name it:
+    a parent pid that is not that one means the main process is already gone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL),
+                      ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as exc:  # not Linux: the socketpair's EOF stops us
+        LOG.warning("parent_death_signal_unavailable", error=str(exc))
+        return
+    control = socket.socket(fileno=control_fd)
+    try:
+        creds = control.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                   struct.calcsize("3i"))
+    finally:
+        control.detach()
+    main_pid = struct.unpack("3i", creds)[0]
+    if os.getppid() != main_pid:
+        raise StartError("the main process is gone")
