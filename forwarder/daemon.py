@@ -45,7 +45,7 @@ from forwarder.workers import (
     MainLink,
     StartError,
     bind_listener,
-    die_with_parent,
+    join_main,
     listen_error,
 )
 
@@ -158,6 +158,7 @@ class Daemon:
     async def start(self) -> None:
         acceptor = self.inherited is not None
         if self.inherited is not None:
+            assert self.inherited.listen_fd is not None  # handed over by join_main
             self._listener = socket.socket(fileno=self.inherited.listen_fd)
         else:  # the main process owns the state directory, the leases and the socket
             self._lock_fd = lock_state_dir(self.settings.state_dir)
@@ -395,7 +396,8 @@ def run(
     log.configure(settings.log_format, settings.log_level)
     try:
         if inherited is not None:
-            die_with_parent(inherited.control_fd)
+            inherited = dataclasses.replace(inherited,
+                                            listen_fd=join_main(inherited.control_fd))
     except StartError as exc:
         LOG.error("start_failed", error=str(exc))
         return 1

@@ -19,8 +19,11 @@ An acceptor dies with the main process: it asks the kernel for SIGKILL when its 
 dies (PR_SET_PDEATHSIG), which no busy or stopped event loop can delay, so a restart after
 a crash never meets an orphan holding the port. That is a crash of the whole daemon: what
 was acknowledged is committed, a session cut before its 250 is retried by its client. The
-socketpair is SOCK_SEQPACKET: messages keep their boundaries, and its end-of-file stops an
-acceptor gracefully where the signal is not available.
+listening socket is not inherited at exec but handed over the control socketpair
+(SCM_RIGHTS) once the acceptor has armed that signal: an acceptor still starting when the
+main process dies never held the port. The socketpair is SOCK_SEQPACKET: messages keep
+their boundaries, and its end-of-file stops an acceptor gracefully where the signal is not
+available.
 
 The connection caps are counted in a table all processes share (forwarder/sharedcounts.py):
 slot 0 is the main process's, acceptor i has slot i + 1, and a dead acceptor's slot is
@@ -49,6 +52,8 @@ from forwarder.sharedcounts import SharedCounts
 
 LOG = log.get("forwarder.workers")
 
+ARMED = b"a"  # acceptor -> main: it dies with us now; send the listening socket
+LISTENER = b"l"  # main -> acceptor: the listening socket, as SCM_RIGHTS
 READY = b"r"
 WAKE = b"w"
 METRICS = b"m"
@@ -68,16 +73,17 @@ class ListenError(StartError):
 
 @dataclass(frozen=True)
 class Inherited:
-    """What an acceptor process is handed by the main process (as hidden `serve` flags)."""
+    """What an acceptor process is handed by the main process: fds and its slot as hidden
+    `serve` flags, then the listening socket (`listen_fd`, see `join_main`)."""
 
-    listen_fd: int
     control_fd: int
     counts_fd: int
     slot: int
+    listen_fd: int | None = None
 
     def argv(self) -> list[str]:
-        return ["--listen-fd", str(self.listen_fd), "--control-fd", str(self.control_fd),
-                "--counts-fd", str(self.counts_fd), "--slot", str(self.slot)]
+        return ["--control-fd", str(self.control_fd), "--counts-fd", str(self.counts_fd),
+                "--slot", str(self.slot)]
 
 
 def _receive(sock: socket.socket, size: int) -> bytes | None:
@@ -126,10 +132,10 @@ class Acceptors:
     async def _spawn(self, index: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         assert self.counts.fd is not None
-        given = Inherited(self.listener.fileno(), theirs.fileno(), self.counts.fd, index + 1)
+        given = Inherited(theirs.fileno(), self.counts.fd, index + 1)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "forwarder.cli", "serve", *self.argv, *given.argv(),
-            pass_fds=(given.listen_fd, given.control_fd, given.counts_fd))
+            pass_fds=(given.control_fd, given.counts_fd))
         theirs.close()
         ours.setblocking(False)
         child = _Child(index, proc, ours)
@@ -151,6 +157,9 @@ class Acceptors:
         kind, payload = data[:1], data[1:]
         if kind == WAKE:
             self.on_wake()
+        elif kind == ARMED:
+            with contextlib.suppress(OSError):  # gone already: its exit is being watched
+                socket.send_fds(child.link, [LISTENER], [self.listener.fileno()])
         elif kind == READY:
             child.ready.set()
             LOG.info("acceptor_ready", index=child.index, pid=child.proc.pid)
@@ -282,9 +291,28 @@ def listen_error(what: str, exc: OSError, hint: str) -> ListenError:
     return ListenError(f"cannot {what}: {os.strerror(exc.errno or 0)}")
 
 
-def die_with_parent(control_fd: int) -> None:
-    """In an acceptor, first thing: be killed when the main process dies (Linux
-    prctl(2) PR_SET_PDEATHSIG), even if that happened before this call.
+def join_main(control_fd: int) -> int:
+    """In an acceptor, first thing: arrange to die with the main process, then ask it for
+    the listening socket; its fd. Raises StartError if the main process is gone."""
+    control = socket.socket(fileno=control_fd)
+    try:
+        die_with_parent(control)
+        control.settimeout(START_TIMEOUT)
+        control.send(ARMED)
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 16, 1)
+        except OSError as exc:  # TimeoutError included
+            raise StartError(f"no listening socket from the main process: {exc}") from None
+        if message != LISTENER or len(fds) != 1:
+            raise StartError("the main process is gone")  # end of file: it died
+        return fds[0]
+    finally:
+        control.detach()  # the fd stays open for MainLink
+
+
+def die_with_parent(control: socket.socket) -> None:
+    """Be killed when the main process dies (Linux prctl(2) PR_SET_PDEATHSIG), even if that
+    happened before this call.
 
     The control socketpair was made by the main process, so its peer credentials name it:
     a parent pid that is not that one means the main process is already gone."""
@@ -296,12 +324,6 @@ def die_with_parent(control_fd: int) -> None:
     except (OSError, AttributeError) as exc:  # not Linux: the socketpair's EOF stops us
         LOG.warning("parent_death_signal_unavailable", error=str(exc))
         return
-    control = socket.socket(fileno=control_fd)
-    try:
-        creds = control.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                   struct.calcsize("3i"))
-    finally:
-        control.detach()
-    main_pid = struct.unpack("3i", creds)[0]
-    if os.getppid() != main_pid:
+    creds = control.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    if os.getppid() != struct.unpack("3i", creds)[0]:
         raise StartError("the main process is gone")

@@ -163,6 +163,26 @@ async def test_acceptors_die_with_the_main_process_even_when_they_cannot_run(
     assert await again.close() == 0
 
 
+async def test_an_acceptor_still_starting_never_holds_the_port(tmp_path: Path) -> None:
+    """The listening socket is handed over only once an acceptor dies with its main
+    process: one stopped while starting, and orphaned, does not keep a restart out."""
+    text = config_text([DOMAIN], extra="acceptors = 1\n").replace(
+        "127.0.0.1:0", f"127.0.0.1:{free_port()}", 1)
+    svc = Service(tmp_path / "first", text)
+    await svc.start()
+    pid = int(str((await svc.wait_log("acceptor_started"))["pid"]))
+    try:
+        os.kill(pid, signal.SIGSTOP)  # a slow start, frozen before it asked for the socket
+        assert svc.proc is not None
+        svc.proc.kill()
+        await gone(svc.proc.pid)  # (its wait() ends only when the orphan closes the pipe)
+        again = await start(Service(tmp_path / "again", text, state_dir=svc.state_dir))
+        assert await again.close() == 0
+    finally:
+        os.kill(pid, signal.SIGKILL)  # the orphan, which holds the log pipe
+    assert await svc.close() == -signal.SIGKILL
+
+
 async def test_500_idle_connections_from_one_address_are_admitted_across_processes(
     tmp_path: Path,
 ) -> None:
