@@ -7,18 +7,10 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 unit=${UNIT:-"$repo/systemd/forwarder.service"}
 max_score=${MAX_EXPOSURE:-2.0}
 
-ensure_systemd_analyze() {
-    command -v systemd-analyze >/dev/null 2>&1 && return 0
-    # Another apt run may be in progress (bootstrap); wait for it instead of fighting the lock.
-    if [[ -f /tmp/apt.log ]]; then
-        for _ in $(seq 1 120); do grep -q done /tmp/apt.log && break; sleep 5; done
-    fi
-    echo "systemd-analyze missing: installing Debian's systemd package" >&2
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
-}
-
-ensure_systemd_analyze
+for tool in systemd-analyze systemd-sysusers; do
+    command -v "$tool" >/dev/null 2>&1 \
+        || { echo "FAIL: $tool missing: install Debian's systemd package (.ci/run does)" >&2; exit 1; }
+done
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

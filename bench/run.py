@@ -53,19 +53,22 @@ def free_port() -> int:
 
 
 def build_directory(state_dir: Path, n: int) -> float:
-    """N graduates `i.nom@DOMAIN` (deleted, with a redirect), in the daemon's own schema.
-    Bulk-inserted (no audit rows): `account import` of a million rows is an admin test, not
-    this benchmark's. Returns the seconds it took."""
-    from forwarder.directory import connect
+    """N graduates `i.nom@DOMAIN` (deleted, with one confirmed target), in the daemon's own
+    schema. Bulk-inserted (no audit rows, no notices): `account import` of a million rows
+    is an admin test, not this benchmark's. Returns the seconds it took."""
+    from forwarder.directory.schema import connect
 
     t0 = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True)
     conn = connect(state_dir / "directory.sqlite3")
     now = time.time()
-    rows = ((f"{i}.nom@{DOMAIN}", "deleted", f"perso{i}@example.org", now, now)
-            for i in range(1, n + 1))
     conn.execute("BEGIN")
-    conn.executemany("INSERT INTO accounts VALUES (?, ?, ?, ?, ?)", rows)
+    conn.executemany("INSERT INTO accounts VALUES (?, 'deleted', ?, ?)",
+                     ((f"{i}.nom@{DOMAIN}", now, now) for i in range(1, n + 1)))
+    conn.executemany(
+        "INSERT INTO targets (address, position, target, state, why, declared_at, changed_at,"
+        " confirmed) VALUES (?, 0, ?, 'confirmed', 'bench', ?, ?, 1)",
+        ((f"{i}.nom@{DOMAIN}", f"perso{i}@example.org", now, now) for i in range(1, n + 1)))
     conn.execute("COMMIT")
     conn.close()
     return time.monotonic() - t0

@@ -1,8 +1,10 @@
 """The `forwarder` command: parses arguments and calls the modules (PRODUCT.md CLI contract).
 
 Exit status: 0 success, 1 a refused or failed operation (one line on stderr), 2 bad usage.
-The subcommands live in cli_account.py (directory, import), cli_queue.py (queue tools) and
-cli_ops.py (lookup, check, srs, serve); cli_common.py has what they share.
+The subcommands live in cli_account.py, cli_targets.py and cli_import.py (directory,
+targets, import), cli_queue.py (queue tools), cli_lookup.py (lookup), cli_ops.py (check,
+srs, token, serve), cli_status.py (status) and cli_report.py (report senders);
+cli_common.py has what they share.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 
-from forwarder import cli_account, cli_ops, cli_queue
+from forwarder import cli_account, cli_lookup, cli_ops, cli_queue, cli_report, cli_status
 from forwarder.cli_common import CliError, emit, one_line, settings_for
 from forwarder.config import ConfigError
 from forwarder.directory import DirectoryError
@@ -27,8 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_ops.register(sub)
+    cli_lookup.register(sub)
+    cli_status.register(sub)
     cli_account.register(sub)
     cli_queue.register(sub)
+    cli_report.register(sub)
     return parser
 
 

@@ -1,13 +1,11 @@
-"""`forwarder account ...`: the directory of addresses, its audit trail, the term import."""
+"""`forwarder account ...`: the directory of addresses, its targets, its audit trail."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
-from forwarder.addresses import AddressError
+from forwarder import cli_import
 from forwarder.cli_common import (
     CliError,
     add_command,
@@ -16,76 +14,79 @@ from forwarder.cli_common import (
     address_key,
     emit,
     iso,
-    one_line,
     open_directory,
 )
+from forwarder.cli_targets import (
+    account_doc,
+    account_line,
+    mail_now,
+    send_notices,
+    target_lines,
+    validated_targets,
+)
 from forwarder.config import Settings
-from forwarder.directory import AccountRow, ImportPlan
-from forwarder.importer import parse_import
+from forwarder.directory import Written
 from forwarder.policy import AccountState
-from forwarder.redirects import TargetValidator, check_domains, check_target, target_domain
+from forwarder.targets import MAX_TARGETS, TargetState
 
 EXAMPLE_ADDRESS = "marie.curie@sigma-clermont.fr"
 
 
-def account_doc(row: AccountRow) -> dict[str, Any]:
-    return {"address": row.address, "state": row.state.value, "redirect": row.redirect,
-            "created_at": iso(row.created_at), "updated_at": iso(row.updated_at)}
-
-
-def _line(row: AccountRow) -> str:
-    return f"{row.address}\t{row.state.value}\t{row.redirect or '-'}"
-
-
-def _mail_now(row: AccountRow) -> str:
-    """What mail to the account gets after a change, in the admin's words."""
-    if row.state is AccountState.ACTIVE:
-        return "mail goes to the school mailbox"
-    if row.redirect:
-        return f"mail is forwarded to {row.redirect}"
-    return "mail is refused (550 5.1.1 address closed, no forwarding address declared)"
-
-
-def validated_target(text: str, args: argparse.Namespace, settings: Settings) -> str:
-    """The target normalised, or CliError: syntax first, then (unless --no-dns-check) DNS."""
-    try:
-        target = check_target(text, settings.domains)
-    except AddressError as exc:
-        raise CliError(f"redirect target {text!r} refused: {exc}") from exc
-    if not args.no_dns_check:
-        problem = check_domains([target_domain(target)], settings, args.dns_timeout)
-        for found in problem.values():
-            verb = "not checked" if found.temporary else "refused"
-            raise CliError(f"redirect target {target} {verb}: {found.reason}")
-    return target
+def _written(args: argparse.Namespace, settings: Settings, verb: str, written: Written,
+             notices: int = 0) -> None:
+    row = written.row
+    doc = account_doc(row) | {"notices": notices}
+    sent = f"; {notices} notice(s) queued" if notices else ""
+    emit(args, doc, "\n".join([f"{verb} {account_line(row)}{sent}", *target_lines(row),
+                               mail_now(row, settings)]))
 
 
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
     key = address_key(args.address, settings)
-    target = validated_target(args.redirect, args, settings) if args.redirect else None
-    row = open_directory(settings).add(key, target)
-    emit(args, account_doc(row), f"added {_line(row)}")
+    targets = validated_targets([args.redirect], args, settings) if args.redirect else []
+    directory = open_directory(settings)
+    written = directory.add(key, targets)
+    _written(args, settings, "added", written,
+             send_notices(settings, directory, written.declared))
     return 0
 
 
 def cmd_redirect(args: argparse.Namespace, settings: Settings) -> int:
     key = address_key(args.address, settings)
+    if len(args.targets) > MAX_TARGETS:
+        raise CliError(f"{key}: {len(args.targets)} targets given; at most {MAX_TARGETS} "
+                       "are allowed")
     directory = open_directory(settings)
-    directory.require(key)  # an unknown address is refused before any DNS wait
-    row = directory.set_redirect(key, validated_target(args.target, args, settings))
-    emit(args, account_doc(row), f"redirected {_line(row)}; {_mail_now(row)}")
+    # An unknown address is refused before any DNS wait; targets kept are not checked again.
+    known = [t.target for t in directory.require(key).targets]
+    targets = validated_targets(args.targets, args, settings, known)
+    written = directory.set_targets(key, targets)
+    _written(args, settings, "redirected", written,
+             send_notices(settings, directory, written.declared))
+    return 0
+
+
+def cmd_target(args: argparse.Namespace, settings: Settings) -> int:
+    key = address_key(args.address, settings)
+    directory = open_directory(settings)
+    account = directory.require(key)
+    target = next((t.target for t in account.targets
+                   if t.target.lower() == args.target.strip().lower()), args.target.strip())
+    written = directory.switch_target(key, target, args.switch == "on")
+    _written(args, settings, f"switched {args.switch}", written,
+             send_notices(settings, directory, written.declared))
     return 0
 
 
 def cmd_unredirect(args: argparse.Namespace, settings: Settings) -> int:
-    row = open_directory(settings).set_redirect(address_key(args.address, settings), None)
-    emit(args, account_doc(row), f"unredirected {_line(row)}; {_mail_now(row)}")
+    written = open_directory(settings).set_targets(address_key(args.address, settings), [])
+    _written(args, settings, "unredirected", written)
     return 0
 
 
 def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
-    row = open_directory(settings).delete(address_key(args.address, settings))
-    emit(args, account_doc(row), f"deleted {_line(row)}; {_mail_now(row)}")
+    written = open_directory(settings).delete(address_key(args.address, settings))
+    _written(args, settings, "deleted", written)
     return 0
 
 
@@ -101,16 +102,23 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     row = open_directory(settings).require(address_key(args.address, settings))
-    emit(args, account_doc(row), f"{_line(row)}\ncreated {iso(row.created_at)}, updated "
-                                 f"{iso(row.updated_at)}; {_mail_now(row)}")
+    emit(args, account_doc(row), "\n".join([
+        account_line(row), *target_lines(row),
+        f"created {iso(row.created_at)}, updated {iso(row.updated_at)}; "
+        f"{mail_now(row, settings)}"]))
     return 0
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    state = AccountState(args.state) if args.state else None
-    rows = list(open_directory(settings).accounts(state, args.with_redirect))
+    account_state = target_state = None
+    if args.state in {s.value for s in AccountState}:
+        account_state = AccountState(args.state)
+    elif args.state:
+        target_state = TargetState(args.state)
+    rows = list(open_directory(settings).accounts(account_state, args.with_redirect,
+                                                  target_state))
     emit(args, {"accounts": [account_doc(r) for r in rows], "count": len(rows)},
-         "\n".join([_line(r) for r in rows] + [f"-- {len(rows)} account(s)"]))
+         "\n".join([account_line(r) for r in rows] + [f"-- {len(rows)} account(s)"]))
     return 0
 
 
@@ -129,58 +137,17 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _values(doc: dict[str, Any] | None) -> str:
+    """An audit entry's values in one short line: an account's state and targets (or, in
+    entries made before targets existed, its redirect), or one target's state."""
     if doc is None:
         return "-"
-    return f"{doc['state']},{doc['redirect'] or '-'}"
-
-
-# --- import ---------------------------------------------------------------------------
-
-
-def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
-    path = Path(args.file)
-    try:
-        parsed = parse_import(path, settings.domains, TargetValidator(settings.domains))
-    except OSError as exc:
-        raise CliError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    directory = open_directory(settings)
-    plan = directory.plan_import(parsed.rows)
-    errors = list(parsed.errors)
-    checked: set[str] = set()
-    if not args.no_dns_check:
-        checked = plan.new_targets()
-        errors += _dns_errors(plan, settings, args.dns_timeout)
-    doc: dict[str, Any] = {"file": str(path), "dry_run": args.dry_run, "rows": len(parsed.rows),
-                           "ignored_columns": parsed.ignored_columns,
-                           "dns_checked_targets": len(checked)}
-    if errors:
-        errors.sort()
-        for line, reason in errors:
-            print(f"{path}:{line}: {one_line(reason)}", file=sys.stderr)
-        doc["errors"] = [{"line": line, "reason": reason} for line, reason in errors]
-        raise CliError(f"{len(errors)} bad line(s) in {path}; nothing was imported", doc)
-
-    def verify(current: ImportPlan) -> None:
-        # Another admin may have changed the directory since the DNS check.
-        if not args.no_dns_check and not current.new_targets() <= checked:
-            raise CliError("the directory changed during the import; run it again")
-
-    report = directory.import_rows(parsed.rows, dry_run=args.dry_run, verify=verify)
-    doc.update(vars(report), errors=[])
-    verb = "would import" if args.dry_run else "imported"
-    ignored = (f" (ignored columns: {', '.join(parsed.ignored_columns)})"
-               if parsed.ignored_columns else "")
-    emit(args, doc, f"{verb} {len(parsed.rows)} rows{ignored}: {report.added} added, "
-         f"{report.changed} changed, {report.deleted} deleted, {report.unchanged} unchanged")
-    return 0
-
-
-def _dns_errors(plan: ImportPlan, settings: Settings, timeout: float) -> list[tuple[int, str]]:
-    """One DNS check per distinct domain of the newly declared targets; an error per line."""
-    declared = plan.declared()
-    problems = check_domains({target_domain(t) for _, t in declared}, settings, timeout)
-    return [(line, f"redirect {target}: {problems[target_domain(target)].reason}")
-            for line, target in declared if target_domain(target) in problems]
+    if "target" in doc:
+        extra = "".join(f" {key}={doc[key]}" for key in ("client", "sender", "ignored",
+                                                           "failures") if doc.get(key))
+        return f"{doc['target']}:{doc['state'] or 'removed'}{extra}"
+    if "targets" in doc:
+        return f"{doc['state']},{'+'.join(doc['targets']) or '-'}"
+    return f"{doc['state']},{doc.get('redirect') or '-'}"
 
 
 # --- parsers --------------------------------------------------------------------------
@@ -193,19 +160,30 @@ def register(sub: Any) -> None:
                     f"forwarder account add {EXAMPLE_ADDRESS} --redirect marie@example.org",
                     json_flag=True)
     p.add_argument("address")
-    p.add_argument("--redirect", metavar="TARGET", help="forwarding address once deleted")
+    p.add_argument("--redirect", metavar="TARGET",
+                   help="forwarding address once deleted (a notice is sent to it)")
     add_dns_options(p)
-    p = add_command(acc, "redirect", cmd_redirect, "declare or change the redirect",
-                    f"forwarder account redirect {EXAMPLE_ADDRESS} marie@example.org",
+    p = add_command(acc, "redirect", cmd_redirect,
+                    f"declare or change the targets (up to {MAX_TARGETS}, in order); new "
+                    "ones are pending and get a notice, those kept keep their state",
+                    f"forwarder account redirect {EXAMPLE_ADDRESS} marie@example.org "
+                    "marie.curie@work.example", json_flag=True)
+    p.add_argument("address")
+    p.add_argument("targets", nargs="+", metavar="TARGET")
+    add_dns_options(p)
+    p = add_command(acc, "target", cmd_target,
+                    "switch one target on or off (on declares it again: a refused, "
+                    "failing or pending target gets a new notice)",
+                    f"forwarder account target {EXAMPLE_ADDRESS} marie@example.org off",
                     json_flag=True)
     p.add_argument("address")
     p.add_argument("target")
-    add_dns_options(p)
+    p.add_argument("switch", choices=["on", "off"])
     for name, handler, text in (
-        ("unredirect", cmd_unredirect, "withdraw the redirect"),
-        ("delete", cmd_delete, "the school account is deleted (the redirect is kept: mail "
-                               "is then forwarded, or refused if there is none)"),
-        ("show", cmd_show, "show one account"),
+        ("unredirect", cmd_unredirect, "withdraw every target"),
+        ("delete", cmd_delete, "the school account is deleted (the targets are kept: mail "
+                               "is then forwarded, or refused if there is none on)"),
+        ("show", cmd_show, "show one account, each target with its state and why"),
         ("history", cmd_history, "show the audit trail of one account (who, when, what)"),
     ):
         p = add_command(acc, name, handler, text,
@@ -218,21 +196,17 @@ def register(sub: Any) -> None:
     p.add_argument("address")
     p.add_argument("--yes", action="store_true", help="confirm the erasure")
     _register_list(acc)
-    p = add_command(acc, "import", cmd_import,
-                    "load the student records export (CSV: email,redirect,status), "
-                    "all or nothing",
-                    "forwarder account import students.csv --dry-run", json_flag=True)
-    p.add_argument("file")
-    p.add_argument("--dry-run", action="store_true", help="report what would change only")
-    add_dns_options(p)
+    cli_import.register(acc)
 
 
 def _register_list(acc: Any) -> None:
     p = add_command(acc, "list", cmd_list, "list accounts",
-                    "forwarder account list --state deleted --without-redirect", json_flag=True)
-    p.add_argument("--state", choices=[s.value for s in AccountState])
+                    "forwarder account list --state failing", json_flag=True)
+    p.add_argument("--state", choices=[s.value for s in AccountState]
+                   + [s.value for s in TargetState],
+                   help="accounts in this state, or with a target in this state")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--with-redirect", dest="with_redirect", action="store_const",
-                       const=True, default=None, help="only accounts with a redirect")
+                       const=True, default=None, help="only accounts with a target")
     group.add_argument("--without-redirect", dest="with_redirect", action="store_const",
                        const=False, help="only accounts without one")

@@ -16,7 +16,7 @@ from typing import Any
 from forwarder.addresses import AddressError, parse_address
 from forwarder.config import Settings, load_settings
 from forwarder.directory import Directory
-from forwarder.policy import ROLE_ACCOUNTS
+from forwarder.policy import ROLE_ACCOUNTS, is_reserved_local
 from forwarder.redirects import DEFAULT_DNS_TIMEOUT
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -79,10 +79,13 @@ def address_key(text: str, settings: Settings) -> str:
     if address.local.lower() in ROLE_ACCOUNTS:
         raise CliError(f"{text}: a role account, forwarded to the configured postmaster; "
                        "it has no directory entry")
+    if is_reserved_local(address.local):
+        raise CliError(f"{text}: reserved for the notices' confirm+ and refuse+ addresses")
     return address.key
 
 
 def open_directory(settings: Settings) -> Directory:
+    """The directory for admin commands (the SQLite backend, `AdminDirectory`)."""
     return Directory(settings.directory_path, settings.busy_timeout)
 
 

@@ -1,4 +1,4 @@
-"""`forwarder lookup`, `check`, `srs rotate|reverse` and `serve`."""
+"""`forwarder check`, `srs rotate|reverse`, `token rotate` and `serve`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from forwarder import replies
 from forwarder.cli_common import (
     CliError,
     add_command,
@@ -22,27 +21,21 @@ from forwarder.cli_common import (
     one_line,
 )
 from forwarder.config import ConfigError, Settings
-from forwarder.directory import SCHEMA_VERSION, Directory, count_active, inspect_database
-from forwarder.dns import CachingResolver
-from forwarder.policy import (
-    Accept,
-    Account,
-    NeedsLookup,
-    NeedsSrsCheck,
-    Refuse,
-    Route,
-    Verdict,
-    classify_recipient,
-    decide_account,
+from forwarder.directory import (
+    SCHEMA_VERSION,
+    Directory,
+    count_active,
+    token_secrets_path,
+    token_secrets_problems,
 )
+from forwarder.dns import CachingResolver
+from forwarder.migrations import inspect_database
+from forwarder.postfixmaps import RECIPIENTS_FILE, TRANSPORT_FILE, postfix_maps
 from forwarder.queue import QUEUE_SCHEMA_VERSION
 from forwarder.returnpath import KEYS_FILE, MAX_AGE_DAYS, secrets_path
-from forwarder.srs import (
-    KeyRef,
-    Srs,
-    SrsError,
-    SrsKeyStore,
-    SrsReason,
+from forwarder.srs import KeyRef, Srs, SrsError, SrsReason
+from forwarder.srsstore import (
+    SqliteKeys,
     ensure_secrets,
     load_secrets,
     rotate_secrets,
@@ -66,7 +59,7 @@ def srs_reverse(settings: Settings, address: str) -> str:
     keys = settings.state_dir / KEYS_FILE
     found = None
     if keys.exists():
-        store = SrsKeyStore(keys)
+        store = SqliteKeys(keys)
         try:
             found = store.get(result.key)
         finally:
@@ -104,75 +97,15 @@ def cmd_srs_rotate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-# --- lookup ---------------------------------------------------------------------------
-
-
-def _verdict(address: str, settings: Settings) -> tuple[Verdict, Account | None, str | None]:
-    """What the daemon's RCPT handler would decide now (front.py), with the account row
-    and a detail for the admin."""
-    first = classify_recipient(address, settings.domains, settings.postmaster,
-                               settings.effective_srs_domain)
-    if isinstance(first, NeedsSrsCheck):
-        try:
-            original = srs_reverse(settings, str(first.address))
-        except SrsError as exc:
-            return Refuse(replies.RCPT_BAD_SRS, "srs_invalid"), None, exc.reason.value
-        except (OSError, ValueError, sqlite3.Error) as exc:
-            return Refuse(replies.RCPT_TEMPFAIL, "srs_store_unavailable"), None, str(exc)
-        return Accept(Route.SRS_RETURN, original, "srs_return"), None, None
-    if not isinstance(first, NeedsLookup):
-        return first, None, None
-    try:
-        directory = Directory(settings.directory_path, settings.busy_timeout)
-        row = directory.get(first.address.key)
-        directory.close()
-    except (sqlite3.Error, OSError) as exc:
-        return Refuse(replies.RCPT_TEMPFAIL, "directory_unavailable"), None, str(exc)
-    account = None if row is None else row.account
-    return decide_account(account, settings.domains, settings.mailbox_host is not None), \
-        account, None
-
-
-def _next_hop(verdict: Accept, settings: Settings) -> str:
-    """Where delivery would connect (delivery.MailRouter), without resolving anything."""
-    if verdict.route is Route.MAILBOX:
-        return f"mailbox host {settings.mailbox_host}"
-    if settings.smarthost is not None:
-        return f"smarthost {settings.smarthost}"
-    return f"MX of {verdict.target.rpartition('@')[2]}"
-
-
-def cmd_lookup(args: argparse.Namespace, settings: Settings) -> int:
-    verdict, account, detail = _verdict(args.address, settings)
-    doc: dict[str, Any] = {
-        "address": args.address, "reason": verdict.reason, "detail": detail,
-        "account": None if account is None else
-        {"address": account.address, "state": account.state.value,
-         "redirect": account.redirect},
-        "route": None, "target": None, "next_hop": None}
-    if isinstance(verdict, Refuse):
-        kind = "deferred" if verdict.reply.is_temporary else "refused"
-        doc.update(verdict=kind, reply=verdict.reply.at(args.address))
-    else:
-        doc.update(verdict="accepted", reply=str(replies.RCPT_OK), route=verdict.route.value,
-                   target=verdict.target, next_hop=_next_hop(verdict, settings))
-    emit(args, doc, _lookup_text(doc))
+def cmd_token_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    directory = Directory(settings.directory_path, settings.busy_timeout)
+    count = directory.rotate_token_secrets()
+    path = token_secrets_path(settings.state_dir)
+    emit(args, {"file": str(path), "secrets": count},
+         f"{path}: {count} secret(s), the first one signs. Run 'systemctl reload "
+         "forwarder' so the daemon checks with it; keep the old ones at least "
+         f"{int(settings.targets.token_days) + 1} days so notices already sent verify.")
     return 0
-
-
-def _lookup_text(doc: dict[str, Any]) -> str:
-    lines = [f"{one_line(doc['address'])}: {doc['verdict']} ({doc['reason']})",
-             f"reply: {doc['reply']}"]
-    if doc["account"] is not None:
-        account = doc["account"]
-        lines.append(f"account: {account['address']} {account['state']}, "
-                     f"redirect {account['redirect'] or '-'}")
-    if doc["detail"]:
-        lines.append(f"detail: {one_line(doc['detail'])}")
-    if doc["route"]:
-        srs = " (SRS reverse of the address)" if doc["route"] == Route.SRS_RETURN else ""
-        lines.append(f"route: {doc['route']} -> {doc['target']}{srs} via {doc['next_hop']}")
-    return "\n".join(lines)
 
 
 # --- check ----------------------------------------------------------------------------
@@ -206,11 +139,17 @@ def _state_dir_problems(state_dir: Path) -> list[str]:
     return []
 
 
-def _storage_problems(settings: Settings) -> list[str]:
+def _storage_problems(settings: Settings, notes: list[str]) -> list[str]:
     problems = _state_dir_problems(settings.state_dir)
     problems += inspect_database(settings.directory_path, SCHEMA_VERSION)
     problems += inspect_database(settings.queue_path, QUEUE_SCHEMA_VERSION)
-    problems += secrets_file_problems(secrets_path(settings.state_dir))
+    problems += token_secrets_problems(token_secrets_path(settings.state_dir))
+    secrets = secrets_path(settings.state_dir)
+    if secrets.exists():
+        problems += secrets_file_problems(secrets)
+    elif not problems:  # a fresh install: the daemon (or `check --init`) creates it
+        notes.append(f"{secrets}: not created yet; the daemon creates it at its first "
+                     "start (or run 'forwarder check --init')")
     if settings.mailbox_host is None:
         try:
             active = count_active(settings.directory_path, settings.busy_timeout)
@@ -241,9 +180,33 @@ def _tls_problems(settings: Settings) -> list[str]:
     return []
 
 
+def _init(settings: Settings) -> list[str]:
+    """`check --init`: what the first start would create (the state directory, the SRS
+    secrets), so a fresh install checks clean before it ever ran."""
+    done = []
+    if not settings.state_dir.exists():
+        settings.state_dir.mkdir(mode=0o750, parents=True)
+        done.append(f"created {settings.state_dir}")
+    secrets = secrets_path(settings.state_dir)
+    if settings.state_dir.is_dir() and ensure_secrets(secrets):
+        done.append(f"created {secrets}")
+    return done
+
+
+def _postfix_lines(settings: Settings) -> list[str]:
+    """The Postfix gateway's tables for our domains (docs/admin.md section 3)."""
+    listen = settings.listen
+    host = listen.host if listen.host not in ("0.0.0.0", "::", "") else settings.hostname
+    maps = postfix_maps(settings.domains, settings.effective_srs_domain,
+                        f"{host}:{listen.port}")
+    return ["# main.cf", *maps.main_cf, f"# /etc/postfix/{TRANSPORT_FILE}", *maps.transport,
+            f"# /etc/postfix/{RECIPIENTS_FILE}", *maps.recipients]
+
+
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    notes = _init(settings) if getattr(args, "init", False) else []
     problems = [f"config: {p}" for p in getattr(args, "config_problems", [])]
-    problems += _storage_problems(settings)
+    problems += _storage_problems(settings, notes)
     problems += _tls_problems(settings)
     warnings = []
     if settings.postmaster is None:
@@ -253,9 +216,15 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
         print(f"forwarder: problem: {problem}", file=sys.stderr)
     for warning in warnings:
         print(f"forwarder: warning: {warning}", file=sys.stderr)
+    for note in notes:
+        print(f"forwarder: note: {note}", file=sys.stderr)
     text = (f"{len(problems)} problem(s), {len(warnings)} warning(s)" if problems or warnings
             else "configuration and storage OK")
+    postfix = _postfix_lines(settings)
+    text += ("\n\nThe school's Postfix gateway routes these addresses here too (docs/admin.md "
+             "section 3):\n" + "\n".join(postfix))
     emit(args, {"ok": not problems, "problems": problems, "warnings": warnings,
+                "notes": notes, "postfix_maps": postfix,
                 "config_file": None if settings.config_file is None else
                 str(settings.config_file), "state_dir": str(settings.state_dir)}, text)
     return 1 if problems else 0
@@ -304,16 +273,13 @@ def register(sub: Any) -> None:
     p.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--counts-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--slot", type=int, help=argparse.SUPPRESS)
-    p = add_command(sub, "lookup", cmd_lookup,
-                    "what mail to ADDRESS would get now, and why (any address)",
-                    "forwarder lookup marie.curie@sigma-clermont.fr", json_flag=True)
-    p.add_argument("address")
-    # The same overrides as `serve`, to ask what a daemon started with them would say.
-    p.add_argument("--smarthost", metavar="HOST:PORT", help="as for serve")
-    p.add_argument("--mailbox-host", metavar="HOST:PORT", help="as for serve")
     p = add_command(sub, "check", cmd_check,
-                    "validate the configuration and the storage; report every problem",
+                    "validate the configuration and the storage; report every problem; "
+                    "print the Postfix gateway's tables",
                     "forwarder check --config /etc/forwarder/forwarder.toml", json_flag=True)
+    p.add_argument("--init", action="store_true",
+                   help="first create what the daemon would at its first start "
+                        "(state directory, SRS secrets)")
     p.set_defaults(collect_config_problems=True)
     srs = add_group(sub, "srs", "SRS secrets and addresses",
                     "forwarder srs reverse SRS0=HHHH=TT=example.org=jane@sigma-clermont.fr")
@@ -325,6 +291,11 @@ def register(sub: Any) -> None:
                     "forwarder srs reverse SRS0=HHHH=TT=example.org=jane@sigma-clermont.fr",
                     json_flag=True)
     p.add_argument("address")
+    token = add_group(sub, "token", "the secrets of the notices' confirm+ and refuse+ addresses",
+                      "forwarder token rotate && systemctl reload forwarder")
+    add_command(token, "rotate", cmd_token_rotate,
+                "add a new signing secret, keeping the old ones for verification",
+                "forwarder token rotate && systemctl reload forwarder", json_flag=True)
 
 
 def config_error_settings(args: argparse.Namespace, exc: ConfigError) -> Settings | None:

@@ -27,8 +27,10 @@ def _queue(settings: Settings) -> QueueAdmin:
 
 def recipient_doc(r: RecipientInfo) -> dict[str, Any]:
     return {"id": r.id, "rcpt": r.rcpt, "orig_rcpt": r.orig_rcpt, "route": r.route,
-            "state": r.state, "in_delivery": r.leased, "attempts": r.attempts,
-            "next_attempt": None if r.state != "queued" else iso(r.next_attempt),
+            # Every recipient in the queue is queued (it leaves once delivered or bounced);
+            # the field stays for the scripts that read it.
+            "state": "queued", "in_delivery": r.leased, "attempts": r.attempts,
+            "next_attempt": iso(r.next_attempt),
             "last_attempt": iso(r.last_attempt), "last_error": r.last_error,
             "dsn_status": r.dsn_status, "remote_mta": r.remote_mta}
 
@@ -48,8 +50,6 @@ def _marker(m: MessageInfo) -> str:
 
 def _recipient_state(r: RecipientInfo, now: float) -> str:
     tries = f"{r.attempts} attempt(s)"
-    if r.state != "queued":
-        return f"{r.state}, {tries}"
     if r.leased:
         return f"in delivery, {tries}"
     when = "due now" if r.next_attempt <= now else f"next in {duration(r.next_attempt - now)}"

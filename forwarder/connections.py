@@ -1,7 +1,7 @@
 """Connection accounting for the SMTP front: live sessions counted in all and per client
 address, the caps that answer `421 4.7.0` (PRODUCT.md "Limits"), the shutdown notice
-(`421 4.3.2` to sessions between transactions, RFC 5321 3.8), and the STARTTLS context that
-a reload replaces for new sessions."""
+(`421 4.3.2` to sessions between transactions, RFC 5321 3.8), the STARTTLS context that
+a reload replaces for new sessions, and the metrics the session itself reports."""
 
 from __future__ import annotations
 
@@ -91,6 +91,11 @@ class Connections:
         LOG.info("disconnect", client=client)
         if not self._sessions:
             self._empty.set()
+
+    def count_refusal(self, reply: Reply) -> None:
+        """A message the session refused after its final dot, counted by its reason."""
+        if self.metrics is not None:
+            self.metrics.body_refused(reply)
 
     def keep(self, future: asyncio.Future[Any]) -> None:
         """Hold a shielded task until it is done (and retrieve its outcome)."""

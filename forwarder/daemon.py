@@ -24,33 +24,39 @@ from types import TracebackType
 from typing import Any
 
 from forwarder import __version__, log
+from forwarder.checks import Checks
 from forwarder.clock import Clock, SystemClock
-from forwarder.config import ConfigError, Settings
+from forwarder.config import ConfigError, HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
+from forwarder.control import STATUS_SOCKET, StatusService
 from forwarder.delivery import Dispatcher, MailRouter, Router
-from forwarder.directory import DirectoryReader
+from forwarder.directory import SqliteDaemonDirectory
 from forwarder.dns import CachingResolver, MxRouter
-from forwarder.front import Front
-from forwarder.metrics import Metrics, MetricsServer, start_metrics_server
+from forwarder.front import Accepted, Front
+from forwarder.metrics import Metrics
+from forwarder.metricsserver import MetricsServer, start_metrics_server
+from forwarder.mtasts import MtaSts
 from forwarder.policy import needs_srs
-from forwarder.queue import Job, Queue, RecipientJob
+from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
 from forwarder.returnpath import ReturnPath
+from forwarder.senders import SenderTally
 from forwarder.sharedcounts import SharedCounts
-from forwarder.smtp import ForwarderSMTP
 from forwarder.smtpclient import ConnectionPool, Sender
+from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
+from forwarder.targetupkeep import TargetUpkeep
 from forwarder.workers import (
     Acceptors,
     Inherited,
     MainLink,
     StartError,
     bind_listener,
-    join_main,
     listen_error,
 )
 
 LOG = log.get("forwarder.daemon")
 STATUS_INTERVAL = 5.0
+PURGE_INTERVAL = 3600.0
 
 
 class StateLockError(Exception):
@@ -67,6 +73,23 @@ def lock_state_dir(state_dir: Path) -> int:
         os.close(fd)
         raise StateLockError(f"another forwarder is running on {state_dir}") from None
     return fd
+
+
+def mail_router(settings: Settings, resolver: CachingResolver | None) -> MailRouter:
+    mx = None if resolver is None else MxRouter(resolver, port=settings.delivery.mx_port)
+    return MailRouter(settings.mailbox_host, settings.smarthost, mx)
+
+
+def make_resolver(settings: Settings, clock: Clock) -> CachingResolver | None:
+    servers = settings.dns_servers
+    try:
+        if servers:
+            return CachingResolver([s.host for s in servers], port=servers[0].port,
+                                   now=clock.now)
+        return CachingResolver(use_system_config=True, now=clock.now)
+    except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
+        LOG.error("dns_unavailable", error=str(exc))
+        return None
 
 
 class Daemon:
@@ -94,7 +117,9 @@ class Daemon:
         self._listener: socket.socket | None = None
         self.clock = clock or SystemClock()
         self._fixed_router = router
-        self.router = router or self._router(settings)
+        # One resolver (and cache) for MX routing, MTA-STS and the inbound checks.
+        self.resolver = make_resolver(settings, self.clock)
+        self.router = router or mail_router(settings, self.resolver)
         self.reload_settings = reload_settings
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
@@ -107,35 +132,35 @@ class Daemon:
         self.queue = Queue(settings.queue_path, settings.busy_timeout)
         # Live sessions (caps, shutdown notice) and the STARTTLS context; the caps are
         # counted in a table shared with the acceptors (forwarder/sharedcounts.py).
-        if inherited is not None:
-            counts = SharedCounts.attach(inherited.counts_fd, inherited.slot)
-        else:
-            counts = SharedCounts.create(self._processes)
+        counts = (SharedCounts.create(self._processes) if inherited is None
+                  else SharedCounts.attach(inherited.counts_fd, inherited.slot))
         self.connections = Connections(metrics=self.metrics, counts=counts)
-        self.directory: DirectoryReader | None = None
+        self.directory: SqliteDaemonDirectory | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
-        self.pool = ConnectionPool(settings.delivery, settings.hostname)
+        self.senders = SenderTally(self.clock.now)
+        self.checks = Checks(settings, self.resolver, self.metrics, self.senders,
+                             self.clock.now)
+        self.pool = ConnectionPool(settings, self.metrics)
+        self.mta_sts = self._mta_sts(settings)
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
-                                     Sender(settings.delivery, self.pool), self.clock,
-                                     self.metrics,
-                                     envelope_sender=self._envelope_sender)
+                                     Sender(settings.delivery, self.pool, self.metrics),
+                                     self.clock, self.metrics,
+                                     envelope_sender=self._envelope_sender,
+                                     mta_sts=self.mta_sts)
+        self.targets = TargetUpkeep(settings, self.queue, self.dispatcher, self.clock, self.metrics)
+        # `forwarder status` (forwarder/control.py); only the main process listens.
+        self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
+                                    self.clock, lambda: describe(self), self.refresh_status)
 
-    def _router(self, settings: Settings) -> MailRouter:
-        return MailRouter(settings.mailbox_host, settings.smarthost, self._mx_router(settings))
-
-    def _mx_router(self, settings: Settings) -> MxRouter | None:
-        servers = settings.dns_servers
-        try:
-            if servers:
-                resolver = CachingResolver([s.host for s in servers], port=servers[0].port,
-                                           now=self.clock.now)
-            else:
-                resolver = CachingResolver(use_system_config=True, now=self.clock.now)
-        except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
-            LOG.error("dns_unavailable", error=str(exc))
+    def _mta_sts(self, settings: Settings) -> MtaSts | None:
+        """MTA-STS applies to delivery by MX (RFC 8461), with the daemon's resolver."""
+        if not settings.mta_sts or self.resolver is None:
             return None
-        return MxRouter(resolver, port=settings.delivery.mx_port)
+        d = settings.delivery
+        return MtaSts(self.resolver, self.clock.now, port=d.mta_sts_port,
+                      timeout=d.mta_sts_timeout,
+                      ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None)
 
     async def _envelope_sender(self, job: Job, rcpt: RecipientJob) -> str:
         assert self.return_path is not None
@@ -158,7 +183,7 @@ class Daemon:
     async def start(self) -> None:
         acceptor = self.inherited is not None
         if self.inherited is not None:
-            assert self.inherited.listen_fd is not None  # handed over by join_main
+            assert self.inherited.listen_fd is not None  # handed over by Inherited.joined
             self._listener = socket.socket(fileno=self.inherited.listen_fd)
         else:  # the main process owns the state directory, the leases and the socket
             self._lock_fd = lock_state_dir(self.settings.state_dir)
@@ -169,7 +194,7 @@ class Daemon:
                 raise
         self.return_path = ReturnPath(self.settings.state_dir,
                                       self.settings.effective_srs_domain, self.clock)
-        self.directory = await DirectoryReader.open(
+        self.directory = await SqliteDaemonDirectory.open(
             self.settings.directory_path, self.settings.busy_timeout)
         self.connections.tls_context = load_tls_context(self.settings.tls_cert,
                                                         self.settings.tls_key)
@@ -179,10 +204,14 @@ class Daemon:
             if recovered or held:
                 LOG.warning("queue_recovered", recipients=recovered, held=held)
         await self._listen(acceptor)
+        # Every process counts the sender domains its checks saw and adds them up in the
+        # directory now and then.
+        self._spawn(self._report_loop(), "senders")
         if acceptor:
             self._start_acceptor()
             return
         await self._start_metrics()
+        await self.targets.start(self.directory)
         self._spawn(self.dispatcher.run(), "dispatcher")
         self._spawn(self._status_loop(), "status")
         interval = watchdog_interval()
@@ -190,6 +219,7 @@ class Daemon:
             self._spawn(watchdog_loop(self.notifier, interval), "watchdog")
         self.dispatcher.wake()
         await self._start_acceptors()
+        await self.status.start()
         LOG.info("listening", host=self.settings.listen.host, port=self.port,
                  domains=list(self.settings.domains), version=__version__,
                  acceptors=self.acceptors.count if self.acceptors else 0)
@@ -198,13 +228,13 @@ class Daemon:
 
     async def _listen(self, acceptor: bool) -> None:
         """Serve SMTP on the socket bound at start (or, in an acceptor, inherited)."""
-        if acceptor:
-            submit: Callable[[Job], None] = lambda job: self._wake_main()  # noqa: E731
-        else:
-            submit = self.dispatcher.submit
+        # The main process delivers what it accepts; an acceptor leaves it to the main
+        # process's scanner (forwarder/queue/intake.py).
+        intake: Intake = (ScannerIntake(self.queue, self._wake_main) if acceptor
+                          else DirectIntake(self.queue, self.dispatcher.submit))
         assert self.directory is not None and self.return_path is not None
-        self.front = Front(self.settings, self.directory, self.queue, submit, self.clock,
-                           self.return_path, self.metrics, in_memory=not acceptor)
+        self.front = Front(self.settings, self.directory, intake, self.clock,
+                           self.return_path, self.metrics, checks=self.checks)
         front = self.front
         loop = asyncio.get_running_loop()
         assert self._listener is not None
@@ -248,15 +278,21 @@ class Daemon:
                                    "another program listens there") from None
             LOG.info("metrics_listening", host=where.host, port=self._metrics_server.port)
 
-    def _protocol(self, front: Front) -> ForwarderSMTP:
-        # Issue 7: a strict SMTP session (limits, smuggling, caps): forwarder/smtp.py.
-        return ForwarderSMTP(front, self.settings, self.connections)
+    def _protocol(self, front: Front) -> SmtpProtocol[Accepted]:
+        return SmtpProtocol(front, self.settings, self.connections)
 
     async def _status_loop(self) -> None:
-        """Queue depth for metrics and for `systemctl status` (STATUS=)."""
+        """Queue depth for metrics and for `systemctl status` (STATUS=); once an hour, the
+        long-sender keys whose SRS addresses have expired are forgotten."""
+        purged_at = -PURGE_INTERVAL
         while True:
             with contextlib.suppress(Exception):
                 await self.refresh_status()
+            self.status.tick()
+            if self.clock.now() - purged_at >= PURGE_INTERVAL and self.return_path is not None:
+                purged_at = self.clock.now()
+                with contextlib.suppress(Exception):
+                    await self.return_path.purge_expired()
             await asyncio.sleep(STATUS_INTERVAL)
 
     async def refresh_status(self) -> None:
@@ -271,6 +307,16 @@ class Daemon:
             f"messages, {sum(stats['recipients'].values())} recipients, "
             f"{len(self.dispatcher.in_flight)} in delivery")
 
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.checks.report_interval)
+            await self.flush_senders()
+
+    async def flush_senders(self) -> int:
+        """Add the sender counts gathered since the last flush to the directory."""
+        assert self.directory is not None
+        return await self.senders.flush(self.directory.record_senders)
+
     # --- reload -----------------------------------------------------------------------
 
     def reload(self) -> bool:
@@ -284,6 +330,8 @@ class Daemon:
             new = self.reload_settings()
             assert self.return_path is not None
             self.return_path.reload(new.effective_srs_domain)
+            if self.front is not None:
+                self.front.reload_token_secrets()
             self.connections.reload_tls(new)
         except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
             LOG.error("reload_refused", error=str(exc))
@@ -298,6 +346,7 @@ class Daemon:
             # that shares it.
             self._listener.listen(new.listen_backlog)
         self._apply(new)
+        self.targets.reload(new)
         LOG.info("reloaded", domains=list(new.domains))
         self.notifier.ready("reloaded")
         return True
@@ -305,9 +354,13 @@ class Daemon:
     def _apply(self, new: Settings) -> None:
         self.settings = new
         if self._fixed_router is None:
-            self.router = self._router(new)
-            self.dispatcher.router = self.router
-        self.dispatcher.settings = new
+            self.resolver = make_resolver(new, self.clock)
+            self.router = mail_router(new, self.resolver)
+        if self.mta_sts is not None and self.resolver is not None:
+            self.mta_sts.resolver = self.resolver
+        self.dispatcher.set_router(self.router, new)
+        self.pool.configure(new)
+        self.checks.apply(new, self.resolver)
         if self.front is not None:
             self.front.settings = new
 
@@ -328,15 +381,21 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.targets.stop()
         if self.link is not None:
             self.link.report(self.metrics)
             self.link.close()
         await self.queue.release_leases(interrupted, self.clock.now())
         await self.pool.close()
+        if self.mta_sts is not None:
+            await self.mta_sts.close()
+        await self.checks.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
+        await self.status.close()
         await self.queue.close()
         if self.directory is not None:
+            await self.flush_senders()
             await self.directory.close()
         if self.return_path is not None:
             await self.return_path.close()
@@ -373,6 +432,21 @@ class Daemon:
             await self.stop()
 
 
+def describe(daemon: Daemon) -> dict[str, Any]:
+    """What the status document says about the process itself (forwarder/control.py)."""
+    served = daemon._metrics_server
+    acceptors = [] if daemon.acceptors is None else sorted(
+        child.proc.pid for child in daemon.acceptors.children.values()
+        if child.proc.returncode is None)
+    return {
+        "state": "stopping" if daemon._stop.is_set() else "running",
+        "listening": {
+            "smtp": [str(HostPort(daemon.settings.listen.host, daemon.port))],
+            "metrics": None if served is None else str(HostPort(served.host, served.port))},
+        "acceptors": acceptors,
+    }
+
+
 # Python's cyclic garbage collector runs a young-generation pass every 700 allocations,
 # and under load a message allocates thousands of objects (sessions, futures, tasks), most
 # of them freed by reference counting anyway. Collecting every 20,000 allocations, with
@@ -394,10 +468,8 @@ def run(
 ) -> int:
     """Entry point of `forwarder serve` (and of the acceptor processes it starts)."""
     log.configure(settings.log_format, settings.log_level)
-    try:
-        if inherited is not None:
-            inherited = dataclasses.replace(inherited,
-                                            listen_fd=join_main(inherited.control_fd))
+    try:  # an acceptor first arms its death with the main process, then gets the socket
+        inherited = None if inherited is None else inherited.joined()
     except StartError as exc:
         LOG.error("start_failed", error=str(exc))
         return 1

@@ -1,85 +1,50 @@
 """Delivery: lease due recipients, route them, send, record the outcome, bounce failures.
 
-A `Dispatcher` owns the set of recipients in flight. Fresh messages reach it straight from
-the SMTP front (their bytes are still in memory, and their recipients were leased in the
-same commit that queued them); retries are found by scanning the queue, which leases what
-it hands out. Recipients of one message are grouped by envelope sender and destination,
-so one transaction carries all the copies that go to the same place.
+A `Dispatcher` owns the set of recipients in flight. Fresh messages accepted in this
+process reach it straight from the SMTP front (their bytes are still in memory, and their
+recipients were leased in the same commit that queued them); an acceptor process's
+messages, and retries, are found by scanning the queue, which leases what it hands out.
+Recipients of one message are grouped by envelope sender and destination, so one
+transaction carries all the copies that go to the same place.
 
 A message suspected of crashing the daemon is tried alone in a lane of its own, one at a
-time, beside the ordinary traffic (forwarder/queue.py says how crashes are charged).
+time, beside the ordinary traffic (policy.blame says how crashes are charged).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any
 
 from forwarder import log
-from forwarder.bounces import make_dsn, should_report
+from forwarder.bounces import Action, make_dsn, should_report
 from forwarder.clock import Clock
-from forwarder.config import HostPort, Settings
-from forwarder.dns import Destination, DnsPermanentError, DnsTemporaryError
-from forwarder.dns import Router as DnsRouter
+from forwarder.config import Settings
 from forwarder.metrics import Metrics
-from forwarder.policy import Outcome, Route, is_expired, retry_delay
+from forwarder.mtasts import MtaSts
+from forwarder.outbound import BodyHolder, Outbound
+from forwarder.policy import Outcome, is_expired, retry_delay
 from forwarder.queue import Job, NewMessage, Queue, RecipientJob, Result
-from forwarder.smtpclient import Attempt, Sender, local_attempt
+from forwarder.routing import MailRouter, Router, RoutingError
+from forwarder.slots import Slots
+from forwarder.smtpclient import Attempt, Sender
+
+__all__ = ["Dispatcher", "MailRouter", "Router", "RoutingError"]
 
 LOG = log.get("forwarder.delivery")
 
 
-class RoutingError(Exception):
-    """No destination now; `permanent` says whether trying again could help."""
-
-    def __init__(self, reason: str, permanent: bool = False, status: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.permanent = permanent
-        # RFC 3463: 5.1.2 bad destination system; 4.4.3 directory (DNS) failure.
-        self.status = status or ("5.1.2" if permanent else "4.4.3")
-
-
-class Router(Protocol):
-    async def route(self, recipient: str, route: Route) -> list[Destination]:
-        """The destinations to try in order, or raise RoutingError."""
-        ...
-
-
-def _fixed(hp: HostPort) -> Destination:
-    return Destination(hp.host, hp.host, hp.port)
-
-
-@dataclass
-class MailRouter:
-    """Active accounts go to the mailbox host; everything else to the smarthost if one is
-    configured, else to the recipient domain's MX hosts (RFC 5321 5.1)."""
-
-    mailbox_host: HostPort | None
-    smarthost: HostPort | None
-    mx: DnsRouter | None = None
-
-    async def route(self, recipient: str, route: Route) -> list[Destination]:
-        if route is Route.MAILBOX:
-            if self.mailbox_host is None:
-                raise RoutingError("mailbox host not configured")
-            return [_fixed(self.mailbox_host)]
-        if self.smarthost is not None:
-            return [_fixed(self.smarthost)]
-        if self.mx is None:
-            raise RoutingError("no smarthost and no DNS resolver configured")
-        try:
-            return await self.mx.route(recipient.rpartition("@")[2])
-        except DnsPermanentError as exc:
-            # RFC 7505 4.3: a null MX is reported as 5.1.10.
-            status = "5.1.10" if exc.reason.startswith("null MX") else "5.1.2"
-            raise RoutingError(exc.reason, permanent=True, status=status) from exc
-        except DnsTemporaryError as exc:
-            raise RoutingError(exc.reason) from exc
+def _reportable(action: Action, rcpt: RecipientJob, result: Result,
+                attempts: dict[int, Attempt]) -> bool:
+    if action == "failed":
+        return result.outcome is Outcome.FAILED and rcpt.dsn.wants("FAILURE")
+    if action == "delayed":
+        return result.outcome is Outcome.DEFERRED and result.warned and rcpt.dsn.wants("DELAY")
+    return (result.outcome is Outcome.DELIVERED and rcpt.dsn.notify is not None
+            and rcpt.dsn.wants("SUCCESS") and not attempts[result.recipient_id].dsn_passed)
 
 
 async def _unchanged_sender(job: Job) -> str:
@@ -98,12 +63,34 @@ class Dispatcher:
     metrics: Metrics
     envelope_sender: Callable[[Job, RecipientJob], Awaitable[str]] = field(
         default=lambda job, rcpt: _unchanged_sender(job))
+    # Told every round's results (forwarder/targetwatch.py: the dead-target rule).
+    observe: Callable[[Job, list[Result]], None] | None = None
+    mta_sts: MtaSts | None = None
     in_flight: set[int] = field(default_factory=set)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stopping: bool = False
     _more_due: bool = False
     _lane_busy: bool = False  # a suspect is being tried alone
+    outbound: Outbound = field(init=False)
+
+    def __post_init__(self) -> None:
+        slots = Slots(self.settings.delivery, self.clock.now,
+                      self.metrics.destination_suspended)
+        self.metrics.count_suspended(lambda: slots.suspended_count)
+        self.outbound = Outbound(self.router, self.sender, slots, self.queue,
+                                 self.envelope_sender, self.mta_sts)
+
+    def set_router(self, router: Router, settings: Settings) -> None:
+        """SIGHUP: new routes and limits (the slots keep their windows and suspensions)."""
+        self.router = self.outbound.router = router
+        self.settings = settings
+        self.outbound.slots.settings = settings.delivery
+
+    @property
+    def bodies_held(self) -> int:
+        """Message bodies delivery holds in memory now (only those being sent)."""
+        return self.outbound.bodies.held
 
     def wake(self) -> None:
         self._wake.set()
@@ -120,7 +107,8 @@ class Dispatcher:
         # The last scan filled every slot, so more is probably due: look again once half
         # the slots are free instead of at the next poll, or a backlog drains at
         # 4 x concurrency messages per poll_interval (80/s) whatever the destination's speed.
-        if self._more_due and len(self._tasks) <= 2 * self.settings.delivery.concurrency:
+        active = len(self._tasks) - self.outbound.waiting
+        if self._more_due and active <= 2 * self.settings.delivery.concurrency:
             self._more_due = False
             self._wake.set()
 
@@ -133,8 +121,12 @@ class Dispatcher:
                 await self.scan()
 
     async def scan(self) -> int:
-        """Lease whatever is due now and start it; return how many jobs started."""
-        room = max(0, 4 * self.settings.delivery.concurrency - len(self._tasks))
+        """Lease whatever is due now and start it; return how many jobs started. Jobs
+        waiting for a slot at a slow destination hold no body and do not count against
+        the room for more (up to a bound), so they cannot starve the others' retries."""
+        concurrency = self.settings.delivery.concurrency
+        active = len(self._tasks) - self.outbound.waiting
+        room = max(0, min(4 * concurrency - active, 20 * concurrency - len(self._tasks)))
         if room == 0 and self._lane_busy:  # a full house does not starve the suspect lane
             return 0
         try:
@@ -181,83 +173,56 @@ class Dispatcher:
     async def _crashed(self, job: Job) -> None:
         retry_at = self.clock.now() + self.settings.delivery.first_retry
         with contextlib.suppress(Exception):
-            if await self.queue.crashed(job.message_id, [r.id for r in job.recipients],
-                                        retry_at):
+            if await self.queue.crashed(job, retry_at):
                 LOG.error("message_held", queue_id=job.message_id, reason="repeated crashes")
 
     async def _deliver(self, job: Job) -> None:
-        body = job.body if job.body is not None else await self.queue.load_body(job.message_id)
-        if body is None:
-            return  # deleted by an administrator meanwhile
-        attempts = await self._attempt_all(job, body)
-        now = self.clock.now()
-        results = [self._result(job, rcpt, attempts[rcpt.id], now) for rcpt in job.recipients]
-        dsns = self._reports(job, body, results, now)
-        # A suspect whose lone attempt got this far did not bring the daemon down.
-        cleared = [job.message_id] if job.isolated else []
-        _, new_ids = await self.queue.record(results, dsns, now, cleared)
+        holder = BodyHolder(job.message_id, job.body, self.outbound.bodies)
+        job.body = None  # the holder decides when the bytes may go (outbound.py)
+        try:
+            attempts = await self.outbound.attempt(job, holder)
+            if attempts is None:
+                return  # deleted by an administrator meanwhile
+            now = self.clock.now()
+            results = [self._result(job, rcpt, attempts[rcpt.id], now)
+                       for rcpt in job.recipients]
+            dsns = await self._reports(job, holder, results, attempts, now)
+        finally:
+            holder.drop()
+        # The attempt completed: crash blame is told so (a suspect alone in the lane that
+        # got this far did not bring the daemon down).
+        _, new_ids = await self.queue.record(results, dsns, [(job.message_id, job.lane)])
+        if self.observe is not None:
+            self.observe(job, results)
         for rcpt, result in zip(job.recipients, results, strict=True):
             self._log(job, rcpt, result, attempts[rcpt.id], now)
-            latency = now - job.arrived_at if result.outcome == "delivered" else None
+            delivered = result.outcome is Outcome.DELIVERED
+            latency = now - job.arrived_at if delivered else None
             self.metrics.delivery_result(result.outcome, rcpt.route.value, latency)
         for dsn, ids in zip(dsns, new_ids, strict=True):
             LOG.info("bounce_queued", queue_id=dsn.id, orig_queue_id=job.message_id,
-                     to=job.sender)
-            self.submit(_job_of(dsn, ids))
+                     to=dsn.recipients[0].rcpt, route=dsn.recipients[0].route.value)
+            self.submit(Job.fresh(dsn, ids))
 
-    def _reports(self, job: Job, body: bytes, results: list[Result],
-                 now: float) -> list[NewMessage]:
-        """The DSNs this round causes: one for failures, one for first delay warnings."""
+    async def _reports(self, job: Job, holder: BodyHolder, results: list[Result],
+                       attempts: dict[int, Attempt], now: float) -> list[NewMessage]:
+        """The DSNs this round causes, as each recipient's NOTIFY asks (RFC 3461 4.1;
+        without NOTIFY: failures and delays): one for failures, one for first delay
+        warnings, and one "relayed" for NOTIFY=SUCCESS copies handed to a next hop that
+        does not offer DSN (RFC 3461 5.2.2.1; one that does reports on its own)."""
         by_id = {r.id: r for r in job.recipients}
-        plan: tuple[tuple[Literal["failed", "delayed"], str], ...] = (
-            ("failed", "failed"), ("delayed", "deferred"))
-        reports = [(action, [(by_id[r.recipient_id], r) for r in results
-                             if r.outcome == wanted and (wanted == "failed" or r.warned)])
-                   for action, wanted in plan]
+        reports: list[tuple[Action, list[tuple[RecipientJob, Result]]]] = [
+            (action, [(by_id[r.recipient_id], r) for r in results
+                      if _reportable(action, by_id[r.recipient_id], r, attempts)])
+            for action in ("failed", "delayed", "relayed")]
+        if not any(chosen for _, chosen in reports):
+            return []
+        body = holder.body or await self.queue.load_body(job.message_id)
         # Parse the headers (is it a bounce?) only when there is something to report.
-        if not any(chosen for _, chosen in reports) or not should_report(job.sender, body):
+        if body is None or not should_report(job.sender, body):
             return []
         return [make_dsn(self.settings, job, body, action, chosen, now)
                 for action, chosen in reports if chosen]
-
-    async def _attempt_all(self, job: Job, body: bytes) -> dict[int, Attempt]:
-        groups: dict[tuple[str, tuple[Destination, ...]], list[RecipientJob]] = \
-            defaultdict(list)
-        attempts: dict[int, Attempt] = {}
-        for rcpt in job.recipients:
-            try:
-                dests = await self.router.route(rcpt.rcpt, rcpt.route)
-            except RoutingError as exc:
-                attempts[rcpt.id] = local_attempt(exc.status, exc.reason)
-                continue
-            groups[(await self.envelope_sender(job, rcpt), tuple(dests))].append(rcpt)
-        sends = [self._send_group(sender, list(dests), rcpts, body)
-                 for (sender, dests), rcpts in groups.items()]
-        if len(sends) == 1:  # the usual case: no task per group to run one coroutine
-            attempts.update(await sends[0])
-            return attempts
-        for result in await asyncio.gather(*sends):
-            attempts.update(result)
-        return attempts
-
-    async def _send_group(
-        self, sender: str, dests: list[Destination], rcpts: list[RecipientJob], body: bytes
-    ) -> dict[int, Attempt]:
-        """Try each address in turn for the recipients not yet settled (RFC 5321 5.1);
-        an address whose TLS handshake failed is tried once more, in clear, at the end."""
-        pending = list(rcpts)
-        attempts: dict[int, Attempt] = {}
-        retried_clear: set[Destination] = set()
-        while dests and pending:
-            dest = dests.pop(0)
-            by_addr = await self.sender.send(dest, sender, [r.rcpt for r in pending], body)
-            for rcpt in pending:
-                attempts[rcpt.id] = by_addr[rcpt.rcpt]
-            if any(a.tls_failed for a in by_addr.values()) and dest not in retried_clear:
-                retried_clear.add(dest)
-                dests.append(dest)
-            pending = [r for r in pending if attempts[r.id].unreachable]
-        return attempts
 
     def _result(self, job: Job, rcpt: RecipientJob, attempt: Attempt, now: float) -> Result:
         outcome, retry_at, warned = attempt.outcome, None, False
@@ -271,7 +236,7 @@ class Dispatcher:
                 retry_at = now + retry_delay(rcpt.attempts + 1, d.first_retry, d.max_retry)
                 warned = (d.delay_warning > 0 and not rcpt.warned
                           and now - job.arrived_at >= d.delay_warning)
-        return Result(rcpt.id, job.message_id, outcome.value, now, retry_at,
+        return Result(rcpt.id, job.message_id, outcome, now, retry_at,
                       attempt.text, attempt.status, attempt.relay, warned)
 
     def _log(self, job: Job, rcpt: RecipientJob, result: Result, attempt: Attempt,
@@ -279,16 +244,16 @@ class Dispatcher:
         fields: dict[str, Any] = {
             "queue_id": job.message_id, "to": rcpt.rcpt, "orig_to": rcpt.orig_rcpt,
             "relay": attempt.relay or "none", "delay": round(now - job.arrived_at, 3),
-            "dsn": result.dsn_status, "status": result.outcome, "route": rcpt.route.value,
+            "dsn": result.dsn_status, "status": result.outcome.value,
+            "route": rcpt.route.value,
+            # Every hop's TLS on record: "none" for clear text (or no session).
+            "tls": attempt.tls.version if attempt.tls else "none",
         }
-        if result.outcome == "delivered":
+        if attempt.tls is not None:
+            fields["cipher"] = attempt.tls.cipher
+            fields["tls_verified"] = attempt.tls.verified
+        if result.outcome is Outcome.DELIVERED:
             LOG.info("delivery", **fields)
         else:
             LOG.warning("delivery", reason=attempt.text, retry_at=result.retry_at, **fields)
 
-
-def _job_of(message: NewMessage, ids: list[int]) -> Job:
-    return Job(message.id, message.sender, message.arrived_at, [
-        RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0)
-        for rid, r in zip(ids, message.recipients, strict=True)
-    ], message.body)

@@ -1,4 +1,5 @@
-"""Where to deliver mail for a domain: MX routing (RFC 5321 section 5) or a smarthost.
+"""Where to deliver mail for a domain by its MX records (RFC 5321 section 5); the fixed
+destinations (smarthost, mailbox host) are chosen in delivery.MailRouter.
 
 The decisions (MX ordering, equal-preference shuffling, the address cap, null MX, which DNS
 errors are temporary) are plain functions with no I/O, so they are tested from tables. The
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import dns.rdata
 import dns.rdatatype
 import dns.rdtypes.ANY.MX
 import dns.rdtypes.ANY.SOA
+import dns.rdtypes.txtbase
 import dns.resolver
 
 SMTP_PORT = 25
@@ -37,6 +40,9 @@ MAX_NEGATIVE_TTL = 3600.0
 # RFC 2181 section 8 allows TTLs up to 2**31 - 1; a day is enough for mail routing.
 MAX_POSITIVE_TTL = 86400.0
 MAX_CACHE_ENTRIES = 10_000
+# A name whose presentation form dnspython would not change: LDH labels, nothing escaped.
+_PLAIN_NAME = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
+                         r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.?$")
 
 
 class DnsError(Exception):
@@ -214,6 +220,25 @@ class CachingResolver:
         self._resolver.lifetime = lifetime
         self._now = now
         self._cache: dict[tuple[str, str], _Entry] = {}
+        self._pending: dict[tuple[str, str], asyncio.Task[Lookup]] = {}
+
+    def now(self) -> float:
+        """The time on the clock the cache's expiries are on."""
+        return self._now()
+
+    def cached(self, name: str, rdtype: str) -> tuple[Lookup, float] | None:
+        """The cached answer and when it expires, if there is one still valid; no I/O.
+        Safe to call from any thread: it only reads the cache (whose entries are never
+        changed in place)."""
+        text = name.lower()
+        if _PLAIN_NAME.match(text):  # the common case, without dnspython's parse
+            key = (text if text.endswith(".") else text + ".", rdtype)
+        else:
+            key = (_to_name(name).to_text().lower(), rdtype)
+        entry = self._cache.get(key)
+        if entry is not None and self._now() < entry.expires:
+            return entry.lookup, entry.expires
+        return None
 
     async def lookup(self, name: str, rdtype: str) -> Lookup:
         """Records of ``rdtype`` at ``name``; raises DnsTemporaryError, never NXDOMAIN."""
@@ -222,6 +247,21 @@ class CachingResolver:
         entry = self._cache.get(key)
         if entry is not None and self._now() < entry.expires:
             return entry.lookup
+        # Questions asked while the same one is on its way share its answer: a burst of
+        # mail from a new sender asks for the same SPF and DMARC records many times at once.
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._query(qname, key, rdtype))
+            self._pending[key] = pending
+            pending.add_done_callback(lambda done: self._finished(key, done))
+        return await asyncio.shield(pending)
+
+    def _finished(self, key: tuple[str, str], task: asyncio.Task[Lookup]) -> None:
+        self._pending.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters (if any are left) got it
+
+    async def _query(self, qname: dns.name.Name, key: tuple[str, str], rdtype: str) -> Lookup:
         try:
             answer = await self._resolver.resolve(
                 qname, rdtype, raise_on_no_answer=False, search=False
@@ -248,6 +288,12 @@ class CachingResolver:
             while len(self._cache) >= MAX_CACHE_ENTRIES:  # still full: drop the oldest
                 del self._cache[next(iter(self._cache))]
         self._cache[key] = _Entry(now + ttl, lookup)
+
+
+def txt_text(rdata: dns.rdata.Rdata) -> bytes:
+    """A TXT record's character-strings, joined (RFC 7208 3.3, RFC 6376 3.6.2.2)."""
+    assert isinstance(rdata, dns.rdtypes.txtbase.TXTBase)
+    return b"".join(rdata.strings)
 
 
 def _nxdomain_response(exc: dns.resolver.NXDOMAIN) -> dns.message.Message | None:
@@ -366,16 +412,6 @@ class MxRouter:
             self._rng.shuffle(found)
             addresses.extend(found)
         return addresses, error
-
-
-class SmarthostRouter:
-    """Every domain goes to one relay host; the connection resolves its name if need be."""
-
-    def __init__(self, host: str, port: int = SMTP_PORT) -> None:
-        self._destination = Destination(host, host, port)
-
-    async def route(self, domain: str) -> list[Destination]:
-        return [self._destination]
 
 
 def _mx_record(rdata: dns.rdata.Rdata) -> MxRecord:

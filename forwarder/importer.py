@@ -1,6 +1,8 @@
 """Reading the student-records export (CSV) into directory rows.
 
-PRODUCT.md's format is UTF-8 with a header `email,redirect,status`. Real exports also come
+PRODUCT.md's format is UTF-8 with a header `email,redirect,status`; the `redirect` cell
+holds up to 5 targets separated by `;` (in a `;`-separated file, quote that cell). Real
+exports also come
 with a UTF-8 byte order mark, `;` separators (spreadsheets in a French locale), upper-case
 addresses, spaces around fields, Windows line ends, columns in another order, extra
 columns and empty trailing cells; all of these are accepted (extra columns are ignored and
@@ -18,7 +20,8 @@ from pathlib import Path
 
 from forwarder.addresses import AddressError, is_own_domain, parse_address
 from forwarder.directory import ImportRow
-from forwarder.policy import ROLE_ACCOUNTS, AccountState
+from forwarder.policy import ROLE_ACCOUNTS, AccountState, is_reserved_local
+from forwarder.targets import MAX_TARGETS
 
 HEADER = ("email", "redirect", "status")
 _STATES = {s.value: s for s in AccountState}
@@ -119,13 +122,31 @@ def _parse_row(
         raise AddressError(f"email {email!r} is not in our domains ({', '.join(domains)})")
     if address.local.lower() in ROLE_ACCOUNTS:
         raise AddressError(f"email {email!r} is a role account, not a student")
+    if is_reserved_local(address.local):
+        raise AddressError(f"email {email!r} is reserved for the notices' reply addresses")
     state = _STATES.get(status.lower())
     if state is None:
         raise AddressError(f"status {status!r} must be 'active' or 'deleted'")
-    target = None
-    if redirect:
+    return ImportRow(line, address.key, _targets(redirect, validate_target), state)
+
+
+def _targets(cell: str, validate_target: Callable[[str], str]) -> tuple[str, ...]:
+    """The `;`-separated targets of a redirect cell, validated, in order (empty items,
+    as a trailing `;` leaves, are skipped)."""
+    if not cell:
+        return ()
+    targets: list[str] = []
+    for item in cell.split(";") if ";" in cell else (cell,):
+        item = item.strip()
+        if not item:
+            continue
         try:
-            target = validate_target(redirect)
+            target = validate_target(item)
         except AddressError as exc:
-            raise AddressError(f"redirect {redirect!r}: {exc}") from exc
-    return ImportRow(line, address.key, target, state)
+            raise AddressError(f"redirect {item!r}: {exc}") from exc
+        if target in targets:
+            raise AddressError(f"redirect {target} given twice")
+        targets.append(target)
+    if len(targets) > MAX_TARGETS:
+        raise AddressError(f"{len(targets)} redirect targets; at most {MAX_TARGETS} are allowed")
+    return tuple(targets)

@@ -11,7 +11,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import MutableMapping
+from collections import deque
+from collections.abc import Iterable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -24,9 +25,10 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 class BatchedLines:
     """A structlog logger that writes the lines of one event-loop iteration in one call.
 
-    Under load a message makes about five lines; one write(2) each was 6 % of the daemon's
-    CPU (docs/performance.md). Lines wait at most until the loop's next iteration, so
-    journald sees them at once; outside a running loop they are written immediately.
+    Under load a message makes about five lines, and logging was a measured share of the
+    daemon's CPU (docs/performance.md): one write(2) per loop iteration instead of one per
+    line. Lines wait at most until the loop's next iteration, so journald sees them at
+    once; outside a running loop they are written immediately.
     """
 
     def __init__(self, stream: TextIO) -> None:
@@ -62,6 +64,58 @@ class BatchedLines:
 
 
 _OUTPUT: BatchedLines | None = None
+
+# The last warnings and errors, for `forwarder status` (forwarder/control.py): what an
+# admin at the console wants first, without searching the journal. The main process keeps
+# its own and those its acceptor processes report (forwarder/workers.py).
+RECENT_PROBLEMS = 20
+_PROBLEM_LEVELS = frozenset({"warning", "warn", "error", "exception", "critical", "fatal"})
+_FIELD_CHARS = 300
+_problems: deque[dict[str, Any]] = deque(maxlen=RECENT_PROBLEMS)
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= _FIELD_CHARS else text[:_FIELD_CHARS] + "..."
+
+
+def _remember(method: str, event: Mapping[str, Any]) -> None:
+    level = "warning" if method in ("warning", "warn") else "error"
+    fields = {k: _plain(v) for k, v in event.items()
+              if k not in ("event", "level", "timestamp", "exc_info")}
+    _problems.append({"at": time.time(), "level": level, "event": str(event.get("event")),
+                      "fields": fields})
+
+
+def recent_problems() -> list[dict[str, Any]]:
+    """The last RECENT_PROBLEMS warnings and errors seen here, oldest first."""
+    return sorted(_problems, key=lambda entry: entry["at"])
+
+
+def drain_problems() -> list[dict[str, Any]]:
+    """Those, forgotten here (an acceptor hands them to the main process)."""
+    entries = list(_problems)
+    _problems.clear()
+    return entries
+
+
+def remember_problems(entries: Iterable[Mapping[str, Any]], process: str) -> None:
+    """Warnings and errors another process (`process`) logged, as drain_problems gave them."""
+    for entry in entries:
+        if isinstance(entry, Mapping) and isinstance(entry.get("at"), int | float):
+            fields = entry.get("fields")
+            _problems.append({"at": float(entry["at"]), "level": str(entry.get("level")),
+                              "event": str(entry.get("event")), "process": process,
+                              "fields": dict(fields) if isinstance(fields, Mapping) else {}})
+
+
+def _remember_processor(logger: Any, method: str, event: MutableMapping[str, Any]
+                        ) -> MutableMapping[str, Any]:
+    if method in _PROBLEM_LEVELS:
+        _remember(method, event)
+    return event
 _encode = json.JSONEncoder(separators=(", ", ": "), default=str).encode
 
 
@@ -80,6 +134,8 @@ def utc_timestamp(now: float) -> str:
 def _json_line(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
     """The whole JSON pipeline in one step: level, UTC timestamp, traceback, encoding.
     (structlog's four stock processors cost twice as much, and a message makes five lines.)"""
+    if method in _PROBLEM_LEVELS:
+        _remember(method, event)
     event["level"] = "error" if method == "exception" else method
     event["timestamp"] = utc_timestamp(time.time())
     if "exc_info" in event:
@@ -106,6 +162,7 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
     processors: list[Any]
     if fmt == "console":
         processors = [
+            _remember_processor,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -119,9 +176,6 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
         logger_factory=lambda *args: output,
         cache_logger_on_first_use=True,
     )
-    # aiosmtpd logs every command line at INFO through the stdlib logger "mail.log":
-    # that would put addresses and volume we do not want in the journal.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def get(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Prometheus metrics, and a tiny /metrics HTTP endpoint served from the asyncio loop.
+"""Prometheus metrics (the /metrics HTTP endpoint that serves them: metricsserver.py).
 
 Callers report events (`rcpt_verdict`, `message_accepted`, `delivered`, ...) and never touch
 prometheus objects, so the metric names and labels live in this file and in docs/metrics.md
@@ -8,34 +8,73 @@ tests (and a daemon restarted in-process) can build as many as they like.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
+from forwarder import replies
+from forwarder.policy import Outcome
+from forwarder.replies import Reply
+
 __all__ = [
+    "AUTH_OUTCOMES",
     "DELIVERY_RESULTS",
     "DESTINATION_CLASSES",
     "LATENCY_BUCKETS",
+    "QUEUE_STATES",
+    "RATE_SCOPES",
+    "REFUSAL_REASONS",
+    "SPAM_ACTIONS",
+    "TARGET_STATES",
+    "TLS_RESULTS",
     "Metrics",
-    "MetricsServer",
-    "start_metrics_server",
 ]
 
 # Label values with a fixed set (policy.Outcome and policy.Route): a typo must not silently
 # create a new time series, and pre-creating them makes rate() see the very first event.
 DELIVERY_RESULTS = ("delivered", "deferred", "failed")
-DESTINATION_CLASSES = ("mailbox", "redirect", "postmaster", "srs_return", "bounce")
+DESTINATION_CLASSES = ("mailbox", "redirect", "postmaster", "srs_return", "bounce", "notice",
+                       "notice_bounce")
+# Why a message was refused or deferred at or after DATA (forwarder_messages_refused_total).
+REFUSAL_REASONS = ("size", "bare_lf", "nul", "line_too_long", "loop", "queue_error",
+                   "no_space", "dmarc", "spam", "spam_deferred", "rate_limited",
+                   "filter_unavailable", "auth_unavailable")
+# The inbound checks (forwarder/checks.py): each method's RFC 8601 results, rspamd's actions
+# ("unavailable": no verdict; "other": an action rspamd's configuration added), and which
+# rate limit refused.
+AUTH_OUTCOMES = {
+    "spf": ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"),
+    "dkim": ("pass", "fail", "neutral", "none", "temperror", "permerror"),
+    "dmarc": ("pass", "fail", "none", "temperror", "permerror"),
+}
+SPAM_ACTIONS = ("no_action", "add_header", "rewrite_subject", "greylist", "soft_reject",
+                "reject", "other", "unavailable")
+RATE_SCOPES = ("client", "recipient")
+# The session's own refusals after the final dot, by the reply it sent.
+_BODY_REFUSALS = {
+    replies.SIZE_EXCEEDED: "size",
+    replies.BARE_LINE_END: "bare_lf",
+    replies.NUL_IN_MESSAGE: "nul",
+    replies.TEXT_LINE_TOO_LONG: "line_too_long",
+}
+# How each outbound SMTP session ended up with TLS (forwarder_outbound_tls_total).
+TLS_RESULTS = ("verified", "encrypted", "clear", "handshake_failed", "policy_failed")
+# forwarder_queue_depth: the queue's recipient rows (`queued`, leased ones included) and,
+# among them, those being delivered right now (`in_flight`, the daemon's count).
+QUEUE_STATES = ("queued", "in_flight")
+# forwarder_targets: redirect targets by state (targets.TargetState).
+TARGET_STATES = ("pending", "confirmed", "refused", "off", "failing")
 
 # Acceptance-to-delivery: a relay hop takes tens of milliseconds, a greylisted destination
 # minutes, a down one hours, and the queue lifetime is 5 days (then the message bounces).
@@ -46,6 +85,31 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+class _ProcessCollector(ProcessCollector):
+    """prometheus_client's process metrics (`process_resident_memory_bytes`, CPU, open
+    files) of this process. The library reads the boot time from /proc/stat and reports
+    nothing at all when it cannot, and the unit's ProcSubset=pid hides /proc/stat: the boot
+    time then comes from CLOCK_BOOTTIME, which needs no file."""
+
+    def _boot_time(self) -> float:
+        try:
+            found = super()._boot_time()  # type: ignore[no-untyped-call]
+        except OSError:
+            found = None
+        if found:
+            return float(found)
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def resident_memory_bytes() -> int:
+    """This process's resident set size (0 where /proc/self/statm cannot be read)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGESIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class Metrics:
     """Every metric the daemon exports, behind one method per event."""
 
@@ -54,16 +118,16 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         *,
         verdicts: Iterable[str] = (),
-        refusal_reasons: Iterable[str] = (),
-        queue_states: Iterable[str] = (),
+        queue_states: Iterable[str] = QUEUE_STATES,
     ) -> None:
-        """`verdicts`, `refusal_reasons`, `queue_states`: label values to export at 0 from
-        the start (the free-form labels come from policy/queue enums, not from this file)."""
+        """`verdicts`, `queue_states`: label values to export at 0 from the start (the
+        verdicts are the policy's reasons, not listed in this file)."""
         self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
+        _ProcessCollector(registry=self.registry)
         self._build_counters()
         self._build_gauges()
         self._queue_states: set[str] = set()
-        self._preinit(verdicts, refusal_reasons, queue_states)
+        self._preinit(verdicts, queue_states)
 
     def _build_counters(self) -> None:
         reg = self.registry
@@ -93,11 +157,32 @@ class Metrics:
         self._sessions_total = Counter(
             "forwarder_smtp_sessions", "SMTP sessions opened since start.", registry=reg
         )
+        self._outbound_tls = Counter(
+            "forwarder_outbound_tls", "Outbound SMTP sessions, by how TLS went.", ["tls"],
+            registry=reg)
+        self._converted = Counter(
+            "forwarder_mime_conversions",
+            "Messages converted to 7-bit for a next hop without 8BITMIME.", registry=reg)
+        self._suspended = Counter(
+            "forwarder_destination_suspensions",
+            "Destinations declared dead after timeouts or refused connections.", registry=reg)
+        self._auth = Counter(
+            "forwarder_auth_results", "SPF, DKIM and DMARC results of checked messages.",
+            ["method", "outcome"], registry=reg)
+        self._spam = Counter(
+            "forwarder_spam_checks", "rspamd verdicts, by action.", ["action"], registry=reg)
+        self._rate = Counter(
+            "forwarder_rate_limited", "Messages deferred by a rate limit.", ["scope"],
+            registry=reg)
 
     def _build_gauges(self) -> None:
         reg = self.registry
         self._queue_depth = Gauge(
             "forwarder_queue_depth", "Queued recipients, by state.", ["state"], registry=reg
+        )
+        self._targets = Gauge(
+            "forwarder_targets", "Redirect targets in the directory, by state.", ["state"],
+            registry=reg,
         )
         self._oldest = Gauge(
             "forwarder_queue_oldest_age_seconds",
@@ -113,30 +198,50 @@ class Metrics:
         self._open_sessions = Gauge(
             "forwarder_smtp_sessions_open", "SMTP sessions currently open.", registry=reg
         )
+        self._dead = Gauge(
+            "forwarder_destinations_suspended",
+            "Destinations whose delivery is suspended now (dead destinations).", registry=reg)
         self._own_open = 0
         self._child_open: dict[str, int] = {}
+        self._child_rss: dict[str, int] = {}
         self._absorbed: dict[str, dict[str, float]] = {}
         self._open_sessions.set_function(
             lambda: self._own_open + sum(self._child_open.values()))
+        # The main process's own memory is process_resident_memory_bytes (above); the
+        # acceptor processes report theirs with their counters, once a second.
+        Gauge("forwarder_acceptors_resident_memory_bytes",
+              "Resident memory of the acceptor processes, summed (0 without acceptors).",
+              registry=reg).set_function(lambda: sum(self._child_rss.values()))
         self._front_counters: dict[str, Counter] = {
             "forwarder_rcpt_verdicts_total": self._rcpt,
             "forwarder_messages_accepted_total": self._accepted,
             "forwarder_messages_refused_total": self._refused,
             "forwarder_accepted_bytes_total": self._bytes,
             "forwarder_smtp_sessions_total": self._sessions_total,
+            "forwarder_auth_results_total": self._auth,
+            "forwarder_spam_checks_total": self._spam,
+            "forwarder_rate_limited_total": self._rate,
         }
 
-    def _preinit(
-        self, verdicts: Iterable[str], reasons: Iterable[str], states: Iterable[str]
-    ) -> None:
+    def _preinit(self, verdicts: Iterable[str], states: Iterable[str]) -> None:
         for result in DELIVERY_RESULTS:
             for destination in DESTINATION_CLASSES:
                 self._deliveries.labels(result=result, destination=destination)
         for verdict in verdicts:
             self._rcpt.labels(verdict=verdict)
-        for reason in reasons:
+        for reason in REFUSAL_REASONS:
             self._refused.labels(reason=reason)
+        for result in TLS_RESULTS:
+            self._outbound_tls.labels(tls=result)
+        for method, outcomes in AUTH_OUTCOMES.items():
+            for outcome in outcomes:
+                self._auth.labels(method=method, outcome=outcome)
+        for action in SPAM_ACTIONS:
+            self._spam.labels(action=action)
+        for scope in RATE_SCOPES:
+            self._rate.labels(scope=scope)
         self.queue_snapshot(dict.fromkeys(states, 0), None)
+        self.targets_snapshot({})
 
     # --- SMTP front -------------------------------------------------------------------
 
@@ -171,8 +276,12 @@ class Metrics:
         """SMTP sessions open in this process and in the acceptors that report to it."""
         return self._own_open + sum(self._child_open.values())
 
-    def absorb(self, source: str, totals: Mapping[str, float], open_sessions: int) -> None:
-        """Add what `source` (an acceptor) counted since its last report."""
+    def absorb(self, source: str, totals: Mapping[str, float], open_sessions: int,
+               rss: int | None = None) -> None:
+        """Add what `source` (an acceptor) counted since its last report; `rss` is its
+        resident memory now."""
+        if rss is not None:
+            self._child_rss[source] = rss
         seen = self._absorbed.setdefault(source, {})
         for key, value in totals.items():
             delta = value - seen.get(key, 0.0)
@@ -187,6 +296,7 @@ class Metrics:
     def forget(self, source: str) -> None:
         """An acceptor exited: its sessions are gone (its counts stay in the totals)."""
         self._child_open.pop(source, None)
+        self._child_rss.pop(source, None)
         self._absorbed.pop(source, None)
 
     def rcpt_verdict(self, verdict: str) -> None:
@@ -198,8 +308,38 @@ class Metrics:
         self._bytes.inc(size_bytes)
 
     def message_refused(self, reason: str) -> None:
-        """A message refused or deferred at DATA (`size`, `bare_lf`, `loop`, `queue_error`...)."""
+        """A message refused or deferred at or after DATA; `reason` is in REFUSAL_REASONS."""
+        if reason not in REFUSAL_REASONS:
+            raise ValueError(f"unknown refusal reason {reason!r}")
         self._refused.labels(reason=reason).inc()
+
+    def body_refused(self, reply: Reply) -> None:
+        """The session refused a message after its final dot with `reply` (too big, bare
+        CR or LF, NUL, a text line too long)."""
+        reason = _BODY_REFUSALS.get(reply)
+        if reason is None:
+            raise ValueError(f"no refusal reason for {reply}")
+        self.message_refused(reason)
+
+    # --- inbound checks ---------------------------------------------------------------
+
+    def auth_result(self, method: str, outcome: str) -> None:
+        """One SPF, DKIM (one per signature) or DMARC result; a result the library names
+        otherwise counts as permerror (the set stays fixed)."""
+        known = AUTH_OUTCOMES[method]
+        self._auth.labels(method=method, outcome=outcome if outcome in known
+                          else "permerror").inc()
+
+    def spam_checked(self, action: str) -> None:
+        """rspamd's verdict on a message (an action in SPAM_ACTIONS)."""
+        if action not in SPAM_ACTIONS:
+            raise ValueError(f"unknown spam action {action!r}")
+        self._spam.labels(action=action).inc()
+
+    def rate_limited(self, scope: str) -> None:
+        if scope not in RATE_SCOPES:
+            raise ValueError(f"unknown rate-limit scope {scope!r}")
+        self._rate.labels(scope=scope).inc()
 
     # --- delivery ---------------------------------------------------------------------
 
@@ -217,13 +357,13 @@ class Metrics:
         self._delivery("failed", destination)
 
     def delivery_result(
-        self, result: str, destination: str, latency_seconds: float | None = None
+        self, result: Outcome, destination: str, latency_seconds: float | None = None
     ) -> None:
-        """The same as delivered/deferred/failed, for callers holding a policy.Outcome value."""
-        if result == "delivered":
+        """The same as delivered/deferred/failed, for callers holding a policy.Outcome."""
+        if result is Outcome.DELIVERED:
             self.delivered(destination, latency_seconds if latency_seconds is not None else 0.0)
         else:
-            self._delivery(result, destination)
+            self._delivery(result.value, destination)
 
     def _delivery(self, result: str, destination: str) -> None:
         if result not in DELIVERY_RESULTS:
@@ -231,6 +371,23 @@ class Metrics:
         if destination not in DESTINATION_CLASSES:
             raise ValueError(f"unknown destination class {destination!r}")
         self._deliveries.labels(result=result, destination=destination).inc()
+
+    def outbound_tls(self, result: str) -> None:
+        """An outbound SMTP session opened (or failed to) with this TLS `result`."""
+        if result not in TLS_RESULTS:
+            raise ValueError(f"unknown TLS result {result!r}")
+        self._outbound_tls.labels(tls=result).inc()
+
+    def converted_7bit(self) -> None:
+        self._converted.inc()
+
+    def destination_suspended(self, suspended_now: int) -> None:
+        self._suspended.inc()
+        self._dead.set(suspended_now)
+
+    def count_suspended(self, count: Callable[[], int]) -> None:
+        """Read the number of suspended destinations at each scrape (delivery's slots)."""
+        self._dead.set_function(count)
 
     # --- queue ------------------------------------------------------------------------
 
@@ -245,70 +402,39 @@ class Metrics:
             self._queue_depth.labels(state=state).set(depth_by_state.get(state, 0))
         self._oldest.set(max(0.0, oldest_age) if oldest_age is not None else 0.0)
 
+    # --- directory ------------------------------------------------------------------------
+
+    def targets_snapshot(self, by_state: Mapping[str, int]) -> None:
+        """The redirect targets as last counted, per state (a state with none reads 0)."""
+        for state in TARGET_STATES:
+            self._targets.labels(state=state).set(by_state.get(state, 0))
+
+    def summary(self) -> dict[str, Any]:
+        """The figures `forwarder status` shows, read back from this registry (so they
+        include what the acceptors reported): running totals, the queue as last counted,
+        open sessions and resident memory."""
+        values: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                values.setdefault(sample.name, []).append((sample.labels, sample.value))
+
+        def total(name: str, **match: str) -> float:
+            return sum(v for labels, v in values.get(name, [])
+                       if all(labels.get(k) == want for k, want in match.items()))
+
+        return {
+            "accepted": total("forwarder_messages_accepted_total"),
+            "refused": total("forwarder_messages_refused_total"),
+            "deliveries": {result: total("forwarder_deliveries_total", result=result)
+                           for result in DELIVERY_RESULTS},
+            "queue_depth": {labels["state"]: value for labels, value
+                            in values.get("forwarder_queue_depth", [])},
+            "queue_oldest_age_seconds": total("forwarder_queue_oldest_age_seconds"),
+            "smtp_sessions_open": total("forwarder_smtp_sessions_open"),
+            "resident_memory_bytes": total("process_resident_memory_bytes")
+            + total("forwarder_acceptors_resident_memory_bytes"),
+        }
+
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""
         return generate_latest(self.registry)
-
-
-# --- the /metrics endpoint ------------------------------------------------------------
-
-_REQUEST_TIMEOUT = 10.0
-_MAX_HEADER_LINES = 100
-
-
-@dataclass
-class MetricsServer:
-    """A running /metrics endpoint; `port` is the bound one (useful with port 0)."""
-
-    server: asyncio.Server
-    host: str
-    port: int
-
-    async def close(self) -> None:
-        self.server.close()
-        await self.server.wait_closed()
-
-
-async def start_metrics_server(metrics: Metrics, host: str, port: int) -> MetricsServer:
-    """Serve GET /metrics over HTTP/1.0 from the running event loop (no extra thread).
-
-    Bind it to loopback: there is no authentication. Returns once the socket is listening.
-    """
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(_REQUEST_TIMEOUT):
-                status, body, content_type = await _respond(metrics, reader)
-                head = (
-                    f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                )
-                writer.write(head.encode("ascii") + body)
-                await writer.drain()
-        except (TimeoutError, ConnectionError, ValueError, asyncio.IncompleteReadError):
-            pass  # a scraper that went away or sent garbage: nothing worth reporting
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    server = await asyncio.start_server(handle, host, port)
-    bound_port: int = server.sockets[0].getsockname()[1]
-    return MetricsServer(server, host, bound_port)
-
-
-async def _respond(metrics: Metrics, reader: asyncio.StreamReader) -> tuple[str, bytes, str]:
-    """Read one request; return (status line, body, content type)."""
-    request_line = (await reader.readline()).decode("latin-1").split()
-    # Headers are read and ignored so the client sees a clean close, not a reset.
-    for _ in range(_MAX_HEADER_LINES):
-        if (await reader.readline()).strip() == b"":
-            break
-    if len(request_line) < 2:
-        return "400 Bad Request", b"bad request\n", "text/plain"
-    method, target = request_line[0], request_line[1]
-    if target.partition("?")[0] != "/metrics":
-        return "404 Not Found", b"not found: try /metrics\n", "text/plain"
-    if method != "GET":
-        return "405 Method Not Allowed", b"method not allowed\n", "text/plain"
-    return "200 OK", metrics.render(), CONTENT_TYPE_LATEST

@@ -1,4 +1,6 @@
-"""Pure decisions: recipient verdicts, retry schedule, outcome of a destination's reply.
+"""Pure decisions: recipient verdicts, target selection, retry schedule, outcome of a
+destination's reply, crash blame. (The targets' own rules, the dead-target rule among them,
+are in targets.py; tokens in tokens.py.)
 
 No I/O here (no asyncio, no sqlite, no sockets), in the manner of h11's `_state.py`:
 every rule is a table or a small function, tested without an event loop.
@@ -13,6 +15,8 @@ from forwarder import replies
 from forwarder.addresses import Address, AddressError, is_own_domain, parse_address
 from forwarder.replies import Reply
 from forwarder.srs import is_srs_local
+from forwarder.targets import TargetState, TargetView
+from forwarder.tokens import TokenKind, split_local
 
 # RFC 5321 4.5.1: postmaster must be accepted; RFC 2142 adds abuse.
 ROLE_ACCOUNTS = frozenset({"postmaster", "abuse"})
@@ -26,6 +30,13 @@ class Route(enum.StrEnum):
     POSTMASTER = "postmaster"  # role account: the configured postmaster address
     SRS_RETURN = "srs_return"  # a bounce to one of our SRS addresses: back to the sender
     BOUNCE = "bounce"  # a DSN we generated, sent to the original sender
+    NOTICE = "notice"  # a notice of ours to a redirect target (targets.py)
+    NOTICE_BOUNCE = "notice_bounce"  # a DSN about a notice, sent to the admin address
+
+
+# Routes whose outcome is recorded against the target (the dead-target rule): forwarded
+# mail and our own notices, which fail at a dead mailbox just the same.
+WATCHED_ROUTES = frozenset({Route.REDIRECT, Route.NOTICE})
 
 
 class AccountState(enum.StrEnum):
@@ -35,9 +46,11 @@ class AccountState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Account:
+    """An account as RCPT sees it: its state and its targets, in their declared order."""
+
     address: str
     state: AccountState
-    redirect: str | None
+    targets: tuple[TargetView, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,12 @@ class Accept:
     route: Route
     target: str  # the envelope recipient the copy is sent to
     reason: str
+    # Further copies of the same message (a graduate's other targets), same route.
+    more_targets: tuple[str, ...] = ()
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return (self.target, *self.more_targets)
 
 
 @dataclass(frozen=True)
@@ -53,7 +72,19 @@ class Refuse:
     reason: str
 
 
-Verdict = Accept | Refuse
+@dataclass(frozen=True)
+class Consume:
+    """A valid confirm+ or refuse+ address: the message is taken (250) and consumed once
+    complete, never queued nor forwarded."""
+
+    kind: TokenKind
+    target_id: int
+    account: str
+    target: str
+    reason: str  # "confirm" or "refuse"
+
+
+Verdict = Accept | Refuse | Consume
 
 
 @dataclass(frozen=True)
@@ -70,9 +101,18 @@ class NeedsSrsCheck:
     address: Address
 
 
+@dataclass(frozen=True)
+class NeedsTokenCheck:
+    """A confirm+ or refuse+ address in our domains: a reply to a notice, to be verified
+    (tokens.py) like an SRS address."""
+
+    kind: TokenKind
+    token: str
+
+
 def classify_recipient(
     text: str, domains: tuple[str, ...], postmaster: str | None, srs_domain: str | None = None
-) -> Verdict | NeedsLookup | NeedsSrsCheck:
+) -> Verdict | NeedsLookup | NeedsSrsCheck | NeedsTokenCheck:
     """First step of the RCPT verdict, before any directory access."""
     if text.lower() == "postmaster":
         # RFC 5321 4.1.1.3: "RCPT TO:<Postmaster>" without a domain must be accepted.
@@ -88,7 +128,15 @@ def classify_recipient(
         return Refuse(replies.RCPT_RELAY_DENIED, "relay_denied")
     if address.local.lower() in ROLE_ACCOUNTS:
         return _postmaster(postmaster)
+    token = split_local(address.local)
+    if token is not None:
+        return NeedsTokenCheck(*token)
     return NeedsLookup(address)
+
+
+def is_reserved_local(local: str) -> bool:
+    """Local parts no account may have: role accounts and the notices' reply addresses."""
+    return local.lower() in ROLE_ACCOUNTS or split_local(local) is not None
 
 
 def _postmaster(postmaster: str | None) -> Verdict:
@@ -99,7 +147,7 @@ def _postmaster(postmaster: str | None) -> Verdict:
 
 def decide_account(
     account: Account | None, domains: tuple[str, ...], mailbox_configured: bool
-) -> Verdict:
+) -> Accept | Refuse:
     """The verdict for an address of ours, given its directory row (None: not there)."""
     if account is None:
         return Refuse(replies.RCPT_UNKNOWN, "unknown")
@@ -108,13 +156,25 @@ def decide_account(
             # PRODUCT.md: mailbox host unset for an active account -> deferred, never lost.
             return Refuse(replies.RCPT_NOT_CONFIGURED, "mailbox_unset")
         return Accept(Route.MAILBOX, account.address, "mailbox")
-    if not account.redirect:
+    if not account.targets:
         return Refuse(replies.RCPT_CLOSED, "closed")
-    target_domain = account.redirect.rpartition("@")[2]
-    if is_own_domain(target_domain, domains):
-        # Refused when declared; if one slipped in anyway, refuse rather than loop.
+    return select_targets(account.targets, domains)
+
+
+def select_targets(targets: tuple[TargetView, ...],
+                   domains: tuple[str, ...]) -> Accept | Refuse:
+    """A deleted account's mail goes to every target that is on, in declared order; when
+    none is, the refusal says why (PRODUCT.md lifecycle table)."""
+    on = [t.target for t in targets if t.on]
+    # Refused when declared; if one slipped in anyway, refuse rather than loop.
+    outside = [t for t in on if not is_own_domain(t.rpartition("@")[2], domains)]
+    if outside:
+        return Accept(Route.REDIRECT, outside[0], "forward", tuple(outside[1:]))
+    if on:
         return Refuse(replies.RCPT_LOOP, "loop")
-    return Accept(Route.REDIRECT, account.redirect, "forward")
+    if any(t.state is TargetState.FAILING for t in targets):
+        return Refuse(replies.RCPT_TARGETS_FAILING, "targets_failing")
+    return Refuse(replies.RCPT_TARGETS_OFF, "targets_off")
 
 
 def needs_srs(route: Route, sender: str, target: str, domains: tuple[str, ...]) -> bool:
@@ -136,6 +196,8 @@ def retry_delay(attempts: int, first: float, maximum: float) -> float:
 
 
 class Outcome(enum.Enum):
+    """What an attempt did for one recipient (also the metrics' `result` label)."""
+
     DELIVERED = "delivered"
     DEFERRED = "deferred"
     FAILED = "failed"
@@ -154,6 +216,87 @@ def is_expired(arrived_at: float, now: float, lifetime: float) -> bool:
     return now - arrived_at >= lifetime
 
 
+# --- Crash blame ----------------------------------------------------------------------
+#
+# Which message a crash is blamed on. Mailman's switchboard quarantines the one file a
+# runner was working on; a daemon delivering hundreds of messages at once needs more care,
+# or one OOM kill under load (or an administrator's kill -9 in a loop) would quarantine
+# every innocent message that happened to be in flight. So a message in ordinary delivery
+# when the process died only becomes a suspect; a suspect is tried alone, in a lane of its
+# own (one message at a time in the whole daemon), and only a crash while it is alone
+# there, or a worker raising on it, is charged to it. An attempt that completes alone,
+# whatever its outcome, clears the count: the message evidently does not bring the daemon
+# down. The queue (forwarder/queue/ops.py) applies these verdicts to its rows.
+
+# A message charged with this many crashes is held (quarantined): suspected once, then
+# twice alone in the suspect lane when the process died, or a worker raising on it.
+MAX_CRASHES = 3
+
+
+class Lane(enum.Enum):
+    """Where a message's attempt ran."""
+
+    ORDINARY = "ordinary"  # with the other mail
+    ALONE = "alone"  # a suspect, alone in the suspect lane
+
+
+class Ending(enum.Enum):
+    """How a message's attempt ended, as far as anyone knows."""
+
+    COMPLETED = "completed"  # an outcome was recorded (delivered, deferred or failed)
+    RAISED = "raised"  # the worker raised on it (a bug, not a delivery failure)
+    PROCESS_DIED = "process_died"  # start-up found its lease: the process died meanwhile
+
+
+class Charge(enum.Enum):
+    """What an ending does to a message's crash count."""
+
+    KEEP = "keep"  # nothing changes
+    SUSPECT = "suspect"  # at least 1: a suspect, tried alone from now on
+    CHARGE = "charge"  # one more crash
+    CLEAR = "clear"  # back to 0: not a suspect any more
+
+
+BLAME: dict[tuple[Lane, Ending], Charge] = {
+    # Ordinary delivery only ever holds messages that are not suspects: nothing to clear.
+    (Lane.ORDINARY, Ending.COMPLETED): Charge.KEEP,
+    (Lane.ALONE, Ending.COMPLETED): Charge.CLEAR,
+    (Lane.ORDINARY, Ending.RAISED): Charge.CHARGE,
+    (Lane.ALONE, Ending.RAISED): Charge.CHARGE,
+    # Hundreds of messages may be in flight at a crash: each is only suspected, never
+    # charged twice for dying beside the others.
+    (Lane.ORDINARY, Ending.PROCESS_DIED): Charge.SUSPECT,
+    (Lane.ALONE, Ending.PROCESS_DIED): Charge.CHARGE,
+}
+
+
+@dataclass(frozen=True)
+class Suspicion:
+    """A message's standing: its crash count and whether it is held (quarantined)."""
+
+    crashes: int
+    held: bool
+
+    @property
+    def suspect(self) -> bool:
+        """Tried alone in the suspect lane rather than with the other mail."""
+        return self.crashes > 0 and not self.held
+
+
+def blame(lane: Lane, ending: Ending, before: Suspicion) -> Suspicion:
+    """A message's standing after an attempt in `lane` ended with `ending`. A count that
+    reaches MAX_CRASHES holds the message; only an administrator releases it."""
+    charge = BLAME[(lane, ending)]
+    if charge is Charge.KEEP:
+        return before
+    crashes = {
+        Charge.SUSPECT: max(before.crashes, 1),
+        Charge.CHARGE: before.crashes + 1,
+        Charge.CLEAR: 0,
+    }[charge]
+    return Suspicion(crashes, before.held or crashes >= MAX_CRASHES)
+
+
 def count_received_headers(message: bytes) -> int:
     """Count `Received:` fields in the header section (RFC 5321 6.3 loop detection)."""
     end = message.find(b"\r\n\r\n")
@@ -163,3 +306,30 @@ def count_received_headers(message: bytes) -> int:
         if line[:9].lower() == b"received:":
             count += 1
     return count
+
+
+# RFC 3834 5 and common practice: headers that mark a message as written by a program.
+_AUTOMATIC_PRECEDENCE = (b"bulk", b"junk", b"list", b"auto_reply")
+_AUTOMATIC_FIELDS = (b"x-autoreply:", b"x-autorespond:")
+
+
+def is_automatic(sender: str, message: bytes) -> bool:
+    """Whether a message was sent by a program rather than a person: a bounce (null
+    sender), `Auto-Submitted` other than `no` (RFC 3834 5), a `Precedence` of bulk, junk,
+    list or auto_reply, or an autoresponder's own marks. A vacation reply to a notice
+    lands on its confirm+ address (Reply-To) and must not confirm a stranger's mailbox."""
+    if not sender:
+        return True
+    end = message.find(b"\r\n\r\n")
+    header = message if end < 0 else message[: end + 2]
+    for line in header.split(b"\r\n"):
+        lower = line.lower()
+        if lower.startswith(b"auto-submitted:"):
+            if lower[15:].strip().split(b";")[0].strip() != b"no":
+                return True
+        elif lower.startswith(b"precedence:"):
+            if lower[11:].strip() in _AUTOMATIC_PRECEDENCE:
+                return True
+        elif lower.startswith(_AUTOMATIC_FIELDS):
+            return True
+    return False

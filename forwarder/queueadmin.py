@@ -16,7 +16,7 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Any
 
-from forwarder.queue import open_queue_db
+from forwarder.queue.schema import open_queue_db
 
 
 class QueueAdminError(Exception):
@@ -29,7 +29,6 @@ class RecipientInfo:
     rcpt: str
     orig_rcpt: str
     route: str
-    state: str  # queued | failed
     leased: bool  # a delivery attempt is in progress
     attempts: int
     next_attempt: float
@@ -52,7 +51,7 @@ class MessageInfo:
 
 
 _MESSAGE_COLUMNS = "id, arrived_at, size, sender, client, held, crashes"
-_RECIPIENT_COLUMNS = ("id, rcpt, orig_rcpt, route, state, leased, attempts, next_attempt,"
+_RECIPIENT_COLUMNS = ("id, rcpt, orig_rcpt, route, leased, attempts, next_attempt,"
                       " last_attempt, last_error, dsn_status, remote_mta")
 
 
@@ -62,8 +61,8 @@ def _message(row: Any) -> MessageInfo:
 
 
 def _recipient(row: Any) -> RecipientInfo:
-    rid, rcpt, orig, route, state, leased, attempts, next_at, last_at, error, dsn, mta = row
-    return RecipientInfo(rid, rcpt, orig, route, state, bool(leased), attempts, next_at,
+    rid, rcpt, orig, route, leased, attempts, next_at, last_at, error, dsn, mta = row
+    return RecipientInfo(rid, rcpt, orig, route, bool(leased), attempts, next_at,
                          last_at, error, dsn, mta)
 
 
@@ -110,7 +109,7 @@ class QueueAdmin:
     def retry(self, queue_id: str | None, now: float) -> int:
         """Make deferred recipients due now (all of them, or one message's); return how
         many. Recipients in delivery are left alone; held messages stay held."""
-        sql = "UPDATE recipients SET next_attempt = ? WHERE state = 'queued' AND leased = 0"
+        sql = "UPDATE recipients SET next_attempt = ? WHERE leased = 0"
         if queue_id is None:
             return self._update(sql, (now,))
         with self._write():
@@ -122,7 +121,7 @@ class QueueAdmin:
         with self._write():
             was = self._require(queue_id).held
             # Releasing also forgives past crashes, so the next crash does not re-hold it
-            # at once (queue.py quarantines a message at MAX_CRASHES).
+            # at once (policy.blame holds a message at MAX_CRASHES).
             extra = "" if held else ", crashes = 0"
             self.conn.execute(f"UPDATE messages SET held = ?{extra} WHERE id = ?",
                               (int(held), queue_id))

@@ -13,6 +13,7 @@ never as a bad address: the admin retries later or passes --no-dns-check.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -30,6 +31,9 @@ from forwarder.config import Settings
 from forwarder.dns import CachingResolver, DnsError, DnsTemporaryError, MxRouter
 
 DEFAULT_DNS_TIMEOUT = 5.0
+# Characters that send a target down the full validator (quotes, brackets, comments, lists):
+# one regular expression, not a loop over them (an import asks 100,000 times).
+_UNPLAIN = re.compile(r'["<>\[\]() ,:;\\]')
 # Enough to hide latency, few enough not to look like a flood to the school's resolver.
 MAX_LOOKUPS_IN_FLIGHT = 16
 
@@ -90,7 +94,7 @@ class TargetValidator:
     @staticmethod
     def _plain(text: str, local: str) -> bool:
         return (text.isascii() and text.count("@") == 1 and not has_control_chars(text)
-                and not any(c in text for c in '"<>[]() ,:;\\')
+                and not _UNPLAIN.search(text)
                 and local.lower() not in CASE_INSENSITIVE_MAILBOX_NAMES)
 
     def _domain(self, domain: str) -> str | None:

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Reply:
     code: int
-    enhanced: str
+    enhanced: str  # RFC 3463 code; "" for the replies that carry none (RFC 2034 4)
     text: str
 
     def __str__(self) -> str:
+        if not self.enhanced:
+            return f"{self.code} {self.text}"
         return f"{self.code} {self.enhanced} {self.text}"
 
     def at(self, address: str) -> str:
@@ -37,6 +39,14 @@ RCPT_CLOSED = Reply(
 )
 RCPT_UNKNOWN = Reply(550, "5.1.1", "user unknown")
 RCPT_BAD_SRS = Reply(550, "5.1.1", "invalid SRS address")
+# Every target declared, none on: failing ones make the reason the one senders can act on.
+RCPT_TARGETS_FAILING = Reply(
+    550, "5.1.1",
+    "forwarding address no longer works / la redirection ne fonctionne plus")
+RCPT_TARGETS_OFF = Reply(
+    550, "5.1.1", "forwarding address disabled / redirection desactivee")
+# A confirm+ or refuse+ address (a reply to a notice) whose token does not verify.
+RCPT_BAD_TOKEN = Reply(550, "5.1.1", "invalid or expired confirmation address")
 RCPT_LOOP = Reply(550, "5.4.6", "forwarding loop: redirect points into our own domains")
 RCPT_RELAY_DENIED = Reply(554, "5.7.1", "relay access denied")
 RCPT_BAD_SYNTAX = Reply(553, "5.1.3", "bad recipient address syntax")
@@ -54,6 +64,29 @@ BARE_LINE_END = Reply(550, "5.6.0", "bare CR or LF in message; lines must end wi
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "no valid recipients")
 QUEUE_UNAVAILABLE = Reply(451, "4.3.0", "queue temporarily unavailable, try again later")
 QUEUE_FULL = Reply(452, "4.3.1", "insufficient system storage, try again later")
+# A message to confirm+ or refuse+ addresses only: recorded, consumed, never queued.
+CONSUMED = Reply(250, "2.0.0", "Ok: recorded, thank you / enregistre, merci")
+DIRECTORY_WRITE_FAILED = Reply(451, "4.3.0", "directory temporarily unavailable, try again later")
+
+# The inbound checks before the 250 (PRODUCT.md "Inbound checks before a 250"). RFC 3463:
+# 5.7.1 "delivery not authorized, message refused", 4.7.0 "other or undefined security
+# status" (a check that cannot conclude now), 4.7.1 for the filter's temporary refusals.
+DMARC_REJECTED = Reply(550, "5.7.1", "message refused: it fails the DMARC policy (p=reject) "
+                                     "of its From domain")
+SPAM_REJECTED = Reply(550, "5.7.1", "message refused as spam")
+SPAM_DEFERRED = Reply(451, "4.7.1", "message deferred by the spam filter, try again later")
+CLIENT_RATE_LIMITED = Reply(451, "4.7.0", "too many messages from your address, "
+                                          "try again later")
+RECIPIENT_RATE_LIMITED = Reply(451, "4.7.0", "too many messages for this recipient, "
+                                             "try again later")
+CHECKS_UNAVAILABLE = Reply(451, "4.7.0", "message authentication could not be checked now, "
+                                         "try again later")
+FILTER_UNAVAILABLE = Reply(451, "4.7.0", "spam filter unavailable, try again later")
+# RFC 5321 4.5.3.1.10: the client sends the recipients refused with 452 in a later
+# transaction. Used so that role-account mail, never refused as spam (RFC 5321 4.5.1),
+# never shares a message (and so a spam verdict) with other recipients.
+RCPT_SEPARATE_TRANSACTION = Reply(452, "4.5.3", "postmaster mail goes in a transaction of "
+                                                "its own, send this recipient again")
 
 # Session-level.
 BAD_ARGUMENT = Reply(501, "5.5.4", "syntax error in parameters or arguments")
@@ -61,8 +94,9 @@ LOCAL_ERROR = Reply(451, "4.3.0", "local error in processing, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections, try again later")
 
-# --- issue 7: the session layer (forwarder/smtp.py); choices in docs/security.md ---
-START_DATA = "354 End data with <CR><LF>.<CR><LF>"  # 3yz replies carry no enhanced code
+# The SMTP session (forwarder/session.py); choices in docs/security.md. Texts follow
+# aiosmtpd's, which clients and tests have long seen.
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")  # 3yz: no enhanced code
 COMMAND_UNRECOGNIZED = Reply(500, "5.5.1", "command unrecognized")
 SYNTAX_ERROR = Reply(500, "5.5.2", "syntax error")
 # RFC 5321 4.5.3.1.4: "500 Line too long".
@@ -75,7 +109,47 @@ TEXT_LINE_TOO_LONG = Reply(550, "5.6.0", "line longer than 1000 octets in messag
 NUL_IN_MESSAGE = Reply(550, "5.6.0", "NUL character in message")
 TIMEOUT = Reply(421, "4.4.2", "timeout exceeded, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "too many errors, closing connection")
-# --- end issue 7 ---
+# Replies to HELO and EHLO carry no enhanced code (RFC 2034 4).
+HELO_SYNTAX = Reply(501, "", "Syntax: HELO hostname")
+HELO_NEEDED = Reply(503, "5.5.1", "Error: send HELO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+MALFORMED_ADDRESS = Reply(553, "5.1.3", "Error: malformed address")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM: <address>")
+MAIL_SYNTAX_ESMTP = Reply(501, "5.5.4", "Syntax: MAIL FROM: <address> [SP <mail-parameters>]")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO: <address>")
+RCPT_SYNTAX_ESMTP = Reply(501, "5.5.4", "Syntax: RCPT TO: <address> [SP <mail-parameters>]")
+# RFC 5321 4.1.1.11: a parameter we do not recognise or implement is a 555.
+MAIL_PARAMETERS_UNKNOWN = Reply(555, "5.5.4",
+                                "MAIL FROM parameters not recognized or not implemented")
+RCPT_PARAMETERS_UNKNOWN = Reply(555, "5.5.4",
+                                "RCPT TO parameters not recognized or not implemented")
+BODY_UNSUPPORTED = Reply(555, "5.5.4", "Error: BODY can only be one of 7BIT, 8BITMIME")
+SMTPUTF8_ARGUMENT = Reply(501, "5.5.4", "Error: SMTPUTF8 takes no arguments")
+# RFC 6531 3.5: a UTF-8 address needs SMTPUTF8 on MAIL; X.6.7 is "non-ASCII addresses
+# not permitted for that sender/recipient" (RFC 6531 3.7.5 and the RFC 5248 registry).
+UTF8_NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "non-ASCII address requires MAIL FROM with SMTPUTF8")
+# RFC 3461 4: malformed DSN parameters are a syntax error in the arguments.
+DSN_BAD_RET = Reply(501, "5.5.4", "Error: RET must be FULL or HDRS")
+DSN_BAD_ENVID = Reply(501, "5.5.4", "Error: ENVID must be xtext of at most 100 characters")
+DSN_BAD_NOTIFY = Reply(501, "5.5.4",
+                       "Error: NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+DSN_BAD_ORCPT = Reply(501, "5.5.4", "Error: ORCPT must be addr-type;xtext")
+RSET_SYNTAX = Reply(501, "5.5.4", "Syntax: RSET")
+QUIT_SYNTAX = Reply(501, "5.5.4", "Syntax: QUIT")
+STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
+VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY <address>")
+OK = Reply(250, "2.0.0", "OK")
+BYE = Reply(221, "2.0.0", "Bye")
+# RFC 5321 3.5.3: 252, neither confirmed nor denied (no address harvesting).
+CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+VRFY_UNPARSABLE = Reply(502, "5.5.1", "Could not VRFY")
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
+TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+# RFC 5321 4.1.1.8 and 4.2.2: 214 is the help reply.
+HELP = Reply(214, "2.0.0", "Supported commands:")
+HELP_SYNTAX = Reply(214, "2.0.0", "Syntax:")
+HELP_UNKNOWN = Reply(501, "5.5.4", "Supported commands:")
 
 
 def queued(queue_id: str) -> str:

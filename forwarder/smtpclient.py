@@ -1,31 +1,49 @@
-"""Outbound SMTP: reused connections per destination, opportunistic STARTTLS, and the
-destination's verdict on each recipient.
+"""Outbound SMTP: one transaction to one destination address, and the destination's
+verdict on each recipient.
 
-Like Postfix's `smtp` client at TLS level `may`: STARTTLS is used when offered, without
-authenticating the server (RFC 7435 opportunistic security); if the handshake fails the
-address is remembered as "clear only" for a while and the delivery is retried in clear.
-Timeouts follow RFC 5321 4.5.3.2; the wait after the final dot is long on purpose, since
-giving up there while the server is still writing to disk duplicates mail.
+The envelope carries what the message needs and the next hop offers (RFC 5321 4.1.1.2):
+`SIZE=` (RFC 1870), `BODY=8BITMIME` for 8-bit mail (RFC 6152), `SMTPUTF8` (RFC 6531), the
+DSN parameters RET, ENVID, NOTIFY and ORCPT (RFC 3461). Where the next hop lacks what the
+message needs: 8-bit mail is converted to 7-bit (forwarder/mime7bit.py, in a thread), and
+mail that needs SMTPUTF8 fails permanently with 5.6.7 (RFC 6531 3.4), as Postfix does.
+Connections and their TLS are forwarder/smtppool.py's. Timeouts follow RFC 5321 4.5.3.2;
+the wait after the final dot is long on purpose, since giving up there while the server is
+still writing to disk duplicates mail.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import ssl
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
 
+from forwarder import log, mime7bit
 from forwarder.config import DeliverySettings
 from forwarder.dns import Destination
+from forwarder.dsnparams import encode_orcpt, xtext_encode
+from forwarder.metrics import Metrics
 from forwarder.policy import Outcome, outcome_of_reply
+from forwarder.queue import PLAIN, MessageFlags
+from forwarder.smtppool import (
+    ConnectionPool,
+    PooledSession,
+    TlsHandshakeFailed,
+    TlsPolicy,
+    TlsPolicyFailed,
+    TlsUse,
+)
 
-# How long an address whose TLS handshake failed is contacted in clear only.
-NO_TLS_SECONDS = 3600.0
+LOG = log.get("forwarder.delivery")
+
+__all__ = [
+    "PLAIN_MAILBOX", "Attempt", "ConnectionPool", "OutRcpt", "Outgoing", "Sender",
+    "TlsPolicy", "TlsUse", "body_for", "describe", "local_attempt", "plain_path",
+    "relay_name", "reply_attempt",
+]
 
 # A plain RFC 5321 mailbox: Dot-string "@" a domain of LDH labels (4.1.2). aiosmtplib's
 # mail() and rcpt() run every address through email.utils.parseaddr, an RFC 5322 header
@@ -49,6 +67,31 @@ class Attempt:
     # Not an answer from the destination: could not talk to it (try the next address).
     unreachable: bool = False
     tls_failed: bool = False
+    # The session's TLS (None: in clear, or no session), for logs and per-address history.
+    tls: TlsUse | None = None
+    # The destination offered DSN (RFC 3461): it reports on this recipient from now on.
+    dsn_passed: bool = False
+
+
+@dataclass(frozen=True)
+class OutRcpt:
+    """A recipient as it goes out, with its DSN parameters (RFC 3461 4.1, 4.2)."""
+
+    address: str
+    notify: str | None = None
+    orcpt: str | None = None  # decoded, "addr-type;address"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One transaction: the envelope, what the message is, and the TLS it requires."""
+
+    sender: str
+    recipients: tuple[OutRcpt, ...]
+    flags: MessageFlags = PLAIN
+    tls: TlsPolicy = TlsPolicy.MAY
+    # The policy that set `tls`, for diagnostics ("MTA-STS"); None: none.
+    policy: str | None = None
 
 
 def relay_name(dest: Destination) -> str:
@@ -64,9 +107,11 @@ def _enhanced(code: int, message: str) -> str:
     return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
 
 
-def reply_attempt(code: int, message: str, relay: str) -> Attempt:
+def reply_attempt(code: int, message: str, relay: str, tls: TlsUse | None = None,
+                  dsn_passed: bool = False) -> Attempt:
     text = " ".join(message.split())  # one line: never a raw CR/LF in a log or a DSN
-    return Attempt(outcome_of_reply(code), _enhanced(code, text), f"smtp; {code} {text}", relay)
+    return Attempt(outcome_of_reply(code), _enhanced(code, text), f"smtp; {code} {text}", relay,
+                   tls=tls, dsn_passed=dsn_passed)
 
 
 def local_attempt(status: str, reason: str, relay: str | None = None, *,
@@ -75,156 +120,153 @@ def local_attempt(status: str, reason: str, relay: str | None = None, *,
     return Attempt(outcome, status, f"x-local; {reason}", relay, unreachable, tls_failed)
 
 
-class TlsHandshakeFailed(Exception):
-    pass
-
-
-class ConnectionPool:
-    """Open SMTP sessions per destination, reused for several messages."""
-
-    def __init__(self, settings: DeliverySettings, hostname: str) -> None:
-        self._settings = settings
-        self._hostname = hostname
-        self._idle: dict[Destination, list[aiosmtplib.SMTP]] = defaultdict(list)
-        self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
-        self._no_tls: dict[tuple[str, int], float] = {}
-        self._all = asyncio.Semaphore(max(1, settings.concurrency))
-        self._tls = ssl.create_default_context()
-        # Opportunistic TLS (RFC 7435): encrypt when offered, do not authenticate.
-        self._tls.check_hostname = False
-        self._tls.verify_mode = ssl.CERT_NONE
-
-    def slot(self, dest: Destination) -> asyncio.Semaphore:
-        """A cap on concurrent sessions per destination address."""
-        key = (dest.address, dest.port)
-        if key not in self._limits:
-            self._limits[key] = asyncio.Semaphore(self._settings.per_destination)
-        return self._limits[key]
-
-    @property
-    def total(self) -> asyncio.Semaphore:
-        """A cap on concurrent sessions in all."""
-        return self._all
-
-    async def acquire(self, dest: Destination) -> aiosmtplib.SMTP:
-        idle = self._idle[dest]
-        while idle:
-            client = idle.pop()
-            if client.is_connected:
-                return client
-        return await self._connect(dest)
-
-    def _tls_allowed(self, dest: Destination) -> bool:
-        until = self._no_tls.get((dest.address, dest.port))
-        loop_now = asyncio.get_running_loop().time()
-        return until is None or loop_now >= until
-
-    async def _connect(self, dest: Destination) -> aiosmtplib.SMTP:
-        client = aiosmtplib.SMTP(
-            hostname=dest.address, port=dest.port, local_hostname=self._hostname,
-            timeout=self._settings.command_timeout, start_tls=False,
-        )
-        await client.connect(timeout=self._settings.connect_timeout)
-        await client.ehlo()
-        if client.supports_extension("starttls") and self._tls_allowed(dest):
-            try:
-                await client.starttls(tls_context=self._tls, server_hostname=dest.host)
-            except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
-                client.close()
-                key = (dest.address, dest.port)
-                self._no_tls[key] = asyncio.get_running_loop().time() + NO_TLS_SECONDS
-                raise TlsHandshakeFailed(str(exc) or type(exc).__name__) from exc
-        return client
-
-    def release(self, dest: Destination, client: aiosmtplib.SMTP, reusable: bool) -> None:
-        if reusable and client.is_connected:
-            self._idle[dest].append(client)
-        else:
-            client.close()
-
-    async def close(self) -> None:
-        for clients in self._idle.values():
-            for client in clients:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.quit(), 2)
-                client.close()
-        self._idle.clear()
-
-
 _TEMP_ERRORS = (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError)
 
 
 class Sender:
     """Sends one message to a group of recipients at one destination address."""
 
-    def __init__(self, settings: DeliverySettings, pool: ConnectionPool) -> None:
+    def __init__(self, settings: DeliverySettings, pool: ConnectionPool,
+                 metrics: Metrics | None = None) -> None:
         self._settings = settings
         self._pool = pool
+        self._metrics = metrics
 
-    async def send(
-        self, dest: Destination, sender: str, recipients: Sequence[str], body: bytes
-    ) -> dict[str, Attempt]:
+    async def send(self, dest: Destination, out: Outgoing, body: bytes) -> dict[str, Attempt]:
         relay = relay_name(dest)
-        async with self._pool.total, self._pool.slot(dest):
-            try:
-                client = await self._pool.acquire(dest)
-            except TlsHandshakeFailed as exc:
-                return _all(recipients, local_attempt(
-                    "4.7.5", f"TLS handshake with {relay} failed: {exc}", relay,
-                    unreachable=True, tls_failed=True))
-            except _TEMP_ERRORS as exc:
-                return _all(recipients, local_attempt(
-                    "4.4.1", f"connect to {relay}: {describe(exc)}", relay, unreachable=True))
-            return await self._on(client, dest, sender, recipients, body, relay)
-
-    async def _on(
-        self, client: aiosmtplib.SMTP, dest: Destination, sender: str,
-        recipients: Sequence[str], body: bytes, relay: str,
-    ) -> dict[str, Attempt]:
-        reusable = needs_reset = False
+        recipients = [r.address for r in out.recipients]
         try:
-            results, needs_reset = await self._transaction(client, sender, recipients, body,
-                                                           relay)
+            session = await self._pool.acquire(dest, out.tls)
+        except TlsPolicyFailed as exc:
+            # RFC 8461 5.2: a policy failure defers; it never bounces.
+            return _all(recipients, local_attempt(
+                "4.7.5", f"TLS required by {out.policy or 'policy'} for {relay}: {exc}", relay,
+                unreachable=True))
+        except TlsHandshakeFailed as exc:
+            return _all(recipients, local_attempt(
+                "4.7.5", f"TLS handshake with {relay} failed: {exc}", relay,
+                unreachable=True, tls_failed=True))
+        except _TEMP_ERRORS as exc:
+            return _all(recipients, local_attempt(
+                "4.4.1", f"connect to {relay}: {describe(exc)}", relay, unreachable=True))
+        return await self._on(session, dest, out, body, relay)
+
+    async def _on(self, session: PooledSession, dest: Destination, out: Outgoing, body: bytes,
+                  relay: str) -> dict[str, Attempt]:
+        reusable = needs_reset = False
+        client = session.client
+        recipients = [r.address for r in out.recipients]
+        try:
+            refusal = _cannot_carry(client, out, body, relay)
+            if refusal is not None:
+                reusable = True
+                return _all(recipients, refusal)
+            results, needs_reset = await self._transaction(session, out, body, relay)
             reusable = True
             return results
         except aiosmtplib.SMTPResponseException as exc:
             # 421: the server is closing the session (RFC 5321 3.8).
             reusable = needs_reset = exc.code != 421
-            return _all(recipients, reply_attempt(exc.code, exc.message, relay))
+            return _all(recipients, reply_attempt(exc.code, exc.message, relay, session.tls))
         except _TEMP_ERRORS as exc:
             return _all(recipients, local_attempt(
                 "4.4.2", f"{relay}: {describe(exc)}", relay, unreachable=True))
         finally:
             if needs_reset:
                 reusable = await _reset(client)
-            self._pool.release(dest, client, reusable)
+            self._pool.release(dest, session, reusable)
 
-    async def _transaction(
-        self, client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], body: bytes,
-        relay: str,
-    ) -> tuple[dict[str, Attempt], bool]:
+    async def _transaction(self, session: PooledSession, out: Outgoing, body: bytes,
+                           relay: str) -> tuple[dict[str, Attempt], bool]:
         """Per-recipient attempts, and whether the session needs RSET before reuse: not
         after a completed DATA, which ends the transaction (RFC 5321 4.1.1.4), so a
         reused connection costs four round trips a message, not five."""
-        await _mail(client, sender)
+        client = session.client
+        body = await body_for(client, out.flags, body, self._metrics)
+        dsn = client.supports_extension("dsn")
+        utf8 = out.flags.smtputf8 and client.supports_extension("smtputf8")
+        await _mail(client, out.sender, mail_options(client, out, len(body)), utf8)
         results: dict[str, Attempt] = {}
         accepted: list[str] = []
-        for rcpt in recipients:
+        for rcpt in out.recipients:
             try:
-                await _rcpt(client, rcpt)
+                await _rcpt(client, rcpt.address, rcpt_options(rcpt) if dsn else [], utf8)
             except aiosmtplib.SMTPRecipientRefused as exc:
-                results[rcpt] = reply_attempt(exc.code, exc.message, relay)
+                results[rcpt.address] = reply_attempt(exc.code, exc.message, relay, session.tls)
                 continue
-            accepted.append(rcpt)
+            accepted.append(rcpt.address)
         if not accepted:
             return results, True
         # RFC 5321 4.5.3.2.6: wait 10 minutes for the reply to the final dot.
         # aiosmtplib turns bare CR/LF into CRLF and dot-stuffs, so no byte sequence we
         # relay can be read as an end of data by the destination (SMTP smuggling).
         reply = await client.data(body, timeout=self._settings.data_timeout)
-        for rcpt in accepted:
-            results[rcpt] = reply_attempt(reply.code, reply.message, relay)
+        for rcpt_address in accepted:
+            results[rcpt_address] = reply_attempt(reply.code, reply.message, relay,
+                                                  session.tls, dsn)
         return results, False
+
+
+async def body_for(client: aiosmtplib.SMTP, flags: MessageFlags, body: bytes,
+                   metrics: Metrics | None = None) -> bytes:
+    """The body as this next hop may take it: 8-bit mail to a server without 8BITMIME is
+    converted to 7-bit (RFC 6152 3), off the event loop, and the conversion logged."""
+    if not flags.eight_bit or client.supports_extension("8bitmime"):
+        return body
+    converted = await mime7bit.convert(body)
+    LOG.info("converted_7bit", relay=client.hostname, size=len(body),
+             converted_size=len(converted))
+    if metrics is not None:
+        metrics.converted_7bit()
+    return converted
+
+
+def needs_smtputf8(out: Outgoing, body: bytes) -> bool:
+    """RFC 6531 3.4: the message needs SMTPUTF8 if it asked for it and its envelope or
+    header section really holds UTF-8 (Postfix's rule: an ASCII message that merely
+    asked goes out without it)."""
+    if not out.flags.smtputf8:
+        return False
+    if not out.sender.isascii() or any(not r.address.isascii() for r in out.recipients):
+        return True
+    end = body.find(b"\r\n\r\n")
+    return not (body if end < 0 else body[:end]).isascii()
+
+
+def _cannot_carry(client: aiosmtplib.SMTP, out: Outgoing, body: bytes,
+                  relay: str) -> Attempt | None:
+    if needs_smtputf8(out, body) and not client.supports_extension("smtputf8"):
+        # RFC 6531 3.4 and 3.7.5: no downgrade; the sender gets a DSN with 5.6.7.
+        return local_attempt("5.6.7", f"SMTPUTF8 is required, but was not offered by {relay}",
+                             relay)
+    return None
+
+
+def mail_options(client: aiosmtplib.SMTP, out: Outgoing, size: int) -> list[str]:
+    """MAIL FROM's parameters for this next hop (only the extensions it offered)."""
+    options = []
+    if client.supports_extension("size"):
+        options.append(f"SIZE={size}")  # RFC 1870 3
+    if out.flags.eight_bit and client.supports_extension("8bitmime"):
+        options.append("BODY=8BITMIME")
+    if out.flags.smtputf8 and client.supports_extension("smtputf8"):
+        options.append("SMTPUTF8")
+    if client.supports_extension("dsn"):
+        if out.flags.dsn.ret:
+            options.append(f"RET={out.flags.dsn.ret}")
+        if out.flags.dsn.envid:
+            options.append(f"ENVID={xtext_encode(out.flags.dsn.envid)}")
+    return options
+
+
+def rcpt_options(rcpt: OutRcpt) -> list[str]:
+    """RCPT TO's DSN parameters, for a next hop that offers DSN (RFC 3461 5.2.1)."""
+    options = []
+    if rcpt.notify:
+        options.append(f"NOTIFY={rcpt.notify}")
+    if rcpt.orcpt:
+        options.append(f"ORCPT={encode_orcpt(rcpt.orcpt)}")
+    return options
 
 
 def plain_path(address: str) -> bytes | None:
@@ -236,24 +278,27 @@ def plain_path(address: str) -> bytes | None:
     return None
 
 
-async def _mail(client: aiosmtplib.SMTP, sender: str) -> None:
+async def _mail(client: aiosmtplib.SMTP, sender: str, options: list[str], utf8: bool) -> None:
     """aiosmtplib's mail(), without its header parser for a plain address."""
     path = plain_path(sender)
     if path is None or client.is_ehlo_or_helo_needed:
-        await client.mail(sender)
+        await client.mail(sender, options=options, encoding="utf-8" if utf8 else "ascii")
         return
-    reply = await client.execute_command(b"MAIL", b"FROM:" + path)
+    reply = await client.execute_command(b"MAIL", b"FROM:" + path,
+                                         *(o.encode("ascii") for o in options))
     if reply.code != 250:
         raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, sender)
 
 
-async def _rcpt(client: aiosmtplib.SMTP, recipient: str) -> None:
+async def _rcpt(client: aiosmtplib.SMTP, recipient: str, options: list[str],
+                utf8: bool) -> None:
     """aiosmtplib's rcpt(), without its header parser for a plain address."""
     path = plain_path(recipient) if recipient else None
     if path is None or client.is_ehlo_or_helo_needed:
-        await client.rcpt(recipient)
+        await client.rcpt(recipient, options=options, encoding="utf-8" if utf8 else "ascii")
         return
-    reply = await client.execute_command(b"RCPT", b"TO:" + path)
+    reply = await client.execute_command(b"RCPT", b"TO:" + path,
+                                         *(o.encode("ascii") for o in options))
     if reply.code not in (250, 251):  # RFC 5321 4.2.2: 251 will forward
         raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
 

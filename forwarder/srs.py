@@ -1,7 +1,8 @@
 """Sender Rewriting Scheme (Shevek's scheme), compatible with libsrs2 and postsrsd.
 
-Pure and stdlib-only: the clock is injected, nothing here does network I/O, and the only
-file I/O is the secrets file helpers and the optional `SrsKeyStore` at the bottom.
+Pure and stdlib-only: the secrets and the clock are injected, and nothing here does any
+I/O. The secrets file and the long-sender key store are on the storage side
+(forwarder/srsstore.py).
 
 Address forms (the reference is libsrs2's ``srs2.c``, as embedded in postsrsd 1.x; the
 vectors in ``tests/fixtures/srs_vectors.json`` come from running that code):
@@ -20,8 +21,9 @@ vectors in ``tests/fixtures/srs_vectors.json`` come from running that code):
 
 Long senders (postsrsd issue #108): an SRS0 local part longer than the 64 octets of
 RFC 5321 section 4.5.3.1.1 is refused by many servers. `Srs.forward` then raises
-`SrsTooLong`; the caller stores the sender under `new_key()` (for example in `SrsKeyStore`,
-for at least `max_age_days` + 1 days) and calls `Srs.forward_with_key(key)`, which returns
+`SrsTooLong`; the caller stores the sender under a key (a `srsstore.KeyStore`, which makes
+it with `new_key()` and keeps it at least `max_age_days` + 1 days) and calls
+`Srs.forward_with_key(key)`, which returns
 
     ``SRS0=HHHH=TT=1=<KEY>@<srs domain>``  (KEY: 16 base32 chars, 80 random bits)
 
@@ -37,18 +39,13 @@ Verification reasons are the fixed set in `SrsReason`; `forwarder srs reverse` s
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
-import os
 import re
 import secrets as _secrets
-import sqlite3
-import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
 __all__ = [
     "KEY_DOMAIN",
@@ -56,15 +53,10 @@ __all__ = [
     "KeyRef",
     "Srs",
     "SrsError",
-    "SrsKeyStore",
     "SrsReason",
     "SrsTooLong",
-    "ensure_secrets",
     "is_srs_local",
-    "load_secrets",
     "new_key",
-    "rotate_secrets",
-    "secrets_file_problems",
 ]
 
 # libsrs2 srs2.c: "Use this" separators after the tag, and the one inside the address.
@@ -81,11 +73,14 @@ MIN_HASH_LENGTH = 4
 _MAX_HASH_LENGTH = 27
 # RFC 5321 section 4.5.3.1.1: the maximum total length of a local part is 64 octets.
 _MAX_LOCAL_OCTETS = 64
+# RFC 5321 4.1.2 Dot-string: what an SRS local part must stay, whatever it wraps (UTF-8
+# allowed: RFC 6531 3.3 extends atext).
+_DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
+                         r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+)*")
 # postsrsd 2.x srs.c: a database alias is reversed to "<key>@1".
 KEY_DOMAIN = "1"
 _KEY_BYTES = 10
 _KEY_RE = re.compile(r"[A-Z2-7]{16}")
-_MIN_SECRET_BYTES = 16
 
 
 class SrsReason(StrEnum):
@@ -109,10 +104,12 @@ class SrsError(Exception):
 
 
 class SrsTooLong(Exception):
-    """The rewritten local part would exceed 64 octets: store the sender under a key."""
+    """The rewritten local part would exceed 64 octets, or would not be a Dot-string (a
+    sender with a quoted local part or an address literal, RFC 5321 4.1.2): store the
+    sender under a key."""
 
     def __init__(self, sender: str) -> None:
-        super().__init__(f"SRS local part for {sender!r} would exceed 64 octets")
+        super().__init__(f"SRS local part for {sender!r} would not be a valid local part")
         self.sender = sender
 
 
@@ -239,7 +236,8 @@ class Srs:
             raise SrsError(SrsReason.BAD_HASH)
 
     def _fits(self, sender: str, address: str) -> str:
-        if len(address.rpartition("@")[0].encode("utf-8")) > _MAX_LOCAL_OCTETS:
+        local = address.rpartition("@")[0]
+        if len(local.encode("utf-8")) > _MAX_LOCAL_OCTETS or not _DOT_STRING.fullmatch(local):
             raise SrsTooLong(sender)
         return address
 
@@ -329,139 +327,3 @@ class Srs:
         self._check_hash(hash_, host, opaque)
         # libsrs2 srs_parse_guarded: "SRS0" + opaque (which starts with its separator).
         return f"SRS0{opaque}@{host}"
-
-
-# --- Secrets file: one secret per line, the first signs (postsrsd's format). ---
-
-
-def load_secrets(path: str | os.PathLike[str]) -> list[bytes]:
-    """The secrets in `path`, one per line, first one signing; blank lines are skipped."""
-    lines = Path(path).read_bytes().splitlines()
-    found = [line.strip() for line in lines if line.strip()]
-    if not found:
-        raise ValueError(f"{os.fspath(path)}: no SRS secret in the file")
-    return found
-
-
-def _write_private(path: Path, data: bytes, *, replace: bool) -> bool:
-    """Write `data` to `path` atomically with mode 0600; False if it exists and not replace.
-
-    A temporary file in the same directory, fsynced, then linked (no clobber) or renamed
-    into place, then the directory fsynced, so a crash leaves the old file or the new one.
-    """
-    tmp = path.with_name(f".{path.name}.{_secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return True
-
-
-def _new_secret() -> bytes:
-    return _secrets.token_urlsafe(32).encode("ascii")
-
-
-def ensure_secrets(path: str | os.PathLike[str]) -> bool:
-    """Create the secrets file (0600, one random secret) if missing; True if created."""
-    target = Path(path)
-    if target.exists():
-        return False
-    return _write_private(target, _new_secret() + b"\n", replace=False)
-
-
-def rotate_secrets(path: str | os.PathLike[str]) -> None:
-    """Prepend a new signing secret, keeping the old ones so addresses in flight verify."""
-    target = Path(path)
-    old = load_secrets(target)
-    _write_private(target, b"".join(s + b"\n" for s in [_new_secret(), *old]), replace=True)
-
-
-def secrets_file_problems(path: str | os.PathLike[str]) -> list[str]:
-    """What `forwarder check` should report about the secrets file; [] if all is well."""
-    target = Path(path)
-    try:
-        st = target.stat()
-    except FileNotFoundError:
-        return [f"{target}: missing (created at first start)"]
-    except OSError as exc:
-        return [f"{target}: cannot stat: {exc.strerror}"]
-    if not stat.S_ISREG(st.st_mode):
-        return [f"{target}: not a regular file"]
-    problems: list[str] = []
-    if st.st_mode & 0o077:
-        problems.append(
-            f"{target}: mode {stat.S_IMODE(st.st_mode):04o} lets other users read or "
-            "change the SRS secrets; chmod 600"
-        )
-    try:
-        found = load_secrets(target)
-    except (OSError, ValueError) as exc:
-        return [*problems, f"{target}: {getattr(exc, 'strerror', None) or exc}"]
-    short = sum(1 for s in found if len(s) < _MIN_SECRET_BYTES)
-    if short:
-        problems.append(f"{target}: {short} secret(s) shorter than {_MIN_SECRET_BYTES} bytes")
-    return problems
-
-
-# --- Long-sender key store (synchronous sqlite3: call it through asyncio.to_thread). ---
-
-
-class SrsKeyStore:
-    """key -> sender mapping for `SrsTooLong` senders, in its own SQLite file.
-
-    One row per sender: storing the same sender again refreshes its time and reuses its
-    key. Rows older than the SRS validity are useless (their addresses expire) and are
-    removed by `purge`.
-    """
-
-    _SCHEMA = (
-        "CREATE TABLE IF NOT EXISTS srs_keys ("
-        " key TEXT PRIMARY KEY, sender TEXT NOT NULL UNIQUE, stored_at REAL NOT NULL)"
-    )
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(self._SCHEMA)
-
-    def put(self, sender: str, now: float) -> str:
-        """The key for `sender`, stored durably before it is returned."""
-        row = self._db.execute(
-            "INSERT INTO srs_keys (key, sender, stored_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (sender) DO UPDATE SET stored_at = excluded.stored_at"
-            " RETURNING key",
-            (new_key(), sender, now),
-        ).fetchone()
-        return str(row[0])
-
-    def get(self, key: str) -> str | None:
-        row = self._db.execute(
-            "SELECT sender FROM srs_keys WHERE key = ?", (key.upper(),)
-        ).fetchone()
-        return None if row is None else str(row[0])
-
-    def purge(self, before: float) -> int:
-        """Delete keys stored before `before` (now - (max_age_days + 1) days)."""
-        return self._db.execute("DELETE FROM srs_keys WHERE stored_at < ?", (before,)).rowcount
-
-    def close(self) -> None:
-        self._db.close()

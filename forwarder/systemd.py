@@ -13,7 +13,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 __all__ = ["Notifier", "watchdog_interval", "watchdog_loop"]
 
@@ -124,15 +124,19 @@ def watchdog_interval(
     return usec / 1_000_000 if usec > 0 else None
 
 
-async def watchdog_loop(notifier: Notifier, interval: float) -> None:
+async def watchdog_loop(
+    notifier: Notifier, interval: float,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
     """Ping the watchdog every `interval / 2` seconds until cancelled.
 
     It runs as a task on the daemon's own event loop on purpose: if the loop is blocked or
     stuck, the pings stop and systemd restarts the service. Half the interval is what
-    sd_watchdog_enabled(3) recommends, leaving room for one late ping.
+    sd_watchdog_enabled(3) recommends, leaving room for one late ping. `sleep` is the
+    loop's own (tests pass one they control).
     """
     if interval <= 0:
         raise ValueError("watchdog interval must be positive")
     while True:
         notifier.watchdog()
-        await asyncio.sleep(interval / 2)
+        await sleep(interval / 2)

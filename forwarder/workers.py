@@ -43,11 +43,11 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from forwarder import log
 from forwarder.config import HostPort
-from forwarder.metrics import Metrics
+from forwarder.metrics import Metrics, resident_memory_bytes
 from forwarder.sharedcounts import SharedCounts
 
 LOG = log.get("forwarder.workers")
@@ -60,6 +60,7 @@ METRICS = b"m"
 REPORT_INTERVAL = 1.0
 RESPAWN_DELAY = 1.0
 START_TIMEOUT = 60.0
+REPORTED_PROBLEMS = 10
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -84,6 +85,10 @@ class Inherited:
     def argv(self) -> list[str]:
         return ["--control-fd", str(self.control_fd), "--counts-fd", str(self.counts_fd),
                 "--slot", str(self.slot)]
+
+    def joined(self) -> Inherited:
+        """The same, with the listening socket the main process hands over (`join_main`)."""
+        return replace(self, listen_fd=join_main(self.control_fd))
 
 
 def _receive(sock: socket.socket, size: int) -> bytes | None:
@@ -166,8 +171,10 @@ class Acceptors:
         elif kind == METRICS:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 report = json.loads(payload)
-                self.metrics.absorb(f"acceptor-{child.index}", report["totals"],
-                                    int(report["open"]))
+                source = f"acceptor-{child.index}"
+                self.metrics.absorb(source, report["totals"], int(report["open"]),
+                                    int(report.get("rss", 0)))
+                log.remember_problems(report.get("problems", []), source)
 
     async def _watch(self, child: _Child) -> None:
         code = await child.proc.wait()
@@ -246,7 +253,12 @@ class MainLink:
         self._send(WAKE)
 
     def report(self, metrics: Metrics) -> None:
-        doc = {"totals": metrics.front_totals(), "open": metrics.open_sessions}
+        """Counters, open sessions, memory, and the last warnings and errors logged since
+        the last report (for `forwarder status`, which the main process answers; a few, so
+        the datagram stays well inside what the main process reads at once)."""
+        doc = {"totals": metrics.front_totals(), "open": metrics.open_sessions,
+               "rss": resident_memory_bytes(),
+               "problems": log.drain_problems()[-REPORTED_PROBLEMS:]}
         self._send(METRICS + json.dumps(doc).encode())
 
     async def report_loop(self, metrics: Metrics) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,14 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from forwarder import log
+from forwarder.cli import main
 from forwarder.clock import FakeClock
 from forwarder.config import HostPort, Settings
 from forwarder.daemon import Daemon
-from forwarder.directory import Directory
+from forwarder.directory import Directory, Written
+from tests.dnsserver import DnsServer
 
-pytest_plugins = ["tests.dnsfixtures"]
+pytest_plugins = ["tests.dnsfixtures", "tests.rspamdfixture"]
 
 DOMAIN = "sigma-clermont.fr"
 
@@ -149,9 +153,50 @@ def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
 
 
+class NoticedDirectory(Directory):
+    """The directory as an admin command leaves it: the notices its declarations owe have
+    been queued by the command (here: nowhere), so the daemon does not send them. Tests
+    about notices declare through the CLI instead, as admins do."""
+
+    def add(self, address: str, targets: Sequence[str] = ()) -> Written:
+        return self._noticed(super().add(address, targets))
+
+    def set_targets(self, address: str, targets: Sequence[str]) -> Written:
+        return self._noticed(super().set_targets(address, targets))
+
+    def switch_target(self, address: str, target: str, on: bool) -> Written:
+        return self._noticed(super().switch_target(address, target, on))
+
+    def _noticed(self, written: Written) -> Written:
+        self.notices_sent([item.target_id for item in written.declared])
+        return written
+
+
 @pytest.fixture
 def directory(state_dir: Path) -> Directory:
-    return Directory(state_dir / "directory.sqlite3", actor="test")
+    return NoticedDirectory(state_dir / "directory.sqlite3", actor="test")
+
+
+Run = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str], state_dir: Path) -> Run:
+    """Run `forwarder ARGS --state-dir STATE`; return (status, stdout, stderr)."""
+
+    def _run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()  # drop what a daemon in the test logged before
+        code = main([*argv, "--state-dir", str(state_dir)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+def run_json(run: Run, *argv: str) -> Any:
+    code, out, err = run(*argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
 
 
 @pytest.fixture
@@ -181,11 +226,12 @@ async def start_daemon(
 
 
 async def smtp_send(
-    port: int, sender: str, recipients: list[str], body: bytes,
+    port: int, sender: str, recipients: list[str], body: bytes, timeout: float = 10.0,
 ) -> tuple[dict[str, tuple[int, str]], tuple[int, str] | None]:
-    """Send one message; return each RCPT's reply, and DATA's (None if no RCPT accepted)."""
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10,
-                             local_hostname="client.test")
+    """Send one message; return each RCPT's reply, and DATA's (None if no RCPT accepted).
+    `timeout` bounds the wait for each reply."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
+                             timeout=timeout, local_hostname="client.test")
     await client.connect()
     try:
         await client.ehlo()
@@ -209,7 +255,7 @@ async def smtp_send(
         client.close()
 
 
-def simple_message(subject: str = "hello", msgid: str = "<1@jobteaser.test>") -> bytes:
+def simple_message(subject: str = "hello", msgid: str = "<1@jobteaser.example>") -> bytes:
     return (
         f"From: JobTeaser <noreply@jobteaser.com>\r\nTo: someone@{DOMAIN}\r\n"
         f"Subject: {subject}\r\nMessage-ID: {msgid}\r\n\r\nbody line\r\n.leading dot\r\n"
@@ -261,3 +307,52 @@ async def refused_port() -> int:
     port = down.port
     await down.stop()
     return port
+
+
+def free_port(hosts: tuple[str, ...]) -> int:
+    """A port number free on every one of `hosts` (each sink binds its own loopback IP)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port: int = probe.getsockname()[1]
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no common free port")
+
+
+@dataclass
+class Providers:
+    """Graduates' mail providers on loopback, found by MX through a real DNS server: each
+    domain's sink listens on its own address, all on `port` (the daemon's mx_port)."""
+
+    dns: DnsServer
+    port: int
+    sinks: dict[str, Sink]
+
+    def __getitem__(self, domain: str) -> Sink:
+        return self.sinks[domain]
+
+
+# domain -> the loopback address of its MX (the school's admin and the senders share one).
+PROVIDERS = {"perso.example": "127.0.0.2", "work.example": "127.0.0.3",
+             "jobteaser.example": "127.0.0.4", "school-it.example": "127.0.0.4"}
+
+
+@pytest.fixture
+async def providers(dns_server: DnsServer) -> AsyncIterator[Providers]:
+    hosts = tuple(sorted(set(PROVIDERS.values())))
+    port = free_port(hosts)
+    by_host = {host: Sink(host) for host in hosts}
+    for sink in by_host.values():
+        await sink.start(port)
+    for domain, host in PROVIDERS.items():
+        dns_server.set_records(domain, "MX", [(10, f"mx.{domain}.")])
+        dns_server.set_records(f"mx.{domain}", "A", [host])
+    yield Providers(dns_server, port, {d: by_host[h] for d, h in PROVIDERS.items()})
+    for sink in by_host.values():
+        await sink.stop()

@@ -19,9 +19,11 @@ NXDOMAIN, SERVFAIL, or never answer (the client times out). TTLs are settable pe
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import enum
+import signal
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,12 +119,12 @@ class DnsServer:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
         loop = asyncio.get_running_loop()
         # TCP first on port 0, then UDP on the same port number: a resolver given one port
         # uses it for both transports (RFC 7766 section 5).
-        for _ in range(20):
-            self._tcp = await asyncio.start_server(self._serve_tcp, self.host, 0)
+        for _ in range(1 if port else 20):
+            self._tcp = await asyncio.start_server(self._serve_tcp, self.host, port)
             self.port = self._tcp.sockets[0].getsockname()[1]
             try:
                 self._udp, _ = await loop.create_datagram_endpoint(
@@ -260,3 +262,43 @@ def _rrset(qname: dns.name.Name, rdtype: str, values: Sequence[Any], ttl: int) -
     texts = [f"{v[0]} {v[1]}" if isinstance(v, tuple) else str(v) for v in values]
     rdatas = [dns.rdata.from_text(dns.rdataclass.IN, rdtype, text) for text in texts]
     return dns.rrset.from_rdata_list(qname, ttl, rdatas)
+
+
+# -- standalone, for benchmarks ---------------------------------------------------------
+
+
+async def _serve(host: str, port: int, zone: ZoneData) -> None:
+    server = DnsServer(zone, host=host)
+    await server.start(port)
+    print(f"answering on {server.host}:{server.port} (UDP and TCP)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    print(f"{len(server.queries)} queries answered", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m tests.dnsserver --port 5300 --bench`: a name server on loopback for the
+    benchmark with the inbound checks on (tests/authzone.py's records for jobteaser.com),
+    so that no query leaves the machine. `--txt NAME=VALUE` adds TXT records."""
+    from tests.authzone import bench_records, txt
+
+    parser = argparse.ArgumentParser(prog="python -m tests.dnsserver")
+    parser.add_argument("--host", default=LOOPBACK)
+    parser.add_argument("--port", type=int, default=5300)
+    parser.add_argument("--bench", action="store_true",
+                        help="publish SPF and DMARC for jobteaser.com (loopback is in its SPF)")
+    parser.add_argument("--txt", action="append", default=[], metavar="NAME=VALUE")
+    args = parser.parse_args(argv)
+    zone: dict[ZoneKey, list[Any]] = dict(bench_records()) if args.bench else {}
+    for item in args.txt:
+        name, _, value = item.partition("=")
+        zone.setdefault((name, "TXT"), []).append(txt(value))
+    asyncio.run(_serve(args.host, args.port, zone))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Reading a DATA body (forwarder/smtp.py `BodyReader`): the reader that takes the body as
+"""Reading a DATA body (forwarder/smtpbody.py `BodyReader`): the reader that takes the body as
 it arrives and looks for CRLF `.` CRLF gives exactly what reading it line by line gives,
 for any body and any way the bytes arrive, and hands back exactly what follows the end."""
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from forwarder import replies
 from forwarder.replies import Reply
-from forwarder.smtp import BodyReader, content_fault
+from forwarder.smtpbody import BodyReader, content_fault
 
 LIMIT = 16  # the reader's buffer limit: small, so bodies cross it all the time
 MAX_LINE = 12

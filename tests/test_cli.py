@@ -8,7 +8,6 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,15 @@ from forwarder.cli import build_parser, main
 from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.directory import Directory
-from forwarder.srs import Srs, load_secrets
+from forwarder.srs import Srs
+from forwarder.srsstore import load_secrets
 from tests.conftest import (
     DOMAIN,
     DaemonFactory,
+    Run,
     Sink,
     refused_port,
+    run_json,
     scan_due,
     simple_message,
     smtp_send,
@@ -34,31 +36,9 @@ from tests.dnsserver import Behaviour, DnsServer
 GRAD = f"jean.dupont@{DOMAIN}"
 TARGET = "jean.dupont@perso.example"
 
-Run = Callable[..., tuple[int, str, str]]
-
-
 @pytest.fixture(autouse=True)
 def _no_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FORWARDER_CONFIG", raising=False)
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str], state_dir: Path) -> Run:
-    """Run `forwarder ARGS --state-dir STATE`; return (status, stdout, stderr)."""
-
-    def _run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()  # drop what a daemon in the test logged before
-        code = main([*argv, "--state-dir", str(state_dir)])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
-
-
-def run_json(run: Run, *argv: str) -> Any:
-    code, out, err = run(*argv, "--json")
-    assert code == 0, err
-    return json.loads(out)
 
 
 # --- accounts -------------------------------------------------------------------------
@@ -67,7 +47,8 @@ def run_json(run: Run, *argv: str) -> Any:
 def test_account_lifecycle_and_history(run: Run) -> None:
     assert run("account", "add", GRAD.upper(), "--redirect", TARGET, "--no-dns-check")[0] == 0
     doc = run_json(run, "account", "show", GRAD)
-    assert doc["address"] == GRAD and doc["state"] == "active" and doc["redirect"] == TARGET
+    assert doc["address"] == GRAD and doc["state"] == "active"
+    assert [(t["target"], t["state"]) for t in doc["targets"]] == [(TARGET, "pending")]
     assert run("account", "redirect", GRAD, "new@elsewhere.example", "--no-dns-check")[0] == 0
     code, out, _ = run("account", "delete", GRAD)
     assert code == 0 and "forwarded to new@elsewhere.example" in out
@@ -77,7 +58,7 @@ def test_account_lifecycle_and_history(run: Run) -> None:
     history = run_json(run, "account", "history", GRAD)["history"]
     assert [e["action"] for e in history] == ["add", "redirect", "delete", "unredirect"]
     assert history[0]["old"] is None and history[0]["new"] == {"state": "active",
-                                                              "redirect": TARGET}
+                                                              "targets": [TARGET]}
     assert history[2]["old"]["state"] == "active" and history[2]["new"]["state"] == "deleted"
     assert all(e["actor"] and e["at"].endswith("+00:00") for e in history)
 
@@ -137,7 +118,7 @@ def test_bad_redirect_targets_are_refused(run: Run, target: str, why: str) -> No
     code, _, err = run("account", "add", f"other@{DOMAIN}", "--redirect", target,
                        "--no-dns-check")
     assert code == 1 and why in err
-    assert run_json(run, "account", "show", GRAD)["redirect"] is None
+    assert run_json(run, "account", "show", GRAD)["targets"] == []
 
 
 def test_refusals_and_usage_errors(run: Run) -> None:
@@ -203,7 +184,7 @@ async def test_redirect_dns_check(dns_server: DnsServer, run: Run) -> None:
     assert "cannot receive mail" not in err
     assert (await redirect("jd@slow.example"))[0] == 1
     show = await asyncio.to_thread(run, "account", "show", GRAD, "--json")
-    assert json.loads(show[1])["redirect"] == "jd@aonly.example"
+    assert [t["target"] for t in json.loads(show[1])["targets"]] == ["jd@aonly.example"]
     # --no-dns-check skips the lookup altogether.
     before = len(dns_server.queries)
     code, _, _ = await asyncio.to_thread(run, "account", "redirect", GRAD, "jd@slow.example",
@@ -276,6 +257,32 @@ def test_check_reports_every_problem(run: Run, state_dir: Path, tmp_path: Path) 
     assert run("account", "list", "--config", str(config))[0] == 1
 
 
+def test_check_reports_the_inbound_checks_settings(run: Run, tmp_path: Path) -> None:
+    config = tmp_path / "checks.toml"
+    config.write_text('[checks]\nenabled = "yes"\ndmarc_reject = "bounce"\nthreads = 0\n'
+                      'authserv_id = "a; dkim=pass"\ndeadline = 0\n'
+                      '[rspamd]\nurl = "ftp://rspamd"\nfail_open = 1\n'
+                      '[rate_limits]\nexempt = ["10.0.0.0/8", "gateway"]\nburst = 3\n')
+    code, out, _ = run("check", "--config", str(config), "--json")
+    assert code == 1
+    text = "\n".join(json.loads(out)["problems"])
+    for expected in ("[checks] enabled: must be true or false",
+                     "[checks] dmarc_reject: must be one of reject, mark, off",
+                     "[checks] threads: must be at least 1", "[checks] authserv_id",
+                     "[checks] deadline: must be a number of seconds > 0",
+                     "[rspamd] url: must be an http:// or https:// URL",
+                     "[rspamd] fail_open: must be true or false",
+                     "[rate_limits] exempt: 'gateway' is not an address or network",
+                     "[rate_limits] unknown key 'burst'"):
+        assert expected in text, expected
+    good = tmp_path / "good.toml"
+    good.write_text('[checks]\nenabled = true\ndmarc_reject = "mark"\n'
+                    '[rspamd]\nurl = "http://10.0.0.30:11333"\n'
+                    '[rate_limits]\nexempt = ["10.0.0.25/32"]\nclient_per_minute = 0\n')
+    run("srs", "rotate")
+    assert run("check", "--config", str(good))[0] == 0
+
+
 def test_check_loads_the_starttls_certificate(run: Run, tmp_path: Path) -> None:
     config = tmp_path / "tls.toml"
     config.write_text(f'tls_cert = "{tmp_path}/none.pem"\ntls_key = "{tmp_path}/none.key"\n')
@@ -307,7 +314,7 @@ def test_check_ok_and_bad_state_dir(
 async def test_queue_tools_steer_the_running_daemon(
     start_daemon: DaemonFactory, directory: Directory, state_dir: Path, run: Run,
 ) -> None:
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     directory.delete(GRAD)
     port = await refused_port()  # connection refused: the first attempt defers
     d = await start_daemon(smarthost=HostPort("127.0.0.1", port))
@@ -334,7 +341,7 @@ async def test_queue_tools_steer_the_running_daemon(
         assert run("queue", "hold", qid)[0] == 0
         assert run_json(run, "queue", "retry", qid)["retried"] == 1
         assert await scan_due(d) == 0  # due, but held: not leased
-        await asyncio.sleep(0.2)
+        assert not d.dispatcher.in_flight  # so nothing can be on its way to `up`
         assert up.messages == [] and listing()["held"] == 1
         assert run("queue", "release", qid)[0] == 0
         assert run("queue", "retry")[0] == 0
@@ -349,7 +356,7 @@ async def test_queue_tools_steer_the_running_daemon(
 async def test_queue_delete_and_unknown_ids(
     start_daemon: DaemonFactory, directory: Directory, run: Run, clock: FakeClock,
 ) -> None:
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     directory.delete(GRAD)
     d = await start_daemon(smarthost=HostPort("127.0.0.1", await refused_port()))
     await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], simple_message())

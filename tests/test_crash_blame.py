@@ -1,9 +1,11 @@
-"""Which message a crash is blamed on (forwarder/queue.py): a process that dies with
-hundreds of messages in delivery must not quarantine them all after a few kills, and a
-message that brings the daemon down on its own must still end up held.
+"""Which message a crash is blamed on (policy.blame, applied by forwarder/queue/ops.py):
+a process that dies with hundreds of messages in delivery must not quarantine them all
+after a few kills, and a message that brings the daemon down on its own must still end up
+held.
 
 The queue is a real SQLite file; a "crash" is what SIGKILL leaves behind (leases in the
 file, no clean stop), and start-up is `Queue.recover`, as in `forwarder serve`.
+The rule itself, with no I/O, is tested by a table in tests/test_policy.py.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ import pytest
 
 from forwarder.clock import FakeClock
 from forwarder.config import HostPort
-from forwarder.policy import Route
+from forwarder.policy import MAX_CRASHES, Lane, Outcome, Route
 from forwarder.queue import (
-    MAX_CRASHES,
     Job,
     NewMessage,
     NewRecipient,
@@ -58,7 +59,7 @@ async def in_delivery(q: Queue, count: int, now: float = NOW) -> list[str]:
     ids = []
     for n in range(count):
         message = new_message(n, now)
-        await q.enqueue(message, lease_until=now + 3600)
+        await q.enqueue(message, leased=True)
         ids.append(message.id)
     return ids
 
@@ -83,7 +84,7 @@ async def test_suspects_leave_one_at_a_time_and_never_with_ordinary_mail(
     suspects = await in_delivery(queue, 3)
     await queue.recover(NOW)
     fresh = new_message(10)
-    await queue.enqueue(fresh, lease_until=None)  # an acceptor's: due now, unsuspected
+    await queue.enqueue(fresh, leased=False)  # an acceptor's: due now, unsuspected
     ordinary = await queue.lease_due(NOW + 20, 100, frozenset())
     assert [j.message_id for j in ordinary] == [fresh.id]
     assert not ordinary[0].isolated
@@ -111,7 +112,7 @@ async def test_a_completed_lone_attempt_clears_the_suspicion(queue: Queue) -> No
     (suspect,) = await in_delivery(queue, 1)
     await queue.recover(NOW)
     (job,) = await queue.lease_due(NOW, 0, frozenset(), lane_free=True)
-    await queue.record([_deferred(job)], now=NOW, cleared=[suspect])
+    await queue.record([_deferred(job)], completed=[(suspect, Lane.ALONE)])
     assert crashes(queue)[suspect] == (0, 0)
     # Back with the ordinary mail when it is due again.
     (again,) = await queue.lease_due(NOW + 120, 10, frozenset())
@@ -120,7 +121,7 @@ async def test_a_completed_lone_attempt_clears_the_suspicion(queue: Queue) -> No
 
 def _deferred(job: Job) -> Result:
     (rcpt,) = job.recipients
-    return Result(rcpt.id, job.message_id, "deferred", NOW, NOW + 60, "451 4.3.0 later")
+    return Result(rcpt.id, job.message_id, Outcome.DEFERRED, NOW, NOW + 60, "451 4.3.0 later")
 
 
 async def test_the_daemon_tries_suspects_alone_then_delivers_them_all(

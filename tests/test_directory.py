@@ -12,13 +12,14 @@ from forwarder.directory import (
     SCHEMA_VERSION,
     Directory,
     DirectoryError,
-    DirectoryReader,
     ImportPlan,
     ImportRow,
+    SqliteDaemonDirectory,
     count_active,
-    inspect_database,
 )
+from forwarder.migrations import inspect_database
 from forwarder.policy import AccountState
+from forwarder.targets import TargetState, TargetView
 from tests.conftest import DOMAIN
 
 GRAD = f"jean.dupont@{DOMAIN}"
@@ -35,9 +36,10 @@ def test_migrates_an_old_directory_keeping_its_rows(tmp_path: Path) -> None:
     conn.close()
     directory = Directory(path, actor="test")
     assert directory.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    assert directory.require(GRAD).redirect == "jd@x.example"
-    directory.set_redirect(GRAD, "new@x.example")
-    assert [e["action"] for e in directory.history(GRAD)] == ["redirect"]
+    (target,) = directory.require(GRAD).targets
+    assert (target.target, target.state) == ("jd@x.example", TargetState.CONFIRMED)
+    directory.set_targets(GRAD, ["new@x.example"])
+    assert [e["action"] for e in directory.history(GRAD)] == ["migrate", "redirect"]
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -49,7 +51,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 def test_audit_is_append_only_but_purge_erases_personal_data(directory: Directory) -> None:
-    directory.add(GRAD, "jd@x.example")
+    directory.add(GRAD, ["jd@x.example"])
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         directory.conn.execute("UPDATE audit SET actor = 'someone else'")
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
@@ -64,33 +66,34 @@ def test_audit_is_append_only_but_purge_erases_personal_data(directory: Director
 
 def test_writes_record_old_and_new_values(directory: Directory) -> None:
     directory.add(GRAD)
-    directory.set_redirect(GRAD, "jd@x.example")
-    directory.set_redirect(GRAD, "jd@x.example")  # unchanged: no entry
+    directory.set_targets(GRAD, ["jd@x.example"])
+    directory.set_targets(GRAD, ["jd@x.example"])  # unchanged: no entry
     directory.delete(GRAD)
     history = directory.history(GRAD)
     assert [(e["action"], e["old"], e["new"]) for e in history] == [
-        ("add", None, {"state": "active", "redirect": None}),
-        ("redirect", {"state": "active", "redirect": None},
-         {"state": "active", "redirect": "jd@x.example"}),
-        ("delete", {"state": "active", "redirect": "jd@x.example"},
-         {"state": "deleted", "redirect": "jd@x.example"}),
+        ("add", None, {"state": "active", "targets": []}),
+        ("redirect", {"state": "active", "targets": []},
+         {"state": "active", "targets": ["jd@x.example"]}),
+        ("delete", {"state": "active", "targets": ["jd@x.example"]},
+         {"state": "deleted", "targets": ["jd@x.example"]}),
     ]
     assert all(e["actor"] == "test" for e in history)
 
 
 def rows(*specs: tuple[str, str | None, AccountState]) -> list[ImportRow]:
-    return [ImportRow(n + 2, a, r, s) for n, (a, r, s) in enumerate(specs)]
+    return [ImportRow(n + 2, a, (r,) if r else (), s) for n, (a, r, s) in enumerate(specs)]
 
 
 def test_import_counts_and_all_or_nothing(directory: Directory, state_dir: Path) -> None:
     directory.add(f"a@{DOMAIN}")
-    directory.add(f"b@{DOMAIN}", "b@x.example")
+    directory.add(f"b@{DOMAIN}", ["b@x.example"])
     batch = rows((f"a@{DOMAIN}", None, AccountState.ACTIVE),
                  (f"b@{DOMAIN}", "b@x.example", AccountState.DELETED),
                  (f"c@{DOMAIN}", "c@x.example", AccountState.ACTIVE),
                  (f"d@{DOMAIN}", None, AccountState.DELETED))
     plan = directory.plan_import(batch)
-    assert vars(plan.report) == {"added": 2, "changed": 0, "deleted": 1, "unchanged": 1}
+    assert vars(plan.report) == {"added": 2, "changed": 0, "deleted": 1, "unchanged": 1,
+                                 "declared": 1}
     assert plan.new_targets() == {"c@x.example"}  # b's target was declared before
 
     def refuse(current: ImportPlan) -> None:
@@ -100,20 +103,23 @@ def test_import_counts_and_all_or_nothing(directory: Directory, state_dir: Path)
         directory.import_rows(batch, verify=refuse)
     assert [a.address for a in directory.accounts()] == [f"a@{DOMAIN}", f"b@{DOMAIN}"]
     assert count_active(state_dir / "directory.sqlite3") == 2
-    report = directory.import_rows(batch)
-    assert (report.added, report.deleted) == (2, 1)
+    imported = directory.import_rows(batch)
+    assert (imported.report.added, imported.report.deleted) == (2, 1)
+    assert [(d.account, d.target) for d in imported.declared] == [(f"c@{DOMAIN}",
+                                                                   "c@x.example")]
     assert count_active(state_dir / "directory.sqlite3") == 2  # a and c
-    assert directory.import_rows(batch).unchanged == 4
+    again = directory.import_rows(batch)
+    assert again.report.unchanged == 4 and again.declared == ()
 
 
 async def test_daemon_reader_sees_admin_changes(directory: Directory, state_dir: Path) -> None:
-    reader = await DirectoryReader.open(state_dir / "directory.sqlite3", 1.0)
+    reader = await SqliteDaemonDirectory.open(state_dir / "directory.sqlite3", 1.0)
     try:
         assert await reader.lookup(GRAD) is None
-        directory.add(GRAD, "jd@x.example")
+        directory.add(GRAD, ["jd@x.example"])
         directory.delete(GRAD)
         account = await reader.lookup(GRAD)
         assert account is not None and account.state is AccountState.DELETED
-        assert account.redirect == "jd@x.example"
+        assert account.targets == (TargetView("jd@x.example", TargetState.PENDING),)
     finally:
         await reader.close()

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from email.message import EmailMessage
 
 import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from forwarder.config import HostPort
+from forwarder.config import DeliverySettings, HostPort
 from forwarder.directory import Directory
-from tests.conftest import DOMAIN, DaemonFactory, Sink, smtp_send
+from tests.conftest import DOMAIN, DaemonFactory, Providers, Sink, smtp_send
 
 GRAD = f"camille.martin@{DOMAIN}"
 TARGET = "camille.martin@gmail.example"
@@ -43,11 +44,11 @@ def keypair() -> tuple[bytes, bytes]:
     return private, public
 
 
-async def test_dkim_signature_survives_forwarding(
-    start_daemon: DaemonFactory, sink: Sink, directory: Directory
-) -> None:
-    directory.add(GRAD, TARGET)
-    directory.delete(GRAD)
+DnsFunc = Callable[..., bytes]
+
+
+def signed_reset() -> tuple[bytes, DnsFunc]:
+    """The reset, DKIM-signed by jobteaser.com, and the DNS answer that verifies it."""
     private, public = keypair()
     message = password_reset()
     signature = dkim.sign(message, SELECTOR, SIGNING_DOMAIN, private,
@@ -60,6 +61,15 @@ async def test_dkim_signature_survives_forwarding(
         return txt
 
     assert dkim.verify(signed, dnsfunc=dnsfunc)  # the test's own sanity check
+    return signed, dnsfunc
+
+
+async def test_dkim_signature_survives_forwarding(
+    start_daemon: DaemonFactory, sink: Sink, directory: Directory
+) -> None:
+    directory.add(GRAD, [TARGET])
+    directory.delete(GRAD)
+    signed, dnsfunc = signed_reset()
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
     _, data = await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], signed)
     assert data is not None and data[0] == 250
@@ -69,3 +79,26 @@ async def test_dkim_signature_survives_forwarding(
     assert dkim.verify(got.content, dnsfunc=dnsfunc)
     # And a byte changed in the body would have broken it: the check has teeth.
     assert not dkim.verify(got.content.replace(b"Bonjour", b"Bonsoir"), dnsfunc=dnsfunc)
+
+
+async def test_a_reset_reaches_two_targets_signature_intact_at_both(
+    start_daemon: DaemonFactory, providers: Providers, directory: Directory
+) -> None:
+    """Two targets at two providers (found by MX): one queued message, a copy to each, the
+    sender's DKIM signature verifying at both."""
+    home, work = "camille@perso.example", "camille.martin@work.example"
+    directory.add(GRAD, [home, work])
+    directory.delete(GRAD)
+    signed, dnsfunc = signed_reset()
+    d = await start_daemon(dns_servers=(HostPort("127.0.0.1", providers.dns.port),),
+                           delivery=DeliverySettings(mx_port=providers.port))
+    _, data = await smtp_send(d.port, "noreply@jobteaser.com", [GRAD], signed)
+    assert data is not None and data[0] == 250
+    (at_home,) = await providers["perso.example"].wait_for(1)
+    (at_work,) = await providers["work.example"].wait_for(1)
+    assert (at_home.rcpt_tos, at_work.rcpt_tos) == ([home], [work])
+    # SRS once: the same rewritten sender on both copies.
+    assert at_home.mail_from == at_work.mail_from and at_home.mail_from.startswith("SRS0=")
+    for got in (at_home, at_work):
+        assert dkim.verify(got.content, dnsfunc=dnsfunc)
+        assert got.content.endswith(signed)

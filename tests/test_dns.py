@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 
@@ -17,7 +18,6 @@ from forwarder.dns import (
     DnsTemporaryError,
     MxRecord,
     MxRouter,
-    SmarthostRouter,
     address_literal,
     classify_error,
     is_null_mx,
@@ -394,6 +394,28 @@ async def test_temporary_failures_not_cached(dns_server: DnsServer) -> None:
     assert addresses(await router.route("example.org")) == ["127.0.0.1"]
 
 
+async def test_questions_in_flight_share_one_query(dns_server: DnsServer) -> None:
+    dns_server.set_records("example.org", "TXT", ['"v=spf1 -all"'])
+    resolver = CachingResolver([dns_server.host], port=dns_server.port, now=Clock())
+    answers = await asyncio.gather(*(resolver.lookup("example.org", "TXT") for _ in range(20)))
+    assert len({a.rdata for a in answers}) == 1
+    assert len(dns_server.queries_for("example.org", "TXT")) == 1
+    # And a cached answer can be read from any thread, with its expiry.
+    hit = resolver.cached("Example.ORG.", "TXT")
+    assert hit is not None and hit[0] == answers[0] and hit[1] == 1000.0 + 300
+
+
+async def test_a_cancelled_asker_does_not_cancel_the_others(dns_server: DnsServer) -> None:
+    dns_server.set_records("example.org", "TXT", ['"x"'])
+    resolver = CachingResolver([dns_server.host], port=dns_server.port, now=Clock())
+    first = asyncio.ensure_future(resolver.lookup("example.org", "TXT"))
+    second = asyncio.ensure_future(resolver.lookup("example.org", "TXT"))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert (await second).rdata
+    assert first.cancelled()
+
+
 async def test_address_literal_needs_no_dns(dns_server: DnsServer) -> None:
     router = make_router(dns_server)
     assert await router.route("[127.0.0.1]") == [Destination("127.0.0.1", "127.0.0.1", 25)]
@@ -404,10 +426,3 @@ async def test_address_literal_needs_no_dns(dns_server: DnsServer) -> None:
     with pytest.raises(DnsPermanentError, match="invalid domain"):
         await router.route("a..b")
     assert dns_server.queries == []
-
-
-async def test_smarthost_router() -> None:
-    router = SmarthostRouter("relay.school.lan", 587)
-    assert await router.route("anything.example") == [
-        Destination("relay.school.lan", "relay.school.lan", 587)
-    ]

@@ -12,6 +12,14 @@ from email.message import EmailMessage, Message
 import pytest
 
 from forwarder.dsn import RecipientStatus, build_dsn, is_bounce
+from forwarder.dsnparams import (
+    RecipientDsn,
+    encode_orcpt,
+    parse_notify,
+    parse_orcpt,
+    xtext_decode,
+    xtext_encode,
+)
 
 ARRIVED = datetime(2025, 3, 1, 9, 30, tzinfo=UTC)
 ATTEMPTED = ARRIVED + timedelta(days=5)
@@ -74,7 +82,10 @@ def parts(message: Message) -> list[Message]:
 
 def test_top_level_headers() -> None:
     message = parse(make())
-    assert message["From"] == "MAILER-DAEMON@mx.sigma-clermont.fr"
+    assert message["From"].addresses[0].addr_spec == "MAILER-DAEMON@mx.sigma-clermont.fr"
+    assert message["From"].addresses[0].display_name == (
+        "Mail Delivery System / Système de messagerie")
+    assert b"From: Mail Delivery System / =?utf-8?q?Syst=C3=A8me?= de messagerie" in make()
     assert message["To"] == "no-reply@jobteaser.com"
     assert message["Auto-Submitted"] == "auto-replied"
     assert message["MIME-Version"] == "1.0"
@@ -102,6 +113,19 @@ def test_human_part_is_bilingual() -> None:
     assert "<jean.dupont@sigma-clermont.fr> (failed): smtp; 550 5.1.1 user unknown" in text
     assert "<marie.curie@laposte.example> (delayed): status 4.4.1" in text
 
+
+def test_human_part_reads_well() -> None:
+    """Each language's sentence is followed by its recipient list; the English half is
+    not behind a "-- " line, which mail clients hide as a signature."""
+    human = parts(parse(make(FAILED)))[0]
+    assert isinstance(human, EmailMessage)
+    text = human.get_content().replace("\r\n", "\n")
+    assert "\n-- \n" not in text
+    listing = "  <jean.dupont@sigma-clermont.fr> (failed): smtp; 550 5.1.1 user unknown"
+    for sentence in ("Votre message n'a pas pu être remis aux destinataires suivants :",
+                     "Your message could not be delivered to the following recipients:"):
+        assert f"{sentence}\n\n{listing}\n" in text
+    assert text.index("Votre message") < text.index("English") < text.index("Your message")
 
 def test_delivery_status_fields() -> None:
     status = parts(parse(make(FAILED, DELAYED)))[1]
@@ -237,3 +261,91 @@ def test_is_bounce(sender: str, headers: list[tuple[str, str]], expected: bool) 
 def test_is_bounce_of_our_own_dsn() -> None:
     message = email.message_from_bytes(make(), policy=email.policy.default)
     assert is_bounce("someone@example.org", message) is True
+
+
+# --- the DSN extension (RFC 3461) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("xtext", "text"), [
+    ("abc", "abc"), ("a+2Bb", "a+b"), ("+3D+20", "= "), ("", ""),
+    ("caf+C3+A9", "café"),
+])
+def test_xtext_round_trip(xtext: str, text: str) -> None:
+    assert xtext_decode(xtext) == text
+    assert xtext_decode(xtext_encode(text)) == text
+
+
+@pytest.mark.parametrize("bad", ["a b", "a+2b", "a+", "a=b", "a+ZZ", "+FF"])
+def test_xtext_refused(bad: str) -> None:
+    assert xtext_decode(bad) is None
+
+
+@pytest.mark.parametrize(("value", "parsed"), [
+    ("NEVER", "NEVER"), ("never", "NEVER"), ("DELAY,SUCCESS", "SUCCESS,DELAY"),
+    ("FAILURE", "FAILURE"), ("NEVER,FAILURE", None), ("SUCCESS,SUCCESS", None),
+    ("SOMETIMES", None), ("", None),
+])
+def test_notify_values(value: str, parsed: str | None) -> None:
+    assert parse_notify(value) == parsed
+
+
+@pytest.mark.parametrize(("value", "parsed"), [
+    ("rfc822;jean.dupont@sigma-clermont.fr", "rfc822;jean.dupont@sigma-clermont.fr"),
+    ("RFC822;a+2Bb@x.example", "rfc822;a+b@x.example"),
+    ("utf-8;ren+C3+A9@x.example", "utf-8;rené@x.example"),
+    ("jean@x.example", None), ("rfc822;", None), ("rfc 822;a@b", None),
+])
+def test_orcpt_values(value: str, parsed: str | None) -> None:
+    assert parse_orcpt(value) == parsed
+
+
+def test_orcpt_encoded_for_the_wire() -> None:
+    assert encode_orcpt("rfc822;a+b=c@x.example") == "rfc822;a+2Bb+3Dc@x.example"
+    assert encode_orcpt("utf-8;rené@x.example") == "utf-8;ren\\x{E9}@x.example"
+
+
+def test_notify_wants() -> None:
+    assert RecipientDsn().wants("FAILURE") and RecipientDsn().wants("DELAY")
+    assert not RecipientDsn().wants("SUCCESS")
+    assert not RecipientDsn("NEVER").wants("FAILURE")
+    assert RecipientDsn("SUCCESS").wants("SUCCESS")
+    assert not RecipientDsn("SUCCESS").wants("FAILURE")
+
+
+def test_envid_and_orcpt_in_the_report() -> None:
+    orcpt = RecipientStatus(**{**FAILED.__dict__, "orcpt": "rfc822;prenom.nom@sigma-clermont.fr",
+                               "original_recipient": "other@sigma-clermont.fr"})
+    raw = build_dsn(
+        reporting_mta="mx.sigma-clermont.fr", original_sender="no-reply@jobteaser.com",
+        arrival_date=ARRIVED, original_message=ORIGINAL, recipients=[orcpt],
+        from_address="MAILER-DAEMON@mx.sigma-clermont.fr",
+        message_id_domain="mx.sigma-clermont.fr", now=NOW, envid="reset-42")
+    per_message, first = parts(parts(parse(raw))[1])
+    assert per_message["Original-Envelope-Id"] == "reset-42"
+    assert first["Original-Recipient"] == "rfc822; prenom.nom@sigma-clermont.fr"
+
+
+def test_ret_full_returns_the_message() -> None:
+    raw = build_dsn(
+        reporting_mta="mx", original_sender="no-reply@jobteaser.com", arrival_date=ARRIVED,
+        original_message=ORIGINAL, recipients=[FAILED], from_address="MAILER-DAEMON@mx",
+        message_id_domain="mx", now=NOW, return_full=True)
+    third = parts(parse(raw))[2]
+    assert third.get_content_type() == "message/rfc822"
+    assert b"SECRET" in raw
+    # too big, or 8-bit: the header only, as for RET=HDRS
+    big = ORIGINAL + b"x" * 60_000 + b"\r\n"
+    raw = build_dsn(
+        reporting_mta="mx", original_sender="no-reply@jobteaser.com", arrival_date=ARRIVED,
+        original_message=big, recipients=[FAILED], from_address="MAILER-DAEMON@mx",
+        message_id_domain="mx", now=NOW, return_full=True)
+    assert parts(parse(raw))[2].get_content_type() == "text/rfc822-headers"
+
+
+def test_relayed_report() -> None:
+    relayed = RecipientStatus(final_recipient="jean@gmail.example", action="relayed",
+                              status="2.0.0", last_attempt_date=ATTEMPTED,
+                              remote_mta="mx.gmail.example")
+    message = parse(make(relayed))
+    assert "Relayed" in message["Subject"]
+    assert parts(parts(message)[1])[1]["Action"] == "relayed"

@@ -1,4 +1,4 @@
-"""Property-based: arbitrary command sequences and bytes thrown at a live daemon (issue 7).
+"""Property-based: arbitrary command sequences and bytes thrown at a live daemon.
 
 Whatever a client sends, the daemon never crashes, never hangs past its deadlines, answers
 only with well-formed replies (RFC 5321 4.2: `ddd`, space or hyphen, printable ASCII, CRLF),

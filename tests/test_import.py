@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 from forwarder.addresses import AddressError
 from forwarder.cli import main
+from forwarder.directory import Directory
 from forwarder.importer import parse_import
 from forwarder.redirects import TargetValidator, check_target
 from tests.conftest import DOMAIN
@@ -32,12 +32,14 @@ def forwarder(capsys: pytest.CaptureFixture[str], state_dir: Path,
 
 
 def accounts(state_dir: Path) -> list[tuple[str, str, str | None]]:
-    conn = sqlite3.connect(state_dir / "directory.sqlite3")
+    """(address, state, targets joined by ';' or None), as the directory holds them."""
+    directory = Directory(state_dir / "directory.sqlite3", actor="test")
     try:
-        return conn.execute("SELECT address, state, redirect FROM accounts ORDER BY address"
-                            ).fetchall()
+        return [(row.address, row.state.value,
+                 ";".join(t.target for t in row.targets) or None)
+                for row in directory.accounts()]
     finally:
-        conn.close()
+        directory.close()
 
 
 GOOD = (
@@ -209,3 +211,53 @@ def test_100k_rows_import_quickly(
     elapsed = time.perf_counter() - start
     assert code == 0 and "100000 added" in out
     assert elapsed < 10.0, f"100,000 rows took {elapsed:.1f} s"
+
+
+def test_several_targets_separated_by_semicolons(
+    tmp_path: Path, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = tmp_path / "students.csv"
+    csv.write_text("email,redirect,status\n"
+                   f"marie.curie@{DOMAIN},marie@perso.example; marie@work.example ;,deleted\n")
+    code, out, _ = forwarder(capsys, state_dir, "account", "import", str(csv),
+                             "--no-dns-check", "--json")
+    assert code == 0 and json.loads(out)["notices"] == 2
+    assert accounts(state_dir) == [
+        (f"marie.curie@{DOMAIN}", "deleted", "marie@perso.example;marie@work.example")]
+    # Her owner confirms one; the next term's file keeps it and adds a third: kept by value,
+    # it keeps its state; only the new one is declared (and owes a notice).
+    directory = Directory(state_dir / "directory.sqlite3", actor="test")
+    target = directory.require(f"marie.curie@{DOMAIN}").targets[0]
+    directory.conn.execute("UPDATE targets SET state = 'confirmed' WHERE id = ?", (target.id,))
+    # A French-locale export: ';' between fields, the targets quoted.
+    csv.write_text("email;redirect;status\n"
+                   f'marie.curie@{DOMAIN};"marie@perso.example;marie@work.example;'
+                   'm@third.example";deleted\n')
+    code, out, _ = forwarder(capsys, state_dir, "account", "import", str(csv),
+                             "--no-dns-check", "--json")
+    doc = json.loads(out)
+    assert code == 0 and (doc["changed"], doc["notices"]) == (1, 1)
+    states = [(t.target, t.state.value)
+              for t in directory.require(f"marie.curie@{DOMAIN}").targets]
+    assert states == [("marie@perso.example", "confirmed"), ("marie@work.example", "pending"),
+                      ("m@third.example", "pending")]
+    code, out, _ = forwarder(capsys, state_dir, "account", "import", str(csv),
+                             "--no-dns-check", "--json")
+    assert code == 0 and (json.loads(out)["unchanged"], json.loads(out)["notices"]) == (1, 0)
+    directory.close()
+
+
+@pytest.mark.parametrize(
+    ("cell", "reason"),
+    [
+        (";".join(f"t{i}@perso.example" for i in range(6)), "at most 5"),
+        ("a@perso.example;a@Perso.Example", "given twice"),
+        ("a@perso.example;not-an-address", "redirect 'not-an-address'"),
+    ],
+)
+def test_bad_target_lists(tmp_path: Path, cell: str, reason: str) -> None:
+    csv = tmp_path / "s.csv"
+    csv.write_text(f"email,redirect,status\nx@{DOMAIN},{cell},deleted\n")
+    parsed = parse_import(csv, (DOMAIN,), TargetValidator((DOMAIN,)))
+    assert len(parsed.errors) == 1 and parsed.errors[0][0] == 2
+    assert reason in parsed.errors[0][1]

@@ -1,6 +1,6 @@
-"""Limits over real sockets (issue 7, PRODUCT.md "Limits"): message size, recipients, line
-lengths, address lengths, connection caps, deadlines against idle and drip-feeding clients,
-and pipelining."""
+"""Limits over real sockets (PRODUCT.md "Limits"): message size, recipients, line lengths,
+address lengths, connection caps, deadlines against idle and drip-feeding clients, and
+pipelining."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from forwarder.clock import FakeClock
 from forwarder.config import HostPort, Limits
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
-from forwarder.smtp import ForwarderSMTP
+from forwarder.smtpserver import SmtpProtocol
 from tests.conftest import (
     DOMAIN,
     DaemonFactory,
@@ -80,8 +80,12 @@ async def test_body_over_the_limit_gets_552_after_the_dot_and_nothing_queued(
     assert (await client.reply())[0] == 250
     await client.close()
     assert len(await sink.wait_for(1)) == 1
-    await asyncio.sleep(0.05)
+    # Delivery only takes what is in the queue, and the refused message never got there:
+    # once the queue is empty, the sink has all it will ever get.
+    await until(lambda: queue_messages(d.settings.state_dir) == 0)
     assert len(sink.messages) == 1
+    assert d.metrics.registry.get_sample_value("forwarder_messages_refused_total",
+                                               {"reason": "size"}) == 1
 
 
 def _rss() -> int:
@@ -126,10 +130,7 @@ async def test_recipient_101_gets_452_and_the_first_100_are_delivered(
     assert all(rcpts[p][0] == 250 for p in people[:100])
     assert rcpts[people[100]] == (452, "4.5.3 too many recipients")
     assert data is not None and data[0] == 250
-    deadline = time.monotonic() + 10
-    while {r for m in sink.messages for r in m.rcpt_tos} != set(people[:100]):
-        assert time.monotonic() < deadline, "the 100 accepted recipients were not delivered"
-        await asyncio.sleep(0.02)
+    await until(lambda: {r for m in sink.messages for r in m.rcpt_tos} == set(people[:100]))
 
 
 # --- line lengths --------------------------------------------------------------------
@@ -220,10 +221,7 @@ async def test_connections_per_client_are_capped(start_daemon: DaemonFactory) ->
     assert (await other.reply())[0] == 220
     await clients[0].cmd("QUIT")
     await clients[0].close()
-    for _ in range(100):
-        if d.connections.count("127.0.0.1") < 20:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: d.connections.count("127.0.0.1") < 20)
     again = await RawClient.open(d.port)
     assert (await again.reply())[0] == 220
     for c in [*clients[1:], other, again]:
@@ -266,7 +264,7 @@ async def test_a_finished_session_is_freed_without_the_cycle_collector(
         await until(lambda: len(d.connections) == 0)
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, ForwarderSMTP)]
+        left = [o for o in gc.garbage if isinstance(o, SmtpProtocol)]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
@@ -288,10 +286,8 @@ async def test_500_idle_connections_do_not_stop_a_new_client(
         assert {(await c.reply())[0] for c in opened} == {220}
         idle += opened
     assert len(d.connections) == 500
-    started = time.monotonic()
     _, data = await smtp_send(d.port, "a@sender.example", [GRAD], simple_message())
     assert data is not None and data[0] == 250
-    assert time.monotonic() - started < 2.0
     refused = await RawClient.open(d.port, "127.0.0.100")  # the 502nd: over the total cap
     assert (await refused.reply())[0] == 421
     await refused.close()
@@ -304,9 +300,10 @@ async def test_idle_client_is_disconnected_with_421(start_daemon: DaemonFactory)
     client = await RawClient.open(d.port)
     started = time.monotonic()
     assert (await client.reply())[0] == 220
-    assert await client.reply(timeout=3) == (421, "4.4.2 timeout exceeded, closing connection")
+    assert await client.reply() == (421, "4.4.2 timeout exceeded, closing connection")
     assert await client.closed()
-    assert 0.4 < time.monotonic() - started < 2.0
+    # Not before the deadline (a timer never fires early, so this holds under any load).
+    assert time.monotonic() - started > 0.4
     # The client can see the close before the server's connection_lost has run.
     await until(lambda: len(d.connections) == 0)
 
@@ -319,17 +316,18 @@ async def _drip(client: RawClient, data: bytes, pause: float) -> None:
 
 
 async def test_drip_fed_command_hits_the_command_deadline(start_daemon: DaemonFactory) -> None:
-    """Slowloris: one byte every 0.1 s never resets the deadline for the whole line."""
+    """Slowloris: one byte every 0.1 s never resets the deadline for the whole line. The
+    drip lasts 3 s, the deadline is 0.5 s: had each byte reset it, no reply would come
+    before the drip ended."""
     d = await start_daemon(limits=Limits(command_timeout=0.5))
     client = await RawClient.open(d.port)
     await client.greet()
-    started = time.monotonic()
     dripper = asyncio.create_task(_drip(client, b"MAIL FROM:<slow@sender.example>", 0.1))
     try:
         assert await client.reply() == (421, "4.4.2 timeout exceeded, closing connection")
+        assert not dripper.done(), "the deadline came only once the client stopped sending"
     finally:
         dripper.cancel()
-    assert time.monotonic() - started < 1.5
     assert await client.closed()
     await until(lambda: len(d.connections) == 0)
 
@@ -338,17 +336,20 @@ async def test_drip_fed_data_hits_the_data_deadline(
     start_daemon: DaemonFactory, directory: Directory,
 ) -> None:
     forwarding(directory)
-    d = await start_daemon(limits=Limits(command_timeout=5, data_timeout=1.0))
+    d = await start_daemon(limits=Limits(command_timeout=30, data_timeout=1.0))
     client = await RawClient.open(d.port)
     await client.greet()
     await _start_data(client)
     started = time.monotonic()
-    dripper = asyncio.create_task(_drip(client, b"Subject: slow\r\n" * 10, 0.01))
+    # 600 octets, one every 10 ms: 6 s of drip against a 1 s deadline for the whole body
+    # (and 30 s for a command: only the data deadline can end the session this early).
+    dripper = asyncio.create_task(_drip(client, b"Subject: slow\r\n" * 40, 0.01))
     try:
         assert (await client.reply())[:1] == (421,)
+        assert not dripper.done(), "the deadline came only once the client stopped sending"
     finally:
         dripper.cancel()
-    assert 0.9 < time.monotonic() - started < 2.5
+    assert time.monotonic() - started > 0.9  # not before the data deadline
     assert await client.closed()
     await until(lambda: len(d.connections) == 0)
     assert queue_messages(d.settings.state_dir) == 0
@@ -404,7 +405,7 @@ async def test_a_client_that_floods_commands_without_reading_is_held_back(
 ) -> None:
     """Pipelined NOOPs from a client that never reads the replies: once our replies back up,
     the session stops answering and then stops reading; TCP holds the client back, and
-    the input we hold stays bounded (forwarder/smtp.py `_flow`)."""
+    the input we hold stays bounded (forwarder/smtpserver.py `_flow`)."""
     d = await start_daemon()
     _reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
     chunk = b"NOOP\r\n" * 10_000
@@ -418,8 +419,8 @@ async def test_a_client_that_floods_commands_without_reading_is_held_back(
             break
     assert blocked, "the daemon kept reading a client that does not read"
     (session,) = list(d.connections._sessions)
-    assert isinstance(session, ForwarderSMTP)
-    assert len(session._buf) <= 2 * 65536
+    assert isinstance(session, SmtpProtocol)
+    assert session.session is not None and session.session.buffered <= 2 * 65536
     writer.transport.abort()  # a reset: the daemon need not wait to flush its replies
 
 

@@ -91,7 +91,7 @@ async def test_a_second_daemon_on_a_busy_address_exits_at_once(
     tmp_path: Path, sink: Sink, acceptors: int,
 ) -> None:
     directory = Directory(tmp_path / "first" / "state" / "directory.sqlite3", actor="test")
-    directory.add(GRAD, "jd@perso.example")
+    directory.add(GRAD, ["jd@perso.example"])
     directory.delete(GRAD)
     extra = f"acceptors = {acceptors}\n"
     first = await start(Service(tmp_path / "first",

@@ -3,14 +3,12 @@ in for the graduates' providers, STARTTLS, connection reuse, queue lifetime and 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime
 import email
-import socket
 import sqlite3
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from email.message import Message
 from pathlib import Path
 
@@ -20,31 +18,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from forwarder import log
 from forwarder.clock import FakeClock
 from forwarder.config import DeliverySettings, HostPort
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
-from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send, until
+from tests.conftest import (
+    DOMAIN,
+    DaemonFactory,
+    Sink,
+    free_port,
+    scan_due,
+    simple_message,
+    smtp_send,
+    until,
+)
 from tests.dnsserver import Behaviour, DnsServer
 
 GRAD = f"lea.bernard@{DOMAIN}"
 SENDER = "noreply@jobteaser.test"
-
-
-def free_port(hosts: tuple[str, ...]) -> int:
-    """A port number free on every one of `hosts` (each sink binds its own loopback IP)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((hosts[0], 0))
-            port = probe.getsockname()[1]
-        try:
-            for host in hosts[1:]:
-                with socket.socket() as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no common free port")
 
 
 @dataclasses.dataclass
@@ -79,7 +71,7 @@ async def start(start_daemon: DaemonFactory, world: World, **delivery: float) ->
 
 
 def graduate(directory: Directory, target: str) -> None:
-    directory.add(GRAD, target)
+    directory.add(GRAD, [target])
     directory.delete(GRAD)
 
 
@@ -88,16 +80,30 @@ def queue_rows(d: Daemon) -> list[tuple[str, int]]:
         return conn.execute("SELECT rcpt, attempts FROM recipients").fetchall()
 
 
+def rows_become(d: Daemon, *expected: list[tuple[str, int]]) -> Callable[[], bool]:
+    """For until(): the queue's rows are one of `expected` (fixed when called)."""
+    return lambda: queue_rows(d) in expected
+
+
+def parts(msg: Message) -> list[Message]:
+    """The parts of a multipart message (or of a message/delivery-status: its blocks)."""
+    payload = msg.get_payload()
+    assert isinstance(payload, list)
+    found = [part for part in payload if isinstance(part, Message)]
+    assert len(found) == len(payload)
+    return found
+
+
 def delivery_status(dsn: bytes) -> tuple[Message, list[Message]]:
     """Parse a DSN as RFC 3464: the per-message block and the per-recipient blocks."""
     msg = email.message_from_bytes(dsn)
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
-    human, status, headers = msg.get_payload()  # type: ignore[misc]
+    human, status, headers = parts(msg)
     assert human.get_content_type() == "text/plain"
     assert headers.get_content_type() == "text/rfc822-headers"
     assert status.get_content_type() == "message/delivery-status"
-    blocks = status.get_payload()
+    blocks = parts(status)
     return blocks[0], blocks[1:]
 
 
@@ -182,7 +188,7 @@ async def test_550_from_destination_bounces_once_with_diagnostic(
     assert rcpt["Remote-MTA"] == "dns; mx1.gmail.test"
     assert rcpt["Diagnostic-Code"] == "smtp; 550 5.1.1 The email account does not exist"
     assert "Last-Attempt-Date" in rcpt
-    headers = email.message_from_bytes(dsn.content).get_payload()[2]  # type: ignore[index]
+    headers = parts(email.message_from_bytes(dsn.content))[2]
     assert b"Subject: Reset your password" in headers.as_bytes()
     await until(lambda: queue_rows(d) == [])
     assert len(world.jobteaser.messages) == 1
@@ -202,14 +208,15 @@ async def test_tempfail_past_lifetime_gives_exactly_one_dsn(
         clock.advance(4000)  # past every backoff step; the lifetime ends after ~108 rounds
         if await scan_due(d):
             attempts += 1
-            await until(lambda n=attempts: queue_rows(d) in ([], [("lea@gmail.test", n)]))
+            await until(rows_become(d, [], [("lea@gmail.test", attempts)]))
     (dsn,) = await world.jobteaser.wait_for(1)
     _, (rcpt,) = delivery_status(dsn.content)
     assert rcpt["Action"] == "failed" and rcpt["Status"] == "4.4.7"
     assert rcpt["Diagnostic-Code"] == "smtp; 451 4.7.1 greylisted, try later"
+    # The queue is empty (the DSN was delivered, then removed) and nothing is in flight:
+    # nothing is left that could send another.
     clock.advance(86400)
-    await scan_due(d)
-    await asyncio.sleep(0.1)
+    assert await scan_due(d) == 0 and queue_rows(d) == []
     assert len(world.jobteaser.messages) == 1  # exactly one
 
 
@@ -221,8 +228,9 @@ async def test_null_sender_failure_produces_no_dsn(
     graduate(directory, "gone@gmail.test")
     d = await start(start_daemon, world)
     await smtp_send(d.port, "", [GRAD], simple_message())
+    # A DSN is queued in the same transaction as the failure that causes it: once the
+    # queue is empty, one would have been delivered already.
     await until(lambda: queue_rows(d) == [])
-    await asyncio.sleep(0.2)
     assert world.jobteaser.messages == [] and world.mx1.messages == []
 
 
@@ -238,13 +246,12 @@ async def test_delay_warning_once_when_enabled(
     for n in (2, 3, 4, 5):
         clock.advance(4000)
         await scan_due(d)
-        await until(lambda n=n: queue_rows(d) == [("lea@gmail.test", n)])
-    (dsn,) = await world.jobteaser.wait_for(1)
+        # Only the original's row: every DSN queued so far has been delivered.
+        await until(rows_become(d, [("lea@gmail.test", n)]))
+    (dsn,) = await world.jobteaser.wait_for(1)  # exactly one warning for all those rounds
     _, (rcpt,) = delivery_status(dsn.content)
     assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.2.2"
     assert "Will-Retry-Until" in rcpt
-    await asyncio.sleep(0.1)
-    assert len(world.jobteaser.messages) == 1
 
 
 def self_signed(tmp_path: Path) -> ssl.SSLContext:
@@ -262,6 +269,10 @@ def self_signed(tmp_path: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
     return ctx
+
+
+def tls_failures() -> list[dict[str, object]]:
+    return [p for p in log.recent_problems() if p["event"] == "tls_failed"]
 
 
 @pytest.mark.parametrize("broken", [False, True])
@@ -283,11 +294,18 @@ async def test_opportunistic_starttls(
         world.dns.set_records("gmail.test", "MX", [(10, "mx1.gmail.test.")])
         graduate(directory, "lea@gmail.test")
         d = await start(start_daemon, world)
+        before = len(tls_failures())
         await smtp_send(d.port, SENDER, [GRAD], simple_message())
         (got,) = await tls_sink.wait_for(1)
         # A self-signed certificate is fine (RFC 7435); a failed handshake falls back to
-        # a delivery in clear, as Postfix's "may" level does.
+        # a delivery in clear, as Postfix's "may" level does, and is logged and counted.
         assert got.tls is (not broken)
+        counted = {r: d.metrics.registry.get_sample_value(
+            "forwarder_outbound_tls_total", {"tls": r}) for r in ("encrypted",
+                                                                     "handshake_failed")}
+        assert counted == ({"encrypted": 0, "handshake_failed": 1} if broken
+                           else {"encrypted": 1, "handshake_failed": 0})
+        assert len(tls_failures()) - before == int(broken)
     finally:
         await tls_sink.stop()
 

@@ -10,8 +10,7 @@ from forwarder.daemon import Daemon
 from forwarder.delivery import MailRouter
 from forwarder.directory import Directory
 from forwarder.dns import Destination
-from forwarder.policy import Route
-from forwarder.queue import MAX_CRASHES
+from forwarder.policy import MAX_CRASHES, Route
 from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, smtp_send, until
 
 GRAD = f"jean.dupont@{DOMAIN}"
@@ -34,9 +33,9 @@ def rows(d: Daemon, sql: str) -> list[tuple[object, ...]]:
 async def test_message_that_keeps_crashing_a_worker_is_held(
     start_daemon: DaemonFactory, sink: Sink, directory: Directory, clock: FakeClock
 ) -> None:
-    directory.add(GRAD, "victim@poison.example")
+    directory.add(GRAD, ["victim@poison.example"])
     directory.delete(GRAD)
-    directory.add(f"other@{DOMAIN}", "fine@perso.example")
+    directory.add(f"other@{DOMAIN}", ["fine@perso.example"])
     directory.delete(f"other@{DOMAIN}")
     smarthost = HostPort("127.0.0.1", sink.port)
     d = await start_daemon(smarthost=smarthost, router=BuggyRouter(None, smarthost))
@@ -45,7 +44,10 @@ async def test_message_that_keeps_crashing_a_worker_is_held(
     for n in range(2, MAX_CRASHES + 1):
         clock.advance(300)
         assert await scan_due(d) == 1
-        await until(lambda n=n: rows(d, "SELECT crashes FROM messages") == [(n,)])
+        def charged(n: int = n) -> bool:
+            return rows(d, "SELECT crashes FROM messages") == [(n,)]
+
+        await until(charged)
     assert rows(d, "SELECT held FROM messages") == [(1,)]
     clock.advance(86400)
     assert await scan_due(d) == 0  # held: no longer tried, kept for the admin
@@ -58,7 +60,7 @@ async def test_message_that_keeps_crashing_a_worker_is_held(
 async def test_delivered_message_leaves_no_bytes_behind(
     start_daemon: DaemonFactory, sink: Sink, directory: Directory
 ) -> None:
-    directory.add(GRAD, "jd@perso.example")
+    directory.add(GRAD, ["jd@perso.example"])
     directory.delete(GRAD)
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
     await smtp_send(d.port, "noreply@jobteaser.com", [GRAD, f"postmaster@{DOMAIN}"],

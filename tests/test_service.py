@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.directory import Directory
+from forwarder.targets import TargetState
+from forwarder.tokens import Binding, TokenKind, make_token
 from tests.conftest import DOMAIN, Sink, simple_message, smtp_send
 
 GRAD = f"jean.dupont@{DOMAIN}"
@@ -188,7 +191,7 @@ async def test_sighup_reloads_config_and_refuses_a_broken_one(service: Service) 
 async def test_metrics_scraped_over_http(tmp_path: Path, sink: Sink) -> None:
     svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port))
     directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
-    directory.add(GRAD, "jd@perso.example")
+    directory.add(GRAD, ["jd@perso.example"])
     directory.delete(GRAD)
     await svc.start()
     try:
@@ -199,7 +202,7 @@ async def test_metrics_scraped_over_http(tmp_path: Path, sink: Sink) -> None:
         await smtp_send(svc.port, "noreply@jobteaser.com", [f"nobody@{DOMAIN}"], body)
         await sink.wait_for(1)
         await svc.wait_log("delivery")
-        expected = {
+        expected: Samples = {
             ("forwarder_rcpt_verdicts_total", (("verdict", "forward"),)): 1,
             ("forwarder_rcpt_verdicts_total", (("verdict", "unknown"),)): 1,
             ("forwarder_messages_accepted_total", ()): 1,
@@ -221,7 +224,7 @@ async def test_sigkill_after_250_then_restart_delivers(
     tmp_path: Path, sink: Sink, acceptors: int
 ) -> None:
     directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
-    directory.add(GRAD, "jd@perso.example")
+    directory.add(GRAD, ["jd@perso.example"])
     directory.delete(GRAD)
     sink.handler.hang = True  # the destination takes the message but never answers the dot
     extra = f"acceptors = {acceptors}\n"
@@ -256,7 +259,7 @@ async def test_acceptor_processes_share_the_port_and_are_replaced(
     tmp_path: Path, sink: Sink
 ) -> None:
     directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
-    directory.add(GRAD, "jd@perso.example")
+    directory.add(GRAD, ["jd@perso.example"])
     directory.delete(GRAD)
     svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port, extra="acceptors = 2\n"))
     await svc.start()
@@ -326,7 +329,7 @@ async def test_idle_client_is_cut_off_under_the_production_event_loop(tmp_path: 
 
 async def test_sigterm_during_data_never_loses_a_250(tmp_path: Path, sink: Sink) -> None:
     directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
-    directory.add(GRAD, "jd@perso.example")
+    directory.add(GRAD, ["jd@perso.example"])
     directory.delete(GRAD)
     svc = Service(tmp_path, config_text([DOMAIN], smarthost=sink.port))
     await svc.start()
@@ -364,3 +367,31 @@ async def test_sigterm_during_data_never_loses_a_250(tmp_path: Path, sink: Sink)
             finally:
                 assert await again.close() == 0
         assert b"<slow@jobteaser.test>" in sink.messages[0].content
+
+
+async def test_an_acceptor_process_consumes_confirmations(tmp_path: Path) -> None:
+    """A reply to a notice may reach any accepting process: each applies it itself."""
+    directory = Directory(tmp_path / "state" / "directory.sqlite3", actor="test")
+    directory.add(GRAD, ["jd@perso.example"])
+    directory.delete(GRAD)
+    target = directory.require(GRAD).targets[0]
+    token = make_token(TokenKind.CONFIRM, target.id,
+                       Binding(GRAD, target.target, target.declared_at), time.time() + 86400,
+                       directory.token_secrets()[0])
+    svc = Service(tmp_path, config_text([DOMAIN], extra="acceptors = 1\n"))
+    await svc.start()
+    try:
+        await svc.wait_notify("READY=1")
+        svc.signal(signal.SIGSTOP)  # the main process takes no connection: the acceptor does
+        try:
+            confirm = f"confirm+{token}@{DOMAIN}"
+            rcpts, data = await smtp_send(svc.port, "jd@perso.example", [confirm],
+                                          b"Subject: Re: forwarding\r\n\r\nyes, me\r\n")
+            assert rcpts[confirm][0] == 250 and data is not None and data[0] == 250
+            assert directory.require(GRAD).targets[0].state is TargetState.CONFIRMED
+        finally:
+            svc.signal(signal.SIGCONT)
+    finally:
+        assert await svc.close() == 0
+    (consumed,) = [e for e in svc.logs if e.get("event") == "token_consumed"]
+    assert consumed["state"] == "confirmed" and consumed["client"] == "127.0.0.1"

@@ -16,7 +16,7 @@ JOBTEASER = "noreply@jobteaser.com"
 
 
 def graduate(directory: Directory) -> None:
-    directory.add(GRAD, TARGET)
+    directory.add(GRAD, [TARGET])
     directory.delete(GRAD)
 
 
@@ -124,3 +124,22 @@ async def test_received_header_loop_limit(
     assert data is not None and data[0] == 250
     (got,) = await sink.wait_for(1)
     assert got.content.count(b"Received:") == 51  # 50 + ours
+
+
+async def test_long_sender_keys_are_forgotten_once_their_addresses_expire(
+    start_daemon: DaemonFactory, sink: Sink, directory: Directory, clock: FakeClock
+) -> None:
+    """The key store does not grow for ever: a key outlives its SRS addresses (21 days) by a
+    day, then it is purged, and its address is refused like any expired one."""
+    graduate(directory)
+    d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
+    long_sender = "a.very.long.local.part.for.a.notification.system.x@" \
+                  "notifications.some-career-platform.example"
+    srs_sender = await forward_once(d, sink, sender=long_sender)
+    assert d.return_path is not None
+    clock.advance(21 * 86400)
+    assert await d.return_path.purge_expired() == 0  # still valid today
+    clock.advance(2 * 86400)
+    assert await d.return_path.purge_expired() == 1
+    rcpts, _ = await smtp_send(d.port, "", [srs_sender], b"Subject: bounce\r\n\r\nno\r\n")
+    assert rcpts[srs_sender][0] == 550

@@ -138,41 +138,85 @@ def test_watchdog_interval_checks_our_own_pid_by_default() -> None:
     assert watchdog_interval({**env, "WATCHDOG_PID": str(os.getpid() + 1)}) is None
 
 
-async def test_watchdog_loop_pings_at_half_the_interval(
-    path_socket: tuple[socket.socket, str],
-) -> None:
-    sock, address = path_socket
-    sock.setblocking(False)
-    task = asyncio.create_task(watchdog_loop(Notifier({"NOTIFY_SOCKET": address}), 0.1))
-    await asyncio.sleep(0.22)  # pings at about 0, 0.05, 0.10, 0.15, 0.20
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    pings = 0
+class Sleeps:
+    """A sleep for watchdog_loop that records each duration asked for and ends only when
+    the test says so: the test holds the time, not the wall clock."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+        self._go = asyncio.Semaphore(0)
+        self._asleep = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        self._asleep.set()
+        await self._go.acquire()
+
+    async def asleep(self) -> None:
+        """Wait until the loop is in a sleep."""
+        await asyncio.wait_for(self._asleep.wait(), 10)
+        self._asleep.clear()
+
+    def end_one(self) -> None:
+        self._go.release()
+
+
+def _pending(sock: socket.socket) -> list[bytes]:
+    """The datagrams waiting on a non-blocking socket, now."""
+    got = []
     while True:
         try:
-            assert sock.recv(100) == b"WATCHDOG=1"
+            got.append(sock.recv(100))
         except BlockingIOError:
-            break
-        pings += 1
-    assert 2 <= pings <= 5  # never faster than interval/2
+            return got
+
+
+async def test_watchdog_loop_pings_once_per_half_interval(
+    path_socket: tuple[socket.socket, str],
+) -> None:
+    """A ping, then a sleep of interval/2, then the next ping: never faster, and nothing
+    while a sleep has not ended."""
+    sock, address = path_socket
+    sock.setblocking(False)
+    sleeps = Sleeps()
+    task = asyncio.create_task(
+        watchdog_loop(Notifier({"NOTIFY_SOCKET": address}), 0.1, sleep=sleeps))
+    try:
+        for _ in range(3):
+            await sleeps.asleep()
+            assert _pending(sock) == [b"WATCHDOG=1"]  # exactly one ping per sleep
+            sleeps.end_one()
+        assert sleeps.asked == [0.05, 0.05, 0.05]
+    finally:
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 async def test_watchdog_loop_stops_when_the_loop_is_stuck(
     path_socket: tuple[socket.socket, str],
 ) -> None:
+    """The pings are the event loop's own work: blocked past the moment the next ping was
+    due, as a stuck daemon would be, the loop sends none."""
     sock, address = path_socket
     sock.setblocking(False)
-    task = asyncio.create_task(watchdog_loop(Notifier({"NOTIFY_SOCKET": address}), 0.1))
-    await asyncio.sleep(0)  # first ping
-    # Deliberately block the event loop, as a stuck daemon would: no pings meanwhile.
-    time.sleep(0.3)  # noqa: ASYNC251
+    loop = asyncio.get_running_loop()
+    due: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        due.append(loop.time() + seconds)
+        await asyncio.sleep(seconds)
+
+    task = asyncio.create_task(
+        watchdog_loop(Notifier({"NOTIFY_SOCKET": address}), 0.1, sleep=sleep))
+    await asyncio.sleep(0)  # the task's first step: one ping, then its sleep
+    assert len(due) == 1
+    while loop.time() < due[0] + 0.05:  # deliberately block the event loop
+        time.sleep(0.01)  # noqa: ASYNC251
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert sock.recv(100) == b"WATCHDOG=1"
-    with pytest.raises(BlockingIOError):
-        sock.recv(100)
+    assert _pending(sock) == [b"WATCHDOG=1"]
 
 
 async def test_watchdog_loop_rejects_a_nonpositive_interval() -> None:
@@ -196,7 +240,7 @@ def test_unit_matches_the_daemon_contract() -> None:
     assert "NotifyAccess=main" in lines
     assert "WatchdogSec=30s" in lines
     assert (
-        "ExecStart=/usr/local/bin/forwarder serve --config /etc/forwarder/forwarder.toml"
+        "ExecStart=/usr/bin/forwarder serve --config /etc/forwarder/forwarder.toml"
         " --state-dir /var/lib/forwarder"
     ) in lines
     # Longer than the daemon's 30 s graceful stop, or systemd SIGKILLs sessions in flight.

@@ -1,0 +1,55 @@
+"""The front's one door into the queue: `await intake.accept(message)`.
+
+`accept` returns once the message is committed and fsync'd (the `250` may then be sent)
+and has been passed on to whoever delivers it, or raises `QueueError` (its `no_space`
+tells `452` from `451`). Which of two kinds the front holds is decided once, when the
+process starts (forwarder/daemon.py):
+
+- `DirectIntake`, in the process that delivers (the only process, or the main one): the
+  recipients are leased to this process in the commit itself, and the job goes straight to
+  delivery with the bytes still in memory;
+- `ScannerIntake`, in an acceptor process (forwarder/workers.py): the recipients are left
+  due at once, and the main process is told that work is due; its scanner leases them like
+  any retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from forwarder.queue.facade import Queue
+from forwarder.queue.model import Job, NewMessage
+
+
+class Intake(Protocol):
+    async def accept(self, message: NewMessage) -> str:
+        """Commit, fsync and pass on `message`; return its queue id. Raises QueueError."""
+        ...
+
+
+@dataclass(frozen=True)
+class DirectIntake:
+    """This process delivers: lease in the commit, hand the job to delivery."""
+
+    queue: Queue
+    deliver: Callable[[Job], None]
+
+    async def accept(self, message: NewMessage) -> str:
+        ids = await self.queue.enqueue(message, leased=True)
+        self.deliver(Job.fresh(message, ids))
+        return message.id
+
+
+@dataclass(frozen=True)
+class ScannerIntake:
+    """Another process delivers: leave the rows to its scanner, and wake it."""
+
+    queue: Queue
+    wake: Callable[[], None]
+
+    async def accept(self, message: NewMessage) -> str:
+        await self.queue.enqueue(message, leased=False)
+        self.wake()
+        return message.id

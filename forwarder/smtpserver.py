@@ -1,0 +1,393 @@
+"""The asyncio adapter of the SMTP session: moves bytes, runs the handler, keeps deadlines.
+
+The protocol rules are in forwarder/session.py, which does no I/O. This class only feeds it
+what the socket delivers, acts on its events (calls the handler, starts TLS, closes),
+writes its replies, holds input while the handler works or the client does not read, and
+keeps the session's deadline. Answering as bytes arrive, on asyncio's Protocol interface,
+costs about half the CPU of aiosmtpd's stream-based session (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar, cast
+
+from forwarder import log, replies
+from forwarder.config import Settings
+from forwarder.connections import Connections
+from forwarder.replies import Reply
+from forwarder.session import Session
+from forwarder.smtpevents import (
+    Closing,
+    Handler,
+    Hello,
+    MailFrom,
+    MessageReceived,
+    MessageRefused,
+    RcptTo,
+    SessionInfo,
+    SessionLimits,
+    StartTls,
+    TlsInfo,
+)
+
+LOG = log.get("forwarder.smtp")
+T = TypeVar("T")
+
+# A closed session that will not read our last reply is cut off after this long.
+ABORT_GRACE = 5.0
+# Past this much input held (a command waiting, replies backed up), stop reading.
+_HIGH_WATER = 65536
+
+
+def _stream(transport: object) -> asyncio.Transport | None:
+    """The transport as a stream we can write to and abort. Duck-typed, not isinstance:
+    uvloop's transports implement the interface without deriving from asyncio's classes."""
+    if all(hasattr(transport, name) for name in ("write", "close", "abort")):
+        return cast(asyncio.Transport, transport)
+    return None
+
+
+def session_limits(settings: Settings) -> SessionLimits:
+    limits = settings.limits
+    return SessionLimits(limits.max_message_size, limits.max_line_length,
+                         limits.max_command_line)
+
+
+class Deadline:
+    """One session's deadline. One timer, moved lazily: a timer that fires before the
+    current deadline re-arms itself for what is left, so a command costs a clock read, not
+    a cancelled timer and a new one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, expired: Callable[[], None]) -> None:
+        self.loop = loop
+        self.expired: Callable[[], None] | None = expired
+        self._when = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def move(self, duration: float) -> None:
+        self._when = self.loop.time() + duration
+        timer = self._timer
+        if timer is None or timer.cancelled() or timer.when() > self._when:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(self._when, self._fire)
+
+    def _fire(self) -> None:
+        if self.loop.time() < self._when:  # moved since the timer was set
+            self._timer = self.loop.call_at(self._when, self._fire)
+        elif self.expired is not None:
+            self.expired()
+
+    def cancel(self) -> None:
+        """The session is over; the reference to it is dropped (no cycle to collect)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self.expired = None
+
+
+class SmtpProtocol(asyncio.Protocol, Generic[T]):
+    """One SMTP connection: the session's bytes, events and deadline (module docstring)."""
+
+    def __init__(self, handler: Handler[T], settings: Settings,
+                 connections: Connections) -> None:
+        self.handler = handler
+        self.settings = settings
+        self.connections = connections
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.session: Session[T] | None = None
+        self._client = "unknown"
+        self._admitted = False
+        self._busy = False  # a handler or the handshake is working: input waits
+        self._read_paused = False
+        self._write_paused = False
+        self._task: asyncio.Future[Any] | None = None
+        self._deadline = Deadline(self.loop, self._timed_out)
+
+    # --- connection life --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = _stream(transport)
+        if stream is None:  # not a stream transport: nothing to speak SMTP over
+            return
+        peer = transport.get_extra_info("peername")
+        self._client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        limits = self.settings.limits
+        refusal = self.connections.admit(self, self._client, limits)
+        if refusal is not None:
+            LOG.warning("connection_refused", client=self._client, reply=refusal.code,
+                        reason=refusal.enhanced)
+            stream.write(f"{refusal}\r\n".encode("ascii"))
+            stream.close()
+            return
+        self._admitted = True
+        self.transport = stream
+        self.session = Session(self.settings.hostname, session_limits(self.settings),
+                               SessionInfo(peer, self._client),
+                               self.connections.tls_context is not None)
+        self._deadline.move(limits.command_timeout)
+        self.session.greet()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is None:
+            return
+        self.session.receive(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        """The client closed its side: close ours (a commit in flight still completes)."""
+        return False
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._admitted:
+            self.connections.release(self, self._client)
+        self._deadline.cancel()
+        # A lookup or handshake in flight is abandoned; a queue commit is not (it runs on
+        # its own, held by Connections, and its result is only not sent).
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        # Break the reference cycles (transport, timer, task) so that reference counting
+        # frees the session now rather than the cyclic garbage collector.
+        self.transport = None
+        self.session = None
+        self._task = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._pump()
+
+    # --- the event loop of one session ------------------------------------------------
+
+    def _pump(self) -> None:
+        """Answer every complete command buffered, until one has to wait."""
+        session = self.session
+        transport = self.transport
+        if session is None or transport is None:
+            return
+        while not self._busy and not self._write_paused and not transport.is_closing():
+            if self.connections.closing and session.between_transactions:
+                session.close_with(replies.SHUTTING_DOWN)
+                self._flush()
+                self._close()
+                return
+            event = session.next_event()
+            if event is None:
+                break
+            _DISPATCH[type(event)](self, event)
+        if session.progressed and not self._busy:
+            session.progressed = False
+            limits = self.settings.limits
+            self._deadline.move(limits.data_timeout if session.in_body
+                                else limits.command_timeout)
+        out = session.data_to_send()
+        if out and self.transport is not None:
+            self.transport.write(out)
+        if self._read_paused or session.buffered > _HIGH_WATER:
+            self._flow()
+
+    def _flush(self) -> None:
+        if self.session is not None and self.transport is not None:
+            out = self.session.data_to_send()
+            if out:
+                self.transport.write(out)
+
+    def _flow(self) -> None:
+        """Input waits while a handler works or the client is not reading our replies:
+        past _HIGH_WATER octets of it, stop reading the socket (TCP then holds the client
+        back), so a flood of pipelined commands costs bounded memory."""
+        if self.transport is None or self.session is None:
+            return
+        size = self.session.buffered
+        if not self._read_paused and size > _HIGH_WATER:
+            self._read_paused = True
+            self.transport.pause_reading()
+        elif self._read_paused and size <= _HIGH_WATER // 2:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    # --- events -----------------------------------------------------------------------
+
+    def _on_hello(self, event: Hello) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            if event.lines:
+                lines = self.handler.handle_EHLO(self, session.info, session.envelope,
+                                                 event.hostname, event.lines)
+            else:
+                lines = [self.handler.handle_HELO(self, session.info, session.envelope,
+                                                  event.hostname)]
+        except Exception as error:
+            lines = [self._exception_reply(error)]
+        session.reply_lines(lines)
+
+    def _on_mail(self, event: MailFrom) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            reply = self.handler.handle_MAIL(self, session.info, session.envelope,
+                                             event.address, event.options)
+        except Exception as error:
+            reply = self._exception_reply(error)
+        session.reply(reply)
+
+    def _on_rcpt(self, event: RcptTo) -> None:
+        session = self.session
+        assert session is not None
+        self._wait_for(self.handler.handle_RCPT(self, session.info, session.envelope,
+                                                event.address, event.options))
+
+    def _on_message(self, event: MessageReceived[T]) -> None:
+        session = self.session
+        assert session is not None
+        # A client leaving after the dot must not cancel the queue commit half-way (the
+        # message would sit leased, unannounced to delivery): the task is kept apart.
+        self._wait_for(self.handler.handle_DATA(self, session.info, event.envelope),
+                       keep=True)
+
+    def _on_refused(self, event: MessageRefused) -> None:
+        LOG.info("data_refused", client=self._client, reply=str(event.reply))
+        self.connections.count_refusal(event.reply)
+
+    def _on_starttls(self, event: StartTls) -> None:
+        assert self.transport is not None and self.connections.tls_context is not None
+        self._flush()  # the 220 goes out in clear, before the handshake
+        self._wait_for(self._handshake(self.transport, self.connections.tls_context),
+                       self._tls_started)
+
+    def _on_closing(self, event: Closing) -> None:
+        if event.quit:
+            # The client is leaving: free its slot now, not when the close completes, or a
+            # client that reconnects at once (a new connection per message, at exactly
+            # the per-client cap) would race its own departing session and get 421.
+            self.connections.release(self, self._client)
+        self._flush()
+        self._close()
+
+    def _session(self) -> Session[T]:
+        assert self.session is not None
+        return self.session
+
+    # --- waiting for a handler --------------------------------------------------------
+
+    def _wait_for(self, work: Awaitable[Any],
+                  then: Callable[[Any], None] | None = None, keep: bool = False) -> None:
+        """Run `work` as a task, hold input meanwhile, then pass its result to `then` (by
+        default: the reply). With `keep`, a client leaving does not cancel it."""
+        self._busy = True
+        task = asyncio.ensure_future(work)
+        if keep:
+            self.connections.keep(task)
+        else:
+            self._task = task
+        task.add_done_callback(lambda done: self._done(done, then))
+
+    def _done(self, task: asyncio.Future[Any], then: Callable[[Any], None] | None) -> None:
+        self._task = None
+        self._busy = False
+        session = self.session
+        if session is None or self.transport is None or task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            session.reply(self._exception_reply(error))
+        elif then is not None:
+            then(task.result())
+        else:
+            result = task.result()
+            session.reply(result if isinstance(result, str) else self._bad_reply(result))
+        session.progressed = True
+        self._pump()
+
+    def _exception_reply(self, error: BaseException) -> str:
+        """DESIGN.md habit 4: the handler turns errors into a 451, never an exception text;
+        if even that fails, or gives no text, the answer is still a 451."""
+        try:
+            status = self.handler.exception_reply(error)
+        except Exception:
+            LOG.exception("exception_reply_failed")
+            return str(replies.LOCAL_ERROR)
+        return status if isinstance(status, str) else self._bad_reply(status)
+
+    def _bad_reply(self, value: object) -> str:
+        LOG.error("handler_reply_invalid", type=type(value).__name__)
+        return str(replies.LOCAL_ERROR)
+
+    # --- STARTTLS ---------------------------------------------------------------------
+
+    async def _handshake(self, transport: asyncio.Transport,
+                         context: ssl.SSLContext) -> asyncio.Transport | None:
+        # Plaintext that came with or after the command is dropped here, just before the
+        # TLS layer takes the transport over (synchronously, within start_tls); from then
+        # on, data reaches us only decrypted.
+        self._session().discard_input()
+        try:
+            return await self.loop.start_tls(transport, self, context, server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            LOG.info("tls_failed", client=self._client, error=type(exc).__name__)
+            return None
+
+    def _tls_started(self, transport: asyncio.Transport | None) -> None:
+        if transport is None:  # the handshake failed: nothing more can be said in clear
+            self._close()
+            return
+        self.transport = transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        cipher = ssl_object.cipher() if ssl_object is not None else None
+        self._session().tls_started(TlsInfo(
+            ssl_object.version() if ssl_object is not None else "unknown",
+            cipher[0] if cipher else "unknown"))
+
+    # --- deadlines and closing --------------------------------------------------------
+
+    def _timed_out(self) -> None:
+        """The command or DATA deadline passed (RFC 5321 4.5.3.2): say so and close."""
+        if self.transport is None:
+            return
+        LOG.info("session_timeout", client=self._client,
+                 command=self.session.current if self.session is not None else None)
+        self._say_and_close(replies.TIMEOUT)
+
+    def _say_and_close(self, reply: Reply) -> None:
+        transport = self.transport
+        if transport is None or self.session is None:
+            return
+        self.session.close_with(reply)
+        self._flush()
+        transport.close()
+        # close() waits to flush; a peer that never reads must not keep the socket.
+        self.loop.call_later(ABORT_GRACE, transport.abort)
+
+    def close_if_idle(self) -> None:
+        """Shutdown: a session waiting for a command outside a transaction leaves now."""
+        session = self.session
+        if (session is not None and self.transport is not None and not self._busy
+                and session.between_transactions):
+            self._say_and_close(replies.SHUTTING_DOWN)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+_DISPATCH: dict[type[Any], Callable[[SmtpProtocol[Any], Any], None]] = {
+    Hello: SmtpProtocol._on_hello,
+    MailFrom: SmtpProtocol._on_mail,
+    RcptTo: SmtpProtocol._on_rcpt,
+    MessageReceived: SmtpProtocol._on_message,
+    MessageRefused: SmtpProtocol._on_refused,
+    StartTls: SmtpProtocol._on_starttls,
+    Closing: SmtpProtocol._on_closing,
+}
