@@ -80,6 +80,17 @@ class Limits:
     # RFC 5321 4.5.3.1.4 and 4.5.3.1.6: both lengths include the CRLF.
     max_command_line: int = 512
     max_line_length: int = 1000
+    # Postfix's smtpd_junk_command_limit and smtpd_hard_error_limit; the tarpit's step (the
+    # 11th error's reply waits this long, each later one a step more: policy.tarpit_delay).
+    max_junk_commands: int = 100
+    max_errors: int = 20
+    error_sleep: float = 1.0
+    # A whole session, however busy: then `421 4.4.2` between two transactions.
+    session_timeout: float = 1800.0
+    # A body past this many octets goes to a spool file as it arrives (queue/spool.py).
+    spill_threshold: int = 256 * 1024
+    # Space kept back for the writes that settle mail on a full disk (queue/reserve.py).
+    disk_reserve: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -181,6 +192,14 @@ class RateLimits:
 
 
 @dataclass(frozen=True)
+class HistorySettings:
+    # The delivery history per address (forwarder/history/): how long it is kept, in days
+    # (0: nothing is recorded, and what was is purged); subjects only if the admin says so.
+    retention_days: float = 30.0
+    subjects: bool = False
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: HostPort = field(default_factory=lambda: parse_hostport(DEFAULT_LISTEN))
     # Connections the kernel completes and holds for us until accept() (listen(2)); a
@@ -215,7 +234,11 @@ class Settings:
     checks: CheckSettings = field(default_factory=CheckSettings)
     rspamd: RspamdSettings = field(default_factory=RspamdSettings)
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    history: HistorySettings = field(default_factory=HistorySettings)
     config_file: Path | None = None
+    # Client networks whose errors are not counted across sessions (forwarder/tarpit.py):
+    # the school's own relay, which passes on its senders' mistakes.
+    error_limit_exempt: tuple[str, ...] = ()
     # Inbound STARTTLS (RFC 3207) is offered when both are set (forwarder/session.py).
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -229,6 +252,9 @@ class Settings:
     # system's. `mta_sts = false` ignores published policies (opportunistic TLS only).
     tls_ca_file: Path | None = None
     mta_sts: bool = True
+    # Relays allowed to send Postfix's XFORWARD (the school's MX in front, section 3 of
+    # docs/admin.md): addresses or networks. Empty: nobody (XFORWARD changes audit trails).
+    xforward_hosts: tuple[str, ...] = ()
 
     @property
     def directory_path(self) -> Path:
@@ -266,7 +292,8 @@ _TOP_KEYS = {f.name for f in dataclasses.fields(Settings)} - {"config_file"}
 _SECTIONS: dict[str, type[Any]] = {"limits": Limits, "delivery": DeliverySettings,
                                    "targets": TargetSettings,
                                    "checks": CheckSettings, "rspamd": RspamdSettings,
-                                   "rate_limits": RateLimits}
+                                   "rate_limits": RateLimits,
+                                   "history": HistorySettings}
 DMARC_REJECT_MODES = ("reject", "mark", "off")
 _TOKEN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
 
@@ -298,6 +325,8 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
             problems.append("domains: must be a non-empty list of domain names")
             return None
         return tuple(d.strip().lower().rstrip(".") for d in value)
+    if key in ("error_limit_exempt", "xforward_hosts"):
+        return _networks(key, value, problems)
     if key == "state_dir":
         return Path(str(value))
     if key == "listen_backlog":
@@ -324,6 +353,22 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
     if not isinstance(value, str):
         problems.append(f"{key}: must be a string")
     return value
+
+
+def _networks(key: str, value: Any, problems: list[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.append(f"{key}: must be a list of addresses or networks")
+        return ()
+    for network in value:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            problems.append(f"{key}: {network!r} is not an address or network "
+                            "(e.g. 10.0.0.25/32)")
+            return ()
+    return tuple(value)
 
 
 _OUTBOUND_KEYS = ("tls_cert", "tls_key", "tls_ca_file", "source_address", "source_address6",

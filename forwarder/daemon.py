@@ -12,27 +12,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
-import gc
 import os
 import signal
 import socket
 import ssl
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from forwarder import __version__, log
+from forwarder import __version__, log, sendtest
 from forwarder.checks import Checks
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
 from forwarder.control import STATUS_SOCKET, StatusService
-from forwarder.delivery import Dispatcher, MailRouter, Router
+from forwarder.daemonparts import (
+    StateLockError,
+    check_space,
+    lock_state_dir,
+    mail_router,
+    make_resolver,
+    recover_queue,
+    start_error,
+    sweep_spool,
+    tune_gc,
+)
+from forwarder.delivery import Dispatcher, Router
 from forwarder.directory import SqliteDaemonDirectory
-from forwarder.dns import CachingResolver, MxRouter
+from forwarder.faults import FAULT_FILE, FaultRecord
 from forwarder.front import Accepted, Front
+from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
 from forwarder.metricsserver import MetricsServer, start_metrics_server
 from forwarder.mtasts import MtaSts
@@ -45,6 +54,7 @@ from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
 from forwarder.targetupkeep import TargetUpkeep
+from forwarder.tarpit import ErrorLedger, parse_networks
 from forwarder.workers import (
     Acceptors,
     Inherited,
@@ -57,39 +67,6 @@ from forwarder.workers import (
 LOG = log.get("forwarder.daemon")
 STATUS_INTERVAL = 5.0
 PURGE_INTERVAL = 3600.0
-
-
-class StateLockError(Exception):
-    pass
-
-
-def lock_state_dir(state_dir: Path) -> int:
-    """One daemon per state directory: a second one would deliver the same queue twice."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "forwarder.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StateLockError(f"another forwarder is running on {state_dir}") from None
-    return fd
-
-
-def mail_router(settings: Settings, resolver: CachingResolver | None) -> MailRouter:
-    mx = None if resolver is None else MxRouter(resolver, port=settings.delivery.mx_port)
-    return MailRouter(settings.mailbox_host, settings.smarthost, mx)
-
-
-def make_resolver(settings: Settings, clock: Clock) -> CachingResolver | None:
-    servers = settings.dns_servers
-    try:
-        if servers:
-            return CachingResolver([s.host for s in servers], port=servers[0].port,
-                                   now=clock.now)
-        return CachingResolver(use_system_config=True, now=clock.now)
-    except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
-        LOG.error("dns_unavailable", error=str(exc))
-        return None
 
 
 class Daemon:
@@ -129,12 +106,22 @@ class Daemon:
         self._metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
-        self.queue = Queue(settings.queue_path, settings.busy_timeout)
+        self._stopped = False
+        self.queue = Queue(settings.queue_path, settings.busy_timeout,
+                           reserve=settings.limits.disk_reserve)
+        # The main process's fatal faults, for crash blame at the next start; armed only
+        # by `forwarder serve` (run()), not in a process that embeds the daemon.
+        self.faults = FaultRecord(settings.state_dir / FAULT_FILE)
+        self.record_faults = False
         # Live sessions (caps, shutdown notice) and the STARTTLS context; the caps are
         # counted in a table shared with the acceptors (forwarder/sharedcounts.py).
         counts = (SharedCounts.create(self._processes) if inherited is None
                   else SharedCounts.attach(inherited.counts_fd, inherited.slot))
         self.connections = Connections(metrics=self.metrics, counts=counts)
+        # Recent errors per client address, for the tarpit (forwarder/tarpit.py).
+        # A trusted XFORWARD gateway passes on its clients' mistakes: exempt like the others.
+        self.error_ledger = ErrorLedger(self.clock.now,
+                                        settings.error_limit_exempt + settings.xforward_hosts)
         self.directory: SqliteDaemonDirectory | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
@@ -143,11 +130,13 @@ class Daemon:
                              self.clock.now)
         self.pool = ConnectionPool(settings, self.metrics)
         self.mta_sts = self._mta_sts(settings)
+        # The delivery history per address, in the queue's file (forwarder/history/).
+        self.history = HistoryRecorder(settings.history, self.queue, self.clock, self.metrics)
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
                                      Sender(settings.delivery, self.pool, self.metrics),
                                      self.clock, self.metrics,
                                      envelope_sender=self._envelope_sender,
-                                     mta_sts=self.mta_sts)
+                                     mta_sts=self.mta_sts, history=self.history)
         self.targets = TargetUpkeep(settings, self.queue, self.dispatcher, self.clock, self.metrics)
         # `forwarder status` (forwarder/control.py); only the main process listens.
         self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
@@ -187,23 +176,32 @@ class Daemon:
             self._listener = socket.socket(fileno=self.inherited.listen_fd)
         else:  # the main process owns the state directory, the leases and the socket
             self._lock_fd = lock_state_dir(self.settings.state_dir)
-            try:  # a busy address fails here, before anything else is opened
-                self._listener = bind_listener(self.settings.listen)
-            except StartError:
-                self._unlock()
-                raise
+            # A busy address fails here, before anything else is opened.
+            self._listener = bind_listener(self.settings.listen)
+            # Room for opening the databases and recovering the queue on a full disk (the
+            # reserve is remade once started, or as soon as there is space again:
+            # forwarder/queue/reserve.py).
+            await asyncio.to_thread(self.queue.reserve.release)
         self.return_path = ReturnPath(self.settings.state_dir,
                                       self.settings.effective_srs_domain, self.clock)
         self.directory = await SqliteDaemonDirectory.open(
             self.settings.directory_path, self.settings.busy_timeout)
-        self.connections.tls_context = load_tls_context(self.settings.tls_cert,
-                                                        self.settings.tls_key)
+        try:
+            self.connections.tls_context = load_tls_context(self.settings.tls_cert,
+                                                            self.settings.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise StartError(f"TLS certificate {self.settings.tls_cert} or key "
+                              f"{self.settings.tls_key}: {reason}") from exc
+        if not acceptor:  # the key of send-test's mark, checked where mail is delivered
+            self.history.test_key = sendtest.ensure_key(self.settings.state_dir)
         await self.queue.open()
         if not acceptor:
-            recovered, held = await self.queue.recover(self.clock.now())
-            if recovered or held:
-                LOG.warning("queue_recovered", recipients=recovered, held=held)
+            await recover_queue(self.queue, self.faults, self.clock.now(), self.record_faults)
+            await sweep_spool(self.queue)
         await self._listen(acceptor)
+        await check_space(self.queue, self.front, acceptor)
+        self._spawn(self._space_loop(acceptor), "space")
         # Every process counts the sender domains its checks saw and adds them up in the
         # directory now and then.
         self._spawn(self._report_loop(), "senders")
@@ -230,11 +228,13 @@ class Daemon:
         """Serve SMTP on the socket bound at start (or, in an acceptor, inherited)."""
         # The main process delivers what it accepts; an acceptor leaves it to the main
         # process's scanner (forwarder/queue/intake.py).
-        intake: Intake = (ScannerIntake(self.queue, self._wake_main) if acceptor
-                          else DirectIntake(self.queue, self.dispatcher.submit))
+        journal = self.history.journal
+        intake: Intake = (ScannerIntake(self.queue, self._wake_main, journal) if acceptor
+                          else DirectIntake(self.queue, self.dispatcher.submit, journal))
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, intake, self.clock,
-                           self.return_path, self.metrics, checks=self.checks)
+                           self.return_path, self.metrics, checks=self.checks,
+                           spool=self.queue.spool, history=self.history)
         front = self.front
         loop = asyncio.get_running_loop()
         assert self._listener is not None
@@ -279,11 +279,13 @@ class Daemon:
             LOG.info("metrics_listening", host=where.host, port=self._metrics_server.port)
 
     def _protocol(self, front: Front) -> SmtpProtocol[Accepted]:
-        return SmtpProtocol(front, self.settings, self.connections)
+        return SmtpProtocol(front, self.settings, self.connections, self.error_ledger,
+                            self.queue.spool.open_incoming)
 
     async def _status_loop(self) -> None:
         """Queue depth for metrics and for `systemctl status` (STATUS=); once an hour, the
-        long-sender keys whose SRS addresses have expired are forgotten."""
+        long-sender keys whose SRS addresses have expired are forgotten and the delivery
+        history past its retention is deleted."""
         purged_at = -PURGE_INTERVAL
         while True:
             with contextlib.suppress(Exception):
@@ -293,7 +295,16 @@ class Daemon:
                 purged_at = self.clock.now()
                 with contextlib.suppress(Exception):
                     await self.return_path.purge_expired()
+                with contextlib.suppress(Exception):
+                    await self.history.purge_expired()
+                await sweep_spool(self.queue)
             await asyncio.sleep(STATUS_INTERVAL)
+
+    async def _space_loop(self, acceptor: bool) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            with contextlib.suppress(OSError):
+                await check_space(self.queue, self.front, acceptor)
 
     async def refresh_status(self) -> None:
         stats = await self.queue.stats()
@@ -353,6 +364,7 @@ class Daemon:
 
     def _apply(self, new: Settings) -> None:
         self.settings = new
+        self.error_ledger.exempt = parse_networks(new.error_limit_exempt + new.xforward_hosts)
         if self._fixed_router is None:
             self.resolver = make_resolver(new, self.clock)
             self.router = mail_router(new, self.resolver)
@@ -361,13 +373,20 @@ class Daemon:
         self.dispatcher.set_router(self.router, new)
         self.pool.configure(new)
         self.checks.apply(new, self.resolver)
+        self.history.settings = new.history
         if self.front is not None:
             self.front.settings = new
 
     # --- stop -------------------------------------------------------------------------
 
     async def stop(self, quiet: bool = False) -> None:
-        self.notifier.stopping()
+        """Stop everything that was started (also after a failed start: every thread and
+        the state lock are released, or the process could not exit). Once."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if not quiet:
+            self.notifier.stopping()
         if self._server is not None:
             self._server.close()
         if self._listener is not None:
@@ -400,6 +419,7 @@ class Daemon:
         if self.return_path is not None:
             await self.return_path.close()
         self.connections.counts.close_fd()  # the acceptors are gone; the mapping stays
+        self.faults.disarm()  # a clean stop: no fault to report
         self._unlock()
         if not quiet:
             LOG.info("stopped")
@@ -420,11 +440,13 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await self.start()
-        except BaseException:
-            # Release what was opened (the database threads would keep the process from
-            # exiting); the caller logs the one line that says why.
+        except StateLockError:
+            raise  # nothing was opened
+        except Exception as exc:
             await self.stop(quiet=True)
-            raise
+            if isinstance(exc, StartError):
+                raise
+            raise StartError(start_error(exc, self.settings)) from exc
         try:
             await self._stop.wait()
         finally:
@@ -447,19 +469,6 @@ def describe(daemon: Daemon) -> dict[str, Any]:
     }
 
 
-# Python's cyclic garbage collector runs a young-generation pass every 700 allocations,
-# and under load a message allocates thousands of objects (sessions, futures, tasks), most
-# of them freed by reference counting anyway. Collecting every 20,000 allocations, with
-# the objects of start-up frozen out of every pass, gave +19 % accepted messages a second
-# (docs/performance.md); cyclic garbage just waits a little longer.
-GC_THRESHOLDS = (20_000, 20, 20)
-
-
-def tune_gc() -> None:
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 def run(
     settings: Settings,
     reload_settings: Callable[[], Settings] | None = None,
@@ -478,6 +487,7 @@ def run(
     daemon = Daemon(settings, reload_settings=reload_settings, notifier=notifier,
                     acceptor_argv=None if inherited is not None else acceptor_argv,
                     inherited=inherited)
+    daemon.record_faults = inherited is None
     tune_gc()
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):
@@ -488,9 +498,6 @@ def run(
         runner(daemon.serve_forever())
     except (StateLockError, StartError) as exc:
         LOG.error("start_failed", error=str(exc))
-        return 1
-    except OSError as exc:
-        LOG.error("start_failed", error=f"{exc.strerror or exc}")
         return 1
     finally:
         log.flush()

@@ -67,6 +67,9 @@ _BODY_REFUSALS = {
     replies.BARE_LINE_END: "bare_lf",
     replies.NUL_IN_MESSAGE: "nul",
     replies.TEXT_LINE_TOO_LONG: "line_too_long",
+    # A body written to its spool file as it arrived, and the write failed.
+    replies.QUEUE_FULL: "no_space",
+    replies.QUEUE_UNAVAILABLE: "queue_error",
 }
 # How each outbound SMTP session ended up with TLS (forwarder_outbound_tls_total).
 TLS_RESULTS = ("verified", "encrypted", "clear", "handshake_failed", "policy_failed")
@@ -174,6 +177,18 @@ class Metrics:
         self._rate = Counter(
             "forwarder_rate_limited", "Messages deferred by a rate limit.", ["scope"],
             registry=reg)
+        self._test_deliveries = Counter(
+            "forwarder_test_deliveries",
+            "Delivery attempts of `forwarder send-test` messages, by result (not counted in"
+            " forwarder_deliveries_total).",
+            ["result"],
+            registry=reg,
+        )
+        self._history_errors = Counter(
+            "forwarder_history_write_errors",
+            "Delivery history rows that could not be written (the mail went on).",
+            registry=reg,
+        )
 
     def _build_gauges(self) -> None:
         reg = self.registry
@@ -221,12 +236,15 @@ class Metrics:
             "forwarder_auth_results_total": self._auth,
             "forwarder_spam_checks_total": self._spam,
             "forwarder_rate_limited_total": self._rate,
+            "forwarder_history_write_errors_total": self._history_errors,
         }
 
     def _preinit(self, verdicts: Iterable[str], states: Iterable[str]) -> None:
         for result in DELIVERY_RESULTS:
             for destination in DESTINATION_CLASSES:
                 self._deliveries.labels(result=result, destination=destination)
+        for result in DELIVERY_RESULTS:
+            self._test_deliveries.labels(result=result)
         for verdict in verdicts:
             self._rcpt.labels(verdict=verdict)
         for reason in REFUSAL_REASONS:
@@ -315,7 +333,7 @@ class Metrics:
 
     def body_refused(self, reply: Reply) -> None:
         """The session refused a message after its final dot with `reply` (too big, bare
-        CR or LF, NUL, a text line too long)."""
+        CR or LF, NUL, a text line too long, its spool file unwritable)."""
         reason = _BODY_REFUSALS.get(reply)
         if reason is None:
             raise ValueError(f"no refusal reason for {reply}")
@@ -364,6 +382,14 @@ class Metrics:
             self.delivered(destination, latency_seconds if latency_seconds is not None else 0.0)
         else:
             self._delivery(result.value, destination)
+
+    def test_delivery(self, result: Outcome) -> None:
+        """An attempt at a `forwarder send-test` message: counted apart, so a test to a
+        broken target does not look like mail failing."""
+        self._test_deliveries.labels(result=result.value).inc()
+
+    def history_write_failed(self) -> None:
+        self._history_errors.inc()
 
     def _delivery(self, result: str, destination: str) -> None:
         if result not in DELIVERY_RESULTS:

@@ -139,7 +139,9 @@ class Acceptors:
         assert self.counts.fd is not None
         given = Inherited(theirs.fileno(), self.counts.fd, index + 1)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "forwarder.cli", "serve", *self.argv, *given.argv(),
+            # -P: the working directory is not put on sys.path, so a file there named
+            # like one of our modules is never imported in its place.
+            sys.executable, "-P", "-m", "forwarder.cli", "serve", *self.argv, *given.argv(),
             pass_fds=(given.control_fd, given.counts_fd))
         theirs.close()
         ours.setblocking(False)

@@ -8,6 +8,7 @@
 | `ops.py` | the SQL: insert, record, lease, recover, crash blame applied |
 | `facade.py` | `Queue`, the daemon's handle on all of the above |
 | `intake.py` | the front's one door: `Intake.accept(message)` |
+| `spool.py` | bodies too big for a row: spool files, written as they arrive |
 
 The names below are the package's public face; import them from `forwarder.queue`.
 """
@@ -16,6 +17,7 @@ from forwarder.queue.facade import Queue
 from forwarder.queue.intake import DirectIntake, Intake, ScannerIntake
 from forwarder.queue.model import (
     PLAIN,
+    Body,
     Job,
     MessageFlags,
     NewMessage,
@@ -23,6 +25,8 @@ from forwarder.queue.model import (
     QueueError,
     RecipientJob,
     Result,
+    SpooledBody,
+    body_size,
     new_queue_id,
 )
 from forwarder.queue.schema import QUEUE_SCHEMA_VERSION, open_queue_db
@@ -30,6 +34,7 @@ from forwarder.queue.schema import QUEUE_SCHEMA_VERSION, open_queue_db
 __all__ = [
     "PLAIN",
     "QUEUE_SCHEMA_VERSION",
+    "Body",
     "DirectIntake",
     "Intake",
     "Job",
@@ -41,6 +46,8 @@ __all__ = [
     "RecipientJob",
     "Result",
     "ScannerIntake",
+    "SpooledBody",
+    "body_size",
     "new_queue_id",
     "open_queue_db",
 ]

@@ -16,11 +16,12 @@ process starts (forwarder/daemon.py):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from forwarder.queue.facade import Queue
-from forwarder.queue.model import Job, NewMessage
+from forwarder.queue.model import Job, NewMessage, SpooledBody
+from forwarder.queue.writer import Op
 
 
 class Intake(Protocol):
@@ -29,15 +30,28 @@ class Intake(Protocol):
         ...
 
 
+# What else to write about an accepted message, in the same transaction (the history,
+# forwarder/history/); None: nothing.
+Journal = Callable[[NewMessage], Op | None]
+
+
+def _no_journal(message: NewMessage) -> Op | None:
+    return None
+
+
 @dataclass(frozen=True)
 class DirectIntake:
     """This process delivers: lease in the commit, hand the job to delivery."""
 
     queue: Queue
     deliver: Callable[[Job], None]
+    journal: Journal = _no_journal
 
     async def accept(self, message: NewMessage) -> str:
-        ids = await self.queue.enqueue(message, leased=True)
+        ids = await self.queue.enqueue(message, leased=True, also=self.journal(message))
+        body = message.body
+        if isinstance(body, SpooledBody):  # now under its queue id
+            message = replace(message, body=replace(body, path=self.queue.spool.path(message.id)))
         self.deliver(Job.fresh(message, ids))
         return message.id
 
@@ -48,8 +62,9 @@ class ScannerIntake:
 
     queue: Queue
     wake: Callable[[], None]
+    journal: Journal = _no_journal
 
     async def accept(self, message: NewMessage) -> str:
-        await self.queue.enqueue(message, leased=False)
+        await self.queue.enqueue(message, leased=False, also=self.journal(message))
         self.wake()
         return message.id
