@@ -5,13 +5,17 @@ is bound, the databases are open and the queue recovered. SIGHUP reloads the con
 file and the SRS secrets in place (an invalid file is refused and the old settings stay);
 SIGTERM stops accepting, lets transactions in flight finish within `stop_timeout`, stops
 delivery (an interrupted attempt is simply retried after restart) and exits 0.
+
+Its parts live beside it: daemonparts.py (start-up errors, the state lock, resolver and
+router, the disk space check, the queue's recovery), daemonupkeep.py (the periodic loops
+and the reload itself) and workers.py (`ProcessGroup`: the listening socket, the acceptors
+or the link to the main process, the caps table they share).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
 import socket
@@ -23,7 +27,7 @@ from typing import Any
 from forwarder import __version__, log, sendtest
 from forwarder.checks import Checks
 from forwarder.clock import Clock, SystemClock
-from forwarder.config import ConfigError, HostPort, Settings
+from forwarder.config import HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
 from forwarder.control import STATUS_SOCKET, StatusService
 from forwarder.daemonparts import (
@@ -37,6 +41,8 @@ from forwarder.daemonparts import (
     sweep_spool,
     tune_gc,
 )
+from forwarder.daemonupkeep import reload as reload_daemon
+from forwarder.daemonupkeep import report_loop, space_loop, status_loop
 from forwarder.delivery import Dispatcher, Router
 from forwarder.directory import SqliteDaemonDirectory
 from forwarder.faults import FAULT_FILE, FaultRecord
@@ -49,24 +55,14 @@ from forwarder.policy import needs_srs
 from forwarder.queue import DirectIntake, Intake, Job, Queue, RecipientJob, ScannerIntake
 from forwarder.returnpath import ReturnPath
 from forwarder.senders import SenderTally
-from forwarder.sharedcounts import SharedCounts
 from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
 from forwarder.targetupkeep import TargetUpkeep
-from forwarder.tarpit import ErrorLedger, parse_networks
-from forwarder.workers import (
-    Acceptors,
-    Inherited,
-    MainLink,
-    StartError,
-    bind_listener,
-    listen_error,
-)
+from forwarder.tarpit import ErrorLedger
+from forwarder.workers import Inherited, ProcessGroup, StartError, listen_error
 
 LOG = log.get("forwarder.daemon")
-STATUS_INTERVAL = 5.0
-PURGE_INTERVAL = 3600.0
 
 
 class Daemon:
@@ -82,18 +78,13 @@ class Daemon:
         acceptor_argv: Sequence[str] | None = None,
         inherited: Inherited | None = None,
     ) -> None:
-        multi = acceptor_argv is not None and settings.acceptor_count > 0
-        self._processes = 1 + settings.acceptor_count if multi else 1
         self.settings = settings
         # Several accepting processes (forwarder/workers.py): the main process is given
         # the argv to start acceptors with; an acceptor is given the inherited fds.
-        self.acceptor_argv = acceptor_argv
-        self.inherited = inherited
-        self.acceptors: Acceptors | None = None
-        self.link: MainLink | None = None
-        self._listener: socket.socket | None = None
+        self.group = ProcessGroup(settings.acceptor_count, acceptor_argv, inherited)
+        self.listener: socket.socket | None = None
         self.clock = clock or SystemClock()
-        self._fixed_router = router
+        self.fixed_router = router
         # One resolver (and cache) for MX routing, MTA-STS and the inbound checks.
         self.resolver = make_resolver(settings, self.clock)
         self.router = router or mail_router(settings, self.resolver)
@@ -115,9 +106,7 @@ class Daemon:
         self.record_faults = False
         # Live sessions (caps, shutdown notice) and the STARTTLS context; the caps are
         # counted in a table shared with the acceptors (forwarder/sharedcounts.py).
-        counts = (SharedCounts.create(self._processes) if inherited is None
-                  else SharedCounts.attach(inherited.counts_fd, inherited.slot))
-        self.connections = Connections(metrics=self.metrics, counts=counts)
+        self.connections = Connections(metrics=self.metrics, counts=self.group.counts)
         # Recent errors per client address, for the tarpit (forwarder/tarpit.py).
         # A trusted XFORWARD gateway passes on its clients' mistakes: exempt like the others.
         self.error_ledger = ErrorLedger(self.clock.now,
@@ -170,14 +159,13 @@ class Daemon:
     # --- start ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        acceptor = self.inherited is not None
-        if self.inherited is not None:
-            assert self.inherited.listen_fd is not None  # handed over by Inherited.joined
-            self._listener = socket.socket(fileno=self.inherited.listen_fd)
-        else:  # the main process owns the state directory, the leases and the socket
+        acceptor = self.group.is_acceptor
+        if not acceptor:  # the main process owns the state directory and the leases
             self._lock_fd = lock_state_dir(self.settings.state_dir)
-            # A busy address fails here, before anything else is opened.
-            self._listener = bind_listener(self.settings.listen)
+        # Bound by the main process (a busy address fails here, before anything else is
+        # opened) or handed to an acceptor.
+        self.listener = self.group.listener(self.settings.listen)
+        if not acceptor:
             # Room for opening the databases and recovering the queue on a full disk (the
             # reserve is remade once started, or as soon as there is space again:
             # forwarder/queue/reserve.py).
@@ -201,26 +189,28 @@ class Daemon:
             await sweep_spool(self.queue)
         await self._listen(acceptor)
         await check_space(self.queue, self.front, acceptor)
-        self._spawn(self._space_loop(acceptor), "space")
+        self._spawn(space_loop(self, acceptor), "space")
         # Every process counts the sender domains its checks saw and adds them up in the
         # directory now and then.
-        self._spawn(self._report_loop(), "senders")
+        self._spawn(report_loop(self), "senders")
         if acceptor:
-            self._start_acceptor()
+            link = self.group.join_main(on_lost=self.request_stop)
+            self._spawn(link.report_loop(self.metrics), "report")
             return
         await self._start_metrics()
         await self.targets.start(self.directory)
         self._spawn(self.dispatcher.run(), "dispatcher")
-        self._spawn(self._status_loop(), "status")
+        self._spawn(status_loop(self), "status")
         interval = watchdog_interval()
         if interval is not None and self.notifier.enabled:
             self._spawn(watchdog_loop(self.notifier, interval), "watchdog")
         self.dispatcher.wake()
-        await self._start_acceptors()
+        await self.group.start_acceptors(self.listener, self.dispatcher.wake, self.metrics,
+                                         self.settings.stop_timeout)
         await self.status.start()
         LOG.info("listening", host=self.settings.listen.host, port=self.port,
                  domains=list(self.settings.domains), version=__version__,
-                 acceptors=self.acceptors.count if self.acceptors else 0)
+                 acceptors=self.group.size - 1)
         log.flush()  # the "listening" line is in the journal before systemd hears READY
         self.notifier.ready(f"listening on {self.settings.listen.host}:{self.port}")
 
@@ -229,7 +219,7 @@ class Daemon:
         # The main process delivers what it accepts; an acceptor leaves it to the main
         # process's scanner (forwarder/queue/intake.py).
         journal = self.history.journal
-        intake: Intake = (ScannerIntake(self.queue, self._wake_main, journal) if acceptor
+        intake: Intake = (ScannerIntake(self.queue, self.group.wake_main, journal) if acceptor
                           else DirectIntake(self.queue, self.dispatcher.submit, journal))
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, intake, self.clock,
@@ -237,32 +227,13 @@ class Daemon:
                            spool=self.queue.spool, history=self.history)
         front = self.front
         loop = asyncio.get_running_loop()
-        assert self._listener is not None
+        assert self.listener is not None
         # create_server calls listen() again with its own default of 100 unless told: every
         # process passes the configured backlog, or the last one to start would reset it.
         self._server = await loop.create_server(lambda: self._protocol(front),
-                                                sock=self._listener,
+                                                sock=self.listener,
                                                 backlog=self.settings.listen_backlog)
-        self.port = self._listener.getsockname()[1]
-
-    def _wake_main(self) -> None:
-        if self.link is not None:
-            self.link.wake()
-
-    def _start_acceptor(self) -> None:
-        assert self.inherited is not None
-        self.link = MainLink(self.inherited.control_fd, on_lost=self.request_stop)
-        self.link.start()
-        self._spawn(self.link.report_loop(self.metrics), "report")
-        self.link.ready()
-
-    async def _start_acceptors(self) -> None:
-        if self._processes == 1 or self.acceptor_argv is None or self._listener is None:
-            return
-        self.acceptors = Acceptors(self._processes - 1, self.acceptor_argv, self._listener,
-                                   self.connections.counts, self.dispatcher.wake,
-                                   self.metrics, self.settings.stop_timeout)
-        await self.acceptors.start()
+        self.port = self.listener.getsockname()[1]
 
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
@@ -282,30 +253,6 @@ class Daemon:
         return SmtpProtocol(front, self.settings, self.connections, self.error_ledger,
                             self.queue.spool.open_incoming)
 
-    async def _status_loop(self) -> None:
-        """Queue depth for metrics and for `systemctl status` (STATUS=); once an hour, the
-        long-sender keys whose SRS addresses have expired are forgotten and the delivery
-        history past its retention is deleted."""
-        purged_at = -PURGE_INTERVAL
-        while True:
-            with contextlib.suppress(Exception):
-                await self.refresh_status()
-            self.status.tick()
-            if self.clock.now() - purged_at >= PURGE_INTERVAL and self.return_path is not None:
-                purged_at = self.clock.now()
-                with contextlib.suppress(Exception):
-                    await self.return_path.purge_expired()
-                with contextlib.suppress(Exception):
-                    await self.history.purge_expired()
-                await sweep_spool(self.queue)
-            await asyncio.sleep(STATUS_INTERVAL)
-
-    async def _space_loop(self, acceptor: bool) -> None:
-        while True:
-            await asyncio.sleep(STATUS_INTERVAL)
-            with contextlib.suppress(OSError):
-                await check_space(self.queue, self.front, acceptor)
-
     async def refresh_status(self) -> None:
         stats = await self.queue.stats()
         depth: dict[str, int] = dict(stats["recipients"])
@@ -318,64 +265,14 @@ class Daemon:
             f"messages, {sum(stats['recipients'].values())} recipients, "
             f"{len(self.dispatcher.in_flight)} in delivery")
 
-    async def _report_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.checks.report_interval)
-            await self.flush_senders()
-
     async def flush_senders(self) -> int:
         """Add the sender counts gathered since the last flush to the directory."""
         assert self.directory is not None
         return await self.senders.flush(self.directory.record_senders)
 
-    # --- reload -----------------------------------------------------------------------
-
     def reload(self) -> bool:
         """SIGHUP: re-read the configuration file and the SRS secrets, keep sessions open."""
-        if self.reload_settings is None:
-            return False
-        self.notifier.reloading()
-        if self.acceptors is not None:
-            self.acceptors.signal_all(signal.SIGHUP)  # they re-read the same file
-        try:
-            new = self.reload_settings()
-            assert self.return_path is not None
-            self.return_path.reload(new.effective_srs_domain)
-            if self.front is not None:
-                self.front.reload_token_secrets()
-            self.connections.reload_tls(new)
-        except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
-            LOG.error("reload_refused", error=str(exc))
-            self.notifier.ready("reload refused: configuration invalid, old one kept")
-            return False
-        if (new.listen, new.state_dir) != (self.settings.listen, self.settings.state_dir):
-            LOG.warning("reload_partial", detail="listen and state_dir need a restart")
-            new = dataclasses.replace(new, listen=self.settings.listen,
-                                      state_dir=self.settings.state_dir)
-        if new.listen_backlog != self.settings.listen_backlog and self._listener is not None:
-            # listen() on a listening socket sets its backlog (Linux), for every process
-            # that shares it.
-            self._listener.listen(new.listen_backlog)
-        self._apply(new)
-        self.targets.reload(new)
-        LOG.info("reloaded", domains=list(new.domains))
-        self.notifier.ready("reloaded")
-        return True
-
-    def _apply(self, new: Settings) -> None:
-        self.settings = new
-        self.error_ledger.exempt = parse_networks(new.error_limit_exempt + new.xforward_hosts)
-        if self._fixed_router is None:
-            self.resolver = make_resolver(new, self.clock)
-            self.router = mail_router(new, self.resolver)
-        if self.mta_sts is not None and self.resolver is not None:
-            self.mta_sts.resolver = self.resolver
-        self.dispatcher.set_router(self.router, new)
-        self.pool.configure(new)
-        self.checks.apply(new, self.resolver)
-        self.history.settings = new.history
-        if self.front is not None:
-            self.front.settings = new
+        return reload_daemon(self)
 
     # --- stop -------------------------------------------------------------------------
 
@@ -389,21 +286,18 @@ class Daemon:
             self.notifier.stopping()
         if self._server is not None:
             self._server.close()
-        if self._listener is not None:
-            self._listener.close()
+        if self.listener is not None:
+            self.listener.close()
         # 421 to idle sessions; transactions in flight finish (bounded), here and in each
         # acceptor process at the same time.
         await asyncio.gather(
             self.connections.shutdown(self.settings.stop_timeout),
-            self.acceptors.stop() if self.acceptors is not None else asyncio.sleep(0))
+            self.group.stop_acceptors())
         interrupted = await self.dispatcher.stop(grace=min(5.0, self.settings.stop_timeout))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.targets.stop()
-        if self.link is not None:
-            self.link.report(self.metrics)
-            self.link.close()
         await self.queue.release_leases(interrupted, self.clock.now())
         await self.pool.close()
         if self.mta_sts is not None:
@@ -418,7 +312,7 @@ class Daemon:
             await self.directory.close()
         if self.return_path is not None:
             await self.return_path.close()
-        self.connections.counts.close_fd()  # the acceptors are gone; the mapping stays
+        self.group.close(self.metrics)  # the acceptors are gone
         self.faults.disarm()  # a clean stop: no fault to report
         self._unlock()
         if not quiet:
@@ -457,9 +351,7 @@ class Daemon:
 def describe(daemon: Daemon) -> dict[str, Any]:
     """What the status document says about the process itself (forwarder/control.py)."""
     served = daemon._metrics_server
-    acceptors = [] if daemon.acceptors is None else sorted(
-        child.proc.pid for child in daemon.acceptors.children.values()
-        if child.proc.returncode is None)
+    acceptors = daemon.group.acceptor_pids()
     return {
         "state": "stopping" if daemon._stop.is_set() else "running",
         "listening": {

@@ -274,6 +274,76 @@ class MainLink:
         self.sock.close()
 
 
+class ProcessGroup:
+    """The daemon's processes as one of them sees them: in the main process, the listening
+    socket it binds and the acceptors it starts (if any); in an acceptor, the socket it was
+    handed and its link to the main process; in both, the caps table they share."""
+
+    def __init__(self, acceptors: int, argv: Sequence[str] | None,
+                 inherited: Inherited | None) -> None:
+        self.size = 1 + acceptors if argv is not None and acceptors > 0 else 1
+        self.argv = argv
+        self.inherited = inherited
+        self.counts = (SharedCounts.create(self.size) if inherited is None
+                       else SharedCounts.attach(inherited.counts_fd, inherited.slot))
+        self.acceptors: Acceptors | None = None
+        self.link: MainLink | None = None
+
+    @property
+    def is_acceptor(self) -> bool:
+        return self.inherited is not None
+
+    def listener(self, where: HostPort) -> socket.socket:
+        """The main process binds (a busy address fails here); an acceptor takes the
+        socket it was handed."""
+        if self.inherited is None:
+            return bind_listener(where)
+        assert self.inherited.listen_fd is not None  # handed over by Inherited.joined
+        return socket.socket(fileno=self.inherited.listen_fd)
+
+    def join_main(self, on_lost: Callable[[], None]) -> MainLink:
+        """In an acceptor: the link to the main process, started and reported ready."""
+        assert self.inherited is not None
+        self.link = MainLink(self.inherited.control_fd, on_lost=on_lost)
+        self.link.start()
+        self.link.ready()
+        return self.link
+
+    def wake_main(self) -> None:
+        if self.link is not None:
+            self.link.wake()
+
+    async def start_acceptors(self, listener: socket.socket, on_wake: Callable[[], None],
+                              metrics: Metrics, stop_timeout: float) -> None:
+        if self.size == 1 or self.argv is None:
+            return
+        self.acceptors = Acceptors(self.size - 1, self.argv, listener, self.counts, on_wake,
+                                   metrics, stop_timeout)
+        await self.acceptors.start()
+
+    def signal_acceptors(self, sig: int) -> None:
+        if self.acceptors is not None:
+            self.acceptors.signal_all(sig)
+
+    async def stop_acceptors(self) -> None:
+        if self.acceptors is not None:
+            await self.acceptors.stop()
+
+    def close(self, metrics: Metrics) -> None:
+        """Last at stop: an acceptor's final counters; the caps table's fd (the mapping
+        stays for what may still run)."""
+        if self.link is not None:
+            self.link.report(metrics)
+            self.link.close()
+        self.counts.close_fd()
+
+    def acceptor_pids(self) -> list[int]:
+        if self.acceptors is None:
+            return []
+        return sorted(child.proc.pid for child in self.acceptors.children.values()
+                      if child.proc.returncode is None)
+
+
 def bind_listener(where: HostPort) -> socket.socket:
     """The daemon's one listening socket, bound but not yet listening (asyncio's
     create_server calls listen() with the configured backlog). Bound first thing at
