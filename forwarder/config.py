@@ -202,6 +202,10 @@ class HistorySettings:
 @dataclass(frozen=True)
 class Settings:
     listen: HostPort = field(default_factory=lambda: parse_hostport(DEFAULT_LISTEN))
+    # Connections the kernel completes and holds for us until accept() (listen(2)); a
+    # burst past it loses SYNs, and each costs its client a 1 s retransmission. Postfix
+    # asks for 100; the kernel caps it at net.core.somaxconn (4096 on Linux >= 5.4).
+    listen_backlog: int = 1024
     domains: tuple[str, ...] = (DEFAULT_DOMAIN,)
     hostname: str = field(default_factory=socket.getfqdn)
     state_dir: Path = Path(DEFAULT_STATE_DIR)
@@ -325,6 +329,11 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
         return _networks(key, value, problems)
     if key == "state_dir":
         return Path(str(value))
+    if key == "listen_backlog":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            problems.append("listen_backlog: must be a whole number from 1 to 65535")
+            return 1024
+        return value
     if key in _OUTBOUND_KEYS:
         return _convert_outbound(key, value, problems)
     if key == "acceptors":
