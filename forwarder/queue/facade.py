@@ -39,8 +39,8 @@ class Queue:
         """Operations in the commit under way (for STATUS-like views and tests)."""
         return self._committer.committing
 
-    async def _write(self, op: Op) -> Any:
-        return await self._committer.submit(op)
+    async def _write(self, op: Op, durable: bool = True) -> Any:
+        return await self._committer.submit(op, durable)
 
     async def enqueue(self, message: NewMessage, leased: bool) -> list[int]:
         """Commit and fsync the message; return its recipient ids, leased to this process
@@ -56,8 +56,11 @@ class Queue:
         """Record outcomes and queue the DSNs they cause; `completed`: the messages whose
         attempt ended normally, and in which lane. Return the ids of messages that left the
         queue, and the (leased) recipient ids of each new message."""
+        # An outcome need not be fsync'd on its own (GroupCommitter.submit): lost only if
+        # the machine crashes, it costs a second delivery, which PRODUCT.md allows; a
+        # commit that queues a DSN is a new message, and is.
         done: tuple[list[str], list[list[int]]] = await self._write(
-            ops.record(results, new_messages, completed))
+            ops.record(results, new_messages, completed), durable=bool(new_messages))
         return done
 
     async def crashed(self, job: Job, retry_at: float) -> bool:
@@ -68,7 +71,9 @@ class Queue:
 
     async def lease_due(self, now: float, limit: int, exclude: frozenset[int],
                         lane_free: bool = False) -> list[Job]:
-        jobs: list[Job] = await self._write(ops.lease_due(now, limit, exclude, lane_free))
+        # A lease lost with the machine leaves its recipients due: not fsync'd.
+        jobs: list[Job] = await self._write(ops.lease_due(now, limit, exclude, lane_free),
+                                            durable=False)
         return jobs
 
     async def recover(self, now: float) -> tuple[int, int]:

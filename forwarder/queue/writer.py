@@ -79,15 +79,18 @@ def _is_busy(exc: BaseException) -> bool:
     return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
 
 
-def apply_batch(conn: sqlite3.Connection, ops: Sequence[Op], busy_timeout: float) -> list[Any]:
-    """Run `ops` in one transaction, waiting up to `busy_timeout` for the write lock.
+def apply_batch(conn: sqlite3.Connection, ops: Sequence[Op], busy_timeout: float,
+                durable: bool = True) -> list[Any]:
+    """Run `ops` in one transaction, waiting up to `busy_timeout` for the write lock;
+    fsync'd at commit if `durable` (see `GroupCommitter.submit`).
 
     An acceptor process and the main process write the same queue. SQLite's own busy
     handler sleeps 1, 2, 5, 10, 15, 20, 25 ms between tries: under load the acceptor's
     writer slept most of the time (strace: hundreds of 1-25 ms sleeps in 5 s) while its
     sessions waited for their 250. Polling from 0.1 ms up to 2 ms takes the lock within a
     fraction of a millisecond of its release (docs/performance.md). Only the lock wait
-    changes: the commit is as durable as before (synchronous=FULL)."""
+    changes: a durable commit is as durable as before (synchronous=FULL)."""
+    _set_synchronous(conn, durable)
     deadline = time.monotonic() + busy_timeout
     pause = LOCK_POLL_FIRST
     while True:
@@ -98,6 +101,11 @@ def apply_batch(conn: sqlite3.Connection, ops: Sequence[Op], busy_timeout: float
                 raise
         time.sleep(pause)
         pause = min(pause * 2, LOCK_POLL_MAX)
+
+
+def _set_synchronous(conn: sqlite3.Connection, durable: bool) -> None:
+    # Outside a transaction, as SQLite reads it when the transaction starts.
+    conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
 
 
 def _transaction(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[Any]:
@@ -112,21 +120,31 @@ def _transaction(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[Any]:
     return results
 
 
+# An operation waiting for its commit: the operation, its result, whether it is durable.
+Pending = tuple[Op, "asyncio.Future[Any]", bool]
+
+
 @dataclass
 class GroupCommitter:
     """Collects write operations; commits everything pending in one transaction."""
 
     db: DbThread
-    pending: list[tuple[Op, asyncio.Future[Any]]] = field(default_factory=list)
+    pending: list[Pending] = field(default_factory=list)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     closing: bool = False
     committing: int = 0  # operations in the transaction under way (or waiting for the lock)
 
-    def submit(self, op: Op) -> asyncio.Future[Any]:
+    def submit(self, op: Op, durable: bool = True) -> asyncio.Future[Any]:
+        """Queue `op` for the next commit. `durable`: fsync'd before the future resolves
+        (synchronous=FULL), as a new message must be before its 250. Otherwise the commit
+        is written to the WAL without an fsync (synchronous=NORMAL): it survives a crash of
+        the process, as the kernel holds the write, and is made durable by the next
+        fsync'd commit or checkpoint; only a crash of the machine can lose it. A batch is
+        fsync'd if any of its operations is durable."""
         if self.closing:
             raise QueueError("queue is shutting down")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.pending.append((op, future))
+        self.pending.append((op, future, durable))
         self.wakeup.set()
         return future
 
@@ -139,22 +157,22 @@ class GroupCommitter:
                 del self.pending[:MAX_BATCH]
                 await self._commit(batch)
 
-    async def _commit(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
+    async def _commit(self, batch: list[Pending]) -> None:
         self.committing = len(batch)
         try:
-            results = await self.db.run(apply_batch, [op for op, _ in batch],
-                                        self.db.busy_timeout)
+            results = await self.db.run(apply_batch, [op for op, _, _ in batch],
+                                        self.db.busy_timeout, any(d for _, _, d in batch))
         except Exception as exc:
             if len(batch) == 1:
                 _fail(batch[0][1], exc)
                 return
             # One bad operation must not fail its neighbours: retry each on its own.
-            for op, future in batch:
-                await self._commit([(op, future)])
+            for pending in batch:
+                await self._commit([pending])
             return
         finally:
             self.committing = 0
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
