@@ -3,8 +3,8 @@
 Exit status: 0 success, 1 a refused or failed operation (one line on stderr), 2 bad usage.
 The subcommands live in cli_account.py, cli_targets.py and cli_import.py (directory,
 targets, import), cli_queue.py (queue tools), cli_lookup.py (lookup), cli_ops.py (check,
-srs, token, serve), cli_status.py (status) and cli_report.py (report senders);
-cli_common.py has what they share.
+srs, token, serve), cli_status.py (status), cli_report.py (report senders) and
+cli_history.py (history, send-test); cli_common.py has what they share.
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 
-from forwarder import cli_account, cli_lookup, cli_ops, cli_queue, cli_report, cli_status
+from forwarder import (
+    cli_account,
+    cli_history,
+    cli_lookup,
+    cli_ops,
+    cli_queue,
+    cli_report,
+    cli_status,
+)
 from forwarder.cli_common import CliError, emit, one_line, settings_for
 from forwarder.config import ConfigError
 from forwarder.directory import DirectoryError
@@ -34,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_account.register(sub)
     cli_queue.register(sub)
     cli_report.register(sub)
+    cli_history.register(sub)
     return parser
 
 

@@ -25,7 +25,8 @@ from forwarder.cli_targets import (
     validated_targets,
 )
 from forwarder.config import Settings
-from forwarder.directory import Written
+from forwarder.directory import DirectoryError, Written
+from forwarder.history.store import erase as erase_history
 from forwarder.policy import AccountState
 from forwarder.targets import MAX_TARGETS, TargetState
 
@@ -94,9 +95,22 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     key = address_key(args.address, settings)
     if not args.yes:
         raise CliError(f"{key}: purge erases the account and its history; confirm with --yes")
-    open_directory(settings).purge(key)
-    emit(args, {"purged": key},
-         f"purged {key}: mail to it now gets 550 5.1.1 user unknown")
+    try:
+        open_directory(settings).purge(key)
+    except DirectoryError:
+        # Purged already (on another node, with a shared directory): its delivery history
+        # here is erased all the same, since each node keeps its own.
+        erased = erase_history(settings.queue_path, key, settings.busy_timeout)
+        if not erased:
+            raise
+        emit(args, {"purged": key, "account": False, "history_rows": erased},
+             f"{key}: no account (purged already); its delivery history on this node "
+             f"erased ({erased} rows)")
+        return 0
+    erased = erase_history(settings.queue_path, key, settings.busy_timeout)
+    emit(args, {"purged": key, "account": True, "history_rows": erased},
+         f"purged {key}: mail to it now gets 550 5.1.1 user unknown; its delivery history "
+         f"on this node erased ({erased} rows)")
     return 0
 
 

@@ -119,6 +119,21 @@ def cmd_lookup(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def lookup_summary(address: str, settings: Settings) -> dict[str, Any]:
+    """What mail to `address` gets now, in short (`forwarder history`'s first line)."""
+    verdict, _, _ = _verdict(address, settings)
+    if isinstance(verdict, Refuse):
+        return {"verdict": "deferred" if verdict.reply.is_temporary else "refused",
+                "reason": verdict.reason, "reply": verdict.reply.at(address), "route": None,
+                "target": None, "targets": []}
+    if isinstance(verdict, Consume):
+        return {"verdict": "consumed", "reason": verdict.reason,
+                "reply": str(replies.RCPT_OK), "route": None, "target": None, "targets": []}
+    return {"verdict": "accepted", "reason": verdict.reason, "reply": str(replies.RCPT_OK),
+            "route": verdict.route.value, "target": verdict.target,
+            "targets": list(verdict.targets)}
+
+
 def _lookup_text(doc: dict[str, Any]) -> str:
     lines = [f"{one_line(doc['address'])}: {doc['verdict']} ({doc['reason']})",
              f"reply: {doc['reply']}"]

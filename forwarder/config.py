@@ -181,6 +181,14 @@ class RateLimits:
 
 
 @dataclass(frozen=True)
+class HistorySettings:
+    # The delivery history per address (forwarder/history/): how long it is kept, in days
+    # (0: nothing is recorded, and what was is purged); subjects only if the admin says so.
+    retention_days: float = 30.0
+    subjects: bool = False
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: HostPort = field(default_factory=lambda: parse_hostport(DEFAULT_LISTEN))
     domains: tuple[str, ...] = (DEFAULT_DOMAIN,)
@@ -211,6 +219,7 @@ class Settings:
     checks: CheckSettings = field(default_factory=CheckSettings)
     rspamd: RspamdSettings = field(default_factory=RspamdSettings)
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    history: HistorySettings = field(default_factory=HistorySettings)
     config_file: Path | None = None
     # Inbound STARTTLS (RFC 3207) is offered when both are set (forwarder/session.py).
     tls_cert: Path | None = None
@@ -225,6 +234,9 @@ class Settings:
     # system's. `mta_sts = false` ignores published policies (opportunistic TLS only).
     tls_ca_file: Path | None = None
     mta_sts: bool = True
+    # Relays allowed to send Postfix's XFORWARD (the school's MX in front, section 3 of
+    # docs/admin.md): addresses or networks. Empty: nobody (XFORWARD changes audit trails).
+    xforward_hosts: tuple[str, ...] = ()
 
     @property
     def directory_path(self) -> Path:
@@ -262,7 +274,8 @@ _TOP_KEYS = {f.name for f in dataclasses.fields(Settings)} - {"config_file"}
 _SECTIONS: dict[str, type[Any]] = {"limits": Limits, "delivery": DeliverySettings,
                                    "targets": TargetSettings,
                                    "checks": CheckSettings, "rspamd": RspamdSettings,
-                                   "rate_limits": RateLimits}
+                                   "rate_limits": RateLimits,
+                                   "history": HistorySettings}
 DMARC_REJECT_MODES = ("reject", "mark", "off")
 _TOKEN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
 
@@ -294,6 +307,8 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
             problems.append("domains: must be a non-empty list of domain names")
             return None
         return tuple(d.strip().lower().rstrip(".") for d in value)
+    if key == "xforward_hosts":
+        return _networks(key, value, problems)
     if key == "state_dir":
         return Path(str(value))
     if key in _OUTBOUND_KEYS:
@@ -315,6 +330,22 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
     if not isinstance(value, str):
         problems.append(f"{key}: must be a string")
     return value
+
+
+def _networks(key: str, value: Any, problems: list[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.append(f"{key}: must be a list of addresses or networks")
+        return ()
+    for network in value:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            problems.append(f"{key}: {network!r} is not an address or network "
+                            "(e.g. 10.0.0.25/32)")
+            return ()
+    return tuple(value)
 
 
 _OUTBOUND_KEYS = ("tls_cert", "tls_key", "tls_ca_file", "source_address", "source_address6",

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from forwarder import __version__, log
+from forwarder import __version__, log, sendtest
 from forwarder.checks import Checks
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, HostPort, Settings
@@ -33,6 +33,7 @@ from forwarder.delivery import Dispatcher, MailRouter, Router
 from forwarder.directory import SqliteDaemonDirectory
 from forwarder.dns import CachingResolver, MxRouter
 from forwarder.front import Accepted, Front
+from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
 from forwarder.metricsserver import MetricsServer, start_metrics_server
 from forwarder.mtasts import MtaSts
@@ -149,11 +150,13 @@ class Daemon:
                              self.clock.now)
         self.pool = ConnectionPool(settings, self.metrics)
         self.mta_sts = self._mta_sts(settings)
+        # The delivery history per address, in the queue's file (forwarder/history/).
+        self.history = HistoryRecorder(settings.history, self.queue, self.clock, self.metrics)
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
                                      Sender(settings.delivery, self.pool, self.metrics),
                                      self.clock, self.metrics,
                                      envelope_sender=self._envelope_sender,
-                                     mta_sts=self.mta_sts)
+                                     mta_sts=self.mta_sts, history=self.history)
         self.targets = TargetUpkeep(settings, self.queue, self.dispatcher, self.clock, self.metrics)
         # `forwarder status` (forwarder/control.py); only the main process listens.
         self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
@@ -196,6 +199,8 @@ class Daemon:
             self.settings.directory_path, self.settings.busy_timeout)
         self.connections.tls_context = load_tls_context(self.settings.tls_cert,
                                                         self.settings.tls_key)
+        if not acceptor:  # the key of send-test's mark, checked where mail is delivered
+            self.history.test_key = sendtest.ensure_key(self.settings.state_dir)
         await self.queue.open()
         if not acceptor:
             recovered, held = await self.queue.recover(self.clock.now())
@@ -228,11 +233,13 @@ class Daemon:
         """Bind (or, in an acceptor, take over the inherited socket) and serve SMTP."""
         # The main process delivers what it accepts; an acceptor leaves it to the main
         # process's scanner (forwarder/queue/intake.py).
-        intake: Intake = (ScannerIntake(self.queue, self._wake_main) if acceptor
-                          else DirectIntake(self.queue, self.dispatcher.submit))
+        journal = self.history.journal
+        intake: Intake = (ScannerIntake(self.queue, self._wake_main, journal) if acceptor
+                          else DirectIntake(self.queue, self.dispatcher.submit, journal))
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, intake, self.clock,
-                           self.return_path, self.metrics, checks=self.checks)
+                           self.return_path, self.metrics, checks=self.checks,
+                           history=self.history)
         front = self.front
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
@@ -282,7 +289,8 @@ class Daemon:
 
     async def _status_loop(self) -> None:
         """Queue depth for metrics and for `systemctl status` (STATUS=); once an hour, the
-        long-sender keys whose SRS addresses have expired are forgotten."""
+        long-sender keys whose SRS addresses have expired are forgotten and the delivery
+        history past its retention is deleted."""
         purged_at = -PURGE_INTERVAL
         while True:
             with contextlib.suppress(Exception):
@@ -292,6 +300,8 @@ class Daemon:
                 purged_at = self.clock.now()
                 with contextlib.suppress(Exception):
                     await self.return_path.purge_expired()
+                with contextlib.suppress(Exception):
+                    await self.history.purge_expired()
             await asyncio.sleep(STATUS_INTERVAL)
 
     async def refresh_status(self) -> None:
@@ -357,6 +367,7 @@ class Daemon:
         self.dispatcher.set_router(self.router, new)
         self.pool.configure(new)
         self.checks.apply(new, self.resolver)
+        self.history.settings = new.history
         if self.front is not None:
             self.front.settings = new
 

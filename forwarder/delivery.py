@@ -23,6 +23,8 @@ from forwarder import log
 from forwarder.bounces import Action, make_dsn, should_report
 from forwarder.clock import Clock
 from forwarder.config import Settings
+from forwarder.history.headers import header_section
+from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
 from forwarder.mtasts import MtaSts
 from forwarder.outbound import BodyHolder, Outbound
@@ -66,6 +68,9 @@ class Dispatcher:
     # Told every round's results (forwarder/targetwatch.py: the dead-target rule).
     observe: Callable[[Job, list[Result]], None] | None = None
     mta_sts: MtaSts | None = None
+    # The delivery history (forwarder/history/): attempts written with their outcomes, and
+    # send-test messages told apart.
+    history: HistoryRecorder | None = None
     in_flight: set[int] = field(default_factory=set)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -183,33 +188,58 @@ class Dispatcher:
             attempts = await self.outbound.attempt(job, holder)
             if attempts is None:
                 return  # deleted by an administrator meanwhile
+            head = None
+            if self.history is not None:  # the header, before the holder lets the bytes go
+                body = holder.body
+                head = self._header(job, body if body is not None else
+                                    await self.queue.load_body(job.message_id))
             now = self.clock.now()
             results = [self._result(job, rcpt, attempts[rcpt.id], now)
                        for rcpt in job.recipients]
             dsns = await self._reports(job, holder, results, attempts, now)
         finally:
             holder.drop()
+        also = None if self.history is None or head is None else self.history.attempted(
+            job, head, results, attempts, _bounced(job, results, attempts, dsns))
         # The attempt completed: crash blame is told so (a suspect alone in the lane that
         # got this far did not bring the daemon down).
-        _, new_ids = await self.queue.record(results, dsns, [(job.message_id, job.lane)])
-        if self.observe is not None:
+        _, new_ids = await self.queue.record(results, dsns, [(job.message_id, job.lane)],
+                                             also=also)
+        # A test message's failure is the admin's answer, not evidence against a target.
+        if self.observe is not None and not job.test:
             self.observe(job, results)
         for rcpt, result in zip(job.recipients, results, strict=True):
             self._log(job, rcpt, result, attempts[rcpt.id], now)
             delivered = result.outcome is Outcome.DELIVERED
             latency = now - job.arrived_at if delivered else None
-            self.metrics.delivery_result(result.outcome, rcpt.route.value, latency)
+            if job.test:
+                self.metrics.test_delivery(result.outcome)
+            else:
+                self.metrics.delivery_result(result.outcome, rcpt.route.value, latency)
         for dsn, ids in zip(dsns, new_ids, strict=True):
             LOG.info("bounce_queued", queue_id=dsn.id, orig_queue_id=job.message_id,
                      to=dsn.recipients[0].rcpt, route=dsn.recipients[0].route.value)
             self.submit(Job.fresh(dsn, ids))
+
+    def _header(self, job: Job, body: bytes | None) -> bytes | None:
+        """The header section, for the history and the send-test mark: a copy of the
+        bytes still held (or, when waiting for a slot let go of them, read again), so the
+        body itself goes as before. Marks `job.test`."""
+        if body is None or self.history is None:
+            return None
+        head = header_section(body)
+        job.test = self.history.is_test(job, head)
+        return head
 
     async def _reports(self, job: Job, holder: BodyHolder, results: list[Result],
                        attempts: dict[int, Attempt], now: float) -> list[NewMessage]:
         """The DSNs this round causes, as each recipient's NOTIFY asks (RFC 3461 4.1;
         without NOTIFY: failures and delays): one for failures, one for first delay
         warnings, and one "relayed" for NOTIFY=SUCCESS copies handed to a next hop that
-        does not offer DSN (RFC 3461 5.2.2.1; one that does reports on its own)."""
+        does not offer DSN (RFC 3461 5.2.2.1; one that does reports on its own). None for
+        a test message: `forwarder send-test` reports its outcome itself."""
+        if job.test:
+            return []
         by_id = {r.id: r for r in job.recipients}
         reports: list[tuple[Action, list[tuple[RecipientJob, Result]]]] = [
             (action, [(by_id[r.recipient_id], r) for r in results
@@ -257,3 +287,13 @@ class Dispatcher:
         else:
             LOG.warning("delivery", reason=attempt.text, retry_at=result.retry_at, **fields)
 
+
+def _bounced(job: Job, results: list[Result], attempts: dict[int, Attempt],
+             dsns: list[NewMessage]) -> dict[int, str]:
+    """Recipient id -> the queue id of the DSN that reports its failure (`_reports` puts
+    the failures' DSN first, and makes it when any failure is to be reported)."""
+    if not dsns:
+        return {}
+    by_id = {r.id: r for r in job.recipients}
+    return {r.recipient_id: dsns[0].id for r in results
+            if _reportable("failed", by_id[r.recipient_id], r, attempts)}

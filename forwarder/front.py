@@ -14,6 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import Any
 
 from forwarder import log, replies
 from forwarder.addresses import AddressError, has_control_chars, parse_sender
@@ -23,6 +24,7 @@ from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.directory import DaemonDirectory
 from forwarder.dsnparams import DsnRequest, RecipientDsn, mail_dsn, options_dict, rcpt_dsn
+from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
 from forwarder.policy import (
     Accept,
@@ -112,6 +114,14 @@ def received_header(
         "utf-8" if smtputf8 else "ascii", "replace")
 
 
+def _forwarded_fields(session: SessionInfo) -> dict[str, str]:
+    """For logs: the relay's client as XFORWARD gave it (`orig_client`, `orig_helo`)."""
+    forwarded = session.forwarded
+    if forwarded is None or forwarded.addr is None:
+        return {}
+    return {"orig_client": forwarded.addr, "orig_helo": forwarded.helo or ""}
+
+
 def message_flags(envelope: Envelope[Accepted], content: bytes) -> MessageFlags:
     """What delivery must know about the message: the DSN request, SMTPUTF8, and whether
     it has 8-bit octets (what the body is, not what BODY= said: a client that declares
@@ -138,6 +148,7 @@ class Front:
         return_path: ReturnPath,
         metrics: Metrics,
         checks: Checks | None = None,
+        history: HistoryRecorder | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
@@ -148,6 +159,7 @@ class Front:
         # The notices' token secrets, the first signing (read again on SIGHUP).
         self.token_secrets = directory.token_secrets()
         self.checks = checks
+        self.history = history  # keeps the refusals of our addresses (forwarder/history/)
 
     def reload_token_secrets(self) -> None:
         """SIGHUP: a rotation done with `forwarder token rotate` (raises OSError or
@@ -196,6 +208,8 @@ class Front:
         if isinstance(verdict, Refuse):
             LOG.info("rcpt", client=session.client, to=address, verdict="refused",
                      reason=verdict.reason, reply=verdict.reply.code)
+            if self.history is not None:
+                self.history.refused(address, session.origin, envelope.sender, verdict)
             return verdict.reply.at(address)
         # An accepted recipient is logged once, in the "queued" line (with its route): a
         # line per RCPT as well was a fifth of the logging, itself 10-18 % of the CPU
@@ -300,11 +314,12 @@ class Front:
             if result.decision.reply is not None:
                 LOG.warning("refused", client=session.client, reason=result.decision.reason,
                             reply=result.decision.reply.code, **{"from": envelope.sender},
-                            **result.fields)
+                            **result.fields, **_forwarded_fields(session))
                 self.metrics.message_refused(result.decision.reason)
                 return str(result.decision.reply)
             content, prefix, checked = result.content, result.prefix, result.fields
-        message = self._message(session, envelope, accepted, content, queue_id, now, prefix)
+        message = self._message(session, envelope, accepted, content, queue_id, now, prefix,
+                                checked)
         try:
             await self.intake.accept(message)
         except QueueError as exc:
@@ -317,6 +332,8 @@ class Front:
         # one to say (each field costs on every message: docs/performance.md).
         tls = session.tls
         extra: dict[str, object] = {} if tls is None else {"cipher": tls.cipher}
+        if session.forwarded is not None:
+            extra.update(_forwarded_fields(session))
         if message.flags is not PLAIN:
             extra.update(body="8BITMIME" if message.flags.eight_bit else "7BIT",
                          smtputf8=message.flags.smtputf8)
@@ -350,13 +367,16 @@ class Front:
                      kind=use.kind.value, account=result.account, target=result.target,
                      state=None if result.after is None else result.after.value,
                      ignored=result.ignored)
+            if self.history is not None:
+                self.history.replied(use, result, session.origin, sender)
         return None
     def _inbound(self, session: SessionInfo, envelope: Envelope[Accepted],
                  accepted: list[Accepted], queue_id: str) -> Inbound:
         """The message as the inbound checks see it, for the recipients it is queued for
         (a confirm+ or refuse+ one has been consumed already)."""
         assert envelope.content is not None
-        return Inbound(queue_id, session.client, session.host_name or "", envelope.sender,
+        # Behind a trusted relay that sent XFORWARD, its client is the one judged.
+        return Inbound(queue_id, session.origin, session.origin_helo, envelope.sender,
                        [a.orig_rcpt for a in accepted],
                        all(isinstance(a.verdict, Accept) and a.verdict.route is Route.POSTMASTER
                            for a in accepted),
@@ -365,6 +385,7 @@ class Front:
     def _message(
         self, session: SessionInfo, envelope: Envelope[Accepted], accepted: list[Accepted],
         content: bytes, queue_id: str, now: float, prefix: bytes = b"",
+        checked: dict[str, Any] | None = None,
     ) -> NewMessage:
         seen: set[tuple[str, str]] = set()
         recipients: list[NewRecipient] = []
@@ -383,9 +404,10 @@ class Front:
                                  envelope.smtp_utf8)
         # The checks' fields (Authentication-Results, X-Spam-*) go on top, above our trace
         # field (RFC 8601 5: at the top of the header section).
+        # The checks' verdicts go to the delivery history too (forwarder/history/).
         return NewMessage(queue_id, envelope.sender, now, session.client,
                           prefix + header + content, tuple(recipients),
-                          message_flags(envelope, content))
+                          message_flags(envelope, content), checked or {})
 
     def exception_reply(self, error: BaseException) -> str:
         LOG.error("session_error", error=type(error).__name__, exc_info=error)

@@ -174,6 +174,18 @@ class Metrics:
         self._rate = Counter(
             "forwarder_rate_limited", "Messages deferred by a rate limit.", ["scope"],
             registry=reg)
+        self._test_deliveries = Counter(
+            "forwarder_test_deliveries",
+            "Delivery attempts of `forwarder send-test` messages, by result (not counted in"
+            " forwarder_deliveries_total).",
+            ["result"],
+            registry=reg,
+        )
+        self._history_errors = Counter(
+            "forwarder_history_write_errors",
+            "Delivery history rows that could not be written (the mail went on).",
+            registry=reg,
+        )
 
     def _build_gauges(self) -> None:
         reg = self.registry
@@ -221,12 +233,15 @@ class Metrics:
             "forwarder_auth_results_total": self._auth,
             "forwarder_spam_checks_total": self._spam,
             "forwarder_rate_limited_total": self._rate,
+            "forwarder_history_write_errors_total": self._history_errors,
         }
 
     def _preinit(self, verdicts: Iterable[str], states: Iterable[str]) -> None:
         for result in DELIVERY_RESULTS:
             for destination in DESTINATION_CLASSES:
                 self._deliveries.labels(result=result, destination=destination)
+        for result in DELIVERY_RESULTS:
+            self._test_deliveries.labels(result=result)
         for verdict in verdicts:
             self._rcpt.labels(verdict=verdict)
         for reason in REFUSAL_REASONS:
@@ -364,6 +379,14 @@ class Metrics:
             self.delivered(destination, latency_seconds if latency_seconds is not None else 0.0)
         else:
             self._delivery(result.value, destination)
+
+    def test_delivery(self, result: Outcome) -> None:
+        """An attempt at a `forwarder send-test` message: counted apart, so a test to a
+        broken target does not look like mail failing."""
+        self._test_deliveries.labels(result=result.value).inc()
+
+    def history_write_failed(self) -> None:
+        self._history_errors.inc()
 
     def _delivery(self, result: str, destination: str) -> None:
         if result not in DELIVERY_RESULTS:

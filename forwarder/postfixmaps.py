@@ -57,5 +57,8 @@ def postfix_maps(domains: tuple[str, ...], srs_domain: str, next_hop: str,
             f"regexp:{table_dir}/{TRANSPORT_FILE}",
             f"relay_recipient_maps = hash:{table_dir}/relay_recipients, "
             f"regexp:{table_dir}/{RECIPIENTS_FILE}",
+            # Tell the forwarder who the gateway's client was (its XFORWARD, for the
+            # inbound checks); sent only to servers that offer it to this client.
+            "smtp_send_xforward_command = yes",
         ],
     )

@@ -136,6 +136,13 @@ DSN_BAD_NOTIFY = Reply(501, "5.5.4",
                        "Error: NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
 DSN_BAD_ORCPT = Reply(501, "5.5.4", "Error: ORCPT must be addr-type;xtext")
 RSET_SYNTAX = Reply(501, "5.5.4", "Syntax: RSET")
+# XFORWARD (Postfix's XFORWARD_README, "Server reply codes"; forwarder/xforward.py).
+XFORWARD_OK = Reply(250, "2.0.0", "Ok")
+XFORWARD_DENIED = Reply(550, "5.7.0", "Error: insufficient authorization")
+XFORWARD_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+XFORWARD_SYNTAX = Reply(501, "5.5.4", "Syntax: XFORWARD attribute=value...")
+XFORWARD_BAD_ATTRIBUTE = Reply(501, "5.5.4", "Bad XFORWARD attribute name")
+XFORWARD_BAD_VALUE = Reply(501, "5.5.4", "Bad XFORWARD attribute value")
 QUIT_SYNTAX = Reply(501, "5.5.4", "Syntax: QUIT")
 STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
 VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY <address>")

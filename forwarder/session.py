@@ -26,7 +26,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from forwarder import replies
+from forwarder import replies, xforward
 from forwarder.replies import Reply
 from forwarder.smtpbody import TOO_LONG, BodyReader, CommandLines
 from forwarder.smtpevents import (
@@ -121,6 +121,8 @@ class Session(Generic[T]):
 
     def reply(self, status: str) -> None:
         """The handler's answer to the event just returned (a reply line)."""
+        if self._current == "DATA":  # it has judged the message: XFORWARD's time is over
+            self.info.forwarded = None
         self._out += render_reply(status, self._current not in _NO_ENHANCED)
 
     def reply_lines(self, statuses: list[str]) -> None:
@@ -156,7 +158,8 @@ class Session(Generic[T]):
     def tls_started(self, tls: TlsInfo) -> None:
         """RFC 3207 4.2: forget everything learnt before TLS."""
         self._tls = True
-        self.info = SessionInfo(self.info.peer, self.info.client, tls=tls)
+        self.info = SessionInfo(self.info.peer, self.info.client, tls=tls,
+                                xforward_allowed=self.info.xforward_allowed)
         self.envelope = Envelope()
 
     # --- parsing ------------------------------------------------------------------------
@@ -221,6 +224,7 @@ class Session(Generic[T]):
         envelope, self.envelope = self.envelope, Envelope()
         self._current = "DATA"
         if isinstance(body, Reply):
+            self.info.forwarded = None  # XFORWARD holds for one transaction
             self.say(body)
             return MessageRefused(body)
         envelope.content = body
@@ -244,20 +248,15 @@ class Session(Generic[T]):
         return Hello(hostname, [])
 
     def smtp_EHLO(self, hostname: str | None) -> Event[T] | None:
-        """RFC 5321 4.1.1.1 and the extensions we implement (no AUTH; PIPELINING, which is
-        safe because commands are answered in order): DSN (RFC 3461), SMTPUTF8 (RFC 6531)."""
         if not hostname:
             self.say(replies.BAD_ARGUMENT)
             return None
         self.envelope = Envelope()  # RFC 5321 4.1.4: EHLO resets
         self.info.extended_smtp = True
         self._hello = hostname
-        keywords = ["PIPELINING", f"SIZE {self.limits.max_message_size}", *_EXTENSIONS]
-        if self.tls_offered and not self._tls:
-            keywords.append("STARTTLS")
-        lines = [f"250-{self.hostname}"] + [f"250-{k}" for k in keywords[:-1]]
-        lines.append(f"250 {keywords[-1]}")
-        return Hello(hostname, lines)
+        return Hello(hostname, _ehlo_lines(self.hostname, self.limits,
+                                           self.tls_offered and not self._tls,
+                                           self.info.xforward_allowed))
 
     def smtp_MAIL(self, arg: str | None) -> Event[T] | None:
         """MAIL FROM (RFC 5321 4.1.1.2); parameters: smtpsyntax.mail_parameters_fault."""
@@ -323,6 +322,7 @@ class Session(Generic[T]):
             self.say(replies.RSET_SYNTAX)
             return None
         self.envelope = Envelope()
+        self.info.forwarded = None
         self.say(replies.OK)
         return None
 
@@ -369,6 +369,39 @@ class Session(Generic[T]):
         return None
 
 
+def _ehlo_lines(hostname: str, limits: SessionLimits, starttls: bool,
+                xforward_allowed: bool) -> list[str]:
+    """EHLO's reply (RFC 5321 4.1.1.1) with the extensions we implement (no AUTH;
+    PIPELINING, which is safe because commands are answered in order; DSN, RFC 3461;
+    SMTPUTF8, RFC 6531); STARTTLS until TLS is on (RFC 3207), XFORWARD to a trusted relay."""
+    keywords = ["PIPELINING", f"SIZE {limits.max_message_size}", *_EXTENSIONS]
+    if starttls:
+        keywords.append("STARTTLS")
+    if xforward_allowed:
+        keywords.append(xforward.EHLO_KEYWORD)
+    lines = [f"250-{hostname}"] + [f"250-{k}" for k in keywords[:-1]]
+    lines.append(f"250 {keywords[-1]}")
+    return lines
+
+
+def _xforward(session: Session[Any], arg: str | None) -> Event[Any] | None:
+    """Postfix's XFORWARD (forwarder/xforward.py): only from a trusted relay, never inside
+    a transaction; refused attributes leave the earlier ones as they were."""
+    info = session.info
+    if not info.xforward_allowed:
+        return session._refuse(replies.XFORWARD_DENIED)
+    if session.envelope.mail_from is not None:
+        session.say(replies.XFORWARD_IN_TRANSACTION)
+        return None
+    forwarded = xforward.update(info.forwarded, arg)
+    if isinstance(forwarded, Reply):
+        session.say(forwarded)
+    else:
+        info.forwarded = forwarded
+        session.say(replies.XFORWARD_OK)
+    return None
+
+
 def _options(params: dict[str, str | bool]) -> list[str]:
     """Parameters back in aiosmtpd's form for the handler: `KEY=VALUE` or `KEY`."""
     return [key if value is True else f"{key}={value}" for key, value in params.items()]
@@ -376,4 +409,4 @@ def _options(params: dict[str, str | bool]) -> list[str]:
 
 _COMMANDS: dict[str, Callable[[Session[Any], str | None], Event[Any] | None]] = {
     name[5:]: method for name, method in vars(Session).items() if name.startswith("smtp_")
-}
+} | {"XFORWARD": _xforward}

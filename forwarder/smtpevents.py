@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeAlias, TypeVar
 
 from forwarder.replies import Reply
+from forwarder.xforward import Forwarded
 
 T = TypeVar("T")
 
@@ -44,6 +45,28 @@ class SessionInfo:
     host_name: str | None = None  # the HELO/EHLO argument, once accepted
     extended_smtp: bool = False  # EHLO rather than HELO
     tls: TlsInfo | None = None
+    # XFORWARD: whether this client may send it (a trusted relay), and what it said for
+    # the current transaction (forwarder/xforward.py).
+    xforward_allowed: bool = False
+    forwarded: Forwarded | None = None
+
+    @property
+    def origin(self) -> str:
+        """The address the mail came from: the relay's client when it said (XFORWARD),
+        else ours. The inbound checks and the rate limits judge this one."""
+        forwarded = self.forwarded
+        if forwarded is not None and forwarded.addr is not None:
+            return forwarded.addr
+        return self.client
+
+    @property
+    def origin_helo(self) -> str:
+        """The HELO name that goes with `origin` (never the relay's with its client's
+        address: XFORWARD_README, note 4)."""
+        forwarded = self.forwarded
+        if forwarded is not None and forwarded.addr is not None:
+            return forwarded.helo or ""
+        return self.host_name or ""
 
 
 @dataclass(slots=True)

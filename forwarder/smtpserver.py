@@ -32,6 +32,7 @@ from forwarder.smtpevents import (
     StartTls,
     TlsInfo,
 )
+from forwarder.xforward import trusted
 
 LOG = log.get("forwarder.smtp")
 T = TypeVar("T")
@@ -127,7 +128,8 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         self._admitted = True
         self.transport = stream
         self.session = Session(self.settings.hostname, session_limits(self.settings),
-                               SessionInfo(peer, self._client),
+                               SessionInfo(peer, self._client, xforward_allowed=trusted(
+                                   self._client, self.settings.xforward_hosts)),
                                self.connections.tls_context is not None)
         self._deadline.move(limits.command_timeout)
         self.session.greet()

@@ -259,7 +259,8 @@ def test_check_reports_every_problem(run: Run, state_dir: Path, tmp_path: Path) 
 
 def test_check_reports_the_inbound_checks_settings(run: Run, tmp_path: Path) -> None:
     config = tmp_path / "checks.toml"
-    config.write_text('[checks]\nenabled = "yes"\ndmarc_reject = "bounce"\nthreads = 0\n'
+    config.write_text('xforward_hosts = ["10.0.0.10", "gateway"]\n'
+                      '[checks]\nenabled = "yes"\ndmarc_reject = "bounce"\nthreads = 0\n'
                       'authserv_id = "a; dkim=pass"\ndeadline = 0\n'
                       '[rspamd]\nurl = "ftp://rspamd"\nfail_open = 1\n'
                       '[rate_limits]\nexempt = ["10.0.0.0/8", "gateway"]\nburst = 3\n')
@@ -273,10 +274,12 @@ def test_check_reports_the_inbound_checks_settings(run: Run, tmp_path: Path) -> 
                      "[rspamd] url: must be an http:// or https:// URL",
                      "[rspamd] fail_open: must be true or false",
                      "[rate_limits] exempt: 'gateway' is not an address or network",
+                     "xforward_hosts: 'gateway' is not an address or network",
                      "[rate_limits] unknown key 'burst'"):
         assert expected in text, expected
     good = tmp_path / "good.toml"
-    good.write_text('[checks]\nenabled = true\ndmarc_reject = "mark"\n'
+    good.write_text('xforward_hosts = ["10.0.0.10/32", "2001:db8::10"]\n'
+                    '[checks]\nenabled = true\ndmarc_reject = "mark"\n'
                     '[rspamd]\nurl = "http://10.0.0.30:11333"\n'
                     '[rate_limits]\nexempt = ["10.0.0.25/32"]\nclient_per_minute = 0\n')
     run("srs", "rotate")

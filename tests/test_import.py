@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -196,9 +195,11 @@ async def test_dns_check_once_per_domain_and_errors_per_line(
     assert len(accounts(state_dir)) == 40
 
 
-def test_100k_rows_import_quickly(
+def test_100k_rows_import_whole_and_again_unchanged(
     tmp_path: Path, state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A school-sized file, all of it, then the same file again changes nothing. How fast
+    is measured by bench/import_cost.py (docs/performance.md), not here."""
     domains = ["gmail.example", "outlook.example", "orange.example"] + [
         f"d{i}.example" for i in range(300)]
     lines = ["email,redirect,status"] + [
@@ -206,11 +207,11 @@ def test_100k_rows_import_quickly(
         f"{'active' if i % 3 == 0 else 'deleted'}" for i in range(100_000)]
     csv = tmp_path / "students.csv"
     csv.write_text("\r\n".join(lines) + "\r\n")
-    start = time.perf_counter()
     code, out, _ = forwarder(capsys, state_dir, "account", "import", str(csv), "--no-dns-check")
-    elapsed = time.perf_counter() - start
     assert code == 0 and "100000 added" in out
-    assert elapsed < 10.0, f"100,000 rows took {elapsed:.1f} s"
+    assert len(accounts(state_dir)) == 100_000
+    code, out, _ = forwarder(capsys, state_dir, "account", "import", str(csv), "--no-dns-check")
+    assert code == 0 and "0 added" in out, out
 
 
 def test_several_targets_separated_by_semicolons(

@@ -13,6 +13,7 @@ needs root (its daemons run as the `postfix` user) and Debian's postfix package.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
@@ -24,11 +25,12 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from forwarder.config import HostPort
+from forwarder.config import CheckSettings, HostPort
 from forwarder.daemon import Daemon
 from forwarder.directory import Directory
 from forwarder.postfixmaps import RECIPIENTS_FILE, TRANSPORT_FILE, postfix_maps
 from tests.conftest import DOMAIN, DaemonFactory, Sink, until
+from tests.dnsserver import DnsServer
 
 POSTFIX = "/usr/sbin/postfix"
 GRAD = f"prenom.nom@{DOMAIN}"
@@ -76,8 +78,10 @@ async def run(*argv: str) -> None:
 class Gateway:
     """A private Postfix in `root` relaying our domain to the forwarder at `forwarder`."""
 
-    def __init__(self, root: Path, forwarder: int, accounts: dict[str, bool]) -> None:
+    def __init__(self, root: Path, forwarder: int, accounts: dict[str, bool],
+                 main_cf: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.main_cf = main_cf  # more main.cf lines
         self.conf = root / "conf"
         self.port = free_loopback_port()
         self.forwarder = forwarder
@@ -112,6 +116,7 @@ class Gateway:
             "unverified_recipient_reject_code = 550",
             # Test speed only: smtpd polls the verify service every 3 s by default.
             "address_verify_poll_delay = 1s",
+            *self.main_cf,
         ]) + "\n")
 
     async def start(self) -> None:
@@ -129,19 +134,15 @@ class Gateway:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-@pytest.fixture
-async def chain(start_daemon: DaemonFactory, sink: Sink,
-                directory: Directory) -> AsyncIterator[tuple[Gateway, Daemon]]:
-    directory.add(GRAD, ["lea@gmail.test"])
-    directory.delete(GRAD)
-    d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
+@contextlib.asynccontextmanager
+async def gateway_in_front(d: Daemon, main_cf: tuple[str, ...] = ()) -> AsyncIterator[Gateway]:
     # Not pytest's tmp_path: Postfix's daemons run as `postfix` and must reach the files.
     root = Path(tempfile.mkdtemp(prefix="forwarder-postfix-", dir="/tmp"))
     os.chmod(root, 0o755)
-    gateway = Gateway(root, d.port, {GRAD: True, f"eleve.actif@{DOMAIN}": False})
+    gateway = Gateway(root, d.port, {GRAD: True, f"eleve.actif@{DOMAIN}": False}, main_cf)
     try:
         await gateway.start()
-        yield gateway, d
+        yield gateway
     finally:
         try:
             await gateway.stop()
@@ -149,11 +150,22 @@ async def chain(start_daemon: DaemonFactory, sink: Sink,
             shutil.rmtree(root, ignore_errors=True)
 
 
-async def through_gateway(gateway: Gateway, sender: str, rcpt: str,
-                          body: bytes) -> tuple[int, str]:
-    """One message to the gateway; the first refusal or the reply to DATA."""
+@pytest.fixture
+async def chain(start_daemon: DaemonFactory, sink: Sink,
+                directory: Directory) -> AsyncIterator[tuple[Gateway, Daemon]]:
+    directory.add(GRAD, ["lea@gmail.test"])
+    directory.delete(GRAD)
+    d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
+    async with gateway_in_front(d) as gateway:
+        yield gateway, d
+
+
+async def through_gateway(gateway: Gateway, sender: str, rcpt: str, body: bytes,
+                          source: str = "127.0.0.1") -> tuple[int, str]:
+    """One message to the gateway from `source`; the first refusal or the reply to DATA."""
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gateway.port, start_tls=False,
-                             local_hostname="mx.provider.test", timeout=30)
+                             local_hostname="mx.provider.test", timeout=30,
+                             source_address=(source, 0))
     await client.connect()
     try:
         await client.ehlo()
@@ -203,3 +215,35 @@ async def test_forged_srs_address_is_refused_at_the_gateway(
     await until(lambda: "status=undeliverable" in gateway.log() or "550" in gateway.log(),
                 timeout=10)
     assert sink.messages == []
+
+
+RELAYED = "relayed.example"  # its SPF names only the Internet client, not the gateway
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("trusted", "spf"), [(True, "pass"), (False, "fail")])
+async def test_the_gateway_tells_the_checks_who_its_client_was(
+    start_daemon: DaemonFactory, sink: Sink, directory: Directory, trusted: bool, spf: str,
+) -> None:
+    """docs/admin.md section 3: with `smtp_send_xforward_command = yes` at the gateway (one
+    of the lines `forwarder check` prints) and its address in `xforward_hosts`, SPF is
+    checked against the Internet client (127.0.0.9 here) and its HELO, not the gateway;
+    untrusted, XFORWARD is not offered and SPF sees the gateway (and fails, as it does for
+    every relayed message without XFORWARD)."""
+    directory.add(GRAD, ["lea@gmail.test"])
+    directory.delete(GRAD)
+    async with DnsServer() as zone:
+        zone.set_records(RELAYED, "TXT", ['"v=spf1 ip4:127.0.0.9 -all"'])
+        d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port),
+                               dns_servers=(HostPort("127.0.0.1", zone.port),),
+                               checks=CheckSettings(enabled=True, dmarc_reject="mark"),
+                               xforward_hosts=("127.0.0.1/32",) if trusted else ())
+        async with gateway_in_front(d) as gateway:
+            body = f"From: <news@{RELAYED}>\r\nSubject: hello\r\n\r\nhi\r\n".encode()
+            code, text = await through_gateway(gateway, f"news@{RELAYED}", GRAD, body,
+                                               source="127.0.0.9")
+            assert code == 250, (text, gateway.log())
+            (got,) = await sink.wait_for(1, timeout=30)
+    assert f"spf={spf} smtp.mailfrom=news@{RELAYED}".encode() in got.content
+    # Our own trace field still names the hop we spoke to: the gateway.
+    assert b"Received: from gateway.sigma-clermont.test ([127.0.0.1])" in got.content

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,25 +43,39 @@ class Queue:
     async def _write(self, op: Op, durable: bool = True) -> Any:
         return await self._committer.submit(op, durable)
 
-    async def enqueue(self, message: NewMessage, leased: bool) -> list[int]:
+    def write_soon(self, op: Op) -> asyncio.Future[Any]:
+        """Run `op` in the next group commit, without waiting for it: for writes that ride
+        along with the queue's own (the history's RCPT refusals). Raises QueueError while
+        the queue shuts down. Not fsync'd on its own (GroupCommitter.submit)."""
+        return self._committer.submit(op, durable=False)
+
+    async def write(self, op: Op) -> Any:
+        """Run `op` in a group commit and return its result (the history's retention);
+        not fsync'd on its own."""
+        return await self._committer.submit(op, durable=False)
+
+    async def enqueue(self, message: NewMessage, leased: bool, also: Op | None = None) -> list[int]:
         """Commit and fsync the message; return its recipient ids, leased to this process
         (which delivers them from memory) or, if not `leased`, due at once for the
-        scanner. Raises QueueError."""
-        ids: list[int] = await self._write(ops.insert_message(message, leased))
+        scanner. `also` runs in the same transaction, just before (the history: no fsync of
+        its own). Raises QueueError."""
+        ids: list[int] = await self._write(_with(also, ops.insert_message(message, leased)))
         return ids
 
     async def record(
         self, results: Sequence[Result], new_messages: Sequence[NewMessage] = (),
-        completed: Sequence[tuple[str, Lane]] = (),
+        completed: Sequence[tuple[str, Lane]] = (), also: Op | None = None,
     ) -> tuple[list[str], list[list[int]]]:
         """Record outcomes and queue the DSNs they cause; `completed`: the messages whose
-        attempt ended normally, and in which lane. Return the ids of messages that left the
-        queue, and the (leased) recipient ids of each new message."""
+        attempt ended normally, and in which lane; `also`, as for `enqueue`. Return the
+        ids of messages that left the queue, and the (leased) recipient ids of each new
+        message."""
         # An outcome need not be fsync'd on its own (GroupCommitter.submit): lost only if
         # the machine crashes, it costs a second delivery, which PRODUCT.md allows; a
         # commit that queues a DSN is a new message, and is.
         done: tuple[list[str], list[list[int]]] = await self._write(
-            ops.record(results, new_messages, completed), durable=bool(new_messages))
+            _with(also, ops.record(results, new_messages, completed)),
+            durable=bool(new_messages))
         return done
 
     async def crashed(self, job: Job, retry_at: float) -> bool:
@@ -92,3 +107,16 @@ class Queue:
 
     async def stats(self) -> dict[str, Any]:
         return await self._reader_db.run(ops.stats)
+
+
+def _with(also: Op | None, op: Op) -> Op:
+    """`also`, then `op`, in the same transaction; the result is `op`'s. First, so that
+    `also` still sees the rows `op` may delete (the history reads the message's)."""
+    if also is None:
+        return op
+
+    def both(conn: sqlite3.Connection) -> Any:
+        also(conn)
+        return op(conn)
+
+    return both

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from forwarder.queue.facade import Queue
 from forwarder.queue.model import Job, NewMessage
+from forwarder.queue.writer import Op
 
 
 class Intake(Protocol):
@@ -29,15 +30,25 @@ class Intake(Protocol):
         ...
 
 
+# What else to write about an accepted message, in the same transaction (the history,
+# forwarder/history/); None: nothing.
+Journal = Callable[[NewMessage], Op | None]
+
+
+def _no_journal(message: NewMessage) -> Op | None:
+    return None
+
+
 @dataclass(frozen=True)
 class DirectIntake:
     """This process delivers: lease in the commit, hand the job to delivery."""
 
     queue: Queue
     deliver: Callable[[Job], None]
+    journal: Journal = _no_journal
 
     async def accept(self, message: NewMessage) -> str:
-        ids = await self.queue.enqueue(message, leased=True)
+        ids = await self.queue.enqueue(message, leased=True, also=self.journal(message))
         self.deliver(Job.fresh(message, ids))
         return message.id
 
@@ -48,8 +59,9 @@ class ScannerIntake:
 
     queue: Queue
     wake: Callable[[], None]
+    journal: Journal = _no_journal
 
     async def accept(self, message: NewMessage) -> str:
-        await self.queue.enqueue(message, leased=False)
+        await self.queue.enqueue(message, leased=False, also=self.journal(message))
         self.wake()
         return message.id

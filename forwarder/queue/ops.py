@@ -132,7 +132,7 @@ def _finished_messages(conn: sqlite3.Connection, ids: Iterable[str]) -> list[str
 
 _DUE_COLUMNS = ("SELECT r.id, r.message_id, r.orig_rcpt, r.rcpt, r.route, r.attempts,"
                 " r.warned, r.notify, r.orcpt, m.sender, m.arrived_at, m.ret, m.envid,"
-                " m.smtputf8, m.eight_bit, m.size"
+                " m.smtputf8, m.eight_bit, m.size, m.client"
                 " FROM recipients r JOIN messages m ON m.id = r.message_id")
 
 
@@ -176,14 +176,14 @@ def _lease_rows(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], now: 
                 lease: int) -> list[Job]:
     jobs: dict[str, Job] = {}
     for (rid, mid, orig, rcpt, route, attempts, warned, notify, orcpt, sender, arrived,
-         ret, envid, smtputf8, eight_bit, size) in rows:
+         ret, envid, smtputf8, eight_bit, size, client) in rows:
         conn.execute("UPDATE recipients SET leased = ?, next_attempt = ? WHERE id = ?",
                      (lease, now + LEASE_SECONDS, rid))
         job = jobs.get(mid)
         if job is None:
             flags = MessageFlags(DsnRequest(ret, envid), bool(smtputf8), bool(eight_bit))
             job = jobs[mid] = Job(mid, sender, arrived, [], isolated=lease == ISOLATED,
-                                  flags=flags, size=size)
+                                  flags=flags, size=size, client=client)
         job.recipients.append(RecipientJob(rid, orig, rcpt, Route(route), attempts,
                                            bool(warned), RecipientDsn(notify, orcpt)))
     return list(jobs.values())

@@ -64,6 +64,67 @@ SCHEMA = (
     ALTER TABLE recipients ADD COLUMN notify TEXT;
     ALTER TABLE recipients ADD COLUMN orcpt TEXT;
     """,
+    # v6: the delivery history per address (forwarder/history/), kept beside the queue so
+    # that its rows are written in the queue's own transactions (no fsync of its own): a
+    # row per delivery attempt, appended with the record of its outcome (the message's
+    # facts repeated, so a message delivered at once costs one row); the checks at receipt
+    # of a message, when there are any; the refusals at RCPT of our accounts. No bodies;
+    # the subject only if configured; our notices to targets, with their kind, and the
+    # replies to their confirm+ and refuse+ addresses. Rows leave in `id` order
+    # (retention). No index by address: its random inserts dirtied a page per message in
+    # every commit (10 us a message, bench/history_cost.py), while a help desk's read scans
+    # in well under a second.
+    """
+    CREATE TABLE history (
+        id           INTEGER PRIMARY KEY,
+        received_at  REAL NOT NULL,
+        queue_id     TEXT NOT NULL,
+        address      TEXT NOT NULL,      -- our address the client named (directory key)
+        target       TEXT NOT NULL,
+        route        TEXT NOT NULL,
+        client       TEXT NOT NULL,
+        sender       TEXT NOT NULL,      -- '' is the null sender
+        from_domain  TEXT,
+        message_id   TEXT,
+        subject      TEXT,
+        notice       TEXT,               -- our notice to a target: 'confirm' or 'failing'
+        size         INTEGER NOT NULL,
+        test         INTEGER NOT NULL,   -- a forwarder send-test message
+        at           REAL NOT NULL,      -- the attempt
+        relay        TEXT,
+        tls          TEXT,               -- the TLS version ('TLSv1.3'), '' in clear
+        reply        TEXT,               -- RFC 3464 diagnostic: 'smtp; 250 ...', 'x-local; ...'
+        outcome      TEXT NOT NULL,      -- delivered, deferred, failed
+        next_attempt REAL,
+        dsn_id       TEXT                -- the DSN that reported a failure
+    );
+    CREATE TABLE history_checks (
+        received_at REAL NOT NULL,
+        queue_id    TEXT NOT NULL,
+        checks      TEXT NOT NULL,       -- JSON object: verdicts at receipt
+        PRIMARY KEY (received_at, queue_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE history_refusals (
+        id      INTEGER PRIMARY KEY,
+        at      REAL NOT NULL,
+        address TEXT NOT NULL,
+        client  TEXT NOT NULL,
+        sender  TEXT NOT NULL,
+        reply   TEXT NOT NULL
+    );
+    CREATE INDEX history_refusals_address ON history_refusals (address, at);
+    CREATE TABLE history_replies (
+        id      INTEGER PRIMARY KEY,
+        at      REAL NOT NULL,
+        address TEXT NOT NULL,           -- the account the notice was about
+        target  TEXT NOT NULL,
+        kind    TEXT NOT NULL,           -- confirm, refuse (the address written to)
+        client  TEXT NOT NULL,
+        sender  TEXT NOT NULL,
+        result  TEXT NOT NULL            -- the target's state after, or why it was ignored
+    );
+    CREATE INDEX history_replies_address ON history_replies (address, at);
+    """,
 )
 QUEUE_SCHEMA_VERSION = len(SCHEMA)
 
