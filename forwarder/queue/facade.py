@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 from forwarder.policy import Lane
 from forwarder.queue import ops
 from forwarder.queue.model import Job, NewMessage, Result
-from forwarder.queue.writer import DbThread, GroupCommitter, Op
+from forwarder.queue.writer import DbThread, GroupCommitter, Op, checkpoints
 
 
 class Queue:
@@ -21,19 +22,28 @@ class Queue:
         self.path = path
         self._writer_db = DbThread(path, busy_timeout, "queue-writer", polls_locks=True)
         self._reader_db = DbThread(path, busy_timeout, "queue-reader")
+        self._checkpoint_db = DbThread(path, busy_timeout, "queue-checkpoint")
         self._committer = GroupCommitter(self._writer_db)
         self._task: asyncio.Task[None] | None = None
+        self._checkpoints: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         await self._writer_db.run(lambda conn: None)  # create and migrate first
         self._task = asyncio.create_task(self._committer.run(), name="queue-writer")
+        self._checkpoints = asyncio.create_task(
+            checkpoints(self._checkpoint_db, self._committer), name="queue-checkpoint")
 
     async def close(self) -> None:
         self._committer.close()
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
         if self._task is not None:
             await self._task
         await self._writer_db.close()
         await self._reader_db.close()
+        await self._checkpoint_db.close()
 
     @property
     def committing(self) -> int:

@@ -11,6 +11,7 @@ between the event loop and the database thread, not one per statement.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,13 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH = 512
+# The WAL is copied into the database (checkpointed) by a thread of its own, this often
+# while commits come in, not by the commit that crosses SQLite's 1000-page threshold: that
+# commit's messages waited for the checkpoint's writes and two fsyncs before their 250
+# (docs/performance.md, "The edges"). SQLite's own checkpoint stays as a backstop, far
+# higher, in case the checkpoint thread falls behind.
+CHECKPOINT_INTERVAL = 0.2
+BACKSTOP_PAGES = 20_000
 # Waiting for another process's write lock: first and longest pause between two tries.
 LOCK_POLL_FIRST = 0.0001
 LOCK_POLL_MAX = 0.002
@@ -54,6 +62,7 @@ class DbThread:
             self._conn = open_queue_db(self._path, self.busy_timeout)
             if self._polls_locks:  # apply_batch waits for the lock itself
                 self._conn.execute("PRAGMA busy_timeout = 0")
+                self._conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
         return self._conn
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -133,6 +142,7 @@ class GroupCommitter:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     closing: bool = False
     committing: int = 0  # operations in the transaction under way (or waiting for the lock)
+    commits: int = 0  # transactions committed so far
 
     def submit(self, op: Op, durable: bool = True) -> asyncio.Future[Any]:
         """Queue `op` for the next commit. `durable`: fsync'd before the future resolves
@@ -172,6 +182,7 @@ class GroupCommitter:
             return
         finally:
             self.committing = 0
+        self.commits += 1
         for (_, future, _), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
@@ -179,6 +190,24 @@ class GroupCommitter:
     def close(self) -> None:
         self.closing = True
         self.wakeup.set()
+
+
+async def checkpoints(db: DbThread, committer: GroupCommitter) -> None:
+    """Checkpoint the WAL on `db` (a connection of its own) every CHECKPOINT_INTERVAL
+    while commits come in. PASSIVE: it copies what no reader still needs and never waits
+    for a lock, so neither the writers nor the readers of any process wait for it."""
+    seen = committer.commits
+    while not committer.closing:
+        await asyncio.sleep(CHECKPOINT_INTERVAL)
+        if committer.commits != seen:
+            seen = committer.commits
+            # On an error, the next one or SQLite's backstop catches up.
+            with contextlib.suppress(sqlite3.Error):
+                await db.run(_checkpoint)
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _fail(future: asyncio.Future[Any], exc: Exception) -> None:
