@@ -84,8 +84,10 @@ class DbThread:
 
 
 def _is_busy(exc: BaseException) -> bool:
+    """A lock another connection holds, or a race on the WAL's shared index that SQLite
+    gave up retrying (SQLITE_PROTOCOL): both pass, so both are waited out."""
     code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_PROTOCOL)
 
 
 def apply_batch(conn: sqlite3.Connection, ops: Sequence[Op], busy_timeout: float,
@@ -99,11 +101,11 @@ def apply_batch(conn: sqlite3.Connection, ops: Sequence[Op], busy_timeout: float
     sessions waited for their 250. Polling from 0.1 ms up to 2 ms takes the lock within a
     fraction of a millisecond of its release (docs/performance.md). Only the lock wait
     changes: a durable commit is as durable as before (synchronous=FULL)."""
-    _set_synchronous(conn, durable)
     deadline = time.monotonic() + busy_timeout
     pause = LOCK_POLL_FIRST
     while True:
         try:
+            _set_synchronous(conn, durable)
             return _transaction(conn, ops)
         except sqlite3.OperationalError as exc:
             if not _is_busy(exc) or time.monotonic() >= deadline:
@@ -212,6 +214,8 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
 
 def _fail(future: asyncio.Future[Any], exc: Exception) -> None:
     if not future.done():
-        error = QueueError(f"queue commit failed: {type(exc).__name__}", is_no_space(exc))
+        code = getattr(exc, "sqlite_errorname", None)
+        error = QueueError(f"queue commit failed: {type(exc).__name__}"
+                           + (f" {code}: {exc}" if code else ""), is_no_space(exc))
         error.__cause__ = exc
         future.set_exception(error)
