@@ -18,7 +18,15 @@ was lost or held. Everything stays on 127.0.0.1.
 
     .venv/bin/python bench/crash_test.py                         # 3000 messages, 20 kills
     .venv/bin/python bench/crash_test.py --messages 300 --kills 4  # the CI form (pytest)
-    .venv/bin/python bench/crash_test.py --messages 300 --at 150,152,154,156  # a burst
+    .venv/bin/python bench/crash_test.py --messages 300 --burst 4  # a burst, by events
+
+A burst is driven by events, not counts: once `--burst-after` messages got their 250, the
+next message the sink sees (the victim) is held mid-DATA, and the daemon is killed while
+it is delivering it; after each restart, the daemon is killed again the moment the victim
+reaches the sink again (or the moment it is held in the queue, if the daemon holds it:
+then it will never come back). So every kill lands while the victim is in delivery, alone
+in the suspect lane if the daemon suspects it: before a kill from outside was known to be
+nobody's fault, that held it every time, at the third kill.
 """
 
 from __future__ import annotations
@@ -52,14 +60,25 @@ MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>", re.MULTILINE | re.IGNORECASE
 
 @dataclass
 class SinkHandler:
-    """Counts deliveries by Message-ID."""
+    """Counts deliveries by Message-ID; in a burst, holds the victim's DATA unanswered."""
 
     seen: Counter[str] = field(default_factory=Counter)
+    hunting: bool = False  # the next message seen becomes the victim
+    victim: str | None = None
+    victim_here: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         match = MESSAGE_ID.search(envelope.original_content)
-        if match:
-            self.seen[match[1].decode()] += 1
+        msgid = match[1].decode() if match else None
+        if self.hunting and msgid is not None and not self.released.is_set():
+            self.victim = self.victim or msgid
+            if msgid == self.victim:
+                self.victim_here.set()
+                await self.released.wait()  # the daemon is killed meanwhile
+                return "421 4.3.0 try again"
+        if msgid is not None:
+            self.seen[msgid] += 1
         return "250 2.0.0 stored"
 
 
@@ -74,6 +93,7 @@ class Run:
     refused: int = 0  # connection refused while the daemon was down
     failed: int = 0  # any other failure: no 250
     kills: int = 0
+    victim_held: bool = False
     proc: subprocess.Popen[bytes] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -174,6 +194,53 @@ async def killer(run: Run, config: Path, rng: random.Random) -> None:
         await start_daemon(run, config)
 
 
+async def burst(run: Run, config: Path, handler: SinkHandler) -> None:
+    """`--burst` kills, each the moment the victim is being delivered (module docstring)."""
+    while len(run.accepted) < run.args.burst_after:
+        await asyncio.sleep(0.002)
+    handler.hunting = True
+    try:
+        for _ in range(run.args.burst):
+            if not await _victim_in_delivery(run, handler):
+                run.victim_held = True
+                return
+            # Cleared before the kill, not after the restart: the restarted daemon may
+            # bring the victim back before this loop comes round again.
+            handler.victim_here.clear()
+            assert run.proc is not None
+            run.proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(run.proc.wait)
+            run.kills += 1
+            await start_daemon(run, config)
+    finally:
+        handler.released.set()
+
+
+async def _victim_in_delivery(run: Run, handler: SinkHandler) -> bool:
+    """Wait until the victim is at the sink (True), or held in the queue (False)."""
+    state = run.work / "state"
+    deadline = time.monotonic() + 60
+    while not handler.victim_here.is_set():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the victim {handler.victim} neither came back nor was held")
+        if handler.victim is not None and await asyncio.to_thread(
+                held_message, state, handler.victim):
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(handler.victim_here.wait(), 0.2)
+    return True
+
+
+def held_message(state: Path, msgid: str) -> bool:
+    """Whether the message with this Message-ID is held in the queue."""
+    conn = sqlite3.connect(state / "queue.sqlite3")
+    try:
+        rows = conn.execute("SELECT body FROM messages WHERE held = 1").fetchall()
+    finally:
+        conn.close()
+    return any(f"<{msgid}>".encode() in bytes(body) for (body,) in rows)
+
+
 def held_messages(state: Path) -> int:
     conn = sqlite3.connect(state / "queue.sqlite3")
     try:
@@ -200,7 +267,8 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rng = random.Random(args.seed)
     try:
         await start_daemon(run, config)
-        kill_task = asyncio.create_task(killer(run, config, rng))
+        kill_task = asyncio.create_task(burst(run, config, handler) if args.burst
+                                        else killer(run, config, rng))
         await asyncio.gather(*(client(run, n) for n in range(args.clients)))
         await kill_task
         await drain(run, handler, args.drain_timeout)
@@ -217,6 +285,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "duplicated": sum(1 for m in run.accepted if handler.seen[m] > 1),
         "unacknowledged_delivered": sum(1 for m in handler.seen if m not in run.accepted),
         "kills": run.kills, "held": held_messages(work / "state"),
+        "victim": handler.victim, "victim_held": run.victim_held,
         "seconds": round(time.monotonic() - started, 1),
     }
 
@@ -228,6 +297,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--at", type=lambda text: [int(n) for n in text.split(",")],
                         default=None, metavar="N,N,...",
                         help="kill after these numbers of 250s instead (e.g. in a burst)")
+    parser.add_argument("--burst", type=int, default=0, metavar="N",
+                        help="instead: N kills driven by events (module docstring)")
+    parser.add_argument("--burst-after", type=int, default=150, metavar="N",
+                        help="start the burst after this many 250s")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--drain-timeout", type=float, default=120.0)

@@ -6,13 +6,12 @@ through the same queue as any mail. Never one for a null sender, never one for a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
 from forwarder.config import Settings
-from forwarder.dsn import Action, RecipientStatus, build_dsn, is_bounce
+from forwarder.dsn import Action, RecipientStatus, build_dsn, is_bounce, is_null_sender
 from forwarder.dsnparams import RecipientDsn
 from forwarder.policy import Route
 from forwarder.queue import (
@@ -31,14 +30,26 @@ _NEVER = RecipientDsn(notify="NEVER")
 _DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0", "relayed": "2.0.0"}
 
 
-def _header_block(body: bytes) -> bytes:
-    end = body.find(b"\r\n\r\n")
-    return body if end < 0 else body[: end + 4]
+# The Content-Type field and its continuation lines (RFC 5322 2.2.3 folding).
+_CONTENT_TYPE = re.compile(rb"^content-type[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)",
+                           re.IGNORECASE | re.MULTILINE)
 
 
-def should_report(sender: str, body: bytes) -> bool:
-    headers = BytesHeaderParser(policy=compat32).parsebytes(_header_block(body))
-    return not is_bounce(sender, headers)
+def _header_block(head: bytes) -> bytes:
+    end = head.find(b"\r\n\r\n")
+    return head if end < 0 else head[: end + 4]
+
+
+def should_report(sender: str, head: bytes) -> bool:
+    """Whether a failure of this message is reported, from its first octets (`head`): only
+    its Content-Type is read (is it a DSN itself?), not every header field, so the cost
+    does not grow with the header section."""
+    if is_null_sender(sender):
+        return False
+    found = _CONTENT_TYPE.search(_header_block(head))
+    fields = [] if found is None else [
+        ("Content-Type", " ".join(found[1].decode("ascii", "replace").split()))]
+    return not is_bounce(sender, fields)
 
 
 def _when(ts: float) -> datetime:
@@ -75,7 +86,9 @@ def make_dsn(
     chosen: Sequence[tuple[RecipientJob, Result]], now: float,
 ) -> NewMessage:
     """The DSN, queued from the null sender to the original sender, honouring the
-    sender's RET and ENVID (RFC 3461 4.3, 4.4)."""
+    sender's RET and ENVID (RFC 3461 4.3, 4.4). `body`: the message's first octets (its
+    header section or a bounded prefix of it), or the whole message when RET=FULL asks
+    for it and it is small enough to be returned (`dsn.MAX_RETURNED_MESSAGE`)."""
     until = (_when(job.arrived_at + settings.delivery.queue_lifetime)
              if action == "delayed" else None)
     dsn = build_dsn(

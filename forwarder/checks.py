@@ -202,6 +202,12 @@ class Checks:
         return self.settings.checks.enabled or self.rspamd is not None or self.limiter.enabled
 
     @property
+    def reads_content(self) -> bool:
+        """Whether a check reads the whole message (DKIM, rspamd), not only the rate
+        limits' envelope: a spooled body is then read back into memory for it."""
+        return self.settings.checks.enabled or self.rspamd is not None
+
+    @property
     def splits_roles(self) -> bool:
         """Role-account recipients get a transaction of their own (checkpolicy)."""
         return self.rspamd is not None

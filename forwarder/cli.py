@@ -26,6 +26,7 @@ from forwarder import (
 from forwarder.cli_common import CliError, emit, one_line, settings_for
 from forwarder.config import ConfigError
 from forwarder.directory import DirectoryError
+from forwarder.privileges import PrivilegeError, act_as_owner, restrict_umask
 from forwarder.queueadmin import QueueAdminError
 
 
@@ -52,6 +53,7 @@ def _fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    restrict_umask()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or bad usage (2): a status, also for callers
@@ -65,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _fail(f"config: {problem}")
             return 1
         settings = fallback
+    try:
+        act_as_owner(settings.state_dir)
+    except PrivilegeError as exc:
+        return _fail(str(exc))
     try:
         result: int = args.handler(args, settings)
         return result

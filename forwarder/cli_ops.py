@@ -8,7 +8,6 @@ import os
 import sqlite3
 import ssl
 import sys
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from forwarder.cli_common import (
     emit,
     one_line,
 )
+from forwarder.clock import SystemClock
 from forwarder.config import ConfigError, Settings
 from forwarder.directory import (
     SCHEMA_VERSION,
@@ -32,9 +32,15 @@ from forwarder.dns import CachingResolver
 from forwarder.migrations import inspect_database
 from forwarder.postfixmaps import RECIPIENTS_FILE, TRANSPORT_FILE, postfix_maps
 from forwarder.queue import QUEUE_SCHEMA_VERSION
-from forwarder.returnpath import KEYS_FILE, MAX_AGE_DAYS, secrets_path
-from forwarder.srs import KeyRef, Srs, SrsError, SrsReason
+from forwarder.returnpath import (
+    KEYS_FILE,
+    MAX_AGE_DAYS,
+    load_srs,
+    secrets_path,
+)
+from forwarder.srs import KeyRef, SrsError, SrsReason
 from forwarder.srsstore import (
+    SecretsFile,
     SqliteKeys,
     ensure_secrets,
     load_secrets,
@@ -51,8 +57,8 @@ def srs_reverse(settings: Settings, address: str) -> str:
     path = secrets_path(settings.state_dir)
     if not path.exists():
         raise SrsError(SrsReason.BAD_HASH)  # the daemon would start with a fresh secret
-    srs = Srs(load_secrets(path), settings.effective_srs_domain, time.time,
-              max_age_days=MAX_AGE_DAYS)
+    srs = load_srs(SecretsFile(path), settings.effective_srs_domain, SystemClock(),
+                   record=False)
     result = srs.reverse(address)
     if not isinstance(result, KeyRef):
         return result
@@ -86,6 +92,8 @@ def cmd_srs_rotate(args: argparse.Namespace, settings: Settings) -> int:
     settings.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     if ensure_secrets(path):
         action = "created"
+        # New secrets sign only long hashes: no short-hash leniency for this installation.
+        SecretsFile(path).short_hashes_until(True, 0)
     else:
         rotate_secrets(path)
         action = "rotated"

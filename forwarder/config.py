@@ -80,6 +80,17 @@ class Limits:
     # RFC 5321 4.5.3.1.4 and 4.5.3.1.6: both lengths include the CRLF.
     max_command_line: int = 512
     max_line_length: int = 1000
+    # Postfix's smtpd_junk_command_limit and smtpd_hard_error_limit; the tarpit's step (the
+    # 11th error's reply waits this long, each later one a step more: policy.tarpit_delay).
+    max_junk_commands: int = 100
+    max_errors: int = 20
+    error_sleep: float = 1.0
+    # A whole session, however busy: then `421 4.4.2` between two transactions.
+    session_timeout: float = 1800.0
+    # A body past this many octets goes to a spool file as it arrives (queue/spool.py).
+    spill_threshold: int = 256 * 1024
+    # Space kept back for the writes that settle mail on a full disk (queue/reserve.py).
+    disk_reserve: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -221,6 +232,9 @@ class Settings:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     history: HistorySettings = field(default_factory=HistorySettings)
     config_file: Path | None = None
+    # Client networks whose errors are not counted across sessions (forwarder/tarpit.py):
+    # the school's own relay, which passes on its senders' mistakes.
+    error_limit_exempt: tuple[str, ...] = ()
     # Inbound STARTTLS (RFC 3207) is offered when both are set (forwarder/session.py).
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -307,7 +321,7 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
             problems.append("domains: must be a non-empty list of domain names")
             return None
         return tuple(d.strip().lower().rstrip(".") for d in value)
-    if key == "xforward_hosts":
+    if key in ("error_limit_exempt", "xforward_hosts"):
         return _networks(key, value, problems)
     if key == "state_dir":
         return Path(str(value))

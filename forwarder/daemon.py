@@ -12,14 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
-import gc
 import os
 import signal
 import socket
 import ssl
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -29,9 +26,22 @@ from forwarder.clock import Clock, SystemClock
 from forwarder.config import ConfigError, HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
 from forwarder.control import STATUS_SOCKET, StatusService
-from forwarder.delivery import Dispatcher, MailRouter, Router
+from forwarder.daemonparts import (
+    StartFailed,
+    StateLockError,
+    check_space,
+    lock_state_dir,
+    mail_router,
+    make_resolver,
+    per_process,
+    recover_queue,
+    start_error,
+    sweep_spool,
+    tune_gc,
+)
+from forwarder.delivery import Dispatcher, Router
 from forwarder.directory import SqliteDaemonDirectory
-from forwarder.dns import CachingResolver, MxRouter
+from forwarder.faults import FAULT_FILE, FaultRecord
 from forwarder.front import Accepted, Front
 from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
@@ -45,6 +55,7 @@ from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
 from forwarder.targetupkeep import TargetUpkeep
+from forwarder.tarpit import ErrorLedger, parse_networks
 from forwarder.workers import Acceptors, MainLink, listening_socket
 
 LOG = log.get("forwarder.daemon")
@@ -53,50 +64,6 @@ PURGE_INTERVAL = 3600.0
 # Pending connections the kernel holds for us: bursts of 500 clients must not wait for a
 # SYN retransmission (asyncio's default is 100).
 BACKLOG = 1024
-
-
-class StateLockError(Exception):
-    pass
-
-
-def lock_state_dir(state_dir: Path) -> int:
-    """One daemon per state directory: a second one would deliver the same queue twice."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "forwarder.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StateLockError(f"another forwarder is running on {state_dir}") from None
-    return fd
-
-
-def mail_router(settings: Settings, resolver: CachingResolver | None) -> MailRouter:
-    mx = None if resolver is None else MxRouter(resolver, port=settings.delivery.mx_port)
-    return MailRouter(settings.mailbox_host, settings.smarthost, mx)
-
-
-def make_resolver(settings: Settings, clock: Clock) -> CachingResolver | None:
-    servers = settings.dns_servers
-    try:
-        if servers:
-            return CachingResolver([s.host for s in servers], port=servers[0].port,
-                                   now=clock.now)
-        return CachingResolver(use_system_config=True, now=clock.now)
-    except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
-        LOG.error("dns_unavailable", error=str(exc))
-        return None
-
-
-def per_process(settings: Settings, processes: int) -> Settings:
-    """With several accepting processes, each takes its share of the total connection
-    cap, so "500 in all" holds for the daemon; the per-client cap stays whole in each
-    (a client's connections are not spread evenly, and 20 must always be possible)."""
-    if processes == 1:
-        return settings
-    share = -(-settings.limits.max_connections // processes)
-    return dataclasses.replace(
-        settings, limits=dataclasses.replace(settings.limits, max_connections=share))
 
 
 class Daemon:
@@ -139,9 +106,19 @@ class Daemon:
         self._metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
-        self.queue = Queue(settings.queue_path, settings.busy_timeout)
+        self._stopped = False
+        self.queue = Queue(settings.queue_path, settings.busy_timeout,
+                           reserve=settings.limits.disk_reserve)
+        # The main process's fatal faults, for crash blame at the next start; armed only
+        # by `forwarder serve` (run()), not in a process that embeds the daemon.
+        self.faults = FaultRecord(settings.state_dir / FAULT_FILE)
+        self.record_faults = False
         # Live sessions (caps, shutdown notice), the STARTTLS context, the session's metrics.
         self.connections = Connections(metrics=self.metrics)
+        # Recent errors per client address, for the tarpit (forwarder/tarpit.py).
+        # A trusted XFORWARD gateway passes on its clients' mistakes: exempt like the others.
+        self.error_ledger = ErrorLedger(self.clock.now,
+                                        settings.error_limit_exempt + settings.xforward_hosts)
         self.directory: SqliteDaemonDirectory | None = None
         self.return_path: ReturnPath | None = None
         self.front: Front | None = None
@@ -193,20 +170,30 @@ class Daemon:
         acceptor = self.control_fd is not None
         if not acceptor:  # the main process owns the state directory and the leases
             self._lock_fd = lock_state_dir(self.settings.state_dir)
+            # Room for opening the databases and recovering the queue on a full disk (the
+            # reserve is remade once started, or as soon as there is space again:
+            # forwarder/queue/reserve.py).
+            await asyncio.to_thread(self.queue.reserve.release)
         self.return_path = ReturnPath(self.settings.state_dir,
                                       self.settings.effective_srs_domain, self.clock)
         self.directory = await SqliteDaemonDirectory.open(
             self.settings.directory_path, self.settings.busy_timeout)
-        self.connections.tls_context = load_tls_context(self.settings.tls_cert,
-                                                        self.settings.tls_key)
+        try:
+            self.connections.tls_context = load_tls_context(self.settings.tls_cert,
+                                                            self.settings.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise StartFailed(f"TLS certificate {self.settings.tls_cert} or key "
+                              f"{self.settings.tls_key}: {reason}") from exc
         if not acceptor:  # the key of send-test's mark, checked where mail is delivered
             self.history.test_key = sendtest.ensure_key(self.settings.state_dir)
         await self.queue.open()
         if not acceptor:
-            recovered, held = await self.queue.recover(self.clock.now())
-            if recovered or held:
-                LOG.warning("queue_recovered", recipients=recovered, held=held)
+            await recover_queue(self.queue, self.faults, self.clock.now(), self.record_faults)
+            await sweep_spool(self.queue)
         await self._listen(acceptor)
+        await check_space(self.queue, self.front, acceptor)
+        self._spawn(self._space_loop(acceptor), "space")
         # Every process counts the sender domains its checks saw and adds them up in the
         # directory now and then.
         self._spawn(self._report_loop(), "senders")
@@ -239,7 +226,7 @@ class Daemon:
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, intake, self.clock,
                            self.return_path, self.metrics, checks=self.checks,
-                           history=self.history)
+                           spool=self.queue.spool, history=self.history)
         front = self.front
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
@@ -285,7 +272,8 @@ class Daemon:
             LOG.info("metrics_listening", host=where.host, port=self._metrics_server.port)
 
     def _protocol(self, front: Front) -> SmtpProtocol[Accepted]:
-        return SmtpProtocol(front, self.settings, self.connections)
+        return SmtpProtocol(front, self.settings, self.connections, self.error_ledger,
+                            self.queue.spool.open_incoming)
 
     async def _status_loop(self) -> None:
         """Queue depth for metrics and for `systemctl status` (STATUS=); once an hour, the
@@ -302,7 +290,14 @@ class Daemon:
                     await self.return_path.purge_expired()
                 with contextlib.suppress(Exception):
                     await self.history.purge_expired()
+                await sweep_spool(self.queue)
             await asyncio.sleep(STATUS_INTERVAL)
+
+    async def _space_loop(self, acceptor: bool) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            with contextlib.suppress(OSError):
+                await check_space(self.queue, self.front, acceptor)
 
     async def refresh_status(self) -> None:
         stats = await self.queue.stats()
@@ -359,6 +354,7 @@ class Daemon:
     def _apply(self, new: Settings) -> None:
         new = per_process(new, self._processes)
         self.settings = new
+        self.error_ledger.exempt = parse_networks(new.error_limit_exempt + new.xforward_hosts)
         if self._fixed_router is None:
             self.resolver = make_resolver(new, self.clock)
             self.router = mail_router(new, self.resolver)
@@ -373,8 +369,14 @@ class Daemon:
 
     # --- stop -------------------------------------------------------------------------
 
-    async def stop(self) -> None:
-        self.notifier.stopping()
+    async def stop(self, quiet: bool = False) -> None:
+        """Stop everything that was started (also after a failed start: every thread and
+        the state lock are released, or the process could not exit). Once."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if not quiet:
+            self.notifier.stopping()
         if self._server is not None:
             self._server.close()
         # 421 to idle sessions; transactions in flight finish (bounded), here and in each
@@ -404,10 +406,12 @@ class Daemon:
             await self.directory.close()
         if self.return_path is not None:
             await self.return_path.close()
+        self.faults.disarm()  # a clean stop: no fault to report
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        LOG.info("stopped")
+        if not quiet:
+            LOG.info("stopped")
         log.flush()
 
     def request_stop(self) -> None:
@@ -418,7 +422,15 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        await self.start()
+        try:
+            await self.start()
+        except StateLockError:
+            raise  # nothing was opened
+        except Exception as exc:
+            await self.stop(quiet=True)
+            if isinstance(exc, StartFailed):
+                raise
+            raise StartFailed(start_error(exc, self.settings)) from exc
         try:
             await self._stop.wait()
         finally:
@@ -441,19 +453,6 @@ def describe(daemon: Daemon) -> dict[str, Any]:
     }
 
 
-# Python's cyclic garbage collector runs a young-generation pass every 700 allocations,
-# and under load a message allocates thousands of objects (sessions, futures, tasks), most
-# of them freed by reference counting anyway. Collecting every 20,000 allocations, with
-# the objects of start-up frozen out of every pass, gave +19 % accepted messages a second
-# (docs/performance.md); cyclic garbage just waits a little longer.
-GC_THRESHOLDS = (20_000, 20, 20)
-
-
-def tune_gc() -> None:
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 def run(
     settings: Settings,
     reload_settings: Callable[[], Settings] | None = None,
@@ -469,6 +468,7 @@ def run(
     daemon = Daemon(settings, reload_settings=reload_settings, notifier=notifier,
                     acceptor_argv=None if acceptor else acceptor_argv,
                     listen_fd=listen_fd, control_fd=control_fd)
+    daemon.record_faults = not acceptor
     tune_gc()
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):
@@ -477,11 +477,8 @@ def run(
         runner = uvloop.run
     try:
         runner(daemon.serve_forever())
-    except StateLockError as exc:
+    except (StateLockError, StartFailed) as exc:
         LOG.error("start_failed", error=str(exc))
-        return 1
-    except OSError as exc:
-        LOG.error("start_failed", error=f"{exc.strerror or exc}")
         return 1
     finally:
         log.flush()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,20 +24,32 @@ from forwarder import log
 from forwarder.bounces import Action, make_dsn, should_report
 from forwarder.clock import Clock
 from forwarder.config import Settings
+from forwarder.dsn import MAX_RETURNED_MESSAGE
 from forwarder.history.headers import header_section
 from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
 from forwarder.mtasts import MtaSts
 from forwarder.outbound import BodyHolder, Outbound
 from forwarder.policy import Outcome, is_expired, retry_delay
-from forwarder.queue import Job, NewMessage, Queue, RecipientJob, Result
+from forwarder.queue import Body, Job, NewMessage, Queue, QueueError, RecipientJob, Result
+from forwarder.queue.spool import read_head
+from forwarder.queue.writer import Op
 from forwarder.routing import MailRouter, Router, RoutingError
 from forwarder.slots import Slots
+from forwarder.smtpbody import HEAD_OCTETS, unstuff
 from forwarder.smtpclient import Attempt, Sender
 
 __all__ = ["Dispatcher", "MailRouter", "Router", "RoutingError"]
 
 LOG = log.get("forwarder.delivery")
+# How often held messages are looked through for those at the end of their lifetime.
+HELD_CHECK_INTERVAL = 60.0
+HELD_EXPIRED = ("x-local; held (quarantined) after repeated crashes, and not delivered"
+                " within the queue lifetime")
+# An outcome that could not be written is written again after this long, then twice as
+# long, up to the maximum (seconds).
+UNWRITTEN_FIRST_RETRY = 0.5
+UNWRITTEN_MAX_RETRY = 15.0
 
 
 def _reportable(action: Action, rcpt: RecipientJob, result: Result,
@@ -47,6 +60,54 @@ def _reportable(action: Action, rcpt: RecipientJob, result: Result,
         return result.outcome is Outcome.DEFERRED and result.warned and rcpt.dsn.wants("DELAY")
     return (result.outcome is Outcome.DELIVERED and rcpt.dsn.notify is not None
             and rcpt.dsn.wants("SUCCESS") and not attempts[result.recipient_id].dsn_passed)
+
+
+async def message_head(body: Body) -> bytes:
+    """The first HEAD_OCTETS of a message, unstuffed (whole lines where it is cut): enough
+    for its header section or a bounded prefix of it."""
+    if isinstance(body, bytes):
+        return body[:HEAD_OCTETS]
+    if body.head:
+        return body.head[:HEAD_OCTETS]
+    raw = await asyncio.to_thread(read_head, body.path, HEAD_OCTETS)
+    cut = raw.rfind(b"\r\n") + 2
+    return (body.prefix + unstuff(raw[:cut]))[:HEAD_OCTETS]
+
+
+async def _returned(job: Job, body: Body) -> bytes:
+    """What a DSN about `job` returns of the message (RFC 3462, RFC 3461 4.3): the whole
+    message when RET=FULL asks for it and it is small enough, else the first octets, of
+    which only the header fields are used."""
+    if job.flags.dsn.ret == "FULL" and job.size <= MAX_RETURNED_MESSAGE:
+        if isinstance(body, bytes):
+            return body
+        rest = await asyncio.to_thread(read_head, body.path, MAX_RETURNED_MESSAGE + 1)
+        return body.prefix + unstuff(rest)
+    return await message_head(body)
+
+
+async def record_until_written(queue: Queue, unwritten: set[str], job: Job,
+                               results: list[Result], dsns: list[NewMessage],
+                               also: Op | None = None) -> list[list[int]]:
+    """Write the outcomes. One that cannot be written (a full disk) is kept here and
+    written again until it is, its message in `unwritten` meanwhile: the recipients stay
+    in flight, so the message is neither sent again nor taken for a crash (before, both
+    happened)."""
+    pause = UNWRITTEN_FIRST_RETRY
+    while True:
+        try:
+            _, new_ids = await queue.record(results, dsns, [(job.message_id, job.lane)],
+                                            also=also)
+            return new_ids
+        except QueueError as exc:
+            LOG.error("outcome_unwritten", queue_id=job.message_id, error=str(exc),
+                      no_space=exc.no_space, retry_in=pause)
+            unwritten.add(job.message_id)
+            try:
+                await asyncio.sleep(pause)
+            finally:
+                unwritten.discard(job.message_id)
+            pause = min(pause * 2, UNWRITTEN_MAX_RETRY)
 
 
 async def _unchanged_sender(job: Job) -> str:
@@ -72,11 +133,14 @@ class Dispatcher:
     # send-test messages told apart.
     history: HistoryRecorder | None = None
     in_flight: set[int] = field(default_factory=set)
+    # Messages whose outcome waits to be written (a full disk): no new attempt meanwhile.
+    unwritten: set[str] = field(default_factory=set)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stopping: bool = False
     _more_due: bool = False
     _lane_busy: bool = False  # a suspect is being tried alone
+    _held_checked: float = -HELD_CHECK_INTERVAL  # when held messages were last looked at
     outbound: Outbound = field(init=False)
 
     def __post_init__(self) -> None:
@@ -100,10 +164,11 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
-    def submit(self, job: Job) -> None:
-        """Start delivering a job whose recipients are already leased to us."""
+    def submit(self, job: Job, held: bool = False) -> None:
+        """Start delivering a job whose recipients are already leased to us (`held`: a held
+        message at the end of its lifetime, bounced without an attempt)."""
         self.in_flight.update(r.id for r in job.recipients)
-        task = asyncio.create_task(self._run_job(job))
+        task = asyncio.create_task(self._bounce_held(job) if held else self._run_job(job))
         self._tasks.add(task)
         task.add_done_callback(self._job_done)
 
@@ -129,6 +194,9 @@ class Dispatcher:
         """Lease whatever is due now and start it; return how many jobs started. Jobs
         waiting for a slot at a slow destination hold no body and do not count against
         the room for more (up to a bound), so they cannot starve the others' retries."""
+        if self.unwritten:
+            return 0  # storage is failing: outcomes first, no new attempts meanwhile
+        await self._expire_held()
         concurrency = self.settings.delivery.concurrency
         active = len(self._tasks) - self.outbound.waiting
         room = max(0, min(4 * concurrency - active, 20 * concurrency - len(self._tasks)))
@@ -164,6 +232,10 @@ class Dispatcher:
             await self._deliver(job)
         except asyncio.CancelledError:
             raise
+        except (QueueError, sqlite3.Error) as exc:
+            # Storage, not the message: never counted as a crash (the leases stay; the
+            # recipients are tried again when they lapse, or at the next start).
+            LOG.error("queue_unavailable", queue_id=job.message_id, error=str(exc))
         except Exception:
             # A bug, not a delivery failure: retry later, and hold (quarantine) a message
             # that keeps doing this rather than crash on it forever (Mailman's "shunt").
@@ -181,18 +253,48 @@ class Dispatcher:
             if await self.queue.crashed(job, retry_at):
                 LOG.error("message_held", queue_id=job.message_id, reason="repeated crashes")
 
+    async def _expire_held(self) -> None:
+        """Held messages are never tried again, but one at the end of its lifetime leaves
+        the queue like any undeliverable message: as a bounce to its sender."""
+        now = self.clock.now()
+        if now - self._held_checked < HELD_CHECK_INTERVAL:
+            return
+        self._held_checked = now
+        try:
+            jobs = await self.queue.lease_expired_held(now, self.settings.delivery.queue_lifetime)
+        except Exception as exc:
+            LOG.error("queue_scan_failed", error=type(exc).__name__)
+            return
+        for job in jobs:
+            self.submit(job, held=True)
+
+    async def _bounce_held(self, job: Job) -> None:
+        try:
+            # RFC 3463 X.4.7: delivery time expired (as for any message past its time).
+            attempt = Attempt(Outcome.FAILED, "4.4.7", HELD_EXPIRED, None)
+            holder = BodyHolder(job.message_id, None, self.outbound.bodies)
+            await self._conclude(job, holder, {r.id: attempt for r in job.recipients})
+        except Exception:
+            LOG.exception("delivery_crashed", queue_id=job.message_id)
+        finally:
+            self.in_flight.difference_update(r.id for r in job.recipients)
+
     async def _deliver(self, job: Job) -> None:
         holder = BodyHolder(job.message_id, job.body, self.outbound.bodies)
         job.body = None  # the holder decides when the bytes may go (outbound.py)
         try:
             attempts = await self.outbound.attempt(job, holder)
-            if attempts is None:
-                return  # deleted by an administrator meanwhile
-            head = None
-            if self.history is not None:  # the header, before the holder lets the bytes go
-                body = holder.body
-                head = self._header(job, body if body is not None else
-                                    await self.queue.load_body(job.message_id))
+            if attempts is not None:  # None: deleted by an administrator meanwhile
+                await self._conclude(job, holder, attempts)
+        finally:
+            holder.drop()
+
+    async def _conclude(self, job: Job, holder: BodyHolder,
+                        attempts: dict[int, Attempt]) -> None:
+        """Record what the attempts did, with the DSNs they cause and the history's rows,
+        then log and count."""
+        try:
+            head = await self._header(job, holder)  # before the holder lets the bytes go
             now = self.clock.now()
             results = [self._result(job, rcpt, attempts[rcpt.id], now)
                        for rcpt in job.recipients]
@@ -203,8 +305,8 @@ class Dispatcher:
             job, head, results, attempts, _bounced(job, results, attempts, dsns))
         # The attempt completed: crash blame is told so (a suspect alone in the lane that
         # got this far did not bring the daemon down).
-        _, new_ids = await self.queue.record(results, dsns, [(job.message_id, job.lane)],
-                                             also=also)
+        new_ids = await record_until_written(self.queue, self.unwritten, job, results,
+                                             dsns, also)
         # A test message's failure is the admin's answer, not evidence against a target.
         if self.observe is not None and not job.test:
             self.observe(job, results)
@@ -221,13 +323,19 @@ class Dispatcher:
                      to=dsn.recipients[0].rcpt, route=dsn.recipients[0].route.value)
             self.submit(Job.fresh(dsn, ids))
 
-    def _header(self, job: Job, body: bytes | None) -> bytes | None:
-        """The header section, for the history and the send-test mark: a copy of the
-        bytes still held (or, when waiting for a slot let go of them, read again), so the
-        body itself goes as before. Marks `job.test`."""
-        if body is None or self.history is None:
+    async def _header(self, job: Job, holder: BodyHolder) -> bytes | None:
+        """The header section (its first 64 KiB at most), for the history and the send-test
+        mark: from the bytes still held (or, when waiting for a slot let go of them, read
+        again; for a spooled body, its head), so the body itself goes as before. Marks
+        `job.test`."""
+        if self.history is None:
             return None
-        head = header_section(body)
+        body = holder.body
+        if body is None:
+            body = await self.queue.load_body(job.message_id)
+        if body is None:
+            return None
+        head = header_section(await message_head(body))
         job.test = self.history.is_test(job, head)
         return head
 
@@ -248,10 +356,13 @@ class Dispatcher:
         if not any(chosen for _, chosen in reports):
             return []
         body = holder.body or await self.queue.load_body(job.message_id)
-        # Parse the headers (is it a bounce?) only when there is something to report.
-        if body is None or not should_report(job.sender, body):
+        # Read the headers (is it a bounce?) only when there is something to report, and
+        # only their first HEAD_OCTETS: a DSN returns a bounded prefix of them (RFC 6522's
+        # text/rfc822-headers may be truncated), whatever the header section's size.
+        if body is None or not should_report(job.sender, await message_head(body)):
             return []
-        return [make_dsn(self.settings, job, body, action, chosen, now)
+        returned = await _returned(job, body)
+        return [make_dsn(self.settings, job, returned, action, chosen, now)
                 for action, chosen in reports if chosen]
 
     def _result(self, job: Job, rcpt: RecipientJob, attempt: Attempt, now: float) -> Result:

@@ -34,6 +34,8 @@ MAX_RETURNED_MESSAGE = 50_000
 SENDER_NAME = "Mail Delivery System / Système de messagerie"
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")  # RFC 3463 section 2
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# Header octets kept as they are in the returned header block; any other becomes "?".
+_SEVEN_BIT = bytes(b if 32 <= b < 127 or b == 9 else 63 for b in range(256))
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,9 @@ def _headers_part(original: bytes) -> MIMEPart:
 
 def _original_headers(original: bytes) -> bytes:
     """The header block of ``original``, CRLF, 7-bit, no line over 998 octets, bounded."""
+    # Only a bounded prefix is ever looked at (RFC 6522 lets the part be truncated): a
+    # header section of any size costs the same.
+    original = original[: _MAX_HEADERS + _MAX_LINE]
     match = re.search(rb"\r?\n\r?\n", original)
     block = original[: match.start()] if match else original
     lines: list[bytes] = []
@@ -256,7 +261,7 @@ def _original_headers(original: bytes) -> bytes:
     for line in re.split(rb"\r?\n", block):
         # Raw 8-bit header octets (RFC 6532) become "?": the DSN stays 7-bit, so it can go
         # to any server, with or without 8BITMIME.
-        clean = bytes(b if 32 <= b < 127 or b == 9 else 63 for b in line)[:_MAX_LINE]
+        clean = line.translate(_SEVEN_BIT)[:_MAX_LINE]
         if size + len(clean) + 2 > _MAX_HEADERS:
             break
         lines.append(clean)

@@ -18,6 +18,7 @@ from typing import Any
 
 from forwarder import log, replies
 from forwarder.addresses import AddressError, has_control_chars, parse_sender
+from forwarder.bodybudget import BODIES_IN_MEMORY, ByteBudget, ContentChecks, head_of, queued_body
 from forwarder.checkpolicy import separate_transaction
 from forwarder.checks import Checks, Inbound
 from forwarder.clock import Clock
@@ -47,9 +48,12 @@ from forwarder.queue import (
     NewMessage,
     NewRecipient,
     QueueError,
+    body_size,
     new_queue_id,
 )
+from forwarder.queue.spool import Spool
 from forwarder.returnpath import ReturnPath
+from forwarder.smtpbody import Spilled
 from forwarder.smtpevents import Envelope, SessionInfo, TlsInfo
 from forwarder.srs import SrsError
 from forwarder.tokens import TokenError, check_token, parse_token
@@ -122,11 +126,11 @@ def _forwarded_fields(session: SessionInfo) -> dict[str, str]:
     return {"orig_client": forwarded.addr, "orig_helo": forwarded.helo or ""}
 
 
-def message_flags(envelope: Envelope[Accepted], content: bytes) -> MessageFlags:
+def message_flags(envelope: Envelope[Accepted], content: bytes | Spilled) -> MessageFlags:
     """What delivery must know about the message: the DSN request, SMTPUTF8, and whether
     it has 8-bit octets (what the body is, not what BODY= said: a client that declares
     nothing and sends 8-bit still gets BODY=8BITMIME or a 7-bit conversion onward)."""
-    eight_bit = not content.isascii()
+    eight_bit = content.eight_bit if isinstance(content, Spilled) else not content.isascii()
     if not envelope.mail_options:
         return PLAIN if not eight_bit else MessageFlags(eight_bit=True)
     dsn = mail_dsn(options_dict(envelope.mail_options))
@@ -148,9 +152,14 @@ class Front:
         return_path: ReturnPath,
         metrics: Metrics,
         checks: Checks | None = None,
+        spool: Spool | None = None,
         history: HistoryRecorder | None = None,
     ) -> None:
         self.settings = settings
+        self.spool = spool
+        # The disk is short (the space reserve is gone, forwarder/queue/reserve.py): new
+        # mail is refused at MAIL with 452 4.3.1 until it is back.
+        self.space_short = False
         self.directory = directory
         self.intake = intake
         self.clock = clock
@@ -159,6 +168,8 @@ class Front:
         # The notices' token secrets, the first signing (read again on SIGHUP).
         self.token_secrets = directory.token_secrets()
         self.checks = checks
+        # Big bodies read back into memory for the checks, at most this many octets at once.
+        self.content_checks = ContentChecks(checks, spool, ByteBudget(BODIES_IN_MEMORY))
         self.history = history  # keeps the refusals of our addresses (forwarder/history/)
 
     def reload_token_secrets(self) -> None:
@@ -184,6 +195,11 @@ class Front:
 
     def handle_MAIL(self, server: object, session: SessionInfo, envelope: Envelope[Accepted],
                     address: str, mail_options: list[str]) -> str:
+        if self.space_short:
+            # RFC 5321 4.5.3.1.10 / RFC 3463 4.3.1: the client keeps the message and tries
+            # later; what is queued keeps the space it needs to be delivered.
+            self.metrics.message_refused("no_space")
+            return str(replies.QUEUE_FULL)
         try:
             # Parsed once here; DATA queues this normalised form.
             envelope.sender = parse_sender(address)
@@ -287,11 +303,19 @@ class Front:
     async def handle_DATA(self, server: object, session: SessionInfo,
                           envelope: Envelope[Accepted]) -> str:
         accepted = envelope.accepted
-        if not accepted or envelope.content is None:
-            return str(replies.NO_VALID_RECIPIENTS)
         content = envelope.content
-        limit = self.settings.limits.max_received_headers
-        if count_received_headers(content) > limit:
+        if not accepted or content is None:
+            return str(replies.NO_VALID_RECIPIENTS)
+        try:
+            return await self._data(session, envelope, accepted, content)
+        finally:
+            if isinstance(content, Spilled):
+                # Queued: renamed into the spool already; anything else: the file goes.
+                content.spill.discard()
+
+    async def _data(self, session: SessionInfo, envelope: Envelope[Accepted],
+                    accepted: list[Accepted], content: bytes | Spilled) -> str:
+        if count_received_headers(head_of(content)) > self.settings.limits.max_received_headers:
             # RFC 5321 6.3: a message that has passed too many hops is in a loop.
             LOG.warning("refused", client=session.client, reason="too_many_hops")
             self.metrics.message_refused("loop")
@@ -306,18 +330,18 @@ class Front:
                 return str(replies.CONSUMED)
         now = self.clock.now()
         queue_id = new_queue_id(now)
-        prefix, checked = b"", {}
+        prefix, checked = b"", dict[str, Any]()
         if self.checks is not None and self.checks.active:
             # Authentication, spam and rate limits, once per message, before the 250.
-            result = await self.checks.evaluate(
-                self._inbound(session, envelope, accepted, queue_id))
+            result, content = await self.content_checks.evaluate(
+                functools.partial(self._inbound, session, envelope, accepted, queue_id), content)
             if result.decision.reply is not None:
                 LOG.warning("refused", client=session.client, reason=result.decision.reason,
                             reply=result.decision.reply.code, **{"from": envelope.sender},
                             **result.fields, **_forwarded_fields(session))
                 self.metrics.message_refused(result.decision.reason)
                 return str(result.decision.reply)
-            content, prefix, checked = result.content, result.prefix, result.fields
+            prefix, checked = result.prefix, result.fields
         message = self._message(session, envelope, accepted, content, queue_id, now, prefix,
                                 checked)
         try:
@@ -327,7 +351,8 @@ class Front:
                       no_space=exc.no_space)
             self.metrics.message_refused("no_space" if exc.no_space else "queue_error")
             return str(replies.QUEUE_FULL if exc.no_space else replies.QUEUE_UNAVAILABLE)
-        self.metrics.message_accepted(len(content))
+        self.metrics.message_accepted(content.size if isinstance(content, Spilled)
+                                      else len(content))
         # The client's TLS always; the cipher, 8BITMIME and SMTPUTF8 only when there is
         # one to say (each field costs on every message: docs/performance.md).
         tls = session.tls
@@ -337,19 +362,20 @@ class Front:
         if message.flags is not PLAIN:
             extra.update(body="8BITMIME" if message.flags.eight_bit else "7BIT",
                          smtputf8=message.flags.smtputf8)
-        LOG.info("queued", queue_id=queue_id, size=len(message.body), client=message.client,
-                 **{"from": message.sender}, to=[r.rcpt for r in message.recipients],
+        LOG.info("queued", queue_id=queue_id, size=body_size(message.body),
+                 client=message.client, **{"from": message.sender},
+                 to=[r.rcpt for r in message.recipients],
                  orig_to=[r.orig_rcpt for r in message.recipients],
                  route=[r.route.value for r in message.recipients],
                  tls=tls.version if tls else "none", **extra, **checked)
         return replies.queued(queue_id)
 
     async def _consume(self, session: SessionInfo, sender: str, uses: list[Consume],
-                       content: bytes) -> str | None:
+                       content: bytes | Spilled) -> str | None:
         """Apply the confirm+ and refuse+ addresses of a complete message (each once) and
         audit them; the message itself is kept nowhere. None, or a 451 if the directory
         cannot take the write (the client retries; applying again changes nothing)."""
-        automatic = is_automatic(sender, content)
+        automatic = is_automatic(sender, head_of(content))
         now = self.clock.now()
         done: set[tuple[int, str]] = set()
         for use in uses:
@@ -370,21 +396,21 @@ class Front:
             if self.history is not None:
                 self.history.replied(use, result, session.origin, sender)
         return None
+
     def _inbound(self, session: SessionInfo, envelope: Envelope[Accepted],
-                 accepted: list[Accepted], queue_id: str) -> Inbound:
+                 accepted: list[Accepted], queue_id: str, content: bytes) -> Inbound:
         """The message as the inbound checks see it, for the recipients it is queued for
         (a confirm+ or refuse+ one has been consumed already)."""
-        assert envelope.content is not None
         # Behind a trusted relay that sent XFORWARD, its client is the one judged.
         return Inbound(queue_id, session.origin, session.origin_helo, envelope.sender,
                        [a.orig_rcpt for a in accepted],
                        all(isinstance(a.verdict, Accept) and a.verdict.route is Route.POSTMASTER
                            for a in accepted),
-                       envelope.content)
+                       content)
 
     def _message(
         self, session: SessionInfo, envelope: Envelope[Accepted], accepted: list[Accepted],
-        content: bytes, queue_id: str, now: float, prefix: bytes = b"",
+        content: bytes | Spilled, queue_id: str, now: float, prefix: bytes = b"",
         checked: dict[str, Any] | None = None,
     ) -> NewMessage:
         seen: set[tuple[str, str]] = set()
@@ -406,8 +432,8 @@ class Front:
         # field (RFC 8601 5: at the top of the header section).
         # The checks' verdicts go to the delivery history too (forwarder/history/).
         return NewMessage(queue_id, envelope.sender, now, session.client,
-                          prefix + header + content, tuple(recipients),
-                          message_flags(envelope, content), checked or {})
+                          queued_body(prefix + header, content),
+                          tuple(recipients), message_flags(envelope, content), checked or {})
 
     def exception_reply(self, error: BaseException) -> str:
         LOG.error("session_error", error=type(error).__name__, exc_info=error)

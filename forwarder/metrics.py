@@ -67,6 +67,9 @@ _BODY_REFUSALS = {
     replies.BARE_LINE_END: "bare_lf",
     replies.NUL_IN_MESSAGE: "nul",
     replies.TEXT_LINE_TOO_LONG: "line_too_long",
+    # A body written to its spool file as it arrived, and the write failed.
+    replies.QUEUE_FULL: "no_space",
+    replies.QUEUE_UNAVAILABLE: "queue_error",
 }
 # How each outbound SMTP session ended up with TLS (forwarder_outbound_tls_total).
 TLS_RESULTS = ("verified", "encrypted", "clear", "handshake_failed", "policy_failed")
@@ -330,7 +333,7 @@ class Metrics:
 
     def body_refused(self, reply: Reply) -> None:
         """The session refused a message after its final dot with `reply` (too big, bare
-        CR or LF, NUL, a text line too long)."""
+        CR or LF, NUL, a text line too long, its spool file unwritable)."""
         reason = _BODY_REFUSALS.get(reply)
         if reason is None:
             raise ValueError(f"no refusal reason for {reply}")

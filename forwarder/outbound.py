@@ -19,7 +19,7 @@ from forwarder.dns import Destination
 from forwarder.dsnparams import orcpt_for
 from forwarder.mtasts import MtaSts, Policy, allowed
 from forwarder.policy import Route
-from forwarder.queue import Job, Queue, RecipientJob
+from forwarder.queue import Body, Job, Queue, RecipientJob
 from forwarder.routing import Router, RoutingError
 from forwarder.slots import Site, SiteKind, Slots, Verdict
 from forwarder.smtpclient import Attempt, Outgoing, OutRcpt, Sender, TlsPolicy, local_attempt
@@ -43,7 +43,7 @@ class BodyHolder:
     """A message's bytes while some copy of it is being sent (module docstring)."""
 
     message_id: str
-    body: bytes | None
+    body: Body | None  # a spooled body holds only our fields and its file's name
     bodies: Bodies
     sending: int = 0
     waiting: int = 0
@@ -57,7 +57,7 @@ class BodyHolder:
             self.body = None
             self.bodies.held -= 1
 
-    async def take(self, queue: Queue) -> bytes | None:
+    async def take(self, queue: Queue) -> Body | None:
         if self.body is None:
             body = await queue.load_body(self.message_id)
             if body is None:
@@ -167,7 +167,7 @@ class Outbound:
             holder.waiting -= 1
 
     async def _try_addresses(self, out: Outgoing, dests: list[Destination],
-                             rcpts: list[RecipientJob], body: bytes) -> dict[int, Attempt]:
+                             rcpts: list[RecipientJob], body: Body) -> dict[int, Attempt]:
         """Try each address in turn for the recipients not yet settled (RFC 5321 5.1);
         an address whose TLS handshake failed is tried once more, in clear, at the end."""
         pending = list(rcpts)

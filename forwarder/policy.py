@@ -216,20 +216,28 @@ def is_expired(arrived_at: float, now: float, lifetime: float) -> bool:
     return now - arrived_at >= lifetime
 
 
-# --- Crash blame ----------------------------------------------------------------------
+# --- Crash blame ---------------------------------------------------------------------
 #
 # Which message a crash is blamed on. Mailman's switchboard quarantines the one file a
 # runner was working on; a daemon delivering hundreds of messages at once needs more care,
 # or one OOM kill under load (or an administrator's kill -9 in a loop) would quarantine
-# every innocent message that happened to be in flight. So a message in ordinary delivery
-# when the process died only becomes a suspect; a suspect is tried alone, in a lane of its
-# own (one message at a time in the whole daemon), and only a crash while it is alone
-# there, or a worker raising on it, is charged to it. An attempt that completes alone,
-# whatever its outcome, clears the count: the message evidently does not bring the daemon
-# down. The queue (forwarder/queue/ops.py) applies these verdicts to its rows.
+# every innocent message that happened to be in flight. So a message is only ever charged
+# for a fault raised while processing it: a worker raising on it, or the process dying
+# of a fatal fault of its own (a segmentation fault, an abort, systemd's watchdog abort:
+# forwarder/faults.py records them). A process killed from outside (SIGKILL, the OOM
+# killer, power loss) leaves no such record, and is nobody's fault.
+#
+# A message in ordinary delivery when the process faulted only becomes a suspect; a
+# suspect is tried alone, in a lane of its own (one message at a time in the whole
+# daemon), and only a fault while it is alone there, or a worker raising on it, is
+# charged to it. An attempt that completes alone, whatever its outcome, clears the count:
+# the message evidently does not bring the daemon down. The queue
+# (forwarder/queue/ops.py) applies these verdicts to its rows.
 
 # A message charged with this many crashes is held (quarantined): suspected once, then
-# twice alone in the suspect lane when the process died, or a worker raising on it.
+# twice alone in the suspect lane when the process faulted, or a worker raising on it. A
+# held message is not tried again, but still leaves the queue at the end of its lifetime,
+# as a bounce to its sender like any other message that could not be delivered.
 MAX_CRASHES = 3
 
 
@@ -245,7 +253,12 @@ class Ending(enum.Enum):
 
     COMPLETED = "completed"  # an outcome was recorded (delivered, deferred or failed)
     RAISED = "raised"  # the worker raised on it (a bug, not a delivery failure)
-    PROCESS_DIED = "process_died"  # start-up found its lease: the process died meanwhile
+    # Start-up found its lease, and a fault report of the process that held it: it died
+    # of a fatal fault of its own while the message was in its hands.
+    FAULTED = "faulted"
+    # Start-up found its lease and no fault report: killed from outside (SIGKILL, the
+    # OOM killer), or the power failed.
+    KILLED = "killed"
 
 
 class Charge(enum.Enum):
@@ -263,10 +276,15 @@ BLAME: dict[tuple[Lane, Ending], Charge] = {
     (Lane.ALONE, Ending.COMPLETED): Charge.CLEAR,
     (Lane.ORDINARY, Ending.RAISED): Charge.CHARGE,
     (Lane.ALONE, Ending.RAISED): Charge.CHARGE,
-    # Hundreds of messages may be in flight at a crash: each is only suspected, never
+    # Hundreds of messages may be in flight at a fault: each is only suspected, never
     # charged twice for dying beside the others.
-    (Lane.ORDINARY, Ending.PROCESS_DIED): Charge.SUSPECT,
-    (Lane.ALONE, Ending.PROCESS_DIED): Charge.CHARGE,
+    (Lane.ORDINARY, Ending.FAULTED): Charge.SUSPECT,
+    (Lane.ALONE, Ending.FAULTED): Charge.CHARGE,
+    # Killed from outside: never the message's fault, wherever it was (before, a burst of
+    # kills charged a suspect for kills that landed while it sat alone in its lane, and
+    # held it).
+    (Lane.ORDINARY, Ending.KILLED): Charge.KEEP,
+    (Lane.ALONE, Ending.KILLED): Charge.KEEP,
 }
 
 
@@ -306,6 +324,28 @@ def count_received_headers(message: bytes) -> int:
         if line[:9].lower() == b"received:":
             count += 1
     return count
+
+
+# --- Errors: the tarpit -----------------------------------------------------------------
+#
+# A client that collects errors (refused recipients, bad commands, junk commands past
+# their limit) is slowed down, then cut off: that is what makes guessing SRS hashes or
+# harvesting the directory slow (docs/security.md has the arithmetic). Postfix's model:
+# smtpd_soft_error_limit (10) free errors, then each error's reply is delayed, and at
+# smtpd_hard_error_limit (20) `421 4.7.0` and close. Postfix's delay is a flat
+# smtpd_error_sleep_time (1 s); here it grows by that much per error past the soft limit,
+# up to MAX_ERROR_SLEEP. The count is the session's, or its client address's recent errors
+# if more (forwarder/tarpit.py), so reconnecting does not start afresh.
+
+SOFT_ERROR_LIMIT = 10
+MAX_ERROR_SLEEP_STEPS = 10  # the delay stops growing after this many steps
+
+
+def tarpit_delay(errors: int, step: float) -> float:
+    """Seconds to hold the reply to the `errors`-th error (`step`: the delay's increment)."""
+    if errors <= SOFT_ERROR_LIMIT:
+        return 0.0
+    return step * min(errors - SOFT_ERROR_LIMIT, MAX_ERROR_SLEEP_STEPS)
 
 
 # RFC 3834 5 and common practice: headers that mark a message as written by a program.

@@ -9,6 +9,7 @@ recipient, shown as "in delivery") is allowed to finish.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
@@ -16,7 +17,11 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Any
 
+from forwarder.queue.reserve import RESERVE_FILE, SpaceReserve
 from forwarder.queue.schema import open_queue_db
+from forwarder.queue.spool import Spool, read_head
+from forwarder.queue.writer import is_no_space
+from forwarder.smtpbody import HEAD_OCTETS, unstuff
 
 
 class QueueAdminError(Exception):
@@ -69,6 +74,8 @@ def _recipient(row: Any) -> RecipientInfo:
 class QueueAdmin:
     def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
         self.conn = open_queue_db(path, busy_timeout)
+        self.spool = Spool(path.parent / "spool")
+        self.reserve = SpaceReserve(path.parent / RESERVE_FILE, 0)
 
     def close(self) -> None:
         self.conn.close()
@@ -100,10 +107,16 @@ class QueueAdmin:
     def headers(self, queue_id: str) -> list[tuple[str, str]]:
         """The header fields as received (the body is never shown: PRODUCT.md, Logs)."""
         row = self.conn.execute(
-            "SELECT substr(body, 1, 65536) FROM messages WHERE id = ?", (queue_id,)).fetchone()
+            "SELECT substr(body, 1, ?), spooled FROM messages WHERE id = ?",
+            (HEAD_OCTETS, queue_id)).fetchone()
         if row is None:
             raise QueueAdminError(f"{queue_id}: no such message in the queue")
-        parsed = BytesHeaderParser(policy=compat32).parsebytes(bytes(row[0]))
+        head = bytes(row[0])
+        if row[1]:  # our fields in the row, the client's message in its spool file
+            with contextlib.suppress(FileNotFoundError):
+                raw = read_head(self.spool.path(queue_id), HEAD_OCTETS)
+                head += unstuff(raw[:raw.rfind(b"\r\n") + 2])
+        parsed = BytesHeaderParser(policy=compat32).parsebytes(head[:HEAD_OCTETS])
         return [(name, str(value)) for name, value in parsed.items()]
 
     def retry(self, queue_id: str | None, now: float) -> int:
@@ -128,7 +141,19 @@ class QueueAdmin:
         return was == held
 
     def delete(self, queue_id: str) -> MessageInfo:
-        """Delete a message (recipients go with it: ON DELETE CASCADE); return what it was."""
+        """Delete a message (recipients go with it: ON DELETE CASCADE); return what it was.
+        On a full disk the space reserve is given back to make room for the commit
+        (forwarder/queue/reserve.py): deleting is how an administrator frees space."""
+        try:
+            info = self._delete(queue_id)
+        except sqlite3.OperationalError as exc:
+            if not is_no_space(exc) or not self.reserve.release():
+                raise
+            info = self._delete(queue_id)
+        self.spool.remove([queue_id])  # after the commit: a crash leaves an orphan, swept
+        return info
+
+    def _delete(self, queue_id: str) -> MessageInfo:
         with self._write():
             info = self._require(queue_id)
             info.recipients = [_recipient(r) for r in self.conn.execute(
@@ -166,4 +191,12 @@ class _Txn:
         self.conn.execute(self.begin)
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        if exc_type is not None:
+            self.conn.execute("ROLLBACK")
+            return
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error:
+            if self.conn.in_transaction:  # the commit itself failed (a full disk)
+                self.conn.execute("ROLLBACK")
+            raise

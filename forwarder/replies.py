@@ -109,6 +109,7 @@ TEXT_LINE_TOO_LONG = Reply(550, "5.6.0", "line longer than 1000 octets in messag
 NUL_IN_MESSAGE = Reply(550, "5.6.0", "NUL character in message")
 TIMEOUT = Reply(421, "4.4.2", "timeout exceeded, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "too many errors, closing connection")
+SESSION_TOO_LONG = Reply(421, "4.4.2", "session time limit exceeded, closing connection")
 # Replies to HELO and EHLO carry no enhanced code (RFC 2034 4).
 HELO_SYNTAX = Reply(501, "", "Syntax: HELO hostname")
 HELO_NEEDED = Reply(503, "5.5.1", "Error: send HELO first")

@@ -17,7 +17,12 @@ What a hostile peer gets (docs/security.md):
   at MAIL (`SIZE=`, RFC 1870) and while the body streams in, without keeping the excess;
 - control characters in an argument are a `501`, and every reply carries an enhanced status
   code (RFC 2034), except the greeting and the replies to HELO and EHLO;
-- a session that keeps sending garbage is closed with `421 4.7.0`.
+- a session that keeps sending garbage is closed with `421 4.7.0`, and so is one that
+  collects `max_errors` errors (every 5xx we answer: refused recipients, bad commands, and
+  NOOP, RSET, VRFY, EXPN or HELP past `max_junk_commands`), as Postfix's
+  smtpd_hard_error_limit and smtpd_junk_command_limit do; an accepted message forgives
+  both counts. Each error is reported as `ErrorCounted`, so the adapter can hold its
+  reply back (the tarpit).
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from typing import Any, Generic, TypeVar
 
 from forwarder import replies, xforward
 from forwarder.replies import Reply
-from forwarder.smtpbody import TOO_LONG, BodyReader, CommandLines
+from forwarder.smtpbody import TOO_LONG, BodyReader, CommandLines, SpillFactory
 from forwarder.smtpevents import (
     Closing,
     Envelope,
+    ErrorCounted,
     Event,
     Hello,
     MailFrom,
@@ -72,8 +78,11 @@ class Session(Generic[T]):
     """One SMTP session's protocol state (see the module docstring)."""
 
     def __init__(self, hostname: str, limits: SessionLimits, info: SessionInfo,
-                 tls_offered: bool = False) -> None:
+                 tls_offered: bool = False, spill: SpillFactory | None = None) -> None:
         self.hostname = hostname
+        # Where a body past `limits.spill_at` octets goes (the adapter's spool files);
+        # None: kept in memory (the tables of tests/test_session.py).
+        self.spill = spill
         self.limits = limits
         self.info = info
         self.envelope: Envelope[T] = Envelope()
@@ -91,6 +100,9 @@ class Session(Generic[T]):
         self._body: BodyReader | None = None
         self._current: str | None = None  # the command being answered
         self._bad_commands = 0
+        self._errors = 0  # 5xx answered since the last accepted message
+        self._junk = 0  # NOOP, RSET, VRFY, EXPN, HELP since the last accepted message
+        self._unreported = False  # an error counted, not yet returned as ErrorCounted
         self._tls = False
         self._hello: str | None = None  # the HELO/EHLO argument awaiting the handler
 
@@ -106,6 +118,12 @@ class Session(Generic[T]):
     def buffered(self) -> int:
         """Input octets not yet consumed (for the adapter's flow control)."""
         return len(self._in)
+
+    def abandon(self) -> None:
+        """The connection is gone: a body being read is forgotten (its spool file too)."""
+        if self._body is not None:
+            self._body.discard()
+            self._body = None
 
     def discard_input(self) -> None:
         """STARTTLS: whatever came with or after the command is never executed
@@ -124,6 +142,11 @@ class Session(Generic[T]):
         if self._current == "DATA":  # it has judged the message: XFORWARD's time is over
             self.info.forwarded = None
         self._out += render_reply(status, self._current not in _NO_ENHANCED)
+        if status[:1] == "5":
+            self._error()
+        elif self._current == "DATA" and status[:3] == "250":
+            # A message was accepted: earlier errors are forgiven (Postfix does the same).
+            self._errors = self._junk = 0
 
     def reply_lines(self, statuses: list[str]) -> None:
         """The handler's answer to HELO or EHLO, one or several lines."""
@@ -134,6 +157,19 @@ class Session(Generic[T]):
 
     def say(self, reply: Reply) -> None:
         self._out += _line(reply)
+        if reply.code >= 500:
+            self._error()
+
+    def _error(self) -> None:
+        self._errors += 1
+        self._unreported = True
+
+    def _junk_command(self) -> None:
+        """RFC 5321 lets NOOP and RSET be sent at any time; an endless stream of them only
+        holds a connection slot, so past the limit each one is an error."""
+        self._junk += 1
+        if self._junk > self.limits.max_junk_commands:
+            self._error()
 
     def close_with(self, reply: Reply) -> None:
         """The adapter ends the session (a deadline, a shutdown): a last reply."""
@@ -167,6 +203,8 @@ class Session(Generic[T]):
     def next_event(self) -> Event[T] | None:
         """Consume input up to the next event (None: more input is needed, or closed)."""
         while not self.closed:
+            if self._unreported:
+                return self._report_error()
             if self._body is not None:
                 if not self._in:
                     return None
@@ -202,6 +240,12 @@ class Session(Generic[T]):
         self._current = command
         return method(self, arg)
 
+    def _report_error(self) -> Event[T]:
+        self._unreported = False
+        if self._errors >= self.limits.max_errors:
+            self.close_with(replies.TOO_MANY_ERRORS)  # written once the adapter lets go
+        return ErrorCounted(self._errors)
+
     def _refuse(self, reply: Reply) -> Event[T] | None:
         self._bad_commands += 1
         if self._bad_commands >= self.limits.max_bad_commands:
@@ -212,9 +256,8 @@ class Session(Generic[T]):
 
     def _feed_body(self) -> Event[T] | None:
         assert self._body is not None
-        data = bytes(self._in)
+        done = self._body.feed(self._in)
         self._in.clear()
-        done = self._body.feed(data)
         if done is None:
             return None
         body, rest = done
@@ -314,7 +357,8 @@ class Session(Generic[T]):
             self.say(replies.BAD_ARGUMENT)
         else:
             self.say(replies.START_DATA)
-            self._body = BodyReader(self.limits.max_message_size, self.limits.max_line_length)
+            self._body = BodyReader(self.limits.max_message_size, self.limits.max_line_length,
+                                    self.spill, self.limits.spill_at)
         return None
 
     def smtp_RSET(self, arg: str | None) -> Event[T] | None:
@@ -324,10 +368,12 @@ class Session(Generic[T]):
         self.envelope = Envelope()
         self.info.forwarded = None
         self.say(replies.OK)
+        self._junk_command()
         return None
 
     def smtp_NOOP(self, arg: str | None) -> Event[T] | None:
         self.say(replies.OK)
+        self._junk_command()
         return None
 
     def smtp_QUIT(self, arg: str | None) -> Event[T] | None:
@@ -344,14 +390,17 @@ class Session(Generic[T]):
             self._out += render_reply(f"{replies.VRFY_UNPARSABLE} {arg}", False)
         else:
             self.say(replies.CANNOT_VRFY)
+        self._junk_command()
         return None
 
     def smtp_EXPN(self, arg: str | None) -> Event[T] | None:
         self.say(replies.NOT_IMPLEMENTED)
+        self._junk_command()
         return None
 
     def smtp_HELP(self, arg: str | None) -> Event[T] | None:
         self._out += render_reply(help_text(arg, self.tls_offered and not self._tls), False)
+        self._junk_command()
         return None
 
     def smtp_STARTTLS(self, arg: str | None) -> Event[T] | None:

@@ -1,16 +1,32 @@
 """The session's input, pure: command lines framed by CRLF, and the DATA body (find its
-end, undo dot-stuffing, check it: RFC 5321 4.5.2, 2.3.8).
+end, check it, keep it: RFC 5321 4.5.2, 2.3.8).
 
-Everything here works on whole byte strings at C speed (`bytes.find`, `count`, `replace`,
-`split`), never on a Python object per line of the body.
+Everything here works on byte strings at C speed (`bytes.find`, `count`, `replace`), a
+piece at a time as the bytes arrive, never on a Python object per line of the body, and
+never on the whole body in one pass: what a 25 MiB body costs is spread over the reads
+that bring it, a few hundred microseconds each.
+
+A body is kept in its wire form (CRLF line ends, dot-stuffed) as it arrives: in memory up
+to `spill_at` octets, then written to a `Spill` (a spool file the adapter provides), so a
+session holds a bounded amount of memory whatever it is sent. The session does no I/O
+itself: it only calls the spill's methods.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from forwarder import replies
 from forwarder.replies import Reply
 
 TOO_LONG = b"\x00too long"  # a sentinel: no real line holds a NUL and gets this far
+
+# The unstuffed beginning of a spilled body kept in memory: its header section (or the
+# start of it), for the checks that only read headers (loops, DSNs).
+HEAD_OCTETS = 64 * 1024
 
 
 class CommandLines:
@@ -58,64 +74,204 @@ def content_fault(content: bytes) -> Reply | None:
     return None
 
 
-# The end of DATA: "." CRLF at the start of a line (RFC 5321 4.5.2).
-_DOT_CRLF = b".\r\n"
-# Dot-stuffing adds one octet to a line of at least three ("." CRLF): the stuffed form of a
-# body within the size limit is never longer than this.
-_STUFFED = 4 / 3
+def unstuff(wire: bytes | bytearray) -> bytes:
+    """RFC 5321 4.5.2: a line's leading "." is removed. `wire` starts at a line start."""
+    start = 1 if wire[:1] == b"." else 0
+    return bytes(wire[start:]).replace(b"\r\n.", b"\r\n")
 
 
-def finish_body(raw: bytes, max_size: int, max_line: int) -> bytes | Reply:
-    """A whole DATA body as read from the wire, without its final `.` CRLF -> the message,
-    or what is wrong with it. Undoes dot-stuffing (RFC 5321 4.5.2: a line's leading "." is
-    removed) and checks the size, the text line length (RFC 5321 4.5.3.1.6) and the line
-    ends, each in one pass at C speed."""
-    content = raw[1:] if raw[:1] == b"." else raw
-    content = content.replace(b"\r\n.", b"\r\n")
-    if len(content) > max_size:
-        return replies.SIZE_EXCEEDED
-    if content and max(map(len, content.split(b"\r\n"))) + 2 > max_line:
-        return replies.TEXT_LINE_TOO_LONG
-    return content_fault(content) or content
+def stuffed_pieces(content: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
+    """`content` (whole CRLF lines) dot-stuffed, in pieces of about `size` octets cut at
+    line ends, so a big legacy body is never stuffed in one pass."""
+    start, end = 0, len(content)
+    while start < end:
+        cut = content.find(b"\r\n", min(start + size, end) - 2)
+        stop = end if cut < 0 else cut + 2
+        piece = content[start:stop].replace(b"\r\n.", b"\r\n..")
+        yield b"." + piece if piece[:1] == b"." else piece
+        start = stop
+
+
+def lines_within(region: bytes | bytearray, longest: int) -> bool:
+    """Whether every line of `region` (from a line start, ending with CRLF) holds at most
+    `longest` octets before its CRLF, one more if it starts with "." (the stuffed dot
+    does not count: RFC 5321 4.5.3.1.6).
+
+    Not a pass per line: from a line start, the last CRLF within reach of the longest
+    allowed line is found with one `rfind`; if there is none, that line is too long, and
+    if there is one, every line before it is shorter. Each step moves on by about a
+    whole allowed line, so 25 MiB of 2-octet lines costs some 25,000 steps, not 6
+    million."""
+    pos, end = 0, len(region)
+    while pos < end:
+        reach = pos + longest + 2 + (region[pos] == 0x2E)
+        if reach >= end:
+            reach = end
+        last = region.rfind(b"\r\n", pos, reach)
+        if last < 0:
+            return False
+        pos = last + 2
+    return True
+
+
+class Spill(Protocol):
+    """Where a body too big for memory goes (the adapter's spool file). `write` and
+    `close` raise OSError; `discard` never does and may be called more than once."""
+
+    path: Path
+
+    def write(self, data: bytes | bytearray) -> None: ...
+
+    def close(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Spilled:
+    """A body that went to a spill: its wire form is in `spill` (closed), `size` is the
+    message's octets unstuffed, `head` its first octets unstuffed (whole lines, at most
+    HEAD_OCTETS): its header section, or the start of it; `eight_bit`: whether any octet
+    is past US-ASCII (RFC 6152: BODY=8BITMIME or a conversion onward)."""
+
+    spill: Spill
+    size: int
+    head: bytes
+    eight_bit: bool = False
+
+
+SpillFactory = Callable[[], Spill]
+
+
+def _storage_fault(error: OSError) -> Reply:
+    return replies.QUEUE_FULL if error.errno == 28 else replies.QUEUE_UNAVAILABLE  # ENOSPC
 
 
 class BodyReader:
-    """A DATA body taken in as it arrives, up to the line `.` (RFC 5321 4.5.2), then
-    checked by `finish_body`.
+    """A DATA body taken in as it arrives, up to the line `.` (RFC 5321 4.5.2), checked
+    and kept a piece at a time.
 
-    The end is a `.` CRLF at the start of a line: CRLF `.` CRLF anywhere, or `.` CRLF at
-    the very start. Past the size limit the bytes are dropped but the reading goes on to
-    that real end, so memory stays bounded and the client's remaining bytes are never
-    taken for commands. `feed` returns None until the end, then the result and the bytes
-    that came after the end (pipelined commands).
+    The end is a line that is exactly `.`: `.` CRLF at the very start, or CRLF `.` CRLF.
+    Each piece is cut after its last CRLF; the whole lines before the cut are checked
+    (size unstuffed, line length, bare CR or LF, NUL) and kept, the partial line after it
+    waits for the next piece (at most a line's worth). Once the message is known to be
+    refused (too big, a line too long) nothing more is kept or checked, but the reading
+    goes on to the real end, so the client's remaining bytes are never taken for commands.
+    `feed` returns None until the end, then the result (the message unstuffed, a
+    `Spilled`, or the reply refusing it) and the bytes after the end (pipelined commands).
     """
 
-    def __init__(self, max_size: int, max_line: int) -> None:
+    def __init__(self, max_size: int, max_line: int, spill: SpillFactory | None = None,
+                 spill_at: int = 256 * 1024) -> None:
         self.max_size = max_size
-        self.max_line = max_line
-        # Dot-stuffing adds at most a third: more octets than this is over the limit.
-        self._ceiling = int(max_size * _STUFFED) + len(_DOT_CRLF)
-        self._buf = bytearray()
-        self._dropped = 0  # octets discarded past the size limit
-        self._scanned = 0  # where the next search for the end may start
+        self.longest = max_line - 2  # octets before the CRLF
+        self._spill_factory = spill
+        self._spill_at = spill_at
+        self._spill: Spill | None = None
+        self._head = b""
+        self._kept = bytearray()  # wire form, while in memory
+        self._carry = b""  # the partial line after the last CRLF seen
+        self._at_line_start = True  # _carry begins a line (not the tail of a long one)
+        self._size = 0  # octets unstuffed, of the whole lines seen
+        self._counts = [0, 0, 0]  # CRLF, CR, LF
+        self._nul = False
+        self._eight_bit = False
+        self._fault: Reply | None = None  # too big or a line too long: refused
+        self._storage: Reply | None = None  # the spill failed: 451 or 452
 
-    def feed(self, data: bytes | bytearray) -> tuple[bytes | Reply, bytes] | None:
-        buf = self._buf
-        buf += data
-        if not self._dropped and buf[:3] == _DOT_CRLF:
-            end = 0  # an empty body
+    def feed(self, data: bytes | bytearray) -> tuple[bytes | Spilled | Reply, bytes] | None:
+        buf = self._carry + data
+        if self._at_line_start and buf[:3] == b".\r\n":
+            end = 0
         else:
-            found = buf.find(b"\r\n.\r\n", max(0, self._scanned - 4))
-            if found < 0:
-                self._scanned = len(buf)
-                if self._dropped + len(buf) > self._ceiling:
-                    # Keep the last four octets: the end may straddle two reads.
-                    self._dropped += len(buf) - 4
-                    del buf[:-4]
-                    self._scanned = 4
-                return None
-            end = found + 2
-        rest = bytes(buf[end + 3:])
-        if self._dropped or end + 3 > self._ceiling:
-            return replies.SIZE_EXCEEDED, rest
-        return finish_body(bytes(buf[:end]), self.max_size, self.max_line), rest
+            found = buf.find(b"\r\n.\r\n")
+            end = -1 if found < 0 else found + 2
+        if end < 0:
+            cut = buf.rfind(b"\r\n") + 2
+            self._take(buf[:cut] if cut > 1 else b"")
+            self._carry = buf[cut:] if cut > 1 else buf
+            if len(self._carry) > self.longest + 2:  # a line too long, still going on
+                self._fail(replies.TEXT_LINE_TOO_LONG)
+                self._carry = self._carry[-4:]
+                self._at_line_start = False
+            return None
+        self._take(buf[:end])
+        return self._result(), bytes(buf[end + 3:])
+
+    def _take(self, region: bytes) -> None:
+        """Whole lines (or nothing): check them, and keep them while all is well. After an
+        overlong line (the only way not to be at a line start) the message is refused
+        already, so what follows it is only looked through for the end."""
+        if not region:
+            return
+        if self._fault is not None:
+            self._at_line_start = True
+            return
+        if not lines_within(region, self.longest):
+            self._fail(replies.TEXT_LINE_TOO_LONG)
+            return
+        self._size += len(region) - region.count(b"\r\n.") - (region[0] == 0x2E)
+        if self._size > self.max_size:
+            self._fail(replies.SIZE_EXCEEDED)
+            return
+        counts = self._counts
+        counts[0] += region.count(b"\r\n")
+        counts[1] += region.count(b"\r")
+        counts[2] += region.count(b"\n")
+        self._nul = self._nul or b"\x00" in region
+        self._eight_bit = self._eight_bit or not region.isascii()
+        if self._content_fault() is None and self._storage is None:
+            self._keep(region)
+
+    def _keep(self, region: bytes) -> None:
+        if self._spill is not None:
+            self._write(region)
+            return
+        self._kept += region
+        if self._spill_factory is None or len(self._kept) < self._spill_at:
+            return
+        cut = self._kept.rfind(b"\r\n", 0, HEAD_OCTETS) + 2
+        self._head = unstuff(self._kept[:cut])
+        self._write(self._kept)
+        self._kept = bytearray()
+
+    def _write(self, data: bytes | bytearray) -> None:
+        try:
+            if self._spill is None:
+                assert self._spill_factory is not None
+                self._spill = self._spill_factory()
+            self._spill.write(data)
+        except OSError as error:
+            self._storage = _storage_fault(error)
+            self.discard()
+
+    def _fail(self, reply: Reply) -> None:
+        """The message is refused: nothing more is kept."""
+        self._fault = self._fault or reply
+        self.discard()
+
+    def _content_fault(self) -> Reply | None:
+        crlf, cr, lf = self._counts
+        if cr != crlf or lf != crlf:
+            return replies.BARE_LINE_END  # SMTP smuggling
+        return replies.NUL_IN_MESSAGE if self._nul else None
+
+    def _result(self) -> bytes | Spilled | Reply:
+        fault = self._fault or self._content_fault() or self._storage
+        if fault is not None:
+            self.discard()
+            return fault
+        if self._spill is None:
+            return unstuff(self._kept)
+        try:
+            self._spill.close()
+        except OSError as error:
+            self.discard()
+            return _storage_fault(error)
+        return Spilled(self._spill, self._size, self._head, self._eight_bit)
+
+    def discard(self) -> None:
+        """Forget what was kept (the session ended, or the message is refused)."""
+        self._kept = bytearray()
+        if self._spill is not None:
+            self._spill.discard()

@@ -8,7 +8,8 @@ message needs: 8-bit mail is converted to 7-bit (forwarder/mime7bit.py, in a thr
 mail that needs SMTPUTF8 fails permanently with 5.6.7 (RFC 6531 3.4), as Postfix does.
 Connections and their TLS are forwarder/smtppool.py's. Timeouts follow RFC 5321 4.5.3.2;
 the wait after the final dot is long on purpose, since giving up there while the server is
-still writing to disk duplicates mail.
+still writing to disk duplicates mail. The body goes out in its wire form, a bounded piece
+at a time (`WireBody`), never processed in one pass on the event loop.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import aiosmtplib
 
@@ -27,7 +29,9 @@ from forwarder.dns import Destination
 from forwarder.dsnparams import encode_orcpt, xtext_encode
 from forwarder.metrics import Metrics
 from forwarder.policy import Outcome, outcome_of_reply
-from forwarder.queue import PLAIN, MessageFlags
+from forwarder.queue import PLAIN, Body, MessageFlags, SpooledBody, body_size
+from forwarder.queue.spool import CHUNK as SPOOL_CHUNK
+from forwarder.smtpbody import HEAD_OCTETS, stuffed_pieces, unstuff
 from forwarder.smtppool import (
     ConnectionPool,
     PooledSession,
@@ -41,8 +45,8 @@ LOG = log.get("forwarder.delivery")
 
 __all__ = [
     "PLAIN_MAILBOX", "Attempt", "ConnectionPool", "OutRcpt", "Outgoing", "Sender",
-    "TlsPolicy", "TlsUse", "body_for", "describe", "local_attempt", "plain_path",
-    "relay_name", "reply_attempt",
+    "TlsPolicy", "TlsUse", "WireBody", "body_for", "describe", "local_attempt", "plain_path",
+    "relay_name", "reply_attempt", "send_data",
 ]
 
 # A plain RFC 5321 mailbox: Dot-string "@" a domain of LDH labels (4.1.2). aiosmtplib's
@@ -132,8 +136,21 @@ class Sender:
         self._pool = pool
         self._metrics = metrics
 
-    async def send(self, dest: Destination, out: Outgoing, body: bytes) -> dict[str, Attempt]:
+    async def send(self, dest: Destination, out: Outgoing, body: Body) -> dict[str, Attempt]:
         relay = relay_name(dest)
+        wire = WireBody(body)
+        try:
+            await wire.open()  # before any connection: a spool file we cannot read is ours
+        except OSError as exc:
+            return _all([r.address for r in out.recipients], local_attempt(
+                "4.3.0", f"cannot read the queued message: {exc.strerror}", relay))
+        try:
+            return await self._send(dest, out, wire, relay)
+        finally:
+            wire.close()
+
+    async def _send(self, dest: Destination, out: Outgoing, wire: WireBody,
+                    relay: str) -> dict[str, Attempt]:
         recipients = [r.address for r in out.recipients]
         try:
             session = await self._pool.acquire(dest, out.tls)
@@ -149,19 +166,19 @@ class Sender:
         except _TEMP_ERRORS as exc:
             return _all(recipients, local_attempt(
                 "4.4.1", f"connect to {relay}: {describe(exc)}", relay, unreachable=True))
-        return await self._on(session, dest, out, body, relay)
+        return await self._on(session, dest, out, wire, relay)
 
-    async def _on(self, session: PooledSession, dest: Destination, out: Outgoing, body: bytes,
-                  relay: str) -> dict[str, Attempt]:
+    async def _on(self, session: PooledSession, dest: Destination, out: Outgoing,
+                  wire: WireBody, relay: str) -> dict[str, Attempt]:
         reusable = needs_reset = False
         client = session.client
         recipients = [r.address for r in out.recipients]
         try:
-            refusal = _cannot_carry(client, out, body, relay)
+            refusal = _cannot_carry(client, out, wire.head, relay)
             if refusal is not None:
                 reusable = True
                 return _all(recipients, refusal)
-            results, needs_reset = await self._transaction(session, out, body, relay)
+            results, needs_reset = await self._transaction(session, out, wire, relay)
             reusable = True
             return results
         except aiosmtplib.SMTPResponseException as exc:
@@ -176,16 +193,16 @@ class Sender:
                 reusable = await _reset(client)
             self._pool.release(dest, session, reusable)
 
-    async def _transaction(self, session: PooledSession, out: Outgoing, body: bytes,
+    async def _transaction(self, session: PooledSession, out: Outgoing, wire: WireBody,
                            relay: str) -> tuple[dict[str, Attempt], bool]:
         """Per-recipient attempts, and whether the session needs RSET before reuse: not
         after a completed DATA, which ends the transaction (RFC 5321 4.1.1.4), so a
         reused connection costs four round trips a message, not five."""
         client = session.client
-        body = await body_for(client, out.flags, body, self._metrics)
+        wire = await body_for(client, out.flags, wire, self._metrics)
         dsn = client.supports_extension("dsn")
         utf8 = out.flags.smtputf8 and client.supports_extension("smtputf8")
-        await _mail(client, out.sender, mail_options(client, out, len(body)), utf8)
+        await _mail(client, out.sender, mail_options(client, out, wire.size), utf8)
         results: dict[str, Attempt] = {}
         accepted: list[str] = []
         for rcpt in out.recipients:
@@ -197,28 +214,120 @@ class Sender:
             accepted.append(rcpt.address)
         if not accepted:
             return results, True
-        # RFC 5321 4.5.3.2.6: wait 10 minutes for the reply to the final dot.
-        # aiosmtplib turns bare CR/LF into CRLF and dot-stuffs, so no byte sequence we
-        # relay can be read as an end of data by the destination (SMTP smuggling).
-        reply = await client.data(body, timeout=self._settings.data_timeout)
+        # RFC 5321 4.5.3.2.6: wait 10 minutes for the reply to the final dot. What we
+        # queue has CRLF line ends only (bare CR or LF is refused on receipt) and goes out
+        # dot-stuffed, so no byte sequence we relay can be read as an end of data by the
+        # destination (SMTP smuggling).
+        reply = await send_data(client, wire, self._settings.data_timeout)
         for rcpt_address in accepted:
             results[rcpt_address] = reply_attempt(reply.code, reply.message, relay,
                                                   session.tls, dsn)
         return results, False
 
 
-async def body_for(client: aiosmtplib.SMTP, flags: MessageFlags, body: bytes,
-                   metrics: Metrics | None = None) -> bytes:
+async def body_for(client: aiosmtplib.SMTP, flags: MessageFlags, wire: WireBody,
+                   metrics: Metrics | None = None) -> WireBody:
     """The body as this next hop may take it: 8-bit mail to a server without 8BITMIME is
-    converted to 7-bit (RFC 6152 3), off the event loop, and the conversion logged."""
+    converted to 7-bit (RFC 6152 3), off the event loop, and the conversion logged. (A
+    spooled body is read back into memory for that, in a worker thread: a rare case, as
+    such servers are.)"""
     if not flags.eight_bit or client.supports_extension("8bitmime"):
-        return body
+        return wire
+    body = await wire.whole()
     converted = await mime7bit.convert(body)
     LOG.info("converted_7bit", relay=client.hostname, size=len(body),
              converted_size=len(converted))
     if metrics is not None:
         metrics.converted_7bit()
-    return converted
+    return WireBody(converted)
+
+
+class WireBody:
+    """A queued message as it goes out after DATA: in its wire form (CRLF, dot-stuffed),
+    a bounded piece at a time. A message kept in memory is stuffed piece by piece; a
+    spooled one is already in wire form after our own header fields, and is read from
+    its file in chunks, each read in a worker thread. Neither is ever processed in one
+    pass on the event loop (aiosmtplib's data() runs two regular expressions over the
+    whole message there). `head`: the message's first octets unstuffed (its header
+    section, or the first HEAD_OCTETS of it)."""
+
+    def __init__(self, body: Body) -> None:
+        self.body = body
+        self.size = body_size(body)
+        self.head = body if isinstance(body, bytes) else body.head
+        self._file: BinaryIO | None = None
+        self._tail = b"\r\n"  # the last octets sent (nothing sent: as after a line end)
+
+    async def open(self) -> None:
+        if isinstance(self.body, SpooledBody):
+            self._file = await asyncio.to_thread(open, self.body.path, "rb")
+            if not self.head:
+                raw = await asyncio.to_thread(self._file.read, HEAD_OCTETS)
+                self.head = self.body.prefix + unstuff(raw[:raw.rfind(b"\r\n") + 2])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    async def whole(self) -> bytes:
+        """The whole message unstuffed, in memory (for a conversion)."""
+        if isinstance(self.body, bytes):
+            return self.body
+        assert self._file is not None
+        self._file.seek(0)
+        rest = await asyncio.to_thread(self._file.read)
+        return self.body.prefix + await asyncio.to_thread(unstuff, rest)
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        body = self.body
+        if isinstance(body, bytes):
+            for piece in stuffed_pieces(body):
+                yield self._sent(piece)
+            return
+        for piece in stuffed_pieces(body.prefix):
+            yield self._sent(piece)
+        assert self._file is not None
+        self._file.seek(0)  # the same file goes to each destination in turn
+        while chunk := await asyncio.to_thread(self._file.read, SPOOL_CHUNK):
+            yield self._sent(chunk)
+
+    def _sent(self, piece: bytes) -> bytes:
+        if piece:
+            self._tail = piece[-2:]
+        return piece
+
+    @property
+    def end(self) -> bytes:
+        """The end of data: `.` CRLF on a line of its own (RFC 5321 4.5.2)."""
+        return b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n"
+
+
+async def send_data(client: aiosmtplib.SMTP, wire: WireBody,
+                    wait: float) -> aiosmtplib.SMTPResponse:
+    """DATA, the message streamed with flow control (the transport never holds more than
+    its high-water mark), then the reply to the final dot; `wait` bounds the writing (a
+    destination that stops reading) and the wait for that reply each."""
+    start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = client.protocol
+    try:
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        async with asyncio.timeout(wait):
+            async for piece in wire.pieces():
+                protocol.write(piece)
+                await protocol._drain_helper()
+        protocol.write(wire.end)
+        reply = await protocol.read_response(timeout=wait)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, TimeoutError,
+            ConnectionError):
+        client.close()
+        raise
+    if reply.code != 250:
+        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    return reply
 
 
 def needs_smtputf8(out: Outgoing, body: bytes) -> bool:

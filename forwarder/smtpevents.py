@@ -12,12 +12,19 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeAlias, TypeVar
 
 from forwarder.replies import Reply
+from forwarder.smtpbody import Spilled
 from forwarder.xforward import Forwarded
 
 T = TypeVar("T")
 
 # Postfix's smtpd_hard_error_limit is 20; garbage gets a shorter rope here.
 MAX_BAD_COMMANDS = 10
+# Postfix's smtpd_hard_error_limit: errors (refused recipients, bad commands, junk past
+# its limit) in one session before `421 4.7.0`.
+MAX_ERRORS = 20
+# Postfix's smtpd_junk_command_limit: NOOP, RSET, VRFY, EXPN and HELP are free up to this
+# many; each one past it counts as an error.
+MAX_JUNK_COMMANDS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +33,10 @@ class SessionLimits:
     max_line_length: int  # a text line in DATA, CRLF included (RFC 5321 4.5.3.1.6)
     max_command_line: int  # a command line, CRLF included (RFC 5321 4.5.3.1.4)
     max_bad_commands: int = MAX_BAD_COMMANDS
+    max_errors: int = MAX_ERRORS
+    max_junk_commands: int = MAX_JUNK_COMMANDS
+    # A body past this many octets goes to a spill (a spool file) as it arrives.
+    spill_at: int = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +89,8 @@ class Envelope(Generic[T]):
     mail_options: list[str] = field(default_factory=list)
     rcpt_tos: list[str] = field(default_factory=list)
     rcpt_options: list[str] = field(default_factory=list)
-    content: bytes | None = None  # after the dot: unstuffed, checked
+    # After the dot, checked: the message unstuffed, or, past `spill_at`, where it went.
+    content: bytes | Spilled | None = None
     smtp_utf8: bool = False
     sender: str = ""
     accepted: list[T] = field(default_factory=list)
@@ -146,6 +158,15 @@ class MessageRefused:
 
 
 @dataclass(slots=True)
+class ErrorCounted:
+    """The session counted an error (its reply is in the output, not yet sent): the
+    adapter may hold the reply back (the tarpit) or close. `errors`: the session's count
+    since its last accepted message (Postfix forgives errors then)."""
+
+    errors: int
+
+
+@dataclass(slots=True)
 class StartTls:
     """The client asked for TLS and was told to go ahead: drop what it sent after the
     command (`discard_input`), then start the handshake."""
@@ -160,4 +181,5 @@ class Closing:
 
 
 Event: TypeAlias = (
-    "Hello | MailFrom | RcptTo | MessageReceived[T] | MessageRefused | StartTls | Closing")
+    "Hello | MailFrom | RcptTo | MessageReceived[T] | MessageRefused | ErrorCounted"
+    " | StartTls | Closing")

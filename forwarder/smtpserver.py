@@ -17,10 +17,13 @@ from typing import Any, Generic, TypeVar, cast
 from forwarder import log, replies
 from forwarder.config import Settings
 from forwarder.connections import Connections
+from forwarder.policy import tarpit_delay
 from forwarder.replies import Reply
 from forwarder.session import Session
+from forwarder.smtpbody import SpillFactory
 from forwarder.smtpevents import (
     Closing,
+    ErrorCounted,
     Handler,
     Hello,
     MailFrom,
@@ -32,6 +35,7 @@ from forwarder.smtpevents import (
     StartTls,
     TlsInfo,
 )
+from forwarder.tarpit import ErrorLedger
 from forwarder.xforward import trusted
 
 LOG = log.get("forwarder.smtp")
@@ -41,6 +45,10 @@ T = TypeVar("T")
 ABORT_GRACE = 5.0
 # Past this much input held (a command waiting, replies backed up), stop reading.
 _HIGH_WATER = 65536
+# Reads of at least this size count towards a burst (below: command traffic, never close
+# to one), and a burst past _BURST octets in one turn of the event loop yields the loop.
+_BIG_READ = 65536
+_BURST = 512 * 1024
 
 
 def _stream(transport: object) -> asyncio.Transport | None:
@@ -54,7 +62,9 @@ def _stream(transport: object) -> asyncio.Transport | None:
 def session_limits(settings: Settings) -> SessionLimits:
     limits = settings.limits
     return SessionLimits(limits.max_message_size, limits.max_line_length,
-                         limits.max_command_line)
+                         limits.max_command_line, max_errors=limits.max_errors,
+                         max_junk_commands=limits.max_junk_commands,
+                         spill_at=limits.spill_threshold)
 
 
 class Deadline:
@@ -94,10 +104,13 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
     """One SMTP connection: the session's bytes, events and deadline (module docstring)."""
 
     def __init__(self, handler: Handler[T], settings: Settings,
-                 connections: Connections) -> None:
+                 connections: Connections, errors: ErrorLedger | None = None,
+                 spill: SpillFactory | None = None) -> None:
         self.handler = handler
+        self.spill = spill  # where big bodies go as they arrive (spool files)
         self.settings = settings
         self.connections = connections
+        self.errors = errors  # per client address, shared by the process's sessions
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.session: Session[T] | None = None
@@ -108,6 +121,11 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         self._write_paused = False
         self._task: asyncio.Future[Any] | None = None
         self._deadline = Deadline(self.loop, self._timed_out)
+        self._burst = 0  # octets of big reads in this turn of the event loop
+        self._yielding = False  # reading paused until the next turn (`_count_burst`)
+        self._tarpit: asyncio.TimerHandle | None = None  # an error's reply held back
+        self._lifetime: asyncio.TimerHandle | None = None  # the whole session's deadline
+        self._expired = False
 
     # --- connection life --------------------------------------------------------------
 
@@ -130,8 +148,9 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         self.session = Session(self.settings.hostname, session_limits(self.settings),
                                SessionInfo(peer, self._client, xforward_allowed=trusted(
                                    self._client, self.settings.xforward_hosts)),
-                               self.connections.tls_context is not None)
+                               self.connections.tls_context is not None, self.spill)
         self._deadline.move(limits.command_timeout)
+        self._lifetime = self.loop.call_later(limits.session_timeout, self._session_expired)
         self.session.greet()
         self._flush()
 
@@ -140,6 +159,27 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             return
         self.session.receive(data)
         self._pump()
+        if len(data) >= _BIG_READ:
+            self._count_burst(len(data))
+
+    def _count_burst(self, octets: int) -> None:
+        """uvloop (libuv) reads a busy socket up to 32 times in one turn of the event loop,
+        each read handing us up to 256 KiB: a client streaming a big body would hold the
+        loop for tens of milliseconds, every other session waiting. Past _BURST octets in
+        one turn, this connection stops reading until the next turn."""
+        if self._burst == 0:
+            self.loop.call_soon(self._burst_over)
+        self._burst += octets
+        if self._burst > _BURST and not self._yielding and self.transport is not None:
+            self._yielding = True
+            self.transport.pause_reading()
+
+    def _burst_over(self) -> None:
+        self._burst = 0
+        if self._yielding:
+            self._yielding = False
+            if not self._read_paused and self.transport is not None:
+                self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         """The client closed its side: close ours (a commit in flight still completes)."""
@@ -149,6 +189,12 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         if self._admitted:
             self.connections.release(self, self._client)
         self._deadline.cancel()
+        for timer in (self._tarpit, self._lifetime):
+            if timer is not None:
+                timer.cancel()
+        self._tarpit = self._lifetime = None
+        if self.session is not None:
+            self.session.abandon()  # a body cut off half way: its spool file goes
         # A lookup or handshake in flight is abandoned; a queue commit is not (it runs on
         # its own, held by Connections, and its result is only not sent).
         if self._task is not None and not self._task.done():
@@ -174,9 +220,11 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         transport = self.transport
         if session is None or transport is None:
             return
-        while not self._busy and not self._write_paused and not transport.is_closing():
-            if self.connections.closing and session.between_transactions:
-                session.close_with(replies.SHUTTING_DOWN)
+        while (not self._busy and self._tarpit is None and not self._write_paused
+               and not transport.is_closing()):
+            if (self.connections.closing or self._expired) and session.between_transactions:
+                session.close_with(replies.SHUTTING_DOWN if self.connections.closing
+                                   else replies.SESSION_TOO_LONG)
                 self._flush()
                 self._close()
                 return
@@ -189,9 +237,13 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             limits = self.settings.limits
             self._deadline.move(limits.data_timeout if session.in_body
                                 else limits.command_timeout)
+        if self._tarpit is not None:
+            return  # the reply waits; input waits with it
         out = session.data_to_send()
         if out and self.transport is not None:
             self.transport.write(out)
+            if session.closed:  # the last reply (421) is out
+                self._close()
         if self._read_paused or session.buffered > _HIGH_WATER:
             self._flow()
 
@@ -213,7 +265,8 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             self.transport.pause_reading()
         elif self._read_paused and size <= _HIGH_WATER // 2:
             self._read_paused = False
-            self.transport.resume_reading()
+            if not self._yielding:
+                self.transport.resume_reading()
 
     # --- events -----------------------------------------------------------------------
 
@@ -258,6 +311,27 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
     def _on_refused(self, event: MessageRefused) -> None:
         LOG.info("data_refused", client=self._client, reply=str(event.reply))
         self.connections.count_refusal(event.reply)
+
+    def _on_error(self, event: ErrorCounted) -> None:
+        """The tarpit (policy.tarpit_delay): the reply to an error is held back, longer
+        with each error of the session or of its client address, whichever has more; at
+        max_errors the session is closed after that wait."""
+        limits = self.settings.limits
+        recent = self.errors.add(self._client) if self.errors is not None else 0.0
+        count = max(event.errors, round(recent))
+        session = self._session()
+        if count >= limits.max_errors:
+            if not session.closed:
+                session.close_with(replies.TOO_MANY_ERRORS)
+            LOG.info("too_many_errors", client=self._client, errors=event.errors,
+                     client_errors=round(recent))
+        delay = tarpit_delay(count, limits.error_sleep)
+        if delay > 0:
+            self._tarpit = self.loop.call_later(delay, self._tarpit_over)
+
+    def _tarpit_over(self) -> None:
+        self._tarpit = None
+        self._pump()
 
     def _on_starttls(self, event: StartTls) -> None:
         assert self.transport is not None and self.connections.tls_context is not None
@@ -368,6 +442,17 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         # close() waits to flush; a peer that never reads must not keep the socket.
         self.loop.call_later(ABORT_GRACE, transport.abort)
 
+    def _session_expired(self) -> None:
+        """The session lived `session_timeout`: it ends at its next command outside a
+        transaction (now, if it is waiting for one), so no client holds a slot for ever."""
+        self._lifetime = None
+        self._expired = True
+        session = self.session
+        if (session is not None and not self._busy and self._tarpit is None
+                and session.between_transactions):
+            LOG.info("session_too_long", client=self._client)
+            self._say_and_close(replies.SESSION_TOO_LONG)
+
     def close_if_idle(self) -> None:
         """Shutdown: a session waiting for a command outside a transaction leaves now."""
         session = self.session
@@ -390,6 +475,7 @@ _DISPATCH: dict[type[Any], Callable[[SmtpProtocol[Any], Any], None]] = {
     RcptTo: SmtpProtocol._on_rcpt,
     MessageReceived: SmtpProtocol._on_message,
     MessageRefused: SmtpProtocol._on_refused,
+    ErrorCounted: SmtpProtocol._on_error,
     StartTls: SmtpProtocol._on_starttls,
     Closing: SmtpProtocol._on_closing,
 }

@@ -180,6 +180,10 @@ class Srs:
     `secrets`: the first signs, every one verifies (rotation). `now`: epoch seconds.
     `min_hash_length` (default: `hash_length`) is the shortest hash accepted on reverse,
     so a deployment can lengthen `hash_length` without breaking addresses in flight.
+    `short_until_day` bounds that leniency in time: if given, a hash shorter than
+    `hash_length` is accepted only on an address stamped on or before that day (days since
+    the epoch), i.e. issued before `hash_length` grew, and so only until it expires; SRS1
+    addresses, which carry no stamp, only until `max_age_days` after that day.
     """
 
     def __init__(
@@ -190,6 +194,7 @@ class Srs:
         hash_length: int = 4,
         max_age_days: int = 21,
         min_hash_length: int | None = None,
+        short_until_day: int | None = None,
     ) -> None:
         if not secrets or any(not s for s in secrets):
             raise ValueError("SRS needs at least one non-empty secret")
@@ -208,6 +213,7 @@ class Srs:
         self._hash_length = hash_length
         self._min_hash_length = min_len
         self._max_age_days = max_age_days
+        self._short_until_day = short_until_day
 
     @property
     def domain(self) -> str:
@@ -222,8 +228,9 @@ class Srs:
     def _sign(self, *parts: str) -> str:
         return self._digest(self._secrets[0], parts)[: self._hash_length]
 
-    def _check_hash(self, given: str, *parts: str) -> None:
-        if len(given) < self._min_hash_length:
+    def _check_hash(self, given: str, *parts: str, issued_day: int | None = None) -> None:
+        """`issued_day`: the day the address says it was made (None: SRS1, no stamp)."""
+        if len(given) < self._hash_length and not self._short_allowed(len(given), issued_day):
             raise SrsError(SrsReason.HASH_TOO_SHORT)
         # Case-insensitive because mail systems may fold local parts (libsrs2 uses
         # strncasecmp); constant time so the check does not leak how many chars matched.
@@ -234,6 +241,16 @@ class Srs:
             ok |= hmac.compare_digest(given_b, want)
         if not ok:
             raise SrsError(SrsReason.BAD_HASH)
+
+    def _short_allowed(self, length: int, issued_day: int | None) -> bool:
+        if length < self._min_hash_length:
+            return False
+        if self._short_until_day is None:
+            return True
+        today = int(self._now() // _DAY)
+        if issued_day is None:
+            return today <= self._short_until_day + self._max_age_days
+        return issued_day <= self._short_until_day
 
     def _fits(self, sender: str, address: str) -> str:
         local = address.rpartition("@")[0]
@@ -310,7 +327,7 @@ class Srs:
             raise SrsError(SrsReason.MALFORMED)
         # Hash before age (libsrs2 checks the age first): a forged address whose stamp is
         # also old is reported as forged, which is what an admin needs to know.
-        self._check_hash(hash_, stamp, host, user)
+        self._check_hash(hash_, stamp, host, user, issued_day=int(self._now() // _DAY) - age)
         if age > self._max_age_days:
             raise SrsError(SrsReason.EXPIRED)
         if host == KEY_DOMAIN:

@@ -34,6 +34,8 @@ from forwarder.srs import new_key
 T = TypeVar("T")
 
 _MIN_SECRET_BYTES = 16
+# Beside the secrets file: the last day short hashes were signed (`short_hash_day`).
+SHORT_HASH_FILE = "srs-short-hashes-until"
 
 
 class SecretsSource(Protocol):
@@ -43,6 +45,13 @@ class SecretsSource(Protocol):
 
     def load(self) -> list[bytes]:
         """The secrets, the signing one first; raises OSError or ValueError."""
+        ...
+
+    def short_hashes_until(self, fresh: bool, today: int, record: bool = True) -> int | None:
+        """The last day (days since the epoch) on which addresses with short (4-character)
+        hashes may have been signed with these secrets, or None if never (`fresh`: made by
+        this release, which signs long hashes). Recorded the first time it is asked, unless
+        not `record`."""
         ...
 
 
@@ -81,6 +90,9 @@ class SecretsFile:
 
     def load(self) -> list[bytes]:
         return load_secrets(self.path)
+
+    def short_hashes_until(self, fresh: bool, today: int, record: bool = True) -> int | None:
+        return short_hash_day(self.path.with_name(SHORT_HASH_FILE), fresh, today, record)
 
 
 def load_secrets(path: str | os.PathLike[str], what: str = "SRS") -> list[bytes]:
@@ -142,6 +154,23 @@ def rotate_secrets(path: str | os.PathLike[str]) -> None:
     target = Path(path)
     old = load_secrets(target)
     _write_private(target, b"".join(s + b"\n" for s in [_new_secret(), *old]), replace=True)
+
+
+def short_hash_day(path: str | os.PathLike[str], fresh: bool, today: int,
+                   record: bool = True) -> int | None:
+    """The last day (days since the epoch) on which addresses with short hashes may have
+    been issued here, or None if never: recorded in `path` the first time it is asked,
+    as today for an installation upgraded from a release that signed with 4 characters,
+    or "none" for one whose secrets are `fresh` (made by this release). Without `record`,
+    nothing is written (what would be recorded is returned)."""
+    target = Path(path)
+    if not target.exists():
+        if not record:
+            return None if fresh else today
+        # Written once; a concurrent writer (an acceptor, the CLI) may win: read theirs.
+        _write_private(target, b"none\n" if fresh else f"{today}\n".encode(), replace=False)
+    text = target.read_text().strip()
+    return None if text == "none" else int(text)
 
 
 def secrets_file_problems(path: str | os.PathLike[str], what: str = "SRS") -> list[str]:

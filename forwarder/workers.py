@@ -86,7 +86,9 @@ class Acceptors:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         fds = (self.listener.fileno(), theirs.fileno())
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "forwarder.cli", "serve", *self.argv,
+            # -P: the working directory is not put on sys.path, so a file there named
+            # like one of our modules is never imported in its place.
+            sys.executable, "-P", "-m", "forwarder.cli", "serve", *self.argv,
             "--listen-fd", str(fds[0]), "--control-fd", str(fds[1]), pass_fds=fds)
         theirs.close()
         ours.setblocking(False)

@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,17 @@ async def sink() -> AsyncIterator[Sink]:
 @pytest.fixture(autouse=True)
 def _quiet_logs() -> None:
     log.configure("json", "warning")
+
+
+@pytest.fixture(autouse=True)
+def _same_umask() -> Iterator[None]:
+    """The CLI narrows the process umask (forwarder/privileges.py) and some tests run it
+    in this process: each test starts with the umask the suite started with (a private
+    Postfix cannot read its own queue directories under 027)."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield
+    os.umask(before)
 
 
 def make_settings(state_dir: Path, **changes: Any) -> Settings:

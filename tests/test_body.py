@@ -1,25 +1,56 @@
 """Reading a DATA body (forwarder/smtpbody.py `BodyReader`): the reader that takes the body as
 it arrives and looks for CRLF `.` CRLF gives exactly what reading it line by line gives,
-for any body and any way the bytes arrive, and hands back exactly what follows the end."""
+for any body and any way the bytes arrive, kept in memory or spilled to a file past a
+threshold, and hands back exactly what follows the end."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from pathlib import Path
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from forwarder import replies
 from forwarder.replies import Reply
-from forwarder.smtpbody import BodyReader, content_fault
+from forwarder.smtpbody import (
+    HEAD_OCTETS,
+    BodyReader,
+    Spilled,
+    content_fault,
+    lines_within,
+    stuffed_pieces,
+    unstuff,
+)
 
 LIMIT = 16  # the reader's buffer limit: small, so bodies cross it all the time
 MAX_LINE = 12
 MAX_SIZE = 80
 
 
-async def _read(data: bytes, cuts: list[int], new: bool) -> tuple[bytes | Reply, bytes]:
+class MemorySpill:
+    """A Spill that keeps what it is given (the daemon's is a spool file)."""
+
+    def __init__(self) -> None:
+        self.path = Path("/nonexistent/spill")
+        self.data = bytearray()
+        self.closed = self.discarded = False
+
+    def write(self, data: bytes | bytearray) -> None:
+        assert not self.closed and not self.discarded
+        self.data += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def discard(self) -> None:
+        self.discarded = True
+        self.data.clear()
+
+
+async def _read(data: bytes, cuts: list[int], new: bool,
+                spill_at: int | None = None) -> tuple[bytes | Reply, bytes]:
     reader = asyncio.StreamReader(limit=LIMIT)
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
 
@@ -30,7 +61,7 @@ async def _read(data: bytes, cuts: list[int], new: bool) -> tuple[bytes | Reply,
         reader.feed_eof()
 
     if new:
-        return _read_new(data, points)
+        return _read_new(data, points, spill_at)
     feeder = asyncio.create_task(feed())
     got = await _reference(reader)
     rest = await reader.read()
@@ -38,14 +69,29 @@ async def _read(data: bytes, cuts: list[int], new: bool) -> tuple[bytes | Reply,
     return got, rest
 
 
-def _read_new(data: bytes, points: list[int]) -> tuple[bytes | Reply, bytes]:
+def _read_new(data: bytes, points: list[int],
+              spill_at: int | None = None) -> tuple[bytes | Reply, bytes]:
     """BodyReader fed the same pieces; what follows the end is its rest plus what was
-    not fed yet."""
-    body = BodyReader(MAX_SIZE, MAX_LINE)
+    not fed yet. With `spill_at`, what went to the spill is read back (unstuffed)."""
+    spills: list[MemorySpill] = []
+
+    def spill() -> MemorySpill:
+        spills.append(MemorySpill())
+        return spills[-1]
+
+    body = (BodyReader(MAX_SIZE, MAX_LINE) if spill_at is None
+            else BodyReader(MAX_SIZE, MAX_LINE, spill, spill_at))
     for a, b in itertools.pairwise(points):
         done = body.feed(data[a:b])
         if done is not None:
             got, rest = done
+            if isinstance(got, Spilled):
+                (used,) = spills
+                assert got.spill is used and used.closed and not used.discarded
+                content = unstuff(used.data)
+                assert got.size == len(content) and content.startswith(got.head)
+                return content, rest + data[b:]
+            assert all(s.discarded for s in spills)  # refused: nothing is left behind
             return got, rest + data[b:]
     raise AssertionError("the end of data was not found")
 
@@ -86,19 +132,21 @@ _BODY = st.lists(_LINE.map(b"".join), max_size=12).map(
 _SIZE_OR_LINE = {replies.SIZE_EXCEEDED, replies.TEXT_LINE_TOO_LONG}
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=_BODY, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
-       stuff=st.booleans())
-@example(body=b"", cuts=[], stuff=True)
-@example(body=b"..\r\n.a\r\n", cuts=[1, 2, 3], stuff=False)
-@example(body=b"a\r\r\n", cuts=[2, 3], stuff=True)  # a CRLF split between two pieces
-def test_pieces_read_like_lines(body: bytes, cuts: list[int], stuff: bool) -> None:
+       stuff=st.booleans(), spill_at=st.one_of(st.none(), st.integers(0, 40)))
+@example(body=b"", cuts=[], stuff=True, spill_at=None)
+@example(body=b"..\r\n.a\r\n", cuts=[1, 2, 3], stuff=False, spill_at=None)
+@example(body=b"a\r\r\n", cuts=[2, 3], stuff=True, spill_at=None)  # a CRLF split in two
+@example(body=b".a\r\nb\r\n", cuts=[1, 4], stuff=True, spill_at=2)
+def test_pieces_read_like_lines(body: bytes, cuts: list[int], stuff: bool,
+                                spill_at: int | None) -> None:
     # What a client sends: a "." that starts a line (after any CRLF) is doubled; a careless
     # client sends the body as it is, and its lines are read the same way by both.
     if stuff:
         body = (b"." if body.startswith(b".") else b"") + body.replace(b"\r\n.", b"\r\n..")
     wire = body + b".\r\nQUIT\r\n"
-    new, new_rest = asyncio.run(_read(wire, cuts, new=True))
+    new, new_rest = asyncio.run(_read(wire, cuts, new=True, spill_at=spill_at))
     old, old_rest = asyncio.run(_read(wire, cuts, new=False))
     assert new_rest == old_rest  # both stop exactly after the real end of data
     if isinstance(old, Reply) and old in _SIZE_OR_LINE:
@@ -112,11 +160,59 @@ def test_oversized_body_is_refused_with_bounded_memory_and_the_rest_kept() -> No
     body = BodyReader(MAX_SIZE, MAX_LINE)
     for _ in range(1000):
         assert body.feed(b"abcdefghij\r\n") is None
-        assert len(body._buf) <= 2 * MAX_SIZE  # past the limit, the bytes are dropped
+        assert len(body._kept) <= MAX_SIZE  # past the limit, the bytes are dropped
     assert body.feed(b".\r\nNOOP\r\n") == (replies.SIZE_EXCEEDED, b"NOOP\r\n")
 
 
 def test_the_end_may_straddle_two_pieces_after_the_limit() -> None:
     body = BodyReader(MAX_SIZE, MAX_LINE)
     assert body.feed(b"x" * 500 + b"\r\n.") is None
-    assert body.feed(b"\r\nQUIT\r\n") == (replies.SIZE_EXCEEDED, b"QUIT\r\n")
+    done = body.feed(b"\r\nQUIT\r\n")
+    assert done is not None and done[0] in _SIZE_OR_LINE and done[1] == b"QUIT\r\n"
+
+
+def test_a_big_body_goes_to_the_spill_as_it_arrives() -> None:
+    """Past the threshold, memory holds at most the threshold and a line, whatever the
+    body's size; the head keeps the unstuffed start for the header checks."""
+    spill = MemorySpill()
+    body = BodyReader(10**9, 1000, lambda: spill, spill_at=4096)
+    header = b"Subject: big\r\n\r\n"
+    assert body.feed(header + b"..dot\r\n") is None
+    for _ in range(2000):
+        assert body.feed(b"ab\r\n" * 256) is None
+        assert len(body._kept) < 4096 + 1024
+    got, rest = body.feed(b".\r\nQUIT\r\n") or (None, b"")
+    assert isinstance(got, Spilled) and rest == b"QUIT\r\n"
+    assert got.size == len(header) + len(b".dot\r\n") + 2000 * 256 * 4
+    assert got.head.startswith(header + b".dot\r\n") and len(got.head) <= HEAD_OCTETS
+    assert bytes(spill.data[:len(header) + 7]) == header + b"..dot\r\n"  # wire form
+
+
+def test_a_spill_that_fails_refuses_with_a_temporary_reply() -> None:
+    class FullDisk(MemorySpill):
+        def write(self, data: bytes | bytearray) -> None:
+            raise OSError(28, "No space left on device")
+
+    spill = FullDisk()
+    body = BodyReader(10**9, 1000, lambda: spill, spill_at=16)
+    assert body.feed(b"x" * 40 + b"\r\n") is None
+    assert body.feed(b".\r\n") == (replies.QUEUE_FULL, b"")
+    assert spill.discarded
+
+
+@given(lines=st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"")
+                                                 .replace(b"\n", b"")), max_size=20),
+       longest=st.integers(0, 25))
+def test_lines_within_is_the_longest_line(lines: list[bytes], longest: int) -> None:
+    region = b"".join(line + b"\r\n" for line in lines)
+    expected = all(len(line) - line.startswith(b".") <= longest for line in lines)
+    assert lines_within(region, longest) == expected
+
+
+@given(content=st.lists(st.sampled_from([b"", b".", b"..", b"a", b".a", b"a."]),
+                        max_size=30).map(lambda ls: b"".join(x + b"\r\n" for x in ls)),
+       size=st.integers(1, 12))
+def test_stuffed_pieces_are_the_wire_form(content: bytes, size: int) -> None:
+    wire = b"".join(stuffed_pieces(content, size))
+    assert unstuff(wire) == content
+    assert not wire.startswith(b".\r\n") and b"\r\n.\r\n" not in wire

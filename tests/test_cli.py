@@ -17,6 +17,7 @@ from forwarder.cli import build_parser, main
 from forwarder.clock import FakeClock
 from forwarder.config import HostPort
 from forwarder.directory import Directory
+from forwarder.returnpath import HASH_LENGTH
 from forwarder.srs import Srs
 from forwarder.srsstore import load_secrets
 from tests.conftest import (
@@ -216,7 +217,8 @@ def test_lookup_verdicts(run: Run, state_dir: Path) -> None:
 
 def test_lookup_and_srs_reverse_of_srs_addresses(run: Run, state_dir: Path) -> None:
     assert run("srs", "rotate")[0] == 0  # creates the secrets file
-    srs = Srs(load_secrets(state_dir / "srs-secrets"), DOMAIN, time.time)
+    srs = Srs(load_secrets(state_dir / "srs-secrets"), DOMAIN, time.time,
+              hash_length=HASH_LENGTH)
     bounce_to = srs.forward("alice@sender.example")
     doc = run_json(run, "lookup", bounce_to)
     assert (doc["verdict"], doc["route"], doc["target"]) == (

@@ -1,11 +1,13 @@
 """Which message a crash is blamed on (policy.blame, applied by forwarder/queue/ops.py):
-a process that dies with hundreds of messages in delivery must not quarantine them all
-after a few kills, and a message that brings the daemon down on its own must still end up
-held.
+a process killed from outside is nobody's fault; one that dies of a fault of its own with
+hundreds of messages in delivery must not quarantine them all; a message that brings the
+daemon down on its own must still end up held, and a held message still leaves as a
+bounce at the end of its lifetime.
 
-The queue is a real SQLite file; a "crash" is what SIGKILL leaves behind (leases in the
-file, no clean stop), and start-up is `Queue.recover`, as in `forwarder serve`.
-The rule itself, with no I/O, is tested by a table in tests/test_policy.py.
+The queue is a real SQLite file; a crash is what it leaves behind (leases in the file, no
+clean stop), and start-up is `Queue.recover`, as in `forwarder serve`, told whether the
+process left a fault report (forwarder/faults.py). The rule itself, with no I/O, is tested
+by a table in tests/test_policy.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 
 from forwarder.clock import FakeClock
 from forwarder.config import HostPort
+from forwarder.faults import FAULT_FILE
 from forwarder.policy import MAX_CRASHES, Lane, Outcome, Route
 from forwarder.queue import (
     Job,
@@ -31,6 +34,9 @@ from forwarder.queue import (
 from tests.conftest import DOMAIN, DaemonFactory, Sink, scan_due, simple_message, until
 
 NOW = 1_700_000_000.0
+# What Python's faulthandler writes when the process dies of a fatal signal.
+FAULT_REPORT = ("Fatal Python error: Segmentation fault\n\n"
+                "Current thread 0x00007f (most recent call first):\n")
 
 
 def new_message(n: int, now: float = NOW) -> NewMessage:
@@ -64,17 +70,33 @@ async def in_delivery(q: Queue, count: int, now: float = NOW) -> list[str]:
     return ids
 
 
+async def test_a_kill_from_outside_is_nobodys_fault(queue: Queue) -> None:
+    """SIGKILL, the OOM killer: no fault report, so nothing is charged, whatever lane the
+    messages were in, however many times (before, a burst of kills held a suspect)."""
+    ids = await in_delivery(queue, 5)
+    assert await queue.recover(NOW) == (5, 0)
+    assert set(crashes(queue).values()) == {(0, 0)}
+    assert len(await queue.lease_due(NOW, 100, frozenset())) == 5
+    await queue.recover(NOW, faulted=True)  # one real fault: suspects
+    for _ in range(2 * MAX_CRASHES):
+        (job,) = await queue.lease_due(NOW, 0, frozenset(), lane_free=True)
+        assert job.isolated
+        await queue.recover(NOW)  # killed with it alone in the lane, again and again
+    assert set(crashes(queue).values()) == {(1, 0)}
+    assert sorted(crashes(queue)) == sorted(ids)
+
+
 async def test_messages_in_flight_at_a_crash_are_suspected_not_charged_again(
         queue: Queue) -> None:
     ids = await in_delivery(queue, 5)
-    assert await queue.recover(NOW) == (5, 0)
+    assert await queue.recover(NOW, faulted=True) == (5, 0)
     assert set(crashes(queue).values()) == {(1, 0)}
     # Restart after restart, each killed right after its first scan: a suspect is never
     # handed out with the ordinary mail, so it is not charged again (before, all five were
     # leased again at each start and held at the third kill).
     for _ in range(MAX_CRASHES + 2):
         assert await queue.lease_due(NOW, 100, frozenset()) == []
-        await queue.recover(NOW)
+        await queue.recover(NOW, faulted=True)
     assert set(crashes(queue).values()) == {(1, 0)}
     assert sorted(crashes(queue)) == sorted(ids)
 
@@ -82,7 +104,7 @@ async def test_messages_in_flight_at_a_crash_are_suspected_not_charged_again(
 async def test_suspects_leave_one_at_a_time_and_never_with_ordinary_mail(
         queue: Queue) -> None:
     suspects = await in_delivery(queue, 3)
-    await queue.recover(NOW)
+    await queue.recover(NOW, faulted=True)
     fresh = new_message(10)
     await queue.enqueue(fresh, leased=False)  # an acceptor's: due now, unsuspected
     ordinary = await queue.lease_due(NOW + 20, 100, frozenset())
@@ -96,11 +118,11 @@ async def test_suspects_leave_one_at_a_time_and_never_with_ordinary_mail(
 
 async def test_a_message_that_crashes_the_daemon_alone_is_held(queue: Queue) -> None:
     (poison, *others) = await in_delivery(queue, 4)
-    await queue.recover(NOW)
+    await queue.recover(NOW, faulted=True)
     for n in range(2, MAX_CRASHES + 1):
         (job,) = await queue.lease_due(NOW, 0, frozenset(), lane_free=True)
         assert job.message_id == poison and job.isolated
-        await queue.recover(NOW)  # died with it alone in the lane
+        await queue.recover(NOW, faulted=True)  # died of a fault with it alone in the lane
         assert crashes(queue)[poison] == (n, int(n >= MAX_CRASHES))
     assert all(crashes(queue)[mid] == (1, 0) for mid in others)
     # Held: the lane moves on to the next suspect.
@@ -110,7 +132,7 @@ async def test_a_message_that_crashes_the_daemon_alone_is_held(queue: Queue) -> 
 
 async def test_a_completed_lone_attempt_clears_the_suspicion(queue: Queue) -> None:
     (suspect,) = await in_delivery(queue, 1)
-    await queue.recover(NOW)
+    await queue.recover(NOW, faulted=True)
     (job,) = await queue.lease_due(NOW, 0, frozenset(), lane_free=True)
     await queue.record([_deferred(job)], completed=[(suspect, Lane.ALONE)])
     assert crashes(queue)[suspect] == (0, 0)
@@ -127,13 +149,15 @@ def _deferred(job: Job) -> Result:
 async def test_the_daemon_tries_suspects_alone_then_delivers_them_all(
     start_daemon: DaemonFactory, sink: Sink, state_dir: Path, clock: FakeClock,
 ) -> None:
-    """A killed daemon left three messages in delivery. The restarted daemon tries them
-    one at a time (the sink holds the first: the others wait), then delivers all three."""
+    """A daemon that died of a fault (its report in the state directory) left three
+    messages in delivery. The restarted daemon tries them one at a time (the sink holds
+    the first: the others wait), then delivers all three."""
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
     left = Queue(state_dir / "queue.sqlite3")
     await left.open()
     ids = await in_delivery(left, 3, clock.now() - 10)
     await left.close()
+    await asyncio.to_thread((state_dir / FAULT_FILE).write_text, FAULT_REPORT)
     sink.handler.hang = True
     d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
     assert set(crashes(d.queue).values()) == {(1, 0)}
@@ -153,3 +177,61 @@ async def test_the_daemon_tries_suspects_alone_then_delivers_them_all(
     clock.advance(3600)
     assert await scan_due(d) == 1
     await sink.wait_for(3)
+
+
+async def test_a_killed_daemon_blames_nobody_and_delivers_at_once(
+    start_daemon: DaemonFactory, sink: Sink, state_dir: Path, clock: FakeClock,
+) -> None:
+    """No fault report: the last run was killed from outside. Its messages in delivery
+    are not suspected; they go out with the ordinary mail, all at once."""
+    await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
+    left = Queue(state_dir / "queue.sqlite3")
+    await left.open()
+    await in_delivery(left, 3, clock.now() - 10)
+    await left.close()
+    d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
+    assert set(crashes(d.queue).values()) == {(0, 0)}
+    await sink.wait_for(3)
+
+
+async def test_a_fault_report_is_acted_on_once(
+    start_daemon: DaemonFactory, state_dir: Path, clock: FakeClock,
+) -> None:
+    await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
+    left = Queue(state_dir / "queue.sqlite3")
+    await left.open()
+    await in_delivery(left, 1, clock.now() - 10)
+    await left.close()
+    report = state_dir / FAULT_FILE
+    await asyncio.to_thread(report.write_text, FAULT_REPORT)
+    d = await start_daemon()
+    assert set(crashes(d.queue).values()) == {(1, 0)}
+    assert await asyncio.to_thread(report.read_text) == ""
+
+
+async def test_a_held_message_bounces_at_the_end_of_its_lifetime(
+    start_daemon: DaemonFactory, sink: Sink, state_dir: Path, clock: FakeClock,
+) -> None:
+    """Held after crashing the daemon: never tried again, but at the end of the queue
+    lifetime it leaves the queue, its sender told by a DSN like for any message that could
+    not be delivered in time (before, it stayed held for ever)."""
+    await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
+    left = Queue(state_dir / "queue.sqlite3")
+    await left.open()
+    (poison,) = await in_delivery(left, 1, clock.now())
+    await left.recover(clock.now(), faulted=True)
+    for _ in range(MAX_CRASHES - 1):
+        assert await left.lease_due(clock.now(), 0, frozenset(), lane_free=True)
+        await left.recover(clock.now(), faulted=True)
+    await left.close()
+    d = await start_daemon(smarthost=HostPort("127.0.0.1", sink.port))
+    assert crashes(d.queue)[poison] == (MAX_CRASHES, 1)
+    clock.advance(d.settings.delivery.queue_lifetime - 60)
+    await scan_due(d)
+    assert crashes(d.queue) == {poison: (MAX_CRASHES, 1)}  # not yet
+    clock.advance(120)
+    await scan_due(d)
+    (dsn,) = await sink.wait_for(1)
+    assert dsn.mail_from in ("", "<>") and dsn.rcpt_tos == ["noreply@jobteaser.com"]
+    assert b"Status: 4.4.7" in dsn.content and b"held (quarantined)" in dsn.content
+    await until(lambda: poison not in crashes(d.queue))

@@ -130,13 +130,14 @@ def test_outcome_of_reply(code: int, outcome: Outcome) -> None:
 
 # Crash blame: (lane, ending, crashes and held before) -> (crashes, held, suspect) after.
 ORD, ALONE = Lane.ORDINARY, Lane.ALONE
-DONE, RAISED, DIED = Ending.COMPLETED, Ending.RAISED, Ending.PROCESS_DIED
+DONE, RAISED, DIED, KILLED = Ending.COMPLETED, Ending.RAISED, Ending.FAULTED, Ending.KILLED
 
 
 @pytest.mark.parametrize(
     ("lane", "ending", "before", "after"),
     [
-        # In flight beside hundreds of others when the process died: suspected, once.
+        # In flight beside hundreds of others when the process died of a fault of its own
+        # (forwarder/faults.py): suspected, once.
         (ORD, DIED, (0, False), (1, False, True)),
         (ORD, DIED, (1, False), (1, False, True)),  # never charged twice for that
         (ORD, DIED, (2, False), (2, False, True)),
@@ -154,6 +155,11 @@ DONE, RAISED, DIED = Ending.COMPLETED, Ending.RAISED, Ending.PROCESS_DIED
         # Ordinary delivery only holds unsuspected messages: nothing changes.
         (ORD, DONE, (0, False), (0, False, False)),
         (ORD, DONE, (1, False), (1, False, True)),
+        # Killed from outside (SIGKILL, the OOM killer): nobody's fault, in either lane.
+        (ORD, KILLED, (0, False), (0, False, False)),
+        (ORD, KILLED, (1, False), (1, False, True)),
+        (ALONE, KILLED, (1, False), (1, False, True)),
+        (ALONE, KILLED, (2, False), (2, False, True)),
         # Held stays held: only an administrator releases (`forwarder queue release`).
         (ORD, DIED, (3, True), (3, True, False)),
         (ALONE, RAISED, (5, True), (6, True, False)),
@@ -167,6 +173,14 @@ def test_crash_blame(lane: Lane, ending: Ending, before: tuple[int, bool],
 
 def test_crash_blame_table_is_complete() -> None:
     assert set(BLAME) == {(lane, ending) for lane in Lane for ending in Ending}
+
+
+def test_a_burst_of_kills_never_holds_a_message() -> None:
+    """However many kills land while it is in flight, alone or not, nothing is charged."""
+    standing = Suspicion(0, False)
+    for lane in [ORD, ALONE] * 10:
+        standing = blame(lane, KILLED, standing)
+    assert standing == Suspicion(0, False)
 
 
 def test_a_poison_message_is_held_after_crashing_alone_twice() -> None:

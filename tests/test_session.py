@@ -16,6 +16,7 @@ from forwarder.session import Session
 from forwarder.smtpevents import (
     Closing,
     Envelope,
+    ErrorCounted,
     Hello,
     MailFrom,
     MessageReceived,
@@ -221,7 +222,8 @@ def test_a_refused_body_is_answered_once_and_the_session_goes_on(body: bytes,
                                                                  reply: replies.Reply) -> None:
     driver = _run([HELO, MAIL, RCPT, ("DATA", ["354 End data with <CR><LF>.<CR><LF>"])])
     assert driver.send(body + b"NOOP\r\n") == [str(reply), "250 2.0.0 OK"]
-    assert driver.events[-1] == MessageRefused(reply)
+    # The refusal is an error like any 5xx (the tarpit counts it).
+    assert driver.events[-2:] == [MessageRefused(reply), ErrorCounted(1)]
 
 
 def test_pipelined_commands_wait_for_each_decision() -> None:
@@ -241,6 +243,7 @@ def test_pipelined_commands_wait_for_each_decision() -> None:
     assert isinstance(rcpt, RcptTo)
     assert session.buffered == len(b"NOOP\r\n")  # held until the answer
     session.reply("550 5.1.1 <b@mx.test>: user unknown")
+    assert session.next_event() == ErrorCounted(1)  # the adapter's tarpit hears of it
     assert session.next_event() is None
     assert session.data_to_send().decode().split("\r\n")[-3:] == [
         "550 5.1.1 <b@mx.test>: user unknown", "250 2.0.0 OK", ""]
@@ -267,7 +270,8 @@ def test_garbage_closes_the_session() -> None:
     lines = driver.send(b"BOGUS\r\n" * LIMITS.max_bad_commands)
     assert lines[-1] == str(replies.TOO_MANY_ERRORS)
     assert lines.count("500 5.5.1 command unrecognized") == LIMITS.max_bad_commands - 1
-    assert driver.events == [Closing(quit=False)] and driver.session.closed
+    errors = [ErrorCounted(n) for n in range(1, LIMITS.max_bad_commands)]
+    assert driver.events == [*errors, Closing(quit=False)] and driver.session.closed
     assert driver.send(b"NOOP\r\n") == []  # nothing more is read
 
 

@@ -80,6 +80,9 @@ class MemorySecrets:
     def load(self) -> list[bytes]:
         return list(self.secrets)
 
+    def short_hashes_until(self, fresh: bool, today: int, record: bool = True) -> int | None:
+        return None  # this backend never signed short hashes
+
 
 class MemoryKeys:
     """A KeyStore that is not SQLite."""

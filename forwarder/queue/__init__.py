@@ -9,6 +9,7 @@ fsync'd (synchronous=FULL) before the 250; an outcome or a lease alone is not (w
 | `ops.py` | the SQL: insert, record, lease, recover, crash blame applied |
 | `facade.py` | `Queue`, the daemon's handle on all of the above |
 | `intake.py` | the front's one door: `Intake.accept(message)` |
+| `spool.py` | bodies too big for a row: spool files, written as they arrive |
 
 The names below are the package's public face; import them from `forwarder.queue`.
 """
@@ -17,6 +18,7 @@ from forwarder.queue.facade import Queue
 from forwarder.queue.intake import DirectIntake, Intake, ScannerIntake
 from forwarder.queue.model import (
     PLAIN,
+    Body,
     Job,
     MessageFlags,
     NewMessage,
@@ -24,6 +26,8 @@ from forwarder.queue.model import (
     QueueError,
     RecipientJob,
     Result,
+    SpooledBody,
+    body_size,
     new_queue_id,
 )
 from forwarder.queue.schema import QUEUE_SCHEMA_VERSION, open_queue_db
@@ -31,6 +35,7 @@ from forwarder.queue.schema import QUEUE_SCHEMA_VERSION, open_queue_db
 __all__ = [
     "PLAIN",
     "QUEUE_SCHEMA_VERSION",
+    "Body",
     "DirectIntake",
     "Intake",
     "Job",
@@ -42,6 +47,8 @@ __all__ = [
     "RecipientJob",
     "Result",
     "ScannerIntake",
+    "SpooledBody",
+    "body_size",
     "new_queue_id",
     "open_queue_db",
 ]

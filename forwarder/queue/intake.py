@@ -16,11 +16,11 @@ process starts (forwarder/daemon.py):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from forwarder.queue.facade import Queue
-from forwarder.queue.model import Job, NewMessage
+from forwarder.queue.model import Job, NewMessage, SpooledBody
 from forwarder.queue.writer import Op
 
 
@@ -49,6 +49,9 @@ class DirectIntake:
 
     async def accept(self, message: NewMessage) -> str:
         ids = await self.queue.enqueue(message, leased=True, also=self.journal(message))
+        body = message.body
+        if isinstance(body, SpooledBody):  # now under its queue id
+            message = replace(message, body=replace(body, path=self.queue.spool.path(message.id)))
         self.deliver(Job.fresh(message, ids))
         return message.id
 

@@ -6,6 +6,7 @@ import base64
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from forwarder.dsnparams import DsnRequest, RecipientDsn
 from forwarder.policy import Lane, Outcome, Route
@@ -31,6 +32,27 @@ def new_queue_id(now: float) -> str:
     """16 base32 characters: 40 bits of milliseconds (sortable by time) + 40 random bits."""
     raw = ((int(now * 1000) & (2**40 - 1)) << 40) | _ID_RANDOM.getrandbits(40)
     return base64.b32encode(raw.to_bytes(10, "big")).decode("ascii")
+
+
+@dataclass(frozen=True)
+class SpooledBody:
+    """A message too big for a queue row: `prefix` (our own header fields, kept in the
+    row), then the client's message in a spool file (forwarder/queue/spool.py) in its wire
+    form, dot-stuffed. `size`: the whole message's octets unstuffed; `head`: its first
+    octets unstuffed (whole lines, prefix included), where known (the header checks)."""
+
+    prefix: bytes
+    path: Path
+    size: int
+    head: bytes = b""
+
+
+# A message's bytes: in memory (unstuffed), or partly in a spool file.
+Body = bytes | SpooledBody
+
+
+def body_size(body: Body) -> int:
+    return len(body) if isinstance(body, bytes) else body.size
 
 
 @dataclass(frozen=True)
@@ -60,7 +82,7 @@ class NewMessage:
     sender: str
     arrived_at: float
     client: str
-    body: bytes
+    body: Body
     recipients: tuple[NewRecipient, ...]
     flags: MessageFlags = PLAIN
     # The verdicts of the checks at receipt (name -> result), for the delivery history;
@@ -87,7 +109,7 @@ class Job:
     sender: str
     arrived_at: float
     recipients: list[RecipientJob]
-    body: bytes | None = None
+    body: Body | None = None
     isolated: bool = False  # a suspect, alone in the lane: a crash now is charged to it
     flags: MessageFlags = PLAIN
     size: int = 0  # of the body, known without it (SIZE= on MAIL, RFC 1870)
@@ -103,7 +125,7 @@ class Job:
         return cls(message.id, message.sender, message.arrived_at, [
             RecipientJob(rid, r.orig_rcpt, r.rcpt, r.route, 0, dsn=r.dsn)
             for rid, r in zip(recipient_ids, message.recipients, strict=True)
-        ], message.body, flags=message.flags, size=len(message.body),
+        ], message.body, flags=message.flags, size=body_size(message.body),
             client=message.client)
 
     @property

@@ -12,11 +12,21 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from forwarder.dsnparams import DsnRequest, RecipientDsn
 from forwarder.policy import BLAME, Charge, Ending, Lane, Outcome, Route, Suspicion, blame
-from forwarder.queue.model import Job, MessageFlags, NewMessage, RecipientJob, Result
+from forwarder.queue.model import (
+    Body,
+    Job,
+    MessageFlags,
+    NewMessage,
+    RecipientJob,
+    Result,
+    SpooledBody,
+    body_size,
+)
 from forwarder.queue.schema import ISOLATED, LEASED
 from forwarder.queue.writer import Op
 
@@ -37,13 +47,16 @@ def insert_message(msg: NewMessage, leased: bool) -> Op:
                            else (0, msg.arrived_at))
 
     flags = msg.flags
+    body = msg.body
+    stored, spooled = (body, 0) if isinstance(body, bytes) else (body.prefix, 1)
 
     def op(conn: sqlite3.Connection) -> list[int]:
         conn.execute(
             "INSERT INTO messages (id, sender, arrived_at, size, client, body, ret, envid,"
-            " smtputf8, eight_bit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (msg.id, msg.sender, msg.arrived_at, len(msg.body), msg.client, msg.body,
-             flags.dsn.ret, flags.dsn.envid, int(flags.smtputf8), int(flags.eight_bit)),
+            " smtputf8, eight_bit, spooled) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (msg.id, msg.sender, msg.arrived_at, body_size(body), msg.client, stored,
+             flags.dsn.ret, flags.dsn.envid, int(flags.smtputf8), int(flags.eight_bit),
+             spooled),
         )
         ids = []
         for r in msg.recipients:
@@ -78,12 +91,14 @@ def apply_blame(conn: sqlite3.Connection, message_id: str, lane: Lane,
 
 
 def record(results: Sequence[Result], new_messages: Sequence[NewMessage],
-           completed: Sequence[tuple[str, Lane]]) -> Op:
+           completed: Sequence[tuple[str, Lane]], spooled: list[str] | None = None) -> Op:
     """Outcomes and the DSNs they cause, in one transaction: a failed recipient leaves the
     queue in the same commit that queues its bounce, so a crash can lose neither. The
     `completed` messages' attempts ended normally, in the lane given (crash blame)."""
 
     def op(conn: sqlite3.Connection) -> tuple[list[str], list[list[int]]]:
+        if spooled is not None:
+            spooled.clear()  # a transaction that failed and is tried again starts afresh
         for message_id, lane in completed:
             apply_blame(conn, message_id, lane, Ending.COMPLETED)
         touched: set[str] = set()
@@ -100,7 +115,7 @@ def record(results: Sequence[Result], new_messages: Sequence[NewMessage],
                  r.error, r.dsn_status, r.remote_mta, int(r.warned), r.recipient_id),
             )
         new_ids = [insert_message(m, leased=True)(conn) for m in new_messages]
-        return _finished_messages(conn, touched), new_ids
+        return _finished_messages(conn, touched, spooled), new_ids
 
     return op
 
@@ -118,15 +133,20 @@ def crashed(message_id: str, lane: Lane, recipient_ids: Sequence[int], retry_at:
     return op
 
 
-def _finished_messages(conn: sqlite3.Connection, ids: Iterable[str]) -> list[str]:
-    """Delete messages with nothing left to try; return their ids."""
+def _finished_messages(conn: sqlite3.Connection, ids: Iterable[str],
+                       spooled: list[str] | None) -> list[str]:
+    """Delete messages with nothing left to try; return their ids, and add those whose
+    body is in a spool file to `spooled` (the file goes once the commit is done)."""
     done = []
     for message_id in ids:
         left = conn.execute("SELECT 1 FROM recipients WHERE message_id = ? LIMIT 1",
                             (message_id,)).fetchone()
         if left is None:
-            conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            row = conn.execute("DELETE FROM messages WHERE id = ? RETURNING spooled",
+                               (message_id,)).fetchone()
             done.append(message_id)
+            if row is not None and row[0] and spooled is not None:
+                spooled.append(message_id)
     return done
 
 
@@ -189,10 +209,11 @@ def _lease_rows(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], now: 
     return list(jobs.values())
 
 
-def recover(now: float) -> Op:
-    """Start-up: leases left by a crash become due now, and each message that held one is
-    blamed as `policy.blame` says for a process that died during its attempt. Returns
-    (recipients recovered, messages newly held)."""
+def recover(now: float, ending: Ending) -> Op:
+    """Start-up: leases left by the last run become due now, and each message that held
+    one is blamed as `policy.blame` says for that run's `ending` (FAULTED: it died of a
+    fault of its own; KILLED: it was killed from outside). Returns (recipients recovered,
+    messages newly held)."""
 
     def op(conn: sqlite3.Connection) -> tuple[int, int]:
         # max(): a message with a recipient alone in the lane was in the lane.
@@ -201,12 +222,25 @@ def recover(now: float) -> Op:
         held = 0
         for message_id, lease in leased:
             lane = Lane.ALONE if lease == ISOLATED else Lane.ORDINARY
-            verdict = apply_blame(conn, message_id, lane, Ending.PROCESS_DIED)
+            verdict = apply_blame(conn, message_id, lane, ending)
             held += verdict is not None and verdict[1].held and not verdict[0].held
         recovered = conn.execute(
             "UPDATE recipients SET leased = 0, next_attempt = ? WHERE leased != 0", (now,)
         ).rowcount
         return recovered, held
+
+    return op
+
+
+def lease_expired_held(now: float, lifetime: float) -> Op:
+    """Held messages at the end of their lifetime, leased for their bounce: a held message
+    is never tried again, but it does not stay for ever either."""
+
+    def op(conn: sqlite3.Connection) -> list[Job]:
+        rows = conn.execute(
+            f"{_DUE_COLUMNS} WHERE m.held = 1 AND m.arrived_at <= ? AND r.leased = 0",
+            (now - lifetime,)).fetchall()
+        return _lease_rows(conn, rows, now, LEASED)
 
     return op
 
@@ -219,9 +253,19 @@ def release(ids: list[int], now: float) -> Op:
     return op
 
 
-def load_body(conn: sqlite3.Connection, message_id: str) -> bytes | None:
-    row = conn.execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchone()
-    return None if row is None else bytes(row[0])
+def load_body(conn: sqlite3.Connection, message_id: str, spool: Path) -> Body | None:
+    """A message's bytes: the row's, or its fields in the row and the rest in `spool`."""
+    row = conn.execute("SELECT body, spooled, size FROM messages WHERE id = ?",
+                       (message_id,)).fetchone()
+    if row is None:
+        return None
+    if not row[1]:
+        return bytes(row[0])
+    return SpooledBody(bytes(row[0]), spool / message_id, int(row[2]))
+
+
+def spooled_ids(conn: sqlite3.Connection) -> set[str]:
+    return {mid for (mid,) in conn.execute("SELECT id FROM messages WHERE spooled = 1")}
 
 
 def stats(conn: sqlite3.Connection) -> dict[str, Any]:

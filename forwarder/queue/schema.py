@@ -125,6 +125,14 @@ SCHEMA = (
     );
     CREATE INDEX history_replies_address ON history_replies (address, at);
     """,
+    # v7: a big message's body is in a spool file (forwarder/queue/spool.py); `body` then
+    # holds only our own header fields, and the file the rest, dot-stuffed. Held messages
+    # are found by age (they bounce at the end of their lifetime).
+    """
+    ALTER TABLE messages ADD COLUMN spooled INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX messages_spooled ON messages (id) WHERE spooled = 1;
+    CREATE INDEX messages_held ON messages (arrived_at) WHERE held = 1;
+    """,
 )
 QUEUE_SCHEMA_VERSION = len(SCHEMA)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -206,6 +207,21 @@ async def checkpoints(db: DbThread, committer: GroupCommitter) -> None:
             # On an error, the next one or SQLite's backstop catches up.
             with contextlib.suppress(sqlite3.Error):
                 await db.run(_checkpoint)
+
+
+def sync_wal(conn: sqlite3.Connection) -> None:
+    """Make every commit so far durable, fsync'd or not: fsync the WAL file (a commit
+    already checkpointed is in the database file, which the checkpoint fsync'd before the
+    WAL could be reused)."""
+    name = conn.execute("PRAGMA database_list").fetchone()[2]
+    try:
+        fd = os.open(f"{name}-wal", os.O_RDONLY)
+    except FileNotFoundError:  # no WAL: everything is in the database file
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
