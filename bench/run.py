@@ -414,10 +414,9 @@ def scenario_a(env: Env) -> None:
 def scenario_b(env: Env) -> None:
     a = env.args
     print(f"(b) {a.idle} idle connections, then the (a) load", flush=True)
-    # Each accepting process (one per CPU) takes an equal share of max_connections, and the
-    # kernel need not spread the idle connections evenly: room for all of them in each.
-    processes = max(1, os.cpu_count() or 1)
-    config = write_config(env.work / "b.toml", processes * (a.idle + 500), a.idle + 100)
+    # The caps are the daemon's, across its processes: room for the idle connections and
+    # the load's sessions (the load and the idle holder both connect from 127.0.0.1).
+    config = write_config(env.work / "b.toml", a.idle + 500, a.idle + 100)
     with env.daemon("b", a.directory, config) as (daemon, sink):
         rss0 = daemon.status("VmRSS")
 

@@ -257,11 +257,14 @@ def _acceptor_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from forwarder import daemon
     from forwarder.cli_common import settings_for
+    from forwarder.workers import Inherited
 
+    inherited = None
+    if args.control_fd is not None:
+        inherited = Inherited(args.control_fd, args.counts_fd, args.slot)
     # SIGHUP re-reads the same file with the same flags on top (flags keep precedence).
     return daemon.run(settings, reload_settings=lambda: settings_for(args),
-                      acceptor_argv=_acceptor_argv(args, settings),
-                      listen_fd=args.listen_fd, control_fd=args.control_fd)
+                      acceptor_argv=_acceptor_argv(args, settings), inherited=inherited)
 
 
 def register(sub: Any) -> None:
@@ -275,8 +278,9 @@ def register(sub: Any) -> None:
     p.add_argument("--acceptors", type=int, metavar="N",
                    help="extra accepting processes (default: one per CPU beyond the first)")
     # Set by the main process when it starts an acceptor (forwarder/workers.py).
-    p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--counts-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--slot", type=int, help=argparse.SUPPRESS)
     p = add_command(sub, "check", cmd_check,
                     "validate the configuration and the storage; report every problem; "
                     "print the Postfix gateway's tables",

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+# Re-exported: `host[:port]` values are parsed there, and named from here by everything else.
+from forwarder.hostport import HostPort as HostPort
+from forwarder.hostport import parse_hostport as parse_hostport
+
 DEFAULT_DOMAIN = "sigma-clermont.fr"
 DEFAULT_LISTEN = "127.0.0.1:2525"
 DEFAULT_STATE_DIR = "./forwarder-data"
@@ -30,37 +34,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
-
-
-@dataclass(frozen=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_hostport(text: str, default_port: int = 25) -> HostPort:
-    """Parse `host`, `host:port` or `[v6]:port`; raise ValueError on anything else."""
-    text = text.strip()
-    if not text:
-        raise ValueError("empty host")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"bad host:port {text!r}")
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
-    if not host or any(c.isspace() for c in host):
-        raise ValueError(f"bad host in {text!r}")
-    port = int(port_text) if port_text else default_port
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port out of range in {text!r}")
-    return HostPort(host, port)
 
 
 @dataclass(frozen=True)
@@ -202,6 +175,10 @@ class HistorySettings:
 @dataclass(frozen=True)
 class Settings:
     listen: HostPort = field(default_factory=lambda: parse_hostport(DEFAULT_LISTEN))
+    # Connections the kernel completes and holds for us until accept() (listen(2)); a
+    # burst past it loses SYNs, and each costs its client a 1 s retransmission. Postfix
+    # asks for 100; the kernel caps it at net.core.somaxconn (4096 on Linux >= 5.4).
+    listen_backlog: int = 1024
     domains: tuple[str, ...] = (DEFAULT_DOMAIN,)
     hostname: str = field(default_factory=socket.getfqdn)
     state_dir: Path = Path(DEFAULT_STATE_DIR)
@@ -303,35 +280,18 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
             return None
-    if key == "dns_servers":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            problems.append("dns_servers: must be a list of \"host\" or \"host:port\"")
-            return ()
-        try:
-            return tuple(parse_hostport(v, 53) for v in value)
-        except ValueError as exc:
-            problems.append(f"dns_servers: {exc}")
-            return ()
-    if key == "domains":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value or not all(isinstance(d, str) for d in value):
-            problems.append("domains: must be a non-empty list of domain names")
-            return None
-        return tuple(d.strip().lower().rstrip(".") for d in value)
-    if key in ("error_limit_exempt", "xforward_hosts"):
-        return _networks(key, value, problems)
+    if key in _LIST_KEYS:
+        return _convert_list(key, [value] if isinstance(value, str) else value, problems)
     if key == "state_dir":
         return Path(str(value))
+    if key in _WHOLE_NUMBERS:
+        low, high, default, says = _WHOLE_NUMBERS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            problems.append(f"{key}: must be a whole number {says}")
+            return default
+        return value
     if key in _OUTBOUND_KEYS:
         return _convert_outbound(key, value, problems)
-    if key == "acceptors":
-        if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 64:
-            problems.append("acceptors: must be a whole number from -1 (auto) to 64")
-            return -1
-        return value
     if key in ("busy_timeout", "stop_timeout"):
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             problems.append(f"{key}: must be a number of seconds >= 0")
@@ -346,9 +306,32 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
     return value
 
 
+# key -> (lowest, highest, default when wrong, what the problem says)
+_WHOLE_NUMBERS = {"listen_backlog": (1, 65535, 1024, "from 1 to 65535"),
+                  "acceptors": (-1, 64, -1, "from -1 (auto) to 64")}
+_LIST_KEYS = ("dns_servers", "domains", "error_limit_exempt", "xforward_hosts")
+
+
+def _convert_list(key: str, value: Any, problems: list[str]) -> Any:
+    """The keys that take a list of strings (one string is a list of one)."""
+    if key == "dns_servers":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.append("dns_servers: must be a list of \"host\" or \"host:port\"")
+            return ()
+        try:
+            return tuple(parse_hostport(v, 53) for v in value)
+        except ValueError as exc:
+            problems.append(f"dns_servers: {exc}")
+            return ()
+    if key == "domains":
+        if not isinstance(value, list) or not value or not all(isinstance(d, str) for d in value):
+            problems.append("domains: must be a non-empty list of domain names")
+            return None
+        return tuple(d.strip().lower().rstrip(".") for d in value)
+    return _networks(key, value, problems)
+
+
 def _networks(key: str, value: Any, problems: list[str]) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         problems.append(f"{key}: must be a list of addresses or networks")
         return ()

@@ -14,6 +14,7 @@ from forwarder import log, replies
 from forwarder.config import Limits, Settings
 from forwarder.metrics import Metrics
 from forwarder.replies import Reply
+from forwarder.sharedcounts import SharedCounts
 
 LOG = log.get("forwarder.smtp")
 
@@ -37,52 +38,57 @@ def load_tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | No
 
 
 class Connections:
-    """Live sessions, counted in all and per client address; the TLS context they use."""
+    """Live sessions of this process, counted against the caps in a table that every
+    process of the daemon shares (forwarder/sharedcounts.py); the TLS context they use."""
 
     def __init__(self, tls_context: ssl.SSLContext | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, counts: SharedCounts | None = None) -> None:
         self.tls_context = tls_context
         self.metrics = metrics
         self.closing = False
-        self._sessions: set[Session] = set()
-        self._per_client: dict[str, int] = {}
+        # One process alone counts in a table of its own.
+        self.counts = counts if counts is not None else SharedCounts.create(1)
+        self._sessions: dict[Session, tuple[int, int]] = {}
         self._empty = asyncio.Event()
         self._empty.set()
         self._background: set[asyncio.Future[Any]] = set()
 
     def __len__(self) -> int:
+        """Sessions open in this process."""
         return len(self._sessions)
 
     def count(self, client: str) -> int:
-        return self._per_client.get(client, 0)
+        """Sessions open from `client` in all the daemon's processes."""
+        return self.counts.count(client)
+
+    def total(self) -> int:
+        """Sessions open in all the daemon's processes."""
+        return self.counts.total()
 
     def admit(self, session: Session, client: str, limits: Limits) -> Reply | None:
-        """Count a new session, or say why it is refused (RFC 5321 3.1: 421 and close)."""
+        """Count a new session, or say why it is refused (RFC 5321 3.1: 421 and close).
+        The caps are the daemon's, whichever process the kernel handed the connection to."""
         if self.closing:
             return replies.SHUTTING_DOWN
-        if (len(self._sessions) >= limits.max_connections
-                or self.count(client) >= limits.max_connections_per_client):
+        counted = self.counts.admit(client, limits.max_connections,
+                                    limits.max_connections_per_client)
+        if counted is None:
             return replies.TOO_MANY_CONNECTIONS
-        self._sessions.add(session)
-        self._per_client[client] = self.count(client) + 1
+        self._sessions[session] = counted
         self._empty.clear()
         if self.metrics is not None:
             self.metrics.session_opened()
-        LOG.info("connect", client=client, sessions=len(self._sessions))
+        LOG.info("connect", client=client, sessions=self.counts.total())
         return None
 
     def release(self, session: Session, client: str) -> None:
-        if session not in self._sessions:
+        counted = self._sessions.pop(session, None)
+        if counted is None:
             return
-        self._sessions.discard(session)
+        self.counts.release(counted)
         if self.metrics is not None:
             self.metrics.session_closed()
         LOG.info("disconnect", client=client)
-        left = self.count(client) - 1
-        if left > 0:
-            self._per_client[client] = left
-        else:
-            self._per_client.pop(client, None)
         if not self._sessions:
             self._empty.set()
 

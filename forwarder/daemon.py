@@ -5,13 +5,17 @@ is bound, the databases are open and the queue recovered. SIGHUP reloads the con
 file and the SRS secrets in place (an invalid file is refused and the old settings stay);
 SIGTERM stops accepting, lets transactions in flight finish within `stop_timeout`, stops
 delivery (an interrupted attempt is simply retried after restart) and exits 0.
+
+Its parts live beside it: daemonparts.py (start-up errors, the state lock, resolver and
+router, the disk space check, the queue's recovery), daemonupkeep.py (the periodic loops
+and the reload itself) and workers.py (`ProcessGroup`: the listening socket, the acceptors
+or the link to the main process, the caps table they share).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
 import socket
@@ -23,22 +27,22 @@ from typing import Any
 from forwarder import __version__, log, sendtest
 from forwarder.checks import Checks
 from forwarder.clock import Clock, SystemClock
-from forwarder.config import ConfigError, HostPort, Settings
+from forwarder.config import HostPort, Settings
 from forwarder.connections import Connections, load_tls_context
 from forwarder.control import STATUS_SOCKET, StatusService
 from forwarder.daemonparts import (
-    StartFailed,
     StateLockError,
     check_space,
     lock_state_dir,
     mail_router,
     make_resolver,
-    per_process,
     recover_queue,
     start_error,
     sweep_spool,
     tune_gc,
 )
+from forwarder.daemonupkeep import reload as reload_daemon
+from forwarder.daemonupkeep import report_loop, space_loop, status_loop
 from forwarder.delivery import Dispatcher, Router
 from forwarder.directory import SqliteDaemonDirectory
 from forwarder.faults import FAULT_FILE, FaultRecord
@@ -55,15 +59,10 @@ from forwarder.smtpclient import ConnectionPool, Sender
 from forwarder.smtpserver import SmtpProtocol
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
 from forwarder.targetupkeep import TargetUpkeep
-from forwarder.tarpit import ErrorLedger, parse_networks
-from forwarder.workers import Acceptors, MainLink, listening_socket
+from forwarder.tarpit import ErrorLedger
+from forwarder.workers import Inherited, ProcessGroup, StartError, listen_error
 
 LOG = log.get("forwarder.daemon")
-STATUS_INTERVAL = 5.0
-PURGE_INTERVAL = 3600.0
-# Pending connections the kernel holds for us: bursts of 500 clients must not wait for a
-# SYN retransmission (asyncio's default is 100).
-BACKLOG = 1024
 
 
 class Daemon:
@@ -77,23 +76,15 @@ class Daemon:
         reload_settings: Callable[[], Settings] | None = None,
         notifier: Notifier | None = None,
         acceptor_argv: Sequence[str] | None = None,
-        listen_fd: int | None = None,
-        control_fd: int | None = None,
+        inherited: Inherited | None = None,
     ) -> None:
-        multi = control_fd is not None or (acceptor_argv is not None
-                                           and settings.acceptor_count > 0)
-        self._processes = 1 + settings.acceptor_count if multi else 1
-        self.settings = settings = per_process(settings, self._processes)
+        self.settings = settings
         # Several accepting processes (forwarder/workers.py): the main process is given
-        # the argv to start acceptors with; an acceptor is given the two inherited fds.
-        self.acceptor_argv = acceptor_argv
-        self.listen_fd = listen_fd
-        self.control_fd = control_fd
-        self.acceptors: Acceptors | None = None
-        self.link: MainLink | None = None
-        self._listener: socket.socket | None = None
+        # the argv to start acceptors with; an acceptor is given the inherited fds.
+        self.group = ProcessGroup(settings.acceptor_count, acceptor_argv, inherited)
+        self.listener: socket.socket | None = None
         self.clock = clock or SystemClock()
-        self._fixed_router = router
+        self.fixed_router = router
         # One resolver (and cache) for MX routing, MTA-STS and the inbound checks.
         self.resolver = make_resolver(settings, self.clock)
         self.router = router or mail_router(settings, self.resolver)
@@ -113,8 +104,9 @@ class Daemon:
         # by `forwarder serve` (run()), not in a process that embeds the daemon.
         self.faults = FaultRecord(settings.state_dir / FAULT_FILE)
         self.record_faults = False
-        # Live sessions (caps, shutdown notice), the STARTTLS context, the session's metrics.
-        self.connections = Connections(metrics=self.metrics)
+        # Live sessions (caps, shutdown notice) and the STARTTLS context; the caps are
+        # counted in a table shared with the acceptors (forwarder/sharedcounts.py).
+        self.connections = Connections(metrics=self.metrics, counts=self.group.counts)
         # Recent errors per client address, for the tarpit (forwarder/tarpit.py).
         # A trusted XFORWARD gateway passes on its clients' mistakes: exempt like the others.
         self.error_ledger = ErrorLedger(self.clock.now,
@@ -167,9 +159,13 @@ class Daemon:
     # --- start ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        acceptor = self.control_fd is not None
+        acceptor = self.group.is_acceptor
         if not acceptor:  # the main process owns the state directory and the leases
             self._lock_fd = lock_state_dir(self.settings.state_dir)
+        # Bound by the main process (a busy address fails here, before anything else is
+        # opened) or handed to an acceptor.
+        self.listener = self.group.listener(self.settings.listen)
+        if not acceptor:
             # Room for opening the databases and recovering the queue on a full disk (the
             # reserve is remade once started, or as soon as there is space again:
             # forwarder/queue/reserve.py).
@@ -183,7 +179,7 @@ class Daemon:
                                                             self.settings.tls_key)
         except (OSError, ssl.SSLError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise StartFailed(f"TLS certificate {self.settings.tls_cert} or key "
+            raise StartError(f"TLS certificate {self.settings.tls_cert} or key "
                               f"{self.settings.tls_key}: {reason}") from exc
         if not acceptor:  # the key of send-test's mark, checked where mail is delivered
             self.history.test_key = sendtest.ensure_key(self.settings.state_dir)
@@ -193,35 +189,37 @@ class Daemon:
             await sweep_spool(self.queue)
         await self._listen(acceptor)
         await check_space(self.queue, self.front, acceptor)
-        self._spawn(self._space_loop(acceptor), "space")
+        self._spawn(space_loop(self, acceptor), "space")
         # Every process counts the sender domains its checks saw and adds them up in the
         # directory now and then.
-        self._spawn(self._report_loop(), "senders")
+        self._spawn(report_loop(self), "senders")
         if acceptor:
-            self._start_acceptor()
+            link = self.group.join_main(on_lost=self.request_stop)
+            self._spawn(link.report_loop(self.metrics), "report")
             return
         await self._start_metrics()
         await self.targets.start(self.directory)
         self._spawn(self.dispatcher.run(), "dispatcher")
-        self._spawn(self._status_loop(), "status")
+        self._spawn(status_loop(self), "status")
         interval = watchdog_interval()
         if interval is not None and self.notifier.enabled:
             self._spawn(watchdog_loop(self.notifier, interval), "watchdog")
         self.dispatcher.wake()
-        await self._start_acceptors()
+        await self.group.start_acceptors(self.listener, self.dispatcher.wake, self.metrics,
+                                         self.settings.stop_timeout)
         await self.status.start()
         LOG.info("listening", host=self.settings.listen.host, port=self.port,
                  domains=list(self.settings.domains), version=__version__,
-                 acceptors=self.acceptors.count if self.acceptors else 0)
+                 acceptors=self.group.size - 1)
         log.flush()  # the "listening" line is in the journal before systemd hears READY
         self.notifier.ready(f"listening on {self.settings.listen.host}:{self.port}")
 
     async def _listen(self, acceptor: bool) -> None:
-        """Bind (or, in an acceptor, take over the inherited socket) and serve SMTP."""
+        """Serve SMTP on the socket bound at start (or, in an acceptor, inherited)."""
         # The main process delivers what it accepts; an acceptor leaves it to the main
         # process's scanner (forwarder/queue/intake.py).
         journal = self.history.journal
-        intake: Intake = (ScannerIntake(self.queue, self._wake_main, journal) if acceptor
+        intake: Intake = (ScannerIntake(self.queue, self.group.wake_main, journal) if acceptor
                           else DirectIntake(self.queue, self.dispatcher.submit, journal))
         assert self.directory is not None and self.return_path is not None
         self.front = Front(self.settings, self.directory, intake, self.clock,
@@ -229,37 +227,13 @@ class Daemon:
                            spool=self.queue.spool, history=self.history)
         front = self.front
         loop = asyncio.get_running_loop()
-        listen = self.settings.listen
-        if self.listen_fd is not None:
-            self._listener = socket.socket(fileno=self.listen_fd)
-        elif self._processes > 1:  # the main process of several: a socket to share
-            self._listener = listening_socket(listen.host, listen.port, BACKLOG)
-        if self._listener is not None:
-            self._server = await loop.create_server(lambda: self._protocol(front),
-                                                    sock=self._listener)
-        else:
-            self._server = await loop.create_server(lambda: self._protocol(front), listen.host,
-                                                    listen.port, backlog=BACKLOG)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def _wake_main(self) -> None:
-        if self.link is not None:
-            self.link.wake()
-
-    def _start_acceptor(self) -> None:
-        assert self.control_fd is not None
-        self.link = MainLink(self.control_fd, on_lost=self.request_stop)
-        self.link.start()
-        self._spawn(self.link.report_loop(self.metrics), "report")
-        self.link.ready()
-
-    async def _start_acceptors(self) -> None:
-        if self._processes == 1 or self.acceptor_argv is None or self._listener is None:
-            return
-        self.acceptors = Acceptors(self._processes - 1, self.acceptor_argv, self._listener,
-                                   self.dispatcher.wake, self.metrics,
-                                   self.settings.stop_timeout)
-        await self.acceptors.start()
+        assert self.listener is not None
+        # create_server calls listen() again with its own default of 100 unless told: every
+        # process passes the configured backlog, or the last one to start would reset it.
+        self._server = await loop.create_server(lambda: self._protocol(front),
+                                                sock=self.listener,
+                                                backlog=self.settings.listen_backlog)
+        self.port = self.listener.getsockname()[1]
 
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
@@ -267,37 +241,17 @@ class Daemon:
     async def _start_metrics(self) -> None:
         where = self.settings.metrics_listen
         if where is not None:
-            self._metrics_server = await start_metrics_server(self.metrics, where.host,
-                                                              where.port)
+            try:
+                self._metrics_server = await start_metrics_server(self.metrics, where.host,
+                                                                  where.port)
+            except OSError as exc:
+                raise listen_error(f"serve metrics on {where}", exc,
+                                   "another program listens there") from None
             LOG.info("metrics_listening", host=where.host, port=self._metrics_server.port)
 
     def _protocol(self, front: Front) -> SmtpProtocol[Accepted]:
         return SmtpProtocol(front, self.settings, self.connections, self.error_ledger,
                             self.queue.spool.open_incoming)
-
-    async def _status_loop(self) -> None:
-        """Queue depth for metrics and for `systemctl status` (STATUS=); once an hour, the
-        long-sender keys whose SRS addresses have expired are forgotten and the delivery
-        history past its retention is deleted."""
-        purged_at = -PURGE_INTERVAL
-        while True:
-            with contextlib.suppress(Exception):
-                await self.refresh_status()
-            self.status.tick()
-            if self.clock.now() - purged_at >= PURGE_INTERVAL and self.return_path is not None:
-                purged_at = self.clock.now()
-                with contextlib.suppress(Exception):
-                    await self.return_path.purge_expired()
-                with contextlib.suppress(Exception):
-                    await self.history.purge_expired()
-                await sweep_spool(self.queue)
-            await asyncio.sleep(STATUS_INTERVAL)
-
-    async def _space_loop(self, acceptor: bool) -> None:
-        while True:
-            await asyncio.sleep(STATUS_INTERVAL)
-            with contextlib.suppress(OSError):
-                await check_space(self.queue, self.front, acceptor)
 
     async def refresh_status(self) -> None:
         stats = await self.queue.stats()
@@ -311,61 +265,14 @@ class Daemon:
             f"messages, {sum(stats['recipients'].values())} recipients, "
             f"{len(self.dispatcher.in_flight)} in delivery")
 
-    async def _report_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.checks.report_interval)
-            await self.flush_senders()
-
     async def flush_senders(self) -> int:
         """Add the sender counts gathered since the last flush to the directory."""
         assert self.directory is not None
         return await self.senders.flush(self.directory.record_senders)
 
-    # --- reload -----------------------------------------------------------------------
-
     def reload(self) -> bool:
         """SIGHUP: re-read the configuration file and the SRS secrets, keep sessions open."""
-        if self.reload_settings is None:
-            return False
-        self.notifier.reloading()
-        if self.acceptors is not None:
-            self.acceptors.signal_all(signal.SIGHUP)  # they re-read the same file
-        try:
-            new = self.reload_settings()
-            assert self.return_path is not None
-            self.return_path.reload(new.effective_srs_domain)
-            if self.front is not None:
-                self.front.reload_token_secrets()
-            self.connections.reload_tls(new)
-        except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
-            LOG.error("reload_refused", error=str(exc))
-            self.notifier.ready("reload refused: configuration invalid, old one kept")
-            return False
-        if (new.listen, new.state_dir) != (self.settings.listen, self.settings.state_dir):
-            LOG.warning("reload_partial", detail="listen and state_dir need a restart")
-            new = dataclasses.replace(new, listen=self.settings.listen,
-                                      state_dir=self.settings.state_dir)
-        self._apply(new)
-        self.targets.reload(new)
-        LOG.info("reloaded", domains=list(new.domains))
-        self.notifier.ready("reloaded")
-        return True
-
-    def _apply(self, new: Settings) -> None:
-        new = per_process(new, self._processes)
-        self.settings = new
-        self.error_ledger.exempt = parse_networks(new.error_limit_exempt + new.xforward_hosts)
-        if self._fixed_router is None:
-            self.resolver = make_resolver(new, self.clock)
-            self.router = mail_router(new, self.resolver)
-        if self.mta_sts is not None and self.resolver is not None:
-            self.mta_sts.resolver = self.resolver
-        self.dispatcher.set_router(self.router, new)
-        self.pool.configure(new)
-        self.checks.apply(new, self.resolver)
-        self.history.settings = new.history
-        if self.front is not None:
-            self.front.settings = new
+        return reload_daemon(self)
 
     # --- stop -------------------------------------------------------------------------
 
@@ -379,19 +286,18 @@ class Daemon:
             self.notifier.stopping()
         if self._server is not None:
             self._server.close()
+        if self.listener is not None:
+            self.listener.close()
         # 421 to idle sessions; transactions in flight finish (bounded), here and in each
         # acceptor process at the same time.
         await asyncio.gather(
             self.connections.shutdown(self.settings.stop_timeout),
-            self.acceptors.stop() if self.acceptors is not None else asyncio.sleep(0))
+            self.group.stop_acceptors())
         interrupted = await self.dispatcher.stop(grace=min(5.0, self.settings.stop_timeout))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.targets.stop()
-        if self.link is not None:
-            self.link.report(self.metrics)
-            self.link.close()
         await self.queue.release_leases(interrupted, self.clock.now())
         await self.pool.close()
         if self.mta_sts is not None:
@@ -406,13 +312,17 @@ class Daemon:
             await self.directory.close()
         if self.return_path is not None:
             await self.return_path.close()
+        self.group.close(self.metrics)  # the acceptors are gone
         self.faults.disarm()  # a clean stop: no fault to report
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._unlock()
         if not quiet:
             LOG.info("stopped")
         log.flush()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -428,9 +338,9 @@ class Daemon:
             raise  # nothing was opened
         except Exception as exc:
             await self.stop(quiet=True)
-            if isinstance(exc, StartFailed):
+            if isinstance(exc, StartError):
                 raise
-            raise StartFailed(start_error(exc, self.settings)) from exc
+            raise StartError(start_error(exc, self.settings)) from exc
         try:
             await self._stop.wait()
         finally:
@@ -441,9 +351,7 @@ class Daemon:
 def describe(daemon: Daemon) -> dict[str, Any]:
     """What the status document says about the process itself (forwarder/control.py)."""
     served = daemon._metrics_server
-    acceptors = [] if daemon.acceptors is None else sorted(
-        child.proc.pid for child in daemon.acceptors.children.values()
-        if child.proc.returncode is None)
+    acceptors = daemon.group.acceptor_pids()
     return {
         "state": "stopping" if daemon._stop.is_set() else "running",
         "listening": {
@@ -457,18 +365,21 @@ def run(
     settings: Settings,
     reload_settings: Callable[[], Settings] | None = None,
     acceptor_argv: Sequence[str] | None = None,
-    listen_fd: int | None = None,
-    control_fd: int | None = None,
+    inherited: Inherited | None = None,
 ) -> int:
     """Entry point of `forwarder serve` (and of the acceptor processes it starts)."""
     log.configure(settings.log_format, settings.log_level)
-    acceptor = control_fd is not None
+    try:  # an acceptor first arms its death with the main process, then gets the socket
+        inherited = None if inherited is None else inherited.joined()
+    except StartError as exc:
+        LOG.error("start_failed", error=str(exc))
+        return 1
     # Only the main process speaks to systemd (NotifyAccess=main).
-    notifier = Notifier({}) if acceptor else Notifier()
+    notifier = Notifier({}) if inherited is not None else Notifier()
     daemon = Daemon(settings, reload_settings=reload_settings, notifier=notifier,
-                    acceptor_argv=None if acceptor else acceptor_argv,
-                    listen_fd=listen_fd, control_fd=control_fd)
-    daemon.record_faults = not acceptor
+                    acceptor_argv=None if inherited is not None else acceptor_argv,
+                    inherited=inherited)
+    daemon.record_faults = inherited is None
     tune_gc()
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):
@@ -477,7 +388,7 @@ def run(
         runner = uvloop.run
     try:
         runner(daemon.serve_forever())
-    except (StateLockError, StartFailed) as exc:
+    except (StateLockError, StartError) as exc:
         LOG.error("start_failed", error=str(exc))
         return 1
     finally:

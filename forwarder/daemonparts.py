@@ -1,12 +1,11 @@
 """The daemon's parts that hold no state of their own: start-up errors and the state
-directory's lock, the resolver and router a configuration asks for, each process's share
-of the caps, the garbage collector's tuning, the disk space check, and the queue's
-recovery and spool sweep at start."""
+directory's lock, the resolver and router a configuration asks for, the garbage
+collector's tuning, the disk space check, and the queue's recovery and spool sweep at
+start."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import fcntl
 import gc
 import os
@@ -28,10 +27,6 @@ LOG = log.get("forwarder.daemon")
 
 class StateLockError(Exception):
     pass
-
-
-class StartFailed(Exception):
-    """Start-up failed; everything opened was released. The message is the one log line."""
 
 
 def start_error(exc: BaseException, settings: Settings) -> str:
@@ -71,17 +66,6 @@ def make_resolver(settings: Settings, clock: Clock) -> CachingResolver | None:
     except Exception as exc:  # no /etc/resolv.conf: MX delivery deferred, not fatal
         LOG.error("dns_unavailable", error=str(exc))
         return None
-
-
-def per_process(settings: Settings, processes: int) -> Settings:
-    """With several accepting processes, each takes its share of the total connection
-    cap, so "500 in all" holds for the daemon; the per-client cap stays whole in each
-    (a client's connections are not spread evenly, and 20 must always be possible)."""
-    if processes == 1:
-        return settings
-    share = -(-settings.limits.max_connections // processes)
-    return dataclasses.replace(
-        settings, limits=dataclasses.replace(settings.limits, max_connections=share))
 
 
 async def check_space(queue: Queue, front: Front | None, acceptor: bool) -> None:

@@ -126,6 +126,25 @@ def _forwarded_fields(session: SessionInfo) -> dict[str, str]:
     return {"orig_client": forwarded.addr, "orig_helo": forwarded.helo or ""}
 
 
+def _log_queued(session: SessionInfo, message: NewMessage, checked: dict[str, Any]) -> None:
+    """The `queued` log line of a message just committed. The client's TLS always; the
+    cipher, 8BITMIME and SMTPUTF8 only when there is one to say (each field costs on
+    every message: docs/performance.md)."""
+    tls = session.tls
+    extra: dict[str, object] = {} if tls is None else {"cipher": tls.cipher}
+    if session.forwarded is not None:
+        extra.update(_forwarded_fields(session))
+    if message.flags is not PLAIN:
+        extra.update(body="8BITMIME" if message.flags.eight_bit else "7BIT",
+                     smtputf8=message.flags.smtputf8)
+    LOG.info("queued", queue_id=message.id, size=body_size(message.body),
+             client=message.client, **{"from": message.sender},
+             to=[r.rcpt for r in message.recipients],
+             orig_to=[r.orig_rcpt for r in message.recipients],
+             route=[r.route.value for r in message.recipients],
+             tls=tls.version if tls else "none", **extra, **checked)
+
+
 def message_flags(envelope: Envelope[Accepted], content: bytes | Spilled) -> MessageFlags:
     """What delivery must know about the message: the DSN request, SMTPUTF8, and whether
     it has 8-bit octets (what the body is, not what BODY= said: a client that declares
@@ -353,21 +372,7 @@ class Front:
             return str(replies.QUEUE_FULL if exc.no_space else replies.QUEUE_UNAVAILABLE)
         self.metrics.message_accepted(content.size if isinstance(content, Spilled)
                                       else len(content))
-        # The client's TLS always; the cipher, 8BITMIME and SMTPUTF8 only when there is
-        # one to say (each field costs on every message: docs/performance.md).
-        tls = session.tls
-        extra: dict[str, object] = {} if tls is None else {"cipher": tls.cipher}
-        if session.forwarded is not None:
-            extra.update(_forwarded_fields(session))
-        if message.flags is not PLAIN:
-            extra.update(body="8BITMIME" if message.flags.eight_bit else "7BIT",
-                         smtputf8=message.flags.smtputf8)
-        LOG.info("queued", queue_id=queue_id, size=body_size(message.body),
-                 client=message.client, **{"from": message.sender},
-                 to=[r.rcpt for r in message.recipients],
-                 orig_to=[r.orig_rcpt for r in message.recipients],
-                 route=[r.route.value for r in message.recipients],
-                 tls=tls.version if tls else "none", **extra, **checked)
+        _log_queued(session, message, checked)
         return replies.queued(queue_id)
 
     async def _consume(self, session: SessionInfo, sender: str, uses: list[Consume],

@@ -113,8 +113,83 @@ def resident_memory_bytes() -> int:
         return 0
 
 
+# The counters: attribute, name, help, labels, and whether the acceptor processes count
+# it (their running totals go to the main process: `Metrics.absorb`).
+_COUNTERS: tuple[tuple[str, str, str, tuple[str, ...], bool], ...] = (
+    ("_rcpt", "forwarder_rcpt_verdicts", "RCPT TO verdicts, by reason.", ("verdict",), True),
+    ("_accepted", "forwarder_messages_accepted",
+     "Messages committed to the queue (250 after DATA).", (), True),
+    ("_refused", "forwarder_messages_refused",
+     "Messages refused or deferred at or after DATA.", ("reason",), True),
+    ("_bytes", "forwarder_accepted_bytes", "Size of accepted messages, in bytes.", (), True),
+    ("_deliveries", "forwarder_deliveries",
+     "Delivery attempts per recipient, by result and destination.",
+     ("result", "destination"), False),
+    ("_sessions_total", "forwarder_smtp_sessions", "SMTP sessions opened since start.", (),
+     True),
+    ("_outbound_tls", "forwarder_outbound_tls", "Outbound SMTP sessions, by how TLS went.",
+     ("tls",), False),
+    ("_converted", "forwarder_mime_conversions",
+     "Messages converted to 7-bit for a next hop without 8BITMIME.", (), False),
+    ("_suspended", "forwarder_destination_suspensions",
+     "Destinations declared dead after timeouts or refused connections.", (), False),
+    ("_auth", "forwarder_auth_results", "SPF, DKIM and DMARC results of checked messages.",
+     ("method", "outcome"), True),
+    ("_spam", "forwarder_spam_checks", "rspamd verdicts, by action.", ("action",), True),
+    ("_rate", "forwarder_rate_limited", "Messages deferred by a rate limit.", ("scope",), True),
+    ("_test_deliveries", "forwarder_test_deliveries",
+     "Delivery attempts of `forwarder send-test` messages, by result (not counted in"
+     " forwarder_deliveries_total).", ("result",), False),
+    ("_history_errors", "forwarder_history_write_errors",
+     "Delivery history rows that could not be written (the mail went on).", (), True),
+)
+
+
+def _summary(registry: CollectorRegistry) -> dict[str, Any]:
+    """The figures `forwarder status` shows, read back from `registry` (so they
+    include what the acceptors reported): running totals, the queue as last counted,
+    open sessions and resident memory."""
+    values: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            values.setdefault(sample.name, []).append((sample.labels, sample.value))
+
+    def total(name: str, **match: str) -> float:
+        return sum(v for labels, v in values.get(name, [])
+                   if all(labels.get(k) == want for k, want in match.items()))
+
+    return {
+        "accepted": total("forwarder_messages_accepted_total"),
+        "refused": total("forwarder_messages_refused_total"),
+        "deliveries": {result: total("forwarder_deliveries_total", result=result)
+                       for result in DELIVERY_RESULTS},
+        "queue_depth": {labels["state"]: value for labels, value
+                        in values.get("forwarder_queue_depth", [])},
+        "queue_oldest_age_seconds": total("forwarder_queue_oldest_age_seconds"),
+        "smtp_sessions_open": total("forwarder_smtp_sessions_open"),
+        "resident_memory_bytes": total("process_resident_memory_bytes")
+        + total("forwarder_acceptors_resident_memory_bytes"),
+    }
+
+
 class Metrics:
     """Every metric the daemon exports, behind one method per event."""
+
+    # Set by _build_counters from _COUNTERS.
+    _rcpt: Counter
+    _accepted: Counter
+    _refused: Counter
+    _bytes: Counter
+    _deliveries: Counter
+    _sessions_total: Counter
+    _outbound_tls: Counter
+    _converted: Counter
+    _suspended: Counter
+    _auth: Counter
+    _spam: Counter
+    _rate: Counter
+    _test_deliveries: Counter
+    _history_errors: Counter
 
     def __init__(
         self,
@@ -133,62 +208,8 @@ class Metrics:
         self._preinit(verdicts, queue_states)
 
     def _build_counters(self) -> None:
-        reg = self.registry
-        self._rcpt = Counter(
-            "forwarder_rcpt_verdicts", "RCPT TO verdicts, by reason.", ["verdict"], registry=reg
-        )
-        self._accepted = Counter(
-            "forwarder_messages_accepted",
-            "Messages committed to the queue (250 after DATA).",
-            registry=reg,
-        )
-        self._refused = Counter(
-            "forwarder_messages_refused",
-            "Messages refused or deferred at or after DATA.",
-            ["reason"],
-            registry=reg,
-        )
-        self._bytes = Counter(
-            "forwarder_accepted_bytes", "Size of accepted messages, in bytes.", registry=reg
-        )
-        self._deliveries = Counter(
-            "forwarder_deliveries",
-            "Delivery attempts per recipient, by result and destination.",
-            ["result", "destination"],
-            registry=reg,
-        )
-        self._sessions_total = Counter(
-            "forwarder_smtp_sessions", "SMTP sessions opened since start.", registry=reg
-        )
-        self._outbound_tls = Counter(
-            "forwarder_outbound_tls", "Outbound SMTP sessions, by how TLS went.", ["tls"],
-            registry=reg)
-        self._converted = Counter(
-            "forwarder_mime_conversions",
-            "Messages converted to 7-bit for a next hop without 8BITMIME.", registry=reg)
-        self._suspended = Counter(
-            "forwarder_destination_suspensions",
-            "Destinations declared dead after timeouts or refused connections.", registry=reg)
-        self._auth = Counter(
-            "forwarder_auth_results", "SPF, DKIM and DMARC results of checked messages.",
-            ["method", "outcome"], registry=reg)
-        self._spam = Counter(
-            "forwarder_spam_checks", "rspamd verdicts, by action.", ["action"], registry=reg)
-        self._rate = Counter(
-            "forwarder_rate_limited", "Messages deferred by a rate limit.", ["scope"],
-            registry=reg)
-        self._test_deliveries = Counter(
-            "forwarder_test_deliveries",
-            "Delivery attempts of `forwarder send-test` messages, by result (not counted in"
-            " forwarder_deliveries_total).",
-            ["result"],
-            registry=reg,
-        )
-        self._history_errors = Counter(
-            "forwarder_history_write_errors",
-            "Delivery history rows that could not be written (the mail went on).",
-            registry=reg,
-        )
+        for attr, name, documentation, labels, _front in _COUNTERS:
+            setattr(self, attr, Counter(name, documentation, labels, registry=self.registry))
 
     def _build_gauges(self) -> None:
         reg = self.registry
@@ -228,16 +249,8 @@ class Metrics:
               "Resident memory of the acceptor processes, summed (0 without acceptors).",
               registry=reg).set_function(lambda: sum(self._child_rss.values()))
         self._front_counters: dict[str, Counter] = {
-            "forwarder_rcpt_verdicts_total": self._rcpt,
-            "forwarder_messages_accepted_total": self._accepted,
-            "forwarder_messages_refused_total": self._refused,
-            "forwarder_accepted_bytes_total": self._bytes,
-            "forwarder_smtp_sessions_total": self._sessions_total,
-            "forwarder_auth_results_total": self._auth,
-            "forwarder_spam_checks_total": self._spam,
-            "forwarder_rate_limited_total": self._rate,
-            "forwarder_history_write_errors_total": self._history_errors,
-        }
+            f"{name}_total": getattr(self, attr)
+            for attr, name, _doc, _labels, front in _COUNTERS if front}
 
     def _preinit(self, verdicts: Iterable[str], states: Iterable[str]) -> None:
         for result in DELIVERY_RESULTS:
@@ -436,30 +449,8 @@ class Metrics:
             self._targets.labels(state=state).set(by_state.get(state, 0))
 
     def summary(self) -> dict[str, Any]:
-        """The figures `forwarder status` shows, read back from this registry (so they
-        include what the acceptors reported): running totals, the queue as last counted,
-        open sessions and resident memory."""
-        values: dict[str, list[tuple[dict[str, str], float]]] = {}
-        for family in self.registry.collect():
-            for sample in family.samples:
-                values.setdefault(sample.name, []).append((sample.labels, sample.value))
-
-        def total(name: str, **match: str) -> float:
-            return sum(v for labels, v in values.get(name, [])
-                       if all(labels.get(k) == want for k, want in match.items()))
-
-        return {
-            "accepted": total("forwarder_messages_accepted_total"),
-            "refused": total("forwarder_messages_refused_total"),
-            "deliveries": {result: total("forwarder_deliveries_total", result=result)
-                           for result in DELIVERY_RESULTS},
-            "queue_depth": {labels["state"]: value for labels, value
-                            in values.get("forwarder_queue_depth", [])},
-            "queue_oldest_age_seconds": total("forwarder_queue_oldest_age_seconds"),
-            "smtp_sessions_open": total("forwarder_smtp_sessions_open"),
-            "resident_memory_bytes": total("process_resident_memory_bytes")
-            + total("forwarder_acceptors_resident_memory_bytes"),
-        }
+        """The figures `forwarder status` shows (module function `_summary`)."""
+        return _summary(self.registry)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

@@ -37,6 +37,7 @@ from forwarder.smtpbody import TOO_LONG, BodyReader, CommandLines, SpillFactory
 from forwarder.smtpevents import (
     Closing,
     Envelope,
+    ErrorCount,
     ErrorCounted,
     Event,
     Hello,
@@ -99,10 +100,7 @@ class Session(Generic[T]):
         self._out = bytearray()
         self._body: BodyReader | None = None
         self._current: str | None = None  # the command being answered
-        self._bad_commands = 0
-        self._errors = 0  # 5xx answered since the last accepted message
-        self._junk = 0  # NOOP, RSET, VRFY, EXPN, HELP since the last accepted message
-        self._unreported = False  # an error counted, not yet returned as ErrorCounted
+        self.count = ErrorCount(limits)
         self._tls = False
         self._hello: str | None = None  # the HELO/EHLO argument awaiting the handler
 
@@ -143,10 +141,9 @@ class Session(Generic[T]):
             self.info.forwarded = None
         self._out += render_reply(status, self._current not in _NO_ENHANCED)
         if status[:1] == "5":
-            self._error()
+            self.count.error()
         elif self._current == "DATA" and status[:3] == "250":
-            # A message was accepted: earlier errors are forgiven (Postfix does the same).
-            self._errors = self._junk = 0
+            self.count.forgive()
 
     def reply_lines(self, statuses: list[str]) -> None:
         """The handler's answer to HELO or EHLO, one or several lines."""
@@ -158,18 +155,11 @@ class Session(Generic[T]):
     def say(self, reply: Reply) -> None:
         self._out += _line(reply)
         if reply.code >= 500:
-            self._error()
+            self.count.error()
 
-    def _error(self) -> None:
-        self._errors += 1
-        self._unreported = True
-
-    def _junk_command(self) -> None:
-        """RFC 5321 lets NOOP and RSET be sent at any time; an endless stream of them only
-        holds a connection slot, so past the limit each one is an error."""
-        self._junk += 1
-        if self._junk > self.limits.max_junk_commands:
-            self._error()
+    def say_text(self, status: str) -> None:
+        """A reply built here (HELP's text, VRFY's echo), without an enhanced code."""
+        self._out += render_reply(status, False)
 
     def close_with(self, reply: Reply) -> None:
         """The adapter ends the session (a deadline, a shutdown): a last reply."""
@@ -188,6 +178,10 @@ class Session(Generic[T]):
         return self._body is not None
 
     @property
+    def offers_starttls(self) -> bool:
+        return self.tls_offered and not self._tls
+
+    @property
     def between_transactions(self) -> bool:
         return self.envelope.mail_from is None and self._body is None
 
@@ -203,7 +197,7 @@ class Session(Generic[T]):
     def next_event(self) -> Event[T] | None:
         """Consume input up to the next event (None: more input is needed, or closed)."""
         while not self.closed:
-            if self._unreported:
+            if self.count.unreported:
                 return self._report_error()
             if self._body is not None:
                 if not self._in:
@@ -241,14 +235,13 @@ class Session(Generic[T]):
         return method(self, arg)
 
     def _report_error(self) -> Event[T]:
-        self._unreported = False
-        if self._errors >= self.limits.max_errors:
+        errors = self.count.report()
+        if self.count.too_many:
             self.close_with(replies.TOO_MANY_ERRORS)  # written once the adapter lets go
-        return ErrorCounted(self._errors)
+        return ErrorCounted(errors)
 
     def _refuse(self, reply: Reply) -> Event[T] | None:
-        self._bad_commands += 1
-        if self._bad_commands >= self.limits.max_bad_commands:
+        if self.count.bad_command():
             self.close_with(replies.TOO_MANY_ERRORS)
             return Closing(quit=False)
         self.say(reply)
@@ -297,8 +290,7 @@ class Session(Generic[T]):
         self.envelope = Envelope()  # RFC 5321 4.1.4: EHLO resets
         self.info.extended_smtp = True
         self._hello = hostname
-        return Hello(hostname, _ehlo_lines(self.hostname, self.limits,
-                                           self.tls_offered and not self._tls,
+        return Hello(hostname, _ehlo_lines(self.hostname, self.limits, self.offers_starttls,
                                            self.info.xforward_allowed))
 
     def smtp_MAIL(self, arg: str | None) -> Event[T] | None:
@@ -361,47 +353,12 @@ class Session(Generic[T]):
                                     self.spill, self.limits.spill_at)
         return None
 
-    def smtp_RSET(self, arg: str | None) -> Event[T] | None:
-        if arg:
-            self.say(replies.RSET_SYNTAX)
-            return None
-        self.envelope = Envelope()
-        self.info.forwarded = None
-        self.say(replies.OK)
-        self._junk_command()
-        return None
-
-    def smtp_NOOP(self, arg: str | None) -> Event[T] | None:
-        self.say(replies.OK)
-        self._junk_command()
-        return None
-
     def smtp_QUIT(self, arg: str | None) -> Event[T] | None:
         if arg:
             self.say(replies.QUIT_SYNTAX)
             return None
         self.close_with(replies.BYE)
         return Closing(quit=True)
-
-    def smtp_VRFY(self, arg: str | None) -> Event[T] | None:
-        if not arg:
-            self.say(replies.VRFY_SYNTAX)
-        elif split_path(arg)[0] is None:
-            self._out += render_reply(f"{replies.VRFY_UNPARSABLE} {arg}", False)
-        else:
-            self.say(replies.CANNOT_VRFY)
-        self._junk_command()
-        return None
-
-    def smtp_EXPN(self, arg: str | None) -> Event[T] | None:
-        self.say(replies.NOT_IMPLEMENTED)
-        self._junk_command()
-        return None
-
-    def smtp_HELP(self, arg: str | None) -> Event[T] | None:
-        self._out += render_reply(help_text(arg, self.tls_offered and not self._tls), False)
-        self._junk_command()
-        return None
 
     def smtp_STARTTLS(self, arg: str | None) -> Event[T] | None:
         """RFC 3207. Whatever the client sent after the command, before the handshake, is
@@ -451,6 +408,47 @@ def _xforward(session: Session[Any], arg: str | None) -> Event[Any] | None:
     return None
 
 
+# NOOP, RSET, VRFY, EXPN and HELP: answered here, each a junk command (ErrorCount).
+def _rset(session: Session[Any], arg: str | None) -> Event[Any] | None:
+    if arg:
+        session.say(replies.RSET_SYNTAX)
+        return None
+    session.envelope = Envelope()
+    session.info.forwarded = None
+    session.say(replies.OK)
+    session.count.junk_command()
+    return None
+
+
+def _noop(session: Session[Any], arg: str | None) -> Event[Any] | None:
+    session.say(replies.OK)
+    session.count.junk_command()
+    return None
+
+
+def _vrfy(session: Session[Any], arg: str | None) -> Event[Any] | None:
+    if not arg:
+        session.say(replies.VRFY_SYNTAX)
+    elif split_path(arg)[0] is None:
+        session.say_text(f"{replies.VRFY_UNPARSABLE} {arg}")
+    else:
+        session.say(replies.CANNOT_VRFY)
+    session.count.junk_command()
+    return None
+
+
+def _expn(session: Session[Any], arg: str | None) -> Event[Any] | None:
+    session.say(replies.NOT_IMPLEMENTED)
+    session.count.junk_command()
+    return None
+
+
+def _help(session: Session[Any], arg: str | None) -> Event[Any] | None:
+    session.say_text(help_text(arg, session.offers_starttls))
+    session.count.junk_command()
+    return None
+
+
 def _options(params: dict[str, str | bool]) -> list[str]:
     """Parameters back in aiosmtpd's form for the handler: `KEY=VALUE` or `KEY`."""
     return [key if value is True else f"{key}={value}" for key, value in params.items()]
@@ -458,4 +456,5 @@ def _options(params: dict[str, str | bool]) -> list[str]:
 
 _COMMANDS: dict[str, Callable[[Session[Any], str | None], Event[Any] | None]] = {
     name[5:]: method for name, method in vars(Session).items() if name.startswith("smtp_")
-} | {"XFORWARD": _xforward}
+} | {"XFORWARD": _xforward, "RSET": _rset, "NOOP": _noop, "VRFY": _vrfy, "EXPN": _expn,
+     "HELP": _help}

@@ -39,6 +39,49 @@ class SessionLimits:
     spill_at: int = 256 * 1024
 
 
+class ErrorCount:
+    """A session's errors as Postfix counts them (forwarder/session.py's docstring): lines
+    that are no command, 5xx answers, and junk commands past their free allowance."""
+
+    __slots__ = ("bad_commands", "errors", "junk", "limits", "unreported")
+
+    def __init__(self, limits: SessionLimits) -> None:
+        self.limits = limits
+        self.bad_commands = 0
+        self.errors = 0  # 5xx answered since the last accepted message
+        self.junk = 0  # NOOP, RSET, VRFY, EXPN, HELP since the last accepted message
+        self.unreported = False  # an error counted, not yet returned as ErrorCounted
+
+    def error(self) -> None:
+        self.errors += 1
+        self.unreported = True
+
+    def junk_command(self) -> None:
+        """RFC 5321 lets NOOP and RSET be sent at any time; an endless stream of them only
+        holds a connection slot, so past the limit each one is an error."""
+        self.junk += 1
+        if self.junk > self.limits.max_junk_commands:
+            self.error()
+
+    def bad_command(self) -> bool:
+        """A line that is no command; True: one too many, the session ends."""
+        self.bad_commands += 1
+        return self.bad_commands >= self.limits.max_bad_commands
+
+    def forgive(self) -> None:
+        """A message was accepted: earlier errors are forgiven (Postfix does the same)."""
+        self.errors = self.junk = 0
+
+    def report(self) -> int:
+        """The count for an `ErrorCounted` event (the error is reported)."""
+        self.unreported = False
+        return self.errors
+
+    @property
+    def too_many(self) -> bool:
+        return self.errors >= self.limits.max_errors
+
+
 @dataclass(frozen=True, slots=True)
 class TlsInfo:
     """The TLS layer of a session after STARTTLS (RFC 3207)."""

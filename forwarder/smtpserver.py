@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar, cast
 from forwarder import log, replies
 from forwarder.config import Settings
 from forwarder.connections import Connections
-from forwarder.policy import tarpit_delay
+from forwarder.readgate import BIG_READ, HIGH_WATER, ReadGate
 from forwarder.replies import Reply
 from forwarder.session import Session
 from forwarder.smtpbody import SpillFactory
@@ -35,7 +35,7 @@ from forwarder.smtpevents import (
     StartTls,
     TlsInfo,
 )
-from forwarder.tarpit import ErrorLedger
+from forwarder.tarpit import ErrorLedger, Tarpit
 from forwarder.xforward import trusted
 
 LOG = log.get("forwarder.smtp")
@@ -43,12 +43,6 @@ T = TypeVar("T")
 
 # A closed session that will not read our last reply is cut off after this long.
 ABORT_GRACE = 5.0
-# Past this much input held (a command waiting, replies backed up), stop reading.
-_HIGH_WATER = 65536
-# Reads of at least this size count towards a burst (below: command traffic, never close
-# to one), and a burst past _BURST octets in one turn of the event loop yields the loop.
-_BIG_READ = 65536
-_BURST = 512 * 1024
 
 
 def _stream(transport: object) -> asyncio.Transport | None:
@@ -59,12 +53,41 @@ def _stream(transport: object) -> asyncio.Transport | None:
     return None
 
 
+def _tls_info(transport: asyncio.Transport) -> TlsInfo:
+    ssl_object = transport.get_extra_info("ssl_object")
+    cipher = ssl_object.cipher() if ssl_object is not None else None
+    return TlsInfo(ssl_object.version() if ssl_object is not None else "unknown",
+                   cipher[0] if cipher else "unknown")
+
+
 def session_limits(settings: Settings) -> SessionLimits:
     limits = settings.limits
     return SessionLimits(limits.max_message_size, limits.max_line_length,
                          limits.max_command_line, max_errors=limits.max_errors,
                          max_junk_commands=limits.max_junk_commands,
                          spill_at=limits.spill_threshold)
+
+
+def _exception_reply(handler: Handler[Any], error: BaseException) -> str:
+    """DESIGN.md habit 4: the handler turns errors into a 451, never an exception text;
+    if even that fails, or gives no text, the answer is still a 451."""
+    try:
+        status = handler.exception_reply(error)
+    except Exception:
+        LOG.exception("exception_reply_failed")
+        return str(replies.LOCAL_ERROR)
+    return status if isinstance(status, str) else _bad_reply(status)
+
+
+def _bad_reply(value: object) -> str:
+    LOG.error("handler_reply_invalid", type=type(value).__name__)
+    return str(replies.LOCAL_ERROR)
+
+
+def _new_session(settings: Settings, peer: object, client: str, tls_offered: bool,
+                 spill: SpillFactory | None) -> Session[Any]:
+    info = SessionInfo(peer, client, xforward_allowed=trusted(client, settings.xforward_hosts))
+    return Session(settings.hostname, session_limits(settings), info, tls_offered, spill)
 
 
 class Deadline:
@@ -110,20 +133,19 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         self.spill = spill  # where big bodies go as they arrive (spool files)
         self.settings = settings
         self.connections = connections
-        self.errors = errors  # per client address, shared by the process's sessions
         self.loop = asyncio.get_running_loop()
+        # An error's reply held back; `errors`: per client address, for all sessions.
+        self._tarpit = Tarpit(self.loop, errors, settings.limits.max_errors,
+                              settings.limits.error_sleep)
         self.transport: asyncio.Transport | None = None
         self.session: Session[T] | None = None
         self._client = "unknown"
         self._admitted = False
         self._busy = False  # a handler or the handshake is working: input waits
-        self._read_paused = False
+        self._reading = ReadGate(self.loop)  # flow control: high water and bursts
         self._write_paused = False
         self._task: asyncio.Future[Any] | None = None
         self._deadline = Deadline(self.loop, self._timed_out)
-        self._burst = 0  # octets of big reads in this turn of the event loop
-        self._yielding = False  # reading paused until the next turn (`_count_burst`)
-        self._tarpit: asyncio.TimerHandle | None = None  # an error's reply held back
         self._lifetime: asyncio.TimerHandle | None = None  # the whole session's deadline
         self._expired = False
 
@@ -144,11 +166,9 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             stream.close()
             return
         self._admitted = True
-        self.transport = stream
-        self.session = Session(self.settings.hostname, session_limits(self.settings),
-                               SessionInfo(peer, self._client, xforward_allowed=trusted(
-                                   self._client, self.settings.xforward_hosts)),
-                               self.connections.tls_context is not None, self.spill)
+        self.transport = self._reading.transport = stream
+        self.session = _new_session(self.settings, peer, self._client,
+                                    self.connections.tls_context is not None, self.spill)
         self._deadline.move(limits.command_timeout)
         self._lifetime = self.loop.call_later(limits.session_timeout, self._session_expired)
         self.session.greet()
@@ -159,27 +179,8 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             return
         self.session.receive(data)
         self._pump()
-        if len(data) >= _BIG_READ:
-            self._count_burst(len(data))
-
-    def _count_burst(self, octets: int) -> None:
-        """uvloop (libuv) reads a busy socket up to 32 times in one turn of the event loop,
-        each read handing us up to 256 KiB: a client streaming a big body would hold the
-        loop for tens of milliseconds, every other session waiting. Past _BURST octets in
-        one turn, this connection stops reading until the next turn."""
-        if self._burst == 0:
-            self.loop.call_soon(self._burst_over)
-        self._burst += octets
-        if self._burst > _BURST and not self._yielding and self.transport is not None:
-            self._yielding = True
-            self.transport.pause_reading()
-
-    def _burst_over(self) -> None:
-        self._burst = 0
-        if self._yielding:
-            self._yielding = False
-            if not self._read_paused and self.transport is not None:
-                self.transport.resume_reading()
+        if len(data) >= BIG_READ:
+            self._reading.count_burst(len(data))
 
     def eof_received(self) -> bool:
         """The client closed its side: close ours (a commit in flight still completes)."""
@@ -189,10 +190,10 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         if self._admitted:
             self.connections.release(self, self._client)
         self._deadline.cancel()
-        for timer in (self._tarpit, self._lifetime):
-            if timer is not None:
-                timer.cancel()
-        self._tarpit = self._lifetime = None
+        self._tarpit.cancel()
+        if self._lifetime is not None:
+            self._lifetime.cancel()
+        self._lifetime = None
         if self.session is not None:
             self.session.abandon()  # a body cut off half way: its spool file goes
         # A lookup or handshake in flight is abandoned; a queue commit is not (it runs on
@@ -201,7 +202,7 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             self._task.cancel()
         # Break the reference cycles (transport, timer, task) so that reference counting
         # frees the session now rather than the cyclic garbage collector.
-        self.transport = None
+        self.transport = self._reading.transport = None
         self.session = None
         self._task = None
 
@@ -220,7 +221,8 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         transport = self.transport
         if session is None or transport is None:
             return
-        while (not self._busy and self._tarpit is None and not self._write_paused
+        tarpit = self._tarpit
+        while (not self._busy and tarpit.held is None and not self._write_paused
                and not transport.is_closing()):
             if (self.connections.closing or self._expired) and session.between_transactions:
                 session.close_with(replies.SHUTTING_DOWN if self.connections.closing
@@ -237,36 +239,21 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             limits = self.settings.limits
             self._deadline.move(limits.data_timeout if session.in_body
                                 else limits.command_timeout)
-        if self._tarpit is not None:
+        if tarpit.held is not None:
             return  # the reply waits; input waits with it
         out = session.data_to_send()
         if out and self.transport is not None:
             self.transport.write(out)
             if session.closed:  # the last reply (421) is out
                 self._close()
-        if self._read_paused or session.buffered > _HIGH_WATER:
-            self._flow()
+        if self._reading.paused or session.buffered > HIGH_WATER:
+            self._reading.flow(session.buffered)
 
     def _flush(self) -> None:
         if self.session is not None and self.transport is not None:
             out = self.session.data_to_send()
             if out:
                 self.transport.write(out)
-
-    def _flow(self) -> None:
-        """Input waits while a handler works or the client is not reading our replies:
-        past _HIGH_WATER octets of it, stop reading the socket (TCP then holds the client
-        back), so a flood of pipelined commands costs bounded memory."""
-        if self.transport is None or self.session is None:
-            return
-        size = self.session.buffered
-        if not self._read_paused and size > _HIGH_WATER:
-            self._read_paused = True
-            self.transport.pause_reading()
-        elif self._read_paused and size <= _HIGH_WATER // 2:
-            self._read_paused = False
-            if not self._yielding:
-                self.transport.resume_reading()
 
     # --- events -----------------------------------------------------------------------
 
@@ -281,7 +268,7 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
                 lines = [self.handler.handle_HELO(self, session.info, session.envelope,
                                                   event.hostname)]
         except Exception as error:
-            lines = [self._exception_reply(error)]
+            lines = [_exception_reply(self.handler, error)]
         session.reply_lines(lines)
 
     def _on_mail(self, event: MailFrom) -> None:
@@ -291,7 +278,7 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             reply = self.handler.handle_MAIL(self, session.info, session.envelope,
                                              event.address, event.options)
         except Exception as error:
-            reply = self._exception_reply(error)
+            reply = _exception_reply(self.handler, error)
         session.reply(reply)
 
     def _on_rcpt(self, event: RcptTo) -> None:
@@ -313,25 +300,11 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         self.connections.count_refusal(event.reply)
 
     def _on_error(self, event: ErrorCounted) -> None:
-        """The tarpit (policy.tarpit_delay): the reply to an error is held back, longer
-        with each error of the session or of its client address, whichever has more; at
+        """The tarpit (forwarder/tarpit.py): the reply to an error is held back; at
         max_errors the session is closed after that wait."""
-        limits = self.settings.limits
-        recent = self.errors.add(self._client) if self.errors is not None else 0.0
-        count = max(event.errors, round(recent))
         session = self._session()
-        if count >= limits.max_errors:
-            if not session.closed:
-                session.close_with(replies.TOO_MANY_ERRORS)
-            LOG.info("too_many_errors", client=self._client, errors=event.errors,
-                     client_errors=round(recent))
-        delay = tarpit_delay(count, limits.error_sleep)
-        if delay > 0:
-            self._tarpit = self.loop.call_later(delay, self._tarpit_over)
-
-    def _tarpit_over(self) -> None:
-        self._tarpit = None
-        self._pump()
+        if self._tarpit.error(self._client, event.errors, self._pump) and not session.closed:
+            session.close_with(replies.TOO_MANY_ERRORS)
 
     def _on_starttls(self, event: StartTls) -> None:
         assert self.transport is not None and self.connections.tls_context is not None
@@ -374,28 +347,14 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             return
         error = task.exception()
         if error is not None:
-            session.reply(self._exception_reply(error))
+            session.reply(_exception_reply(self.handler, error))
         elif then is not None:
             then(task.result())
         else:
             result = task.result()
-            session.reply(result if isinstance(result, str) else self._bad_reply(result))
+            session.reply(result if isinstance(result, str) else _bad_reply(result))
         session.progressed = True
         self._pump()
-
-    def _exception_reply(self, error: BaseException) -> str:
-        """DESIGN.md habit 4: the handler turns errors into a 451, never an exception text;
-        if even that fails, or gives no text, the answer is still a 451."""
-        try:
-            status = self.handler.exception_reply(error)
-        except Exception:
-            LOG.exception("exception_reply_failed")
-            return str(replies.LOCAL_ERROR)
-        return status if isinstance(status, str) else self._bad_reply(status)
-
-    def _bad_reply(self, value: object) -> str:
-        LOG.error("handler_reply_invalid", type=type(value).__name__)
-        return str(replies.LOCAL_ERROR)
 
     # --- STARTTLS ---------------------------------------------------------------------
 
@@ -415,12 +374,8 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         if transport is None:  # the handshake failed: nothing more can be said in clear
             self._close()
             return
-        self.transport = transport
-        ssl_object = transport.get_extra_info("ssl_object")
-        cipher = ssl_object.cipher() if ssl_object is not None else None
-        self._session().tls_started(TlsInfo(
-            ssl_object.version() if ssl_object is not None else "unknown",
-            cipher[0] if cipher else "unknown"))
+        self.transport = self._reading.transport = transport
+        self._session().tls_started(_tls_info(transport))
 
     # --- deadlines and closing --------------------------------------------------------
 
@@ -448,7 +403,7 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         self._lifetime = None
         self._expired = True
         session = self.session
-        if (session is not None and not self._busy and self._tarpit is None
+        if (session is not None and not self._busy and self._tarpit.held is None
                 and session.between_transactions):
             LOG.info("session_too_long", client=self._client)
             self._say_and_close(replies.SESSION_TOO_LONG)

@@ -10,12 +10,21 @@ counted here; their sessions still are, one by one.
 
 The count is per process: with acceptor processes a client's errors are split between
 them (docs/security.md counts with that).
+
+`Tarpit` holds one session's replies back after an error (policy.tarpit_delay), by the
+session's count or its address's, whichever is larger.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Callable, Iterable
+
+from forwarder import log
+from forwarder.policy import tarpit_delay
+
+LOG = log.get("forwarder.smtp")
 
 LEAK_SECONDS = 30.0
 # Distinct addresses remembered; past this, the oldest entries are forgotten first.
@@ -81,3 +90,40 @@ class ErrorLedger:
 
     def __len__(self) -> int:
         return len(self._levels)
+
+
+class Tarpit:
+    """One session's tarpit: while `held` (a timer), its next reply and input wait."""
+
+    __slots__ = ("error_sleep", "held", "ledger", "loop", "max_errors")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ledger: ErrorLedger | None,
+                 max_errors: int, error_sleep: float) -> None:
+        self.loop = loop
+        self.ledger = ledger  # per client address, shared by the process's sessions
+        self.max_errors = max_errors
+        self.error_sleep = error_sleep
+        self.held: asyncio.TimerHandle | None = None
+
+    def error(self, client: str, errors: int, resume: Callable[[], None]) -> bool:
+        """The session counted its `errors`-th error: hold its reply back, longer with
+        each error of the session or of its client address, whichever has more, then call
+        `resume`. True: max_errors is reached, the session closes after that wait."""
+        recent = self.ledger.add(client) if self.ledger is not None else 0.0
+        count = max(errors, round(recent))
+        if count >= self.max_errors:
+            LOG.info("too_many_errors", client=client, errors=errors,
+                     client_errors=round(recent))
+        delay = tarpit_delay(count, self.error_sleep)
+        if delay > 0:
+            self.held = self.loop.call_later(delay, self._over, resume)
+        return count >= self.max_errors
+
+    def _over(self, resume: Callable[[], None]) -> None:
+        self.held = None
+        resume()
+
+    def cancel(self) -> None:
+        if self.held is not None:
+            self.held.cancel()
+        self.held = None

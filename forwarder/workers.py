@@ -10,27 +10,50 @@ writer at a time, readers always) and then tells the main process over a socketp
 work is due; the main process's scanner leases it like any retry, so what is accepted is
 delivered exactly as in a single process, and a crash of either side loses nothing.
 
-The socketpair is SOCK_SEQPACKET: messages keep their boundaries, and when the main process
-dies (even by SIGKILL) the acceptor reads end-of-file and stops, so no orphan keeps taking
-mail on a port nobody delivers from.
+Only the daemon's own processes share the socket: the main process binds it once, without
+SO_REUSEPORT, so a second daemon started on the same address (another state directory, a
+mistaken second unit) fails with "address already in use" instead of silently taking part
+of the connections into its own queue. The acceptors inherit that one socket.
+
+An acceptor dies with the main process: it asks the kernel for SIGKILL when its parent
+dies (PR_SET_PDEATHSIG), which no busy or stopped event loop can delay, so a restart after
+a crash never meets an orphan holding the port. That is a crash of the whole daemon: what
+was acknowledged is committed, a session cut before its 250 is retried by its client. The
+listening socket is not inherited at exec but handed over the control socketpair
+(SCM_RIGHTS) once the acceptor has armed that signal: an acceptor still starting when the
+main process dies never held the port. The socketpair is SOCK_SEQPACKET: messages keep
+their boundaries, and its end-of-file stops an acceptor gracefully where the signal is not
+available.
+
+The connection caps are counted in a table all processes share (forwarder/sharedcounts.py):
+slot 0 is the main process's, acceptor i has slot i + 1, and a dead acceptor's slot is
+zeroed when it is reaped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import json
+import os
 import signal
 import socket
+import struct
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from forwarder import log
+from forwarder.config import HostPort
 from forwarder.metrics import Metrics, resident_memory_bytes
+from forwarder.sharedcounts import SharedCounts
 
 LOG = log.get("forwarder.workers")
 
+ARMED = b"a"  # acceptor -> main: it dies with us now; send the listening socket
+LISTENER = b"l"  # main -> acceptor: the listening socket, as SCM_RIGHTS
 READY = b"r"
 WAKE = b"w"
 METRICS = b"m"
@@ -38,6 +61,34 @@ REPORT_INTERVAL = 1.0
 RESPAWN_DELAY = 1.0
 START_TIMEOUT = 60.0
 REPORTED_PROBLEMS = 10
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class StartError(Exception):
+    """The daemon cannot start: one line for the log, and exit 1."""
+
+
+class ListenError(StartError):
+    """The listening address cannot be had."""
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """What an acceptor process is handed by the main process: fds and its slot as hidden
+    `serve` flags, then the listening socket (`listen_fd`, see `join_main`)."""
+
+    control_fd: int
+    counts_fd: int
+    slot: int
+    listen_fd: int | None = None
+
+    def argv(self) -> list[str]:
+        return ["--control-fd", str(self.control_fd), "--counts-fd", str(self.counts_fd),
+                "--slot", str(self.slot)]
+
+    def joined(self) -> Inherited:
+        """The same, with the listening socket the main process hands over (`join_main`)."""
+        return replace(self, listen_fd=join_main(self.control_fd))
 
 
 def _receive(sock: socket.socket, size: int) -> bytes | None:
@@ -63,12 +114,13 @@ class Acceptors:
     """The main process's side: starts, watches, signals and stops the acceptors."""
 
     def __init__(
-        self, count: int, argv: Sequence[str], listener: socket.socket,
+        self, count: int, argv: Sequence[str], listener: socket.socket, counts: SharedCounts,
         on_wake: Callable[[], None], metrics: Metrics, stop_timeout: float,
     ) -> None:
         self.count = count
         self.argv = list(argv)
         self.listener = listener
+        self.counts = counts
         self.on_wake = on_wake
         self.metrics = metrics
         self.stop_timeout = stop_timeout
@@ -84,12 +136,13 @@ class Acceptors:
 
     async def _spawn(self, index: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        fds = (self.listener.fileno(), theirs.fileno())
+        assert self.counts.fd is not None
+        given = Inherited(theirs.fileno(), self.counts.fd, index + 1)
         proc = await asyncio.create_subprocess_exec(
             # -P: the working directory is not put on sys.path, so a file there named
             # like one of our modules is never imported in its place.
-            sys.executable, "-P", "-m", "forwarder.cli", "serve", *self.argv,
-            "--listen-fd", str(fds[0]), "--control-fd", str(fds[1]), pass_fds=fds)
+            sys.executable, "-P", "-m", "forwarder.cli", "serve", *self.argv, *given.argv(),
+            pass_fds=(given.control_fd, given.counts_fd))
         theirs.close()
         ours.setblocking(False)
         child = _Child(index, proc, ours)
@@ -111,8 +164,12 @@ class Acceptors:
         kind, payload = data[:1], data[1:]
         if kind == WAKE:
             self.on_wake()
+        elif kind == ARMED:
+            with contextlib.suppress(OSError):  # gone already: its exit is being watched
+                socket.send_fds(child.link, [LISTENER], [self.listener.fileno()])
         elif kind == READY:
             child.ready.set()
+            LOG.info("acceptor_ready", index=child.index, pid=child.proc.pid)
         elif kind == METRICS:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 report = json.loads(payload)
@@ -126,6 +183,8 @@ class Acceptors:
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(child.link.fileno())
         child.link.close()
+        # Its connections died with it: free their places under the caps now.
+        self.counts.clear(child.index + 1)
         self.metrics.forget(f"acceptor-{child.index}")
         if self._stopping:
             return
@@ -215,13 +274,140 @@ class MainLink:
         self.sock.close()
 
 
-def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """The listener shared with the acceptors (inherited, not reopened, so port 0 works).
+class ProcessGroup:
+    """The daemon's processes as one of them sees them: in the main process, the listening
+    socket it binds and the acceptors it starts (if any); in an acceptor, the socket it was
+    handed and its link to the main process; in both, the caps table they share."""
 
-    SO_REUSEPORT lets a main process restarted after a crash bind the port while an
-    acceptor of the dead one is still finishing its sessions (it stops as soon as it sees
-    the main process gone); whatever that acceptor still commits goes to the same queue."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=backlog, reuse_port=True)
+    def __init__(self, acceptors: int, argv: Sequence[str] | None,
+                 inherited: Inherited | None) -> None:
+        self.size = 1 + acceptors if argv is not None and acceptors > 0 else 1
+        self.argv = argv
+        self.inherited = inherited
+        self.counts = (SharedCounts.create(self.size) if inherited is None
+                       else SharedCounts.attach(inherited.counts_fd, inherited.slot))
+        self.acceptors: Acceptors | None = None
+        self.link: MainLink | None = None
+
+    @property
+    def is_acceptor(self) -> bool:
+        return self.inherited is not None
+
+    def listener(self, where: HostPort) -> socket.socket:
+        """The main process binds (a busy address fails here); an acceptor takes the
+        socket it was handed."""
+        if self.inherited is None:
+            return bind_listener(where)
+        assert self.inherited.listen_fd is not None  # handed over by Inherited.joined
+        return socket.socket(fileno=self.inherited.listen_fd)
+
+    def join_main(self, on_lost: Callable[[], None]) -> MainLink:
+        """In an acceptor: the link to the main process, started and reported ready."""
+        assert self.inherited is not None
+        self.link = MainLink(self.inherited.control_fd, on_lost=on_lost)
+        self.link.start()
+        self.link.ready()
+        return self.link
+
+    def wake_main(self) -> None:
+        if self.link is not None:
+            self.link.wake()
+
+    async def start_acceptors(self, listener: socket.socket, on_wake: Callable[[], None],
+                              metrics: Metrics, stop_timeout: float) -> None:
+        if self.size == 1 or self.argv is None:
+            return
+        self.acceptors = Acceptors(self.size - 1, self.argv, listener, self.counts, on_wake,
+                                   metrics, stop_timeout)
+        await self.acceptors.start()
+
+    def signal_acceptors(self, sig: int) -> None:
+        if self.acceptors is not None:
+            self.acceptors.signal_all(sig)
+
+    async def stop_acceptors(self) -> None:
+        if self.acceptors is not None:
+            await self.acceptors.stop()
+
+    def close(self, metrics: Metrics) -> None:
+        """Last at stop: an acceptor's final counters; the caps table's fd (the mapping
+        stays for what may still run)."""
+        if self.link is not None:
+            self.link.report(metrics)
+            self.link.close()
+        self.counts.close_fd()
+
+    def acceptor_pids(self) -> list[int]:
+        if self.acceptors is None:
+            return []
+        return sorted(child.proc.pid for child in self.acceptors.children.values()
+                      if child.proc.returncode is None)
+
+
+def bind_listener(where: HostPort) -> socket.socket:
+    """The daemon's one listening socket, bound but not yet listening (asyncio's
+    create_server calls listen() with the configured backlog). Bound first thing at
+    start-up, so that a busy address fails before anything else is opened.
+
+    SO_REUSEADDR (as every MTA sets it) lets a restart bind while connections of the
+    previous run are in TIME_WAIT; it does not let two sockets listen on one address.
+    SO_REUSEPORT would, and is deliberately not set. The acceptors inherit this socket
+    (not reopened, so port 0 works)."""
+    family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as asyncio does: IPv4 has a listen line of its own
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((where.host, where.port))
+    except OSError as exc:
+        sock.close()
+        raise listen_error(f"listen on {where}", exc,
+                           "another mail server, or another forwarder, listens there") from None
     sock.setblocking(False)
     return sock
+
+
+def listen_error(what: str, exc: OSError, hint: str) -> ListenError:
+    """One line for the log: what could not be done, why, and (address in use) by whom."""
+    if exc.errno == errno.EADDRINUSE:
+        return ListenError(f"cannot {what}: address already in use ({hint})")
+    return ListenError(f"cannot {what}: {os.strerror(exc.errno or 0)}")
+
+
+def join_main(control_fd: int) -> int:
+    """In an acceptor, first thing: arrange to die with the main process, then ask it for
+    the listening socket; its fd. Raises StartError if the main process is gone."""
+    control = socket.socket(fileno=control_fd)
+    try:
+        die_with_parent(control)
+        control.settimeout(START_TIMEOUT)
+        control.send(ARMED)
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 16, 1)
+        except OSError as exc:  # TimeoutError included
+            raise StartError(f"no listening socket from the main process: {exc}") from None
+        if message != LISTENER or len(fds) != 1:
+            raise StartError("the main process is gone")  # end of file: it died
+        return fds[0]
+    finally:
+        control.detach()  # the fd stays open for MainLink
+
+
+def die_with_parent(control: socket.socket) -> None:
+    """Be killed when the main process dies (Linux prctl(2) PR_SET_PDEATHSIG), even if that
+    happened before this call.
+
+    The control socketpair was made by the main process, so its peer credentials name it:
+    a parent pid that is not that one means the main process is already gone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL),
+                      ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as exc:  # not Linux: the socketpair's EOF stops us
+        LOG.warning("parent_death_signal_unavailable", error=str(exc))
+        return
+    creds = control.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    if os.getppid() != struct.unpack("3i", creds)[0]:
+        raise StartError("the main process is gone")

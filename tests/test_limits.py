@@ -405,7 +405,7 @@ async def test_a_client_that_floods_commands_without_reading_is_held_back(
 ) -> None:
     """Pipelined commands from a client that never reads the replies: once our replies back
     up, the session stops answering and then stops reading; TCP holds the client back, and
-    the input we hold stays bounded (forwarder/smtpserver.py `_flow`). (EHLO: NOOPs would
+    the input we hold stays bounded (forwarder/readgate.py `flow`). (EHLO: NOOPs would
     meet the junk-command limit first, test_junk_commands_are_limited.)"""
     d = await start_daemon()
     _reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
