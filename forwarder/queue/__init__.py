@@ -1,4 +1,5 @@
-"""The durable queue: SQLite in WAL mode with synchronous=FULL, in its own file.
+"""The durable queue: SQLite in WAL mode, in its own file. Every commit that adds a message is
+fsync'd (synchronous=FULL) before the 250; an outcome or a lease alone is not (writer.py).
 
 | module | holds |
 |---|---|

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sqlite3
 from collections.abc import Sequence
@@ -14,7 +15,14 @@ from forwarder.queue import ops
 from forwarder.queue.model import Body, Job, NewMessage, QueueError, Result, SpooledBody
 from forwarder.queue.reserve import RESERVE_FILE, SpaceReserve
 from forwarder.queue.spool import Spool
-from forwarder.queue.writer import DbThread, GroupCommitter, Op, is_no_space
+from forwarder.queue.writer import (
+    DbThread,
+    GroupCommitter,
+    Op,
+    checkpoints,
+    is_no_space,
+    sync_wal,
+)
 
 
 class Queue:
@@ -27,8 +35,10 @@ class Queue:
         self.reserve_released = 0  # times it was given back (the daemon notices)
         self._writer_db = DbThread(path, busy_timeout, "queue-writer", polls_locks=True)
         self._reader_db = DbThread(path, busy_timeout, "queue-reader")
+        self._checkpoint_db = DbThread(path, busy_timeout, "queue-checkpoint")
         self._committer = GroupCommitter(self._writer_db)
         self._task: asyncio.Task[None] | None = None
+        self._checkpoints: asyncio.Task[None] | None = None
         # Bodies too big for a row (forwarder/queue/spool.py), beside the queue file.
         self.spool = Spool(path.parent / "spool")
 
@@ -36,45 +46,53 @@ class Queue:
         await self._writer_db.run(lambda conn: None)  # create and migrate first
         await asyncio.to_thread(self.spool.ensure)
         self._task = asyncio.create_task(self._committer.run(), name="queue-writer")
+        self._checkpoints = asyncio.create_task(
+            checkpoints(self._checkpoint_db, self._committer), name="queue-checkpoint")
 
     async def close(self) -> None:
         self._committer.close()
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
         if self._task is not None:
             await self._task
         await self._writer_db.close()
         await self._reader_db.close()
+        await self._checkpoint_db.close()
 
     @property
     def committing(self) -> int:
         """Operations in the commit under way (for STATUS-like views and tests)."""
         return self._committer.committing
 
-    async def _write(self, op: Op) -> Any:
-        return await self._committer.submit(op)
+    async def _write(self, op: Op, durable: bool = True) -> Any:
+        return await self._committer.submit(op, durable)
 
-    async def _settle(self, op: Op) -> Any:
+    async def _settle(self, op: Op, durable: bool = True) -> Any:
         """A write that settles mail (an outcome, a lease, the recovery): on a full disk the
         reserve is given back to the filesystem and the write tried once more. New mail
         (`enqueue`) never comes here."""
         try:
-            return await self._write(op)
+            return await self._write(op, durable)
         except QueueError as exc:
             if not exc.no_space or self.reserve.size <= 0:
                 raise
         # Given back now, or a moment ago for another write of the same batch.
         if await asyncio.to_thread(self.reserve.release):
             self.reserve_released += 1
-        return await self._write(op)
+        return await self._write(op, durable)
 
     def write_soon(self, op: Op) -> asyncio.Future[Any]:
         """Run `op` in the next group commit, without waiting for it: for writes that ride
         along with the queue's own (the history's RCPT refusals). Raises QueueError while
-        the queue shuts down."""
-        return self._committer.submit(op)
+        the queue shuts down. Not fsync'd on its own (GroupCommitter.submit)."""
+        return self._committer.submit(op, durable=False)
 
     async def write(self, op: Op) -> Any:
-        """Run `op` in a group commit and return its result (the history's retention)."""
-        return await self._committer.submit(op)
+        """Run `op` in a group commit and return its result (the history's retention);
+        not fsync'd on its own."""
+        return await self._committer.submit(op, durable=False)
 
     async def enqueue(self, message: NewMessage, leased: bool, also: Op | None = None) -> list[int]:
         """Commit and fsync the message; return its recipient ids, leased to this process
@@ -107,10 +125,18 @@ class Queue:
         attempt ended normally, and in which lane; `also`, as for `enqueue`. Return the
         ids of messages that left the queue, and the (leased) recipient ids of each new
         message."""
+        # An outcome need not be fsync'd on its own (GroupCommitter.submit): lost only if
+        # the machine crashes, it costs a second delivery, which PRODUCT.md allows; a
+        # commit that queues a DSN is a new message, and is.
         spooled: list[str] = []
         done: tuple[list[str], list[list[int]]] = await self._settle(
-            _with(also, ops.record(results, new_messages, completed, spooled)))
+            _with(also, ops.record(results, new_messages, completed, spooled)),
+            durable=bool(new_messages))
         if spooled:  # their rows are gone: the files go too
+            if not new_messages:
+                # Not before the deletion of their rows is durable: lost with the machine,
+                # it would bring back rows whose bytes are gone.
+                await self._writer_db.run(sync_wal)
             await asyncio.to_thread(self.spool.remove, spooled)
         return done
 
@@ -122,7 +148,9 @@ class Queue:
 
     async def lease_due(self, now: float, limit: int, exclude: frozenset[int],
                         lane_free: bool = False) -> list[Job]:
-        jobs: list[Job] = await self._settle(ops.lease_due(now, limit, exclude, lane_free))
+        # A lease lost with the machine leaves its recipients due: not fsync'd.
+        jobs: list[Job] = await self._settle(ops.lease_due(now, limit, exclude, lane_free),
+                                             durable=False)
         return jobs
 
     async def recover(self, now: float, faulted: bool = False) -> tuple[int, int]:

@@ -142,7 +142,8 @@ ISOLATED = 2
 
 
 def open_queue_db(path: Path, busy_timeout: float = 5.0) -> sqlite3.Connection:
-    """Open and migrate the queue database. Durability: WAL + synchronous=FULL, never less."""
+    """Open and migrate the queue database. Durability: WAL + synchronous=FULL; the writer
+    lowers it to NORMAL only for a commit that adds no message (writer.py)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                            check_same_thread=False)
