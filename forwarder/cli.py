@@ -23,8 +23,8 @@ from forwarder import (
     cli_report,
     cli_status,
 )
-from forwarder.cli_common import CliError, emit, one_line, settings_for
-from forwarder.config import ConfigError
+from forwarder.cli_common import CliError, close_directories, emit, one_line, settings_for
+from forwarder.config import ConfigError, Settings
 from forwarder.directory import DirectoryError
 from forwarder.privileges import PrivilegeError, act_as_owner, restrict_umask
 from forwarder.queueadmin import QueueAdminError
@@ -71,6 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         act_as_owner(settings.state_dir)
     except PrivilegeError as exc:
         return _fail(str(exc))
+    try:
+        return _handle(args, settings)
+    finally:
+        close_directories()
+
+
+def _handle(args: argparse.Namespace, settings: Settings) -> int:
     try:
         result: int = args.handler(args, settings)
         return result

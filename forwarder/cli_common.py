@@ -85,8 +85,27 @@ def address_key(text: str, settings: Settings) -> str:
 
 
 def open_directory(settings: Settings) -> Directory:
-    """The directory for admin commands (the SQLite backend, `AdminDirectory`)."""
-    return Directory(settings.directory_path, settings.busy_timeout)
+    """The directory for admin commands (`AdminDirectory`): the SQLite file, or with
+    `directory_url` the PostgreSQL directory several nodes share (docs/cluster.md)."""
+    if settings.directory_url:
+        from forwarder.directory.pgadmin import PgDirectory
+
+        directory: Directory = PgDirectory(settings.directory_url,
+                                           settings.directory_password)
+    else:
+        directory = Directory(settings.directory_path, settings.busy_timeout)
+    _opened.append(directory)
+    return directory
+
+
+# The directories a command opened, closed when it ends (cli.main): a PostgreSQL
+# connection is not left for the garbage collector to find.
+_opened: list[Directory] = []
+
+
+def close_directories() -> None:
+    while _opened:
+        _opened.pop().close()
 
 
 def add_common(parser: argparse.ArgumentParser, json_flag: bool) -> None:

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from forwarder import replies
-from forwarder.cli_common import add_command, emit, one_line
+from forwarder.cli_common import add_command, emit, one_line, open_directory
 from forwarder.cli_ops import srs_reverse
 from forwarder.cli_targets import target_doc, target_lines
 from forwarder.config import Settings
@@ -50,8 +50,11 @@ def _token(directory: Directory, settings: Settings, check: NeedsTokenCheck) -> 
     try:
         claim = parse_token(check.kind, check.token)
         binding = directory.binding(claim.target_id)
-        check_token(claim, binding, load_secrets(path, "token") if path.exists() else [],
-                    time.time())
+        if settings.directory_url:
+            secrets = directory.token_secrets()
+        else:
+            secrets = load_secrets(path, "token") if path.exists() else []
+        check_token(claim, binding, secrets, time.time())
     except TokenError as exc:
         return Refuse(replies.RCPT_BAD_TOKEN, "token_invalid"), None, exc.reason.value
     assert binding is not None
@@ -72,7 +75,7 @@ def _verdict(address: str, settings: Settings) -> Found:
     if not isinstance(first, NeedsLookup | NeedsTokenCheck):
         return first, None, None
     try:
-        directory = Directory(settings.directory_path, settings.busy_timeout)
+        directory = open_directory(settings)
         try:
             if isinstance(first, NeedsTokenCheck):
                 return _token(directory, settings, first)

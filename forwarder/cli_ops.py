@@ -18,16 +18,19 @@ from forwarder.cli_common import (
     add_group,
     emit,
     one_line,
+    open_directory,
 )
 from forwarder.clock import SystemClock
+from forwarder.clustercheck import cluster_problems
 from forwarder.config import ConfigError, Settings
 from forwarder.directory import (
     SCHEMA_VERSION,
-    Directory,
     count_active,
     token_secrets_path,
     token_secrets_problems,
 )
+from forwarder.directory.pgschema import open_directory_db
+from forwarder.directory.pgstores import PgKeys, PgSecrets
 from forwarder.dns import CachingResolver
 from forwarder.migrations import inspect_database
 from forwarder.postfixmaps import RECIPIENTS_FILE, TRANSPORT_FILE, postfix_maps
@@ -54,6 +57,8 @@ from forwarder.srsstore import (
 def srs_reverse(settings: Settings, address: str) -> str:
     """The original sender behind one of our SRS addresses, as the daemon would find it;
     raises SrsError. Read-only: a missing secrets file or key store means "not ours"."""
+    if settings.directory_url:
+        return _pg_srs_reverse(settings, address)
     path = secrets_path(settings.state_dir)
     if not path.exists():
         raise SrsError(SrsReason.BAD_HASH)  # the daemon would start with a fresh secret
@@ -75,6 +80,25 @@ def srs_reverse(settings: Settings, address: str) -> str:
     return found
 
 
+def _pg_srs_reverse(settings: Settings, address: str) -> str:
+    """As any node of several would reverse it: secrets and keys from PostgreSQL."""
+    conn = open_directory_db(settings.directory_url, settings.directory_password)
+    try:
+        srs = load_srs(PgSecrets(conn, "srs"), settings.effective_srs_domain, SystemClock(),
+                       record=False)
+        result = srs.reverse(address)
+        if not isinstance(result, KeyRef):
+            return result
+        found = PgKeys(conn).get(result.key)
+    except ValueError as exc:  # no secret yet: no address of ours can verify
+        raise SrsError(SrsReason.BAD_HASH) from exc
+    finally:
+        conn.close()
+    if found is None:
+        raise SrsError(SrsReason.UNKNOWN_KEY)
+    return found
+
+
 def cmd_srs_reverse(args: argparse.Namespace, settings: Settings) -> int:
     try:
         original = srs_reverse(settings, args.address)
@@ -88,6 +112,16 @@ def cmd_srs_reverse(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_srs_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.directory_url:
+        conn = open_directory_db(settings.directory_url, settings.directory_password)
+        try:
+            count = PgSecrets(conn, "srs").rotate()
+        finally:
+            conn.close()
+        emit(args, {"file": "postgresql", "action": "rotated", "secrets": count},
+             f"PostgreSQL directory: SRS secrets rotated; {count} secret(s), the first one "
+             "signs. Every node copies them and signs with the new one within a second.")
+        return 0
     path = secrets_path(settings.state_dir)
     settings.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     if ensure_secrets(path):
@@ -106,8 +140,13 @@ def cmd_srs_rotate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_token_rotate(args: argparse.Namespace, settings: Settings) -> int:
-    directory = Directory(settings.directory_path, settings.busy_timeout)
+    directory = open_directory(settings)
     count = directory.rotate_token_secrets()
+    if settings.directory_url:
+        emit(args, {"file": "postgresql", "secrets": count},
+             f"PostgreSQL directory: {count} token secret(s), the first one signs. Every "
+             "node copies them and checks with them within a second.")
+        return 0
     path = token_secrets_path(settings.state_dir)
     emit(args, {"file": str(path), "secrets": count},
          f"{path}: {count} secret(s), the first one signs. Run 'systemctl reload "
@@ -153,7 +192,9 @@ def _storage_problems(settings: Settings, notes: list[str]) -> list[str]:
     problems += inspect_database(settings.queue_path, QUEUE_SCHEMA_VERSION)
     problems += token_secrets_problems(token_secrets_path(settings.state_dir))
     secrets = secrets_path(settings.state_dir)
-    if secrets.exists():
+    if settings.directory_url:  # the secrets are in PostgreSQL (forwarder/clustercheck.py)
+        pass
+    elif secrets.exists():
         problems += secrets_file_problems(secrets)
     elif not problems:  # a fresh install: the daemon (or `check --init`) creates it
         notes.append(f"{secrets}: not created yet; the daemon creates it at its first "
@@ -216,6 +257,10 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     problems = [f"config: {p}" for p in getattr(args, "config_problems", [])]
     problems += _storage_problems(settings, notes)
     problems += _tls_problems(settings)
+    staleness = None
+    if settings.directory_url:
+        found, staleness = cluster_problems(settings, notes)
+        problems += found
     warnings = []
     if settings.postmaster is None:
         warnings.append("postmaster: not set; mail to postmaster@ and abuse@ our domains is "
@@ -233,6 +278,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
              "section 3):\n" + "\n".join(postfix))
     emit(args, {"ok": not problems, "problems": problems, "warnings": warnings,
                 "notes": notes, "postfix_maps": postfix,
+                "directory_staleness_seconds": staleness,
                 "config_file": None if settings.config_file is None else
                 str(settings.config_file), "state_dir": str(settings.state_dir)}, text)
     return 1 if problems else 0

@@ -6,13 +6,16 @@ They work while the daemon runs, on the same queue file (see queueadmin.py).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from forwarder.cli_common import CliError, add_command, add_group, duration, emit, iso
 from forwarder.config import Settings
 from forwarder.queueadmin import MessageInfo, QueueAdmin, RecipientInfo
+from forwarder.queuemove import export_queue, import_queue
 
 EXAMPLE_ID = "GEZDGNBVGY3TQOJQ"
 
@@ -146,6 +149,42 @@ def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from forwarder.daemonparts import StateLockError, lock_state_dir
+
+    if not settings.queue_path.exists():
+        raise CliError(f"no queue in {settings.state_dir} (wrong --state-dir or --config?)")
+    try:
+        fd = lock_state_dir(settings.state_dir)
+    except StateLockError as exc:
+        raise CliError(f"{exc}: stop it first (its queue is moved only while no "
+                       "daemon delivers it)") from exc
+    try:
+        moved = export_queue(settings.queue_path, Path(args.file), args.keep,
+                             settings.busy_timeout)
+    finally:
+        os.close(fd)
+    where = "kept in this queue too: do not start this node again" if args.keep \
+        else "removed from this queue"
+    emit(args, {"file": args.file, "messages": moved.messages,
+                "recipients": moved.recipients, "kept": args.keep},
+         f"{args.file}: {moved.messages} message(s), {moved.recipients} recipient(s) "
+         f"exported; {where}. On another node: forwarder queue import {args.file}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    moved = import_queue(settings.queue_path, Path(args.file), time.time(),
+                         settings.busy_timeout)
+    emit(args, {"file": args.file, "messages": moved.messages,
+                "recipients": moved.recipients, "already_here": moved.skipped},
+         f"{args.file}: {moved.messages} message(s), {moved.recipients} recipient(s) "
+         f"imported, due now ({moved.skipped} already here); the daemon delivers them "
+         f"within {settings.delivery.poll_interval:g} s")
+    return 0
+
+
 def register(sub: Any) -> None:
     q = add_group(sub, "queue", "inspect and steer the mail queue (works while the daemon runs)",
                   "forwarder queue list")
@@ -171,3 +210,15 @@ def register(sub: Any) -> None:
                     f"forwarder queue delete {EXAMPLE_ID} --yes", json_flag=True)
     p.add_argument("id", type=str.upper)
     p.add_argument("--yes", action="store_true", help="confirm the deletion")
+    p = add_command(q, "export", cmd_export,
+                    "move a stopped node's queue into FILE (docs/cluster.md); removed "
+                    "from this queue once FILE is written, unless --keep",
+                    "forwarder queue export /root/mx2-queue.export --state-dir "
+                    "/mnt/mx2/var/lib/forwarder", json_flag=True)
+    p.add_argument("file")
+    p.add_argument("--keep", action="store_true",
+                   help="leave the messages in this queue as well")
+    p = add_command(q, "import", cmd_import,
+                    "add the messages of an export FILE to this node's queue, due now",
+                    "forwarder queue import /root/mx2-queue.export", json_flag=True)
+    p.add_argument("file")

@@ -225,6 +225,11 @@ class Settings:
     # system's. `mta_sts = false` ignores published policies (opportunistic TLS only).
     tls_ca_file: Path | None = None
     mta_sts: bool = True
+    # Several nodes (docs/cluster.md, admin.md section 13): the directory in PostgreSQL.
+    directory_url: str = ""
+    directory_password: str = ""
+    directory_max_staleness: float = 900.0
+    directory_sweep: float = 30.0
     # Relays allowed to send Postfix's XFORWARD (the school's MX in front, section 3 of
     # docs/admin.md): addresses or networks. Empty: nobody (XFORWARD changes audit trails).
     xforward_hosts: tuple[str, ...] = ()
@@ -292,6 +297,8 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
         return value
     if key in _OUTBOUND_KEYS:
         return _convert_outbound(key, value, problems)
+    if key.startswith("directory_") and key != "directory_password" and value != "":
+        return _convert_cluster(key, value, problems)
     if key in ("busy_timeout", "stop_timeout"):
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             problems.append(f"{key}: must be a number of seconds >= 0")
@@ -303,6 +310,16 @@ def _convert_top(key: str, value: Any, problems: list[str]) -> Any:
         problems.append("log_level: must be debug, info, warning or error")
     if not isinstance(value, str):
         problems.append(f"{key}: must be a string")
+    return value
+
+
+def _convert_cluster(key: str, value: Any, problems: list[str]) -> Any:
+    if key == "directory_url" and not str(value).startswith(("postgresql://", "postgres://")):
+        problems.append(f"{key}: must be empty (SQLite) or a postgresql:// URL")
+    elif key != "directory_url" and not (type(value) in (int, float) and value > 0):
+        problems.append(f"{key}: must be a number of seconds > 0")
+    else:
+        return value if key == "directory_url" else float(value)
     return value
 
 

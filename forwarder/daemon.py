@@ -45,6 +45,7 @@ from forwarder.daemonupkeep import reload as reload_daemon
 from forwarder.daemonupkeep import report_loop, space_loop, status_loop
 from forwarder.delivery import Dispatcher, Router
 from forwarder.directory import SqliteDaemonDirectory
+from forwarder.directory.cluster import open_daemon_directory
 from forwarder.faults import FAULT_FILE, FaultRecord
 from forwarder.front import Accepted, Front
 from forwarder.history.recorder import HistoryRecorder
@@ -170,10 +171,7 @@ class Daemon:
             # reserve is remade once started, or as soon as there is space again:
             # forwarder/queue/reserve.py).
             await asyncio.to_thread(self.queue.reserve.release)
-        self.return_path = ReturnPath(self.settings.state_dir,
-                                      self.settings.effective_srs_domain, self.clock)
-        self.directory = await SqliteDaemonDirectory.open(
-            self.settings.directory_path, self.settings.busy_timeout)
+        await self._open_directory(acceptor)
         try:
             self.connections.tls_context = load_tls_context(self.settings.tls_cert,
                                                             self.settings.tls_key)
@@ -198,6 +196,7 @@ class Daemon:
             self._spawn(link.report_loop(self.metrics), "report")
             return
         await self._start_metrics()
+        assert self.directory is not None
         await self.targets.start(self.directory)
         self._spawn(self.dispatcher.run(), "dispatcher")
         self._spawn(status_loop(self), "status")
@@ -213,6 +212,22 @@ class Daemon:
                  acceptors=self.group.size - 1)
         log.flush()  # the "listening" line is in the journal before systemd hears READY
         self.notifier.ready(f"listening on {self.settings.listen.host}:{self.port}")
+
+    async def _open_directory(self, acceptor: bool) -> None:
+        """The embedded SQLite directory, or this node's copy of the PostgreSQL one."""
+        self.directory, self.return_path, cluster = await open_daemon_directory(
+            self.settings, self.clock, acceptor)
+        if cluster is not None:
+            self.metrics.directory_staleness(lambda: min(cluster.staleness(), 1e9))
+            cluster.on_secrets = self._reload_secrets
+
+    def _reload_secrets(self, domain: str | None = None) -> None:
+        """The SRS and token secrets, read again: on SIGHUP, and on a node of several when
+        a rotation made on any node has been copied here (raises OSError, ValueError)."""
+        assert self.return_path is not None
+        self.return_path.reload(domain or self.settings.effective_srs_domain)
+        if self.front is not None:
+            self.front.reload_token_secrets()
 
     async def _listen(self, acceptor: bool) -> None:
         """Serve SMTP on the socket bound at start (or, in an acceptor, inherited)."""

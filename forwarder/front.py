@@ -24,6 +24,7 @@ from forwarder.checks import Checks, Inbound
 from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.directory import DaemonDirectory
+from forwarder.directory.model import DirectoryStale
 from forwarder.dsnparams import DsnRequest, RecipientDsn, mail_dsn, options_dict, rcpt_dsn
 from forwarder.history.recorder import HistoryRecorder
 from forwarder.metrics import Metrics
@@ -278,6 +279,8 @@ class Front:
             return first
         try:
             account = await self.directory.lookup(first.address.key)
+        except DirectoryStale:
+            return Refuse(replies.DIRECTORY_STALE, "directory_stale")
         except (sqlite3.Error, OSError) as exc:
             # A locked or unreadable directory defers the mail (PRODUCT.md): never a 5xx.
             LOG.error("directory_unavailable", error=type(exc).__name__, detail=str(exc))
@@ -310,6 +313,8 @@ class Front:
         except TokenError as exc:
             LOG.info("token_refused", to=address, reason=exc.reason.value)
             return Refuse(replies.RCPT_BAD_TOKEN, "token_invalid")
+        except DirectoryStale:
+            return Refuse(replies.DIRECTORY_STALE, "directory_stale")
         except (sqlite3.Error, OSError) as exc:
             LOG.error("directory_unavailable", error=type(exc).__name__, detail=str(exc))
             return Refuse(replies.RCPT_TEMPFAIL, "directory_unavailable")

@@ -238,6 +238,13 @@ class Metrics:
             "forwarder_destinations_suspended",
             "Destinations whose delivery is suspended now (dead destinations).", registry=reg)
         self._own_open = 0
+        # Several nodes: seconds since the node's copy of the PostgreSQL directory was
+        # last synchronised (forwarder/directory/cluster.py); 0 on the embedded directory.
+        self._staleness: Callable[[], float] = lambda: 0.0
+        Gauge("forwarder_directory_staleness_seconds",
+              "Seconds since this node's copy of the PostgreSQL directory was last "
+              "synchronised (0 with the embedded SQLite directory).",
+              registry=reg).set_function(lambda: self._staleness())
         self._child_open: dict[str, int] = {}
         self._child_rss: dict[str, int] = {}
         self._absorbed: dict[str, dict[str, float]] = {}
@@ -429,6 +436,9 @@ class Metrics:
         self._dead.set_function(count)
 
     # --- queue ------------------------------------------------------------------------
+
+    def directory_staleness(self, seconds: Callable[[], float]) -> None:
+        self._staleness = seconds
 
     def queue_snapshot(self, depth_by_state: Mapping[str, int], oldest_age: float | None) -> None:
         """The queue as last counted: recipients per state and the oldest message's age.

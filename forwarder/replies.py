@@ -52,6 +52,10 @@ RCPT_RELAY_DENIED = Reply(554, "5.7.1", "relay access denied")
 RCPT_BAD_SYNTAX = Reply(553, "5.1.3", "bad recipient address syntax")
 RCPT_TOO_MANY = Reply(452, "4.5.3", "too many recipients")
 RCPT_TEMPFAIL = Reply(451, "4.3.0", "temporary lookup failure, try again later")
+# Several nodes: this node's copy of the directory has not been synchronised with
+# PostgreSQL for longer than directory_max_staleness; it no longer vouches for anyone, and
+# never refuses from stale data (docs/cluster.md).
+DIRECTORY_STALE = Reply(451, "4.3.0", "directory temporarily out of date, try again later")
 RCPT_NOT_CONFIGURED = Reply(451, "4.3.0", "destination not configured, try again later")
 
 # MAIL and DATA.

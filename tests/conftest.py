@@ -30,7 +30,7 @@ from forwarder.daemon import Daemon
 from forwarder.directory import Directory, Written
 from tests.dnsserver import DnsServer
 
-pytest_plugins = ["tests.dnsfixtures", "tests.rspamdfixture"]
+pytest_plugins = ["tests.dnsfixtures", "tests.rspamdfixture", "tests.pgfixtures"]
 
 DOMAIN = "sigma-clermont.fr"
 
@@ -239,10 +239,11 @@ async def start_daemon(
 
 async def smtp_send(
     port: int, sender: str, recipients: list[str], body: bytes, timeout: float = 10.0,
+    host: str = "127.0.0.1",
 ) -> tuple[dict[str, tuple[int, str]], tuple[int, str] | None]:
     """Send one message; return each RCPT's reply, and DATA's (None if no RCPT accepted).
     `timeout` bounds the wait for each reply."""
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
+    client = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False,
                              timeout=timeout, local_hostname="client.test")
     await client.connect()
     try:

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forwarder.directory import imports
 from forwarder.directory.model import (
@@ -50,6 +50,9 @@ from forwarder.senders import SenderCount
 from forwarder.targets import MAX_TARGETS, Event, TargetState, transition
 from forwarder.tokens import Binding
 
+if TYPE_CHECKING:
+    from forwarder.directory.rows import Db
+
 
 def invoking_user() -> str:
     """Who runs the admin command: the sudo caller if any, else the OS user."""
@@ -78,9 +81,11 @@ class Directory:
         busy_timeout: float = 5.0,
         actor: str | None = None,
         now: Callable[[], float] = time.time,
+        conn: Db | None = None,
     ) -> None:
         self.path = path
-        self.conn = connect(path, busy_timeout)
+        # The SQLite file at `path`, or a connection to another backend's database.
+        self.conn: Db = conn if conn is not None else connect(path, busy_timeout)
         self.actor = actor or invoking_user()
         self.now = now
 

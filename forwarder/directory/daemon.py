@@ -36,19 +36,24 @@ _LOOKUP = ("SELECT a.state, t.target, t.state FROM accounts a"
 
 
 class SqliteDaemonDirectory:
-    def __init__(self, path: Path, busy_timeout: float, conn: aiosqlite.Connection) -> None:
+    def __init__(self, path: Path, busy_timeout: float, conn: aiosqlite.Connection,
+                 open_upkeep: Callable[[], Upkeep] | None = None) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
         self._conn = conn
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="directory-writer")
         self._upkeep: Upkeep | None = None
+        # Where the writes go: this file, or (a node of several) PostgreSQL, while the
+        # reads stay on this file, the node's copy (forwarder/directory/replica.py).
+        self._open_writer = open_upkeep or (lambda: Upkeep.open(path, busy_timeout))
 
     @classmethod
-    async def open(cls, path: Path, busy_timeout: float) -> SqliteDaemonDirectory:
+    async def open(cls, path: Path, busy_timeout: float,
+                   open_upkeep: Callable[[], Upkeep] | None = None) -> SqliteDaemonDirectory:
         connect(path, busy_timeout).close()  # create and migrate before serving
         conn = await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
         await conn.execute("PRAGMA query_only=ON")
-        return cls(path, busy_timeout, conn)
+        return cls(path, busy_timeout, conn, open_upkeep)
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -85,12 +90,20 @@ class SqliteDaemonDirectory:
 
     async def _write(self, fn: Callable[[Upkeep], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(self._open_upkeep()))
+        return await loop.run_in_executor(self._executor, lambda: self._run(fn))
 
-    def _open_upkeep(self) -> Upkeep:
+    def _run(self, fn: Callable[[Upkeep], T]) -> T:
         if self._upkeep is None:
-            self._upkeep = Upkeep(self.path, self.busy_timeout)
-        return self._upkeep
+            self._upkeep = self._open_writer()
+        upkeep = self._upkeep
+        try:
+            return fn(upkeep)
+        except Exception:
+            # A connection to PostgreSQL that broke is opened again on the next write.
+            if getattr(upkeep.conn, "broken", False):
+                upkeep.close()
+                self._upkeep = None
+            raise
 
     async def consume(self, use: Consume, client: str, sender: str, automatic: bool,
                       now: float) -> TokenUse:

@@ -8,9 +8,9 @@ writes every change in one transaction, with `executemany` over the rows that ch
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from forwarder.directory.model import (
     Declared,
@@ -22,10 +22,13 @@ from forwarder.directory.model import (
 from forwarder.directory.rows import load_account
 from forwarder.policy import AccountState
 
+if TYPE_CHECKING:
+    from forwarder.directory.rows import Db
+
 Current = tuple[str, tuple[str, ...]]  # an account's state and targets, in order
 
 
-def current(conn: sqlite3.Connection) -> dict[str, Current]:
+def current(conn: Db) -> dict[str, Current]:
     states = dict(conn.execute("SELECT address, state FROM accounts").fetchall())
     targets: dict[str, list[str]] = {}
     for address, target in conn.execute(
@@ -35,7 +38,7 @@ def current(conn: sqlite3.Connection) -> dict[str, Current]:
             for address, state in states.items()}
 
 
-def plan(conn: sqlite3.Connection, rows: Sequence[ImportRow]) -> ImportPlan:
+def plan(conn: Db, rows: Sequence[ImportRow]) -> ImportPlan:
     """Compare the rows with the directory as it is now."""
     now = current(conn)
     report = ImportReport()
@@ -71,7 +74,7 @@ def _doc(state: str, targets: tuple[str, ...]) -> str:
     return json.dumps({"state": state, "targets": list(targets)})
 
 
-def write(conn: sqlite3.Connection, plan: ImportPlan, actor: str,
+def write(conn: Db, plan: ImportPlan, actor: str,
           now: float) -> list[Declared]:
     """Apply the plan (inside the caller's transaction); return the targets declared."""
     conn.executemany(
@@ -97,11 +100,11 @@ def write(conn: sqlite3.Connection, plan: ImportPlan, actor: str,
     return declared
 
 
-def _next_id(conn: sqlite3.Connection) -> int:
+def _next_id(conn: Db) -> int:
     return int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM targets").fetchone()[0])
 
 
-def _insert_new(conn: sqlite3.Connection, rows: Sequence[ImportRow], now: float,
+def _insert_new(conn: Db, rows: Sequence[ImportRow], now: float,
                 why: str) -> list[Declared]:
     """Every target of new accounts, in one `executemany`; the ids are given here (under
     the transaction's write lock), as a token needs each one. Their notices are owed at
@@ -120,12 +123,12 @@ def _insert_new(conn: sqlite3.Connection, rows: Sequence[ImportRow], now: float,
     return declared
 
 
-def _rows_of(conn: sqlite3.Connection, address: str) -> list[TargetRow]:
+def _rows_of(conn: Db, address: str) -> list[TargetRow]:
     account = load_account(conn, address)
     return [] if account is None else list(account.targets)
 
 
-def replace_targets(conn: sqlite3.Connection, address: str, old: Sequence[TargetRow],
+def replace_targets(conn: Db, address: str, old: Sequence[TargetRow],
                     targets: Sequence[str], now: float, why: str,
                     notice_due: float) -> tuple[Declared, ...]:
     """Make `targets` the account's set, in that order: a target kept by value keeps its
@@ -140,9 +143,12 @@ def replace_targets(conn: sqlite3.Connection, address: str, old: Sequence[Target
         if row is not None:
             conn.execute("UPDATE targets SET position = ? WHERE id = ?", (position, row.id))
             continue
-        cursor = conn.execute(
-            "INSERT INTO targets (address, position, target, state, why, declared_at,"
-            " changed_at, notice_due) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
-            (address, position, target, why, now, now, notice_due))
-        declared.append(Declared(int(cursor.lastrowid or 0), address, target, now))
+        # The id given here, under the write lock, as SQLite would (max + 1), so that both
+        # backends number targets alike and an import's ids never collide with them.
+        target_id = _next_id(conn)
+        conn.execute(
+            "INSERT INTO targets (id, address, position, target, state, why, declared_at,"
+            " changed_at, notice_due) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+            (target_id, address, position, target, why, now, now, notice_due))
+        declared.append(Declared(target_id, address, target, now))
     return tuple(declared)

@@ -46,6 +46,11 @@ class DirectoryError(Exception):
     """A refused admin operation; the message is the one-line reason shown to the admin."""
 
 
+class DirectoryStale(OSError):
+    """A node's copy of a shared directory has not been synchronised for longer than its
+    bound (directory_max_staleness): it vouches for no one (RCPT answers 451)."""
+
+
 @dataclass(frozen=True)
 class TargetRow:
     """One redirect target as the directory holds it."""

@@ -7,11 +7,18 @@ import json
 import sqlite3
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from forwarder.directory.model import AccountRow, DirectoryError, TargetRow
 from forwarder.policy import AccountState
 from forwarder.targets import Change, Health, TargetState
+
+if TYPE_CHECKING:
+    from forwarder.directory.pgconn import PgConnection
+
+    # A directory connection: SQLite's, or PostgreSQL's speaking the same subset
+    # (forwarder/directory/pgconn.py); the SQL here is written in what both understand.
+    Db: TypeAlias = sqlite3.Connection | PgConnection
 
 TARGET_COLUMNS = ("id, target, state, why, declared_at, changed_at, confirmed, failures,"
                   " first_failure, last_failure, last_success, last_error")
@@ -27,7 +34,7 @@ def target_row(row: tuple[Any, ...]) -> TargetRow:
                      bool(row[6]), Health(row[7], row[8], row[9], row[10]), row[11])
 
 
-def load_account(conn: sqlite3.Connection, address: str) -> AccountRow | None:
+def load_account(conn: Db, address: str) -> AccountRow | None:
     row = conn.execute("SELECT address, state, created_at, updated_at FROM accounts"
                        " WHERE address = ?", (address,)).fetchone()
     if row is None:
@@ -38,7 +45,7 @@ def load_account(conn: sqlite3.Connection, address: str) -> AccountRow | None:
                       tuple(target_row(t) for t in targets))
 
 
-def require_account(conn: sqlite3.Connection, address: str) -> AccountRow:
+def require_account(conn: Db, address: str) -> AccountRow:
     row = load_account(conn, address)
     if row is None:
         raise DirectoryError(f"{address}: no such account")
@@ -59,32 +66,32 @@ def dumps(doc: dict[str, Any] | None) -> str | None:
     return None if doc is None else json.dumps(doc)
 
 
-def audit(conn: sqlite3.Connection, at: float, actor: str, action: str, address: str,
+def audit(conn: Db, at: float, actor: str, action: str, address: str,
           old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
     conn.execute(
         "INSERT INTO audit (at, actor, action, address, old, new) VALUES (?, ?, ?, ?, ?, ?)",
         (at, actor, action, address, dumps(old), dumps(new)))
 
 
-def apply_change(conn: sqlite3.Connection, row: TargetRow, change: Change, why: str,
+def apply_change(conn: Db, row: TargetRow, change: Change, why: str,
                  now: float, notice_due: float | None = None) -> None:
     """Write a target's new state (targets.transition's verdict). A new declaration
     restarts its binding (tokens signed before it no longer verify) and owes a notice
     from `notice_due` on."""
     failures = "failures = 0, first_failure = NULL, last_failure = NULL, last_error = NULL," \
         if change.clear_failures else ""
-    declared = ", declared_at = :now, notice_due = :due" if change.notice else ""
+    declared = ", declared_at = ?, notice_due = ?" if change.notice else ""
+    extra = (now, now if notice_due is None else notice_due) if change.notice else ()
     conn.execute(
-        f"UPDATE targets SET {failures} state = :state, confirmed = :confirmed, why = :why,"
-        f" changed_at = :now{declared} WHERE id = :id",
-        {"state": change.state.value, "confirmed": int(change.confirmed), "why": why,
-         "now": now, "id": row.id, "due": now if notice_due is None else notice_due})
+        f"UPDATE targets SET {failures} state = ?, confirmed = ?, why = ?,"
+        f" changed_at = ?{declared} WHERE id = ?",
+        (change.state.value, int(change.confirmed), why, now, *extra, row.id))
 
 
 class Transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Db) -> None:
         self.conn = conn
 
     def __enter__(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from forwarder.directory.model import (
     NOTICE_LEASE,
@@ -42,13 +43,17 @@ from forwarder.targets import (
 )
 from forwarder.tokens import TokenKind
 
+if TYPE_CHECKING:
+    from forwarder.directory.rows import Db
+
 _ADD_SENDER_COUNTS = (
     "INSERT INTO sender_stats (domain, day, dkim_aligned, spf_only, unaligned, policy)"
     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (domain, day) DO UPDATE SET"
-    " dkim_aligned = dkim_aligned + excluded.dkim_aligned,"
-    " spf_only = spf_only + excluded.spf_only,"
-    " unaligned = unaligned + excluded.unaligned,"
-    " policy = CASE WHEN excluded.policy = '' THEN policy ELSE excluded.policy END")
+    " dkim_aligned = sender_stats.dkim_aligned + excluded.dkim_aligned,"
+    " spf_only = sender_stats.spf_only + excluded.spf_only,"
+    " unaligned = sender_stats.unaligned + excluded.unaligned,"
+    " policy = CASE WHEN excluded.policy = '' THEN sender_stats.policy"
+    " ELSE excluded.policy END")
 
 # Who the audit names for the daemon's own writes.
 DAEMON_ACTOR = "forwarder"
@@ -58,8 +63,12 @@ MAIL_ACTOR = "mail"
 class Upkeep:
     """One connection to the directory, for the daemon's writes."""
 
-    def __init__(self, path: Path, busy_timeout: float) -> None:
-        self.conn = connect(path, busy_timeout)
+    def __init__(self, conn: Db) -> None:
+        self.conn = conn
+
+    @classmethod
+    def open(cls, path: Path, busy_timeout: float) -> Upkeep:
+        return cls(connect(path, busy_timeout))
 
     def close(self) -> None:
         self.conn.close()
@@ -201,7 +210,7 @@ class Upkeep:
             return
         with Transaction(self.conn):
             self.conn.executemany(
-                "UPDATE targets SET last_success = max(coalesce(last_success, 0), ?)"
-                " WHERE address = ? AND target = ?",
-                [(when, account, target) for account, target, when in seen])
+                "UPDATE targets SET last_success = ? WHERE address = ? AND target = ?"
+                " AND coalesce(last_success, 0) < ?",
+                [(when, account, target, when) for account, target, when in seen])
 

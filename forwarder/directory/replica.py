@@ -1,0 +1,246 @@
+"""A node's local copy of the PostgreSQL directory (several nodes: docs/cluster.md).
+
+RCPT never waits on the network: each node answers from an SQLite file of its own with the
+directory's schema (forwarder/directory/schema.py), the "replica", read exactly as the
+embedded directory is. The copy is kept current from PostgreSQL's change log
+(forwarder/directory/pgschema.py): `fetch` reads, in one REPEATABLE READ snapshot, what
+changed since the copy's version (the current rows of the accounts, targets and secrets
+named by the log), and `ReplicaFile.apply` writes it in one SQLite transaction together
+with the new version. A copy from another directory (its id differs), one older than the
+pruned part of the log, or one ahead of it (a directory restored from a backup) is
+replaced by a full copy, in the same way.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from forwarder.directory.rows import Transaction
+from forwarder.directory.schema import connect
+
+REPLICA_FILE = "directory-replica.sqlite3"
+TARGET_FIELDS = ("id, address, position, target, state, why, declared_at, changed_at,"
+                 " confirmed, failures, first_failure, last_failure, last_error,"
+                 " last_success, notice_due")
+_REPLICA_TABLES = (
+    "CREATE TABLE IF NOT EXISTS replica_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS replica_secrets (kind TEXT NOT NULL, position INTEGER"
+    " NOT NULL, secret TEXT NOT NULL, PRIMARY KEY (kind, position))",
+    # The SRS long-sender keys, so that a bounce to one is reversed without the network.
+    "CREATE TABLE IF NOT EXISTS replica_srs_keys (key TEXT PRIMARY KEY, sender TEXT NOT NULL)"
+    " WITHOUT ROWID",
+)
+
+
+def replica_path(state_dir: Path) -> Path:
+    return state_dir / REPLICA_FILE
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    directory_id: str
+    version: int
+    synced_at: float | None  # the clock's time of the last successful sync; None: never
+
+
+@dataclass
+class Batch:
+    """What changed since a version, as read in one snapshot of PostgreSQL."""
+
+    directory_id: str
+    version: int
+    full: bool = False
+    accounts: list[tuple[Any, ...]] = field(default_factory=list)
+    gone_accounts: list[str] = field(default_factory=list)
+    targets: list[tuple[Any, ...]] = field(default_factory=list)
+    changed_targets: list[int] = field(default_factory=list)
+    secrets: dict[str, list[str]] | None = None  # kind -> secrets in order, if changed
+    srs_keys: list[tuple[Any, ...]] = field(default_factory=list)  # (key, sender)
+    changed_srs_keys: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.full or self.accounts or self.gone_accounts or self.changed_targets
+                    or self.secrets is not None or self.changed_srs_keys)
+
+
+async def fetch(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch:
+    """What the copy at `have` lacks, read in one snapshot (the connection autocommits)."""
+    await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    try:
+        batch = await _read(conn, have)
+    finally:
+        await conn.execute("ROLLBACK")
+    return batch
+
+
+async def _rows(conn: psycopg.AsyncConnection[Any], sql: str,
+                params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    cur = await conn.execute(sql, params or None)
+    return await cur.fetchall()
+
+
+async def _read(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch:
+    meta = dict(await _rows(conn, "SELECT name, value FROM meta"))
+    directory_id, pruned = meta["directory_id"], int(meta["pruned_through"])
+    # The newest version committed; a log pruned empty still has its versions behind it.
+    top = max(pruned, int((await _rows(conn, "SELECT coalesce(max(version), 0)"
+                                             " FROM changes"))[0][0]))
+    batch = Batch(directory_id, top)
+    if directory_id != have.directory_id or have.version < pruned or have.version > top:
+        batch.full = True
+        batch.accounts = await _rows(
+            conn, "SELECT address, state, created_at, updated_at FROM accounts")
+        batch.targets = await _rows(conn, f"SELECT {TARGET_FIELDS} FROM targets")
+        batch.secrets = await _secrets(conn)
+        batch.srs_keys = await _rows(conn, "SELECT key, sender FROM srs_keys")
+        return batch
+    if top == have.version:
+        return batch
+    keys = await _rows(conn, "SELECT DISTINCT tbl, key FROM changes WHERE version > %s",
+                       (have.version,))
+    addresses = [key for tbl, key in keys if tbl == "accounts"]
+    batch.changed_targets = [int(key) for tbl, key in keys if tbl == "targets"]
+    if addresses:
+        batch.accounts = await _rows(
+            conn, "SELECT address, state, created_at, updated_at FROM accounts"
+                  " WHERE address = ANY(%s)", (addresses,))
+        found = {row[0] for row in batch.accounts}
+        batch.gone_accounts = [a for a in addresses if a not in found]
+    if batch.changed_targets:
+        batch.targets = await _rows(conn, f"SELECT {TARGET_FIELDS} FROM targets"
+                                          " WHERE id = ANY(%s)", (batch.changed_targets,))
+    if any(tbl == "secrets" for tbl, _ in keys):
+        batch.secrets = await _secrets(conn)
+    batch.changed_srs_keys = [key for tbl, key in keys if tbl == "srs_keys"]
+    if batch.changed_srs_keys:
+        batch.srs_keys = await _rows(conn, "SELECT key, sender FROM srs_keys"
+                                           " WHERE key = ANY(%s)", (batch.changed_srs_keys,))
+    return batch
+
+
+async def _secrets(conn: psycopg.AsyncConnection[Any]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {"srs": [], "token": []}
+    for kind, secret in await _rows(conn, "SELECT kind, secret FROM secrets"
+                                          " ORDER BY kind, position"):
+        found.setdefault(kind, []).append(secret)
+    return found
+
+
+class ReplicaFile:
+    """The copy, synchronously (used from one thread: the replicator's)."""
+
+    def __init__(self, path: Path, busy_timeout: float) -> None:
+        self.path = path
+        self.conn = connect(path, busy_timeout)
+        for statement in _REPLICA_TABLES:
+            self.conn.execute(statement)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def state(self) -> ReplicaState:
+        return read_state(self.conn)
+
+    def mark_synced(self, synced_at: float) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO replica_meta VALUES ('synced_at', ?)",
+                          (repr(synced_at),))
+
+    def apply(self, batch: Batch, synced_at: float) -> None:
+        """Write the batch and its version in one transaction."""
+        with Transaction(self.conn):
+            if batch.full:
+                self.conn.execute("DELETE FROM targets")
+                self.conn.execute("DELETE FROM accounts")
+            self.conn.executemany(
+                "INSERT INTO accounts (address, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (address) DO UPDATE SET"
+                " state = excluded.state, created_at = excluded.created_at,"
+                " updated_at = excluded.updated_at", batch.accounts)
+            # Every changed target out first, then the current ones in: a target that
+            # moved to another id never meets its old row in the (address, target) index.
+            self.conn.executemany("DELETE FROM targets WHERE id = ?",
+                                  [(i,) for i in batch.changed_targets])
+            self.conn.executemany(
+                f"INSERT INTO targets ({TARGET_FIELDS}) VALUES ({', '.join('?' * 15)})",
+                batch.targets)
+            self.conn.executemany("DELETE FROM accounts WHERE address = ?",
+                                  [(a,) for a in batch.gone_accounts])
+            if batch.full:
+                self.conn.execute("DELETE FROM replica_srs_keys")
+            self.conn.executemany("DELETE FROM replica_srs_keys WHERE key = ?",
+                                  [(k,) for k in batch.changed_srs_keys])
+            self.conn.executemany("INSERT INTO replica_srs_keys VALUES (?, ?)", batch.srs_keys)
+            if batch.secrets is not None:
+                self._write_secrets(batch.secrets)
+                self.conn.execute("INSERT OR REPLACE INTO replica_meta"
+                                  " VALUES ('secrets_version', ?)", (str(batch.version),))
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO replica_meta VALUES (?, ?)",
+                [("directory_id", batch.directory_id), ("version", str(batch.version)),
+                 ("synced_at", repr(synced_at))])
+
+    def _write_secrets(self, secrets: dict[str, list[str]]) -> None:
+        self.conn.execute("DELETE FROM replica_secrets")
+        self.conn.executemany(
+            "INSERT INTO replica_secrets VALUES (?, ?, ?)",
+            [(kind, i, secret) for kind, found in secrets.items()
+             for i, secret in enumerate(found)])
+
+
+def read_state(conn: sqlite3.Connection) -> ReplicaState:
+    try:
+        meta = dict(conn.execute("SELECT name, value FROM replica_meta").fetchall())
+    except sqlite3.OperationalError:  # no such table: never synchronised
+        meta = {}
+    synced = meta.get("synced_at")
+    return ReplicaState(meta.get("directory_id", ""), int(meta.get("version", "0")),
+                        None if synced is None else float(synced))
+
+
+def read_secrets(path: Path, kind: str, busy_timeout: float = 5.0) -> list[bytes]:
+    """The copy's secrets of one kind, the signing one first (read-only)."""
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True,
+                           timeout=busy_timeout)
+    try:
+        rows = conn.execute("SELECT secret FROM replica_secrets WHERE kind = ?"
+                            " ORDER BY position", (kind,)).fetchall()
+    except sqlite3.OperationalError:
+        rows = []
+    finally:
+        conn.close()
+    if not rows:
+        raise ValueError(f"{path}: no {kind} secret copied from the PostgreSQL directory yet")
+    return [row[0].encode("ascii") for row in rows]
+
+
+def read_synced_at(path: Path, busy_timeout: float = 5.0) -> float | None:
+    """When the copy was last synchronised (for `forwarder check` and acceptors)."""
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True,
+                           timeout=busy_timeout)
+    try:
+        return read_state(conn).synced_at
+    finally:
+        conn.close()
+
+
+def read_srs_key(path: Path, key: str) -> str | None:
+    """The long sender stored under `key` in the copy, or None (read-only)."""
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5.0)
+    try:
+        row = conn.execute("SELECT sender FROM replica_srs_keys WHERE key = ?",
+                           (key.upper(),)).fetchone()
+    except sqlite3.OperationalError:
+        row = None
+    finally:
+        conn.close()
+    return None if row is None else str(row[0])

@@ -1,0 +1,237 @@
+"""The PostgreSQL directory (several nodes, docs/cluster.md) on a real server: the same
+commands give the same output as on SQLite; the audit is append-only in the database; an
+import is all or nothing; migrations run once however many nodes start together; a write
+while PostgreSQL is down fails with one line; `forwarder check` reports the node's copy."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from forwarder.cli import main
+from forwarder.clock import FakeClock
+from forwarder.directory import DirectoryError, ImportRow
+from forwarder.directory.cluster import Replicator
+from forwarder.directory.pgadmin import PgDirectory
+from forwarder.directory.pgschema import SCHEMA_VERSION, open_directory_db, schema_version
+from forwarder.directory.upkeep import Upkeep
+from forwarder.policy import AccountState
+from tests.conftest import DOMAIN, make_settings
+from tests.pgcluster import PASSWORD, PgCluster
+
+SCRIPT = [
+    ("account", "add", f"anne.martin@{DOMAIN}", "--redirect", "anne@gmail.example"),
+    ("account", "add", f"bob.durand@{DOMAIN}"),
+    ("account", "redirect", f"bob.durand@{DOMAIN}", "bob@outlook.example",
+     "bob@orange.example"),
+    ("account", "target", f"bob.durand@{DOMAIN}", "bob@orange.example", "off"),
+    ("account", "delete", f"anne.martin@{DOMAIN}"),
+    ("account", "add", f"anne.martin@{DOMAIN}"),  # refused: it exists
+    ("account", "list"),
+    ("account", "list", "--json"),
+    ("account", "show", f"bob.durand@{DOMAIN}", "--json"),
+    ("account", "unredirect", f"bob.durand@{DOMAIN}"),
+    ("account", "purge", f"bob.durand@{DOMAIN}", "--yes"),
+    ("account", "show", f"bob.durand@{DOMAIN}"),  # refused: purged
+    ("lookup", f"anne.martin@{DOMAIN}"),
+    ("report", "senders", "--json"),
+]
+
+
+def run_script(capsys: pytest.CaptureFixture[str], state_dir: Path,
+               config: Path | None) -> list[tuple[int, str, str]]:
+    results = []
+    for argv in SCRIPT:
+        extra = ["--no-dns-check"] if argv[1] in ("add", "redirect") else []
+        if config is not None:
+            extra += ["--config", str(config)]
+        capsys.readouterr()
+        code = main([*argv, *extra, "--state-dir", str(state_dir)])
+        out, err = capsys.readouterr()
+        results.append((code, _timeless(out), _timeless(err)))
+    return results
+
+
+def _timeless(text: str) -> str:
+    """Times differ between two runs; everything else must not."""
+    text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z?", "TIME", text)
+    return re.sub(r'"(created_at|updated_at|declared_at|changed_at)": [0-9.e+]+', r'"\1": T',
+                  text)
+
+
+def pg_config(path: Path, url: str) -> Path:
+    path.write_text(f'directory_url = "{url}"\ndirectory_password = "{PASSWORD}"\n'
+                    f'domains = ["{DOMAIN}"]\n')
+    path.chmod(0o600)
+    return path
+
+
+def test_same_commands_same_output_on_both_backends(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sqlite = run_script(capsys, tmp_path / "sqlite", None)
+    postgres = run_script(capsys, tmp_path / "pg", pg_config(tmp_path / "pg.toml", pg_url))
+    assert [code for code, _, _ in sqlite] == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0]
+    assert postgres == sqlite
+    # Nothing of the directory went to the SQLite file on the PostgreSQL node.
+    assert not (tmp_path / "pg" / "directory.sqlite3").exists()
+
+
+def test_audit_is_append_only_in_the_database(pg_url: str) -> None:
+    directory = PgDirectory(pg_url, PASSWORD, actor="test")
+    try:
+        directory.add(f"anne.martin@{DOMAIN}", ["anne@gmail.example"])
+    finally:
+        directory.close()
+    with psycopg.connect(pg_url, password=PASSWORD, autocommit=True) as conn:
+        for statement in ("UPDATE audit SET actor = 'someone else'", "DELETE FROM audit",
+                          "TRUNCATE audit"):
+            with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+                conn.execute(statement)
+        assert conn.execute("SELECT actor FROM audit").fetchall() == [("test",)]
+
+
+def test_import_is_all_or_nothing(pg_url: str) -> None:
+    directory = PgDirectory(pg_url, PASSWORD, actor="test")
+    rows = [ImportRow(n, f"student{n}@{DOMAIN}", (f"s{n}@gmail.example",),
+                      AccountState.ACTIVE) for n in range(2, 502)]
+    try:
+        # The database itself refuses the 400th row half way through the write.
+        directory.pg.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            f" IF NEW.address = 'student401@{DOMAIN}' THEN RAISE EXCEPTION 'disk full';"
+            " END IF; RETURN NEW; END $$")
+        directory.pg.execute("CREATE TRIGGER refuse BEFORE INSERT ON accounts"
+                             " FOR EACH ROW EXECUTE FUNCTION refuse()")
+        with pytest.raises(OSError, match="disk full"):
+            directory.import_rows(rows)
+        assert list(directory.accounts()) == []
+        directory.pg.execute("DROP TRIGGER refuse ON accounts")
+        assert directory.import_rows(rows).report.added == 500
+        assert directory.import_rows(rows).report.unchanged == 500
+        assert len(list(directory.accounts())) == 500
+    finally:
+        directory.close()
+
+
+def test_migrations_run_once_when_nodes_start_together(pg_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            open_directory_db(pg_url, PASSWORD).close()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    conn = open_directory_db(pg_url, PASSWORD)
+    try:
+        assert schema_version(conn) == SCHEMA_VERSION
+        assert conn.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
+def test_write_while_postgresql_is_down_fails_with_one_line(
+    tmp_path: Path, pg_cluster: PgCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"postgresql://forwarder@127.0.0.1:{pg_cluster.port + 1}/nowhere"
+    config = pg_config(tmp_path / "pg.toml", url)
+    capsys.readouterr()
+    code = main(["account", "add", f"anne.martin@{DOMAIN}", "--no-dns-check",
+                 "--config", str(config), "--state-dir", str(tmp_path / "state")])
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and "PostgreSQL directory" in err
+
+
+def test_duplicate_account_refused_on_postgresql_too(pg_url: str) -> None:
+    directory = PgDirectory(pg_url, PASSWORD, actor="test")
+    try:
+        directory.add(f"anne.martin@{DOMAIN}")
+        with pytest.raises(DirectoryError, match="already exists"):
+            directory.add(f"anne.martin@{DOMAIN}")
+    finally:
+        directory.close()
+
+
+def test_check_reports_postgresql_and_the_copy(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = pg_config(tmp_path / "pg.toml", pg_url)
+    state = tmp_path / "state"
+    state.mkdir()
+    capsys.readouterr()
+    main(["check", "--json", "--config", str(config), "--state-dir", str(state)])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["directory_staleness_seconds"] is None
+    assert any("PostgreSQL directory reachable" in note for note in doc["notes"])
+    config.chmod(0o644)
+    main(["check", "--json", "--config", str(config), "--state-dir", str(state)])
+    doc = json.loads(capsys.readouterr().out)
+    assert any("directory_password" in problem for problem in doc["problems"])
+
+
+def copy_of(state: Path) -> dict[str, list[str]]:
+    """The node's copy: each account's state and targets in order."""
+    conn = sqlite3.connect(state / "directory-replica.sqlite3")
+    try:
+        found: dict[str, list[str]] = {}
+        for address, account_state in conn.execute("SELECT address, state FROM accounts"):
+            found[address] = [account_state]
+        for address, target in conn.execute("SELECT address, target FROM targets"
+                                            " ORDER BY address, position"):
+            found[address].append(target)
+        return found
+    finally:
+        conn.close()
+
+
+async def test_the_copy_replays_changes_and_starts_over_past_a_pruned_log(
+    tmp_path: Path, pg_url: str, clock: FakeClock
+) -> None:
+    settings = make_settings(tmp_path / "node", directory_url=pg_url,
+                             directory_password=PASSWORD)
+    anne, bob = f"anne.martin@{DOMAIN}", f"bob.durand@{DOMAIN}"
+    directory = PgDirectory(pg_url, PASSWORD, actor="test")
+    replicator = Replicator(settings, clock)
+    conn = await replicator.connect()
+    try:
+        directory.add(anne, ["a1@gmail.example", "a2@gmail.example"])
+        await replicator.sync(conn)
+        assert copy_of(settings.state_dir) == {anne: ["active", "a1@gmail.example",
+                                                      "a2@gmail.example"]}
+        # Replayed: a new order, a target removed and one added, an account deleted.
+        directory.set_targets(anne, ["a2@gmail.example", "a3@gmail.example"])
+        directory.add(bob)
+        directory.delete(anne)
+        assert await replicator.sync(conn) > 0
+        assert copy_of(settings.state_dir) == {
+            anne: ["deleted", "a2@gmail.example", "a3@gmail.example"], bob: ["active"]}
+        # A success refreshed (thousands a minute) changes nothing a copy reads.
+        Upkeep(directory.pg).refresh_successes([(anne, "a2@gmail.example", 2e9)])
+        assert await replicator.sync(conn) == 0
+        # The log pruned past this node's version: the copy is made again from scratch.
+        directory.purge(anne)
+        directory.pg.execute(
+            "WITH gone AS (DELETE FROM changes RETURNING version) UPDATE meta SET value ="
+            " greatest(value::bigint, (SELECT coalesce(max(version), 0) FROM gone))::text"
+            " WHERE name = 'pruned_through'")
+        await replicator.sync(conn)
+        assert copy_of(settings.state_dir) == {bob: ["active"]}
+        assert await replicator.sync(conn) == 0  # current: nothing to do
+    finally:
+        await conn.close()
+        await replicator.close()
+        directory.close()
