@@ -68,14 +68,17 @@ def duration(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def address_key(text: str, settings: Settings) -> str:
-    """The directory key of an address of ours, or CliError saying why it cannot be one."""
+def address_key(text: str, settings: Settings, roles: bool = False) -> str:
+    """The directory key of an address of ours, or CliError saying why it cannot be one.
+    `roles`: role accounts (postmaster@...) are fine too (they have a delivery history)."""
     try:
         address = parse_address(text.strip())
     except AddressError as exc:
         raise CliError(f"{one_line(text)}: {exc}") from exc
     if address.domain not in settings.domains:
         raise CliError(f"{text}: not in our domains ({', '.join(settings.domains)})")
+    if roles:
+        return address.key
     if address.local.lower() in ROLE_ACCOUNTS:
         raise CliError(f"{text}: a role account, forwarded to the configured postmaster; "
                        "it has no directory entry")

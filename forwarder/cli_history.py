@@ -17,8 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from forwarder import sendtest
-from forwarder.addresses import AddressError, parse_address
-from forwarder.cli_common import CliError, add_command, emit, one_line
+from forwarder.cli_common import CliError, add_command, address_key, emit, one_line
 from forwarder.cli_lookup import lookup_summary
 from forwarder.cli_status import read_status
 from forwarder.config import Settings
@@ -47,13 +46,7 @@ def since_time(text: str, now: float) -> float:
 
 def our_address(text: str, settings: Settings) -> str:
     """The directory key of an address of ours (role accounts included), or CliError."""
-    try:
-        address = parse_address(text.strip())
-    except AddressError as exc:
-        raise CliError(f"{one_line(text)}: {exc}") from exc
-    if address.domain not in settings.domains:
-        raise CliError(f"{text}: not in our domains ({', '.join(settings.domains)})")
-    return address.key
+    return address_key(text, settings, roles=True)
 
 
 def _matches(m: MessageView | store.RefusalView | store.ReplyView, wanted: str | None) -> bool:

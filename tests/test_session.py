@@ -38,12 +38,13 @@ class Driver:
     """Feeds a session and answers its events as an accepting handler would."""
 
     tls: bool = False
+    info: SessionInfo = field(
+        default_factory=lambda: SessionInfo(("192.0.2.7", 4000), "192.0.2.7"))
     session: Session[str] = field(init=False)
     events: list[object] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.session = Session("mx.test", LIMITS, SessionInfo(("192.0.2.7", 4000), "192.0.2.7"),
-                               tls_offered=self.tls)
+        self.session = Session("mx.test", LIMITS, self.info, tls_offered=self.tls)
         self.session.greet()
         self.session.data_to_send()
 

@@ -8,87 +8,70 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from forwarder import replies, xforward
-from forwarder.session import Session
-from forwarder.smtpevents import Hello, MailFrom, MessageReceived, RcptTo, SessionInfo
+from forwarder.smtpevents import SessionInfo
 from forwarder.xforward import Forwarded
-from tests.test_session import LIMITS
+from tests.test_session import LIMITS, Driver
 
 RELAY = "10.0.0.25"
 
 
-def session(allowed: bool) -> Session[str]:
-    s: Session[str] = Session("mx.test", LIMITS, SessionInfo((RELAY, 4000), RELAY,
-                                                             xforward_allowed=allowed))
-    s.greet()
-    s.data_to_send()
-    return s
+def driver(allowed: bool) -> Driver:
+    return Driver(info=SessionInfo((RELAY, 4000), RELAY, xforward_allowed=allowed))
 
 
-def send(s: Session[str], line: str) -> list[str]:
+def send(d: Driver, line: str) -> list[str]:
     """The reply lines for one client line, the handler accepting everything."""
-    s.receive(line.encode() + b"\r\n")
-    while (event := s.next_event()) is not None:
-        if isinstance(event, Hello):
-            s.reply_lines(event.lines or ["250 mx.test"])
-        elif isinstance(event, MailFrom):
-            s.envelope.mail_from = event.address
-            s.reply("250 2.1.0 Ok")
-        elif isinstance(event, RcptTo):
-            s.envelope.rcpt_tos.append(event.address)
-            s.envelope.accepted.append(event.address)
-            s.reply("250 2.1.5 Ok")
-        elif isinstance(event, MessageReceived):
-            s.reply("250 2.0.0 Ok: queued as X")
-    return s.data_to_send().decode().split("\r\n")[:-1]
+    return d.send(line.encode() + b"\r\n")
 
 
 def test_ehlo_offers_xforward_only_to_a_trusted_relay() -> None:
-    assert send(session(True), "EHLO gw.test")[-1] == f"250 {xforward.EHLO_KEYWORD}"
-    assert not any("XFORWARD" in line for line in send(session(False), "EHLO gw.test"))
+    assert send(driver(True), "EHLO gw.test")[-1] == f"250 {xforward.EHLO_KEYWORD}"
+    assert not any("XFORWARD" in line for line in send(driver(False), "EHLO gw.test"))
 
 
 def test_a_stranger_is_refused_and_its_errors_count() -> None:
-    s = session(False)
-    send(s, "EHLO c.test")
-    assert send(s, "XFORWARD ADDR=192.0.2.7") == [str(replies.XFORWARD_DENIED)]
-    assert s.info.forwarded is None and s.info.origin == RELAY
+    d = driver(False)
+    send(d, "EHLO c.test")
+    assert send(d, "XFORWARD ADDR=192.0.2.7") == [str(replies.XFORWARD_DENIED)]
+    assert d.session.info.forwarded is None and d.session.info.origin == RELAY
     # Each refusal is a bad command: a client that keeps trying is cut off.
     for _ in range(LIMITS.max_bad_commands - 2):
-        send(s, "XFORWARD ADDR=192.0.2.7")
-    assert send(s, "XFORWARD ADDR=192.0.2.7") == [str(replies.TOO_MANY_ERRORS)]
-    assert s.closed
+        send(d, "XFORWARD ADDR=192.0.2.7")
+    assert send(d, "XFORWARD ADDR=192.0.2.7") == [str(replies.TOO_MANY_ERRORS)]
+    assert d.session.closed
 
 
 def test_attributes_add_up_and_last_one_transaction() -> None:
-    s = session(True)
-    send(s, "EHLO gw.test")
-    assert send(s, "XFORWARD NAME=mail.example.org ADDR=IPv6:2001:DB8::7 PROTO=ESMTP") == [
+    d = driver(True)
+    send(d, "EHLO gw.test")
+    assert send(d, "XFORWARD NAME=mail.example.org ADDR=IPv6:2001:DB8::7 PROTO=ESMTP") == [
         "250 2.0.0 Ok"]
-    assert send(s, "xforward helo=mail.example.org source=remote") == ["250 2.0.0 Ok"]
-    assert s.info.forwarded == Forwarded(addr="2001:db8::7", name="mail.example.org",
+    assert send(d, "xforward helo=mail.example.org source=remote") == ["250 2.0.0 Ok"]
+    assert d.session.info.forwarded == Forwarded(addr="2001:db8::7", name="mail.example.org",
                                          proto="ESMTP", helo="mail.example.org",
                                          source="REMOTE")
-    assert (s.info.origin, s.info.origin_helo) == ("2001:db8::7", "mail.example.org")
-    send(s, "MAIL FROM:<a@example.org>")
-    assert send(s, "XFORWARD ADDR=192.0.2.8") == [str(replies.XFORWARD_IN_TRANSACTION)]
-    send(s, "RCPT TO:<b@mx.test>")
-    send(s, "DATA")
-    assert send(s, "hi\r\n.") == ["250 2.0.0 Ok: queued as X"]
+    info = d.session.info
+    assert (info.origin, info.origin_helo) == ("2001:db8::7", "mail.example.org")
+    send(d, "MAIL FROM:<a@example.org>")
+    assert send(d, "XFORWARD ADDR=192.0.2.8") == [str(replies.XFORWARD_IN_TRANSACTION)]
+    send(d, "RCPT TO:<b@mx.test>")
+    send(d, "DATA")
+    assert send(d, "hi\r\n.") == ["250 2.0.0 Ok: queued as X"]
     # XFORWARD_README: reset at the end of the transaction, back to the real client.
-    assert s.info.forwarded is None
-    assert (s.info.origin, s.info.origin_helo) == (RELAY, "gw.test")
+    assert d.session.info.forwarded is None
+    assert (d.session.info.origin, d.session.info.origin_helo) == (RELAY, "gw.test")
 
 
 def test_rset_forgets_and_unavailable_addr_means_the_relay_itself() -> None:
-    s = session(True)
-    send(s, "EHLO gw.test")
-    send(s, "XFORWARD ADDR=192.0.2.7 HELO=x.example")
-    assert send(s, "RSET") == [str(replies.OK)]
-    assert s.info.forwarded is None
+    d = driver(True)
+    send(d, "EHLO gw.test")
+    send(d, "XFORWARD ADDR=192.0.2.7 HELO=x.example")
+    assert send(d, "RSET") == [str(replies.OK)]
+    assert d.session.info.forwarded is None
     # A mail the relay submitted itself: its own address and HELO, never mixed with a
     # forwarded HELO (XFORWARD_README, note 4).
-    send(s, "XFORWARD ADDR=[UNAVAILABLE] HELO=x.example")
-    assert (s.info.origin, s.info.origin_helo) == (RELAY, "gw.test")
+    send(d, "XFORWARD ADDR=[UNAVAILABLE] HELO=x.example")
+    assert (d.session.info.origin, d.session.info.origin_helo) == (RELAY, "gw.test")
 
 
 @pytest.mark.parametrize(("arg", "reply"), [
@@ -108,11 +91,11 @@ def test_rset_forgets_and_unavailable_addr_means_the_relay_itself() -> None:
 def test_bad_commands_get_postfixs_replies_and_change_nothing(arg: str, reply: object) -> None:
     before = Forwarded(addr="192.0.2.7")
     assert xforward.update(before, arg) == reply
-    s = session(True)
-    send(s, "EHLO gw.test")
-    send(s, "XFORWARD ADDR=192.0.2.7")
-    assert send(s, f"XFORWARD {arg}".rstrip()) == [str(reply)]
-    assert s.info.forwarded == before
+    d = driver(True)
+    send(d, "EHLO gw.test")
+    send(d, "XFORWARD ADDR=192.0.2.7")
+    assert send(d, f"XFORWARD {arg}".rstrip()) == [str(reply)]
+    assert d.session.info.forwarded == before
 
 
 def test_xtext_values_are_decoded() -> None:
