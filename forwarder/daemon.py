@@ -46,6 +46,7 @@ from forwarder.daemonupkeep import report_loop, space_loop, status_loop
 from forwarder.delivery import Dispatcher, Router
 from forwarder.directory import SqliteDaemonDirectory
 from forwarder.directory.cluster import open_daemon_directory
+from forwarder.dns import CachingResolver
 from forwarder.faults import FAULT_FILE, FaultRecord
 from forwarder.front import Accepted, Front
 from forwarder.history.recorder import HistoryRecorder
@@ -80,8 +81,7 @@ class Daemon:
         inherited: Inherited | None = None,
     ) -> None:
         self.settings = settings
-        # Several accepting processes (forwarder/workers.py): the main process is given
-        # the argv to start acceptors with; an acceptor is given the inherited fds.
+        # The processes that accept and their socket (argv to start them, or inherited fds).
         self.group = ProcessGroup(settings.acceptor_count, acceptor_argv, inherited)
         self.listener: socket.socket | None = None
         self.clock = clock or SystemClock()
@@ -105,11 +105,9 @@ class Daemon:
         # by `forwarder serve` (run()), not in a process that embeds the daemon.
         self.faults = FaultRecord(settings.state_dir / FAULT_FILE)
         self.record_faults = False
-        # Live sessions (caps, shutdown notice) and the STARTTLS context; the caps are
-        # counted in a table shared with the acceptors (forwarder/sharedcounts.py).
+        # Live sessions and STARTTLS; caps counted across processes (sharedcounts.py).
         self.connections = Connections(metrics=self.metrics, counts=self.group.counts)
-        # Recent errors per client address, for the tarpit (forwarder/tarpit.py).
-        # A trusted XFORWARD gateway passes on its clients' mistakes: exempt like the others.
+        # Errors per client for the tarpit; a trusted XFORWARD gateway's are its clients'.
         self.error_ledger = ErrorLedger(self.clock.now,
                                         settings.error_limit_exempt + settings.xforward_hosts)
         self.directory: SqliteDaemonDirectory | None = None
@@ -118,8 +116,16 @@ class Daemon:
         self.senders = SenderTally(self.clock.now)
         self.checks = Checks(settings, self.resolver, self.metrics, self.senders,
                              self.clock.now)
+        self._build_delivery(settings)
+        # `forwarder status` (forwarder/control.py); only the main process listens.
+        self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
+                                    self.clock, lambda: describe(self), self.refresh_status)
+
+    def _build_delivery(self, settings: Settings) -> None:
+        """The delivery side: sessions out, MTA-STS, the history, the dispatcher, and the
+        targets' upkeep that watches its outcomes."""
         self.pool = ConnectionPool(settings, self.metrics)
-        self.mta_sts = self._mta_sts(settings)
+        self.mta_sts = _mta_sts(settings, self.resolver, self.clock)
         # The delivery history per address, in the queue's file (forwarder/history/).
         self.history = HistoryRecorder(settings.history, self.queue, self.clock, self.metrics)
         self.dispatcher = Dispatcher(settings, self.queue, self.router,
@@ -128,18 +134,6 @@ class Daemon:
                                      envelope_sender=self._envelope_sender,
                                      mta_sts=self.mta_sts, history=self.history)
         self.targets = TargetUpkeep(settings, self.queue, self.dispatcher, self.clock, self.metrics)
-        # `forwarder status` (forwarder/control.py); only the main process listens.
-        self.status = StatusService(settings.state_dir / STATUS_SOCKET, self.metrics,
-                                    self.clock, lambda: describe(self), self.refresh_status)
-
-    def _mta_sts(self, settings: Settings) -> MtaSts | None:
-        """MTA-STS applies to delivery by MX (RFC 8461), with the daemon's resolver."""
-        if not settings.mta_sts or self.resolver is None:
-            return None
-        d = settings.delivery
-        return MtaSts(self.resolver, self.clock.now, port=d.mta_sts_port,
-                      timeout=d.mta_sts_timeout,
-                      ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None)
 
     async def _envelope_sender(self, job: Job, rcpt: RecipientJob) -> str:
         assert self.return_path is not None
@@ -195,8 +189,13 @@ class Daemon:
             link = self.group.join_main(on_lost=self.request_stop)
             self._spawn(link.report_loop(self.metrics), "report")
             return
+        await self._start_main()
+
+    async def _start_main(self) -> None:
+        """What only the main process runs once it listens: metrics, the targets' upkeep,
+        delivery, the status loop and watchdog, the acceptors, and READY to systemd."""
         await self._start_metrics()
-        assert self.directory is not None
+        assert self.directory is not None and self.listener is not None
         await self.targets.start(self.directory)
         self._spawn(self.dispatcher.run(), "dispatcher")
         self._spawn(status_loop(self), "status")
@@ -409,3 +408,13 @@ def run(
     finally:
         log.flush()
     return 0
+
+
+def _mta_sts(settings: Settings, resolver: CachingResolver | None,
+             clock: Clock) -> MtaSts | None:
+    """MTA-STS applies to delivery by MX (RFC 8461), with the daemon's resolver."""
+    if not settings.mta_sts or resolver is None:
+        return None
+    d = settings.delivery
+    return MtaSts(resolver, clock.now, port=d.mta_sts_port, timeout=d.mta_sts_timeout,
+                  ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None)
