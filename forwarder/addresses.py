@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import email_validator
@@ -175,3 +176,21 @@ def validate_redirect_syntax(target: str, own_domains: tuple[str, ...]) -> str:
 
 def is_own_domain(domain: str, own_domains: tuple[str, ...]) -> bool:
     return normalize_domain(domain) in own_domains
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(texts: Iterable[str]) -> tuple[Network, ...]:
+    """Networks from "192.0.2.0/24", "2001:db8::/32" or single addresses; ValueError."""
+    return tuple(ipaddress.ip_network(text.strip(), strict=False) for text in texts)
+
+
+def in_networks(client: str, networks: tuple[Network, ...]) -> bool:
+    """Whether a client's address (as the transport gives it) is in one of `networks`;
+    anything that is not an IP address is in none."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)

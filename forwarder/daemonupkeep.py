@@ -13,9 +13,9 @@ import ssl
 from typing import TYPE_CHECKING
 
 from forwarder import log
+from forwarder.addresses import parse_networks
 from forwarder.config import ConfigError, Settings
 from forwarder.daemonparts import check_space, mail_router, make_resolver, sweep_spool
-from forwarder.tarpit import parse_networks
 
 if TYPE_CHECKING:
     from forwarder.daemon import Daemon

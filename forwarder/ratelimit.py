@@ -12,10 +12,10 @@ its connections over them can send up to N times the limit). Time is injected.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from forwarder.addresses import in_networks, parse_networks
 from forwarder.config import RateLimits
 
 MAX_KEYS = 100_000
@@ -78,7 +78,7 @@ class RateLimiter:
     def __init__(self, limits: RateLimits, now: Callable[[], float]) -> None:
         self.clients = Buckets(limits.client_per_minute, 60.0, now)
         self.recipients = Buckets(limits.recipient_per_hour, 3600.0, now)
-        self.exempt = tuple(ipaddress.ip_network(n, strict=False) for n in limits.exempt)
+        self.exempt = parse_networks(limits.exempt)
         self._exempt_cache: dict[str, bool] = {}
 
     @property
@@ -89,11 +89,7 @@ class RateLimiter:
         """Whether the per-client limit spares this address (cached: one parse a client)."""
         known = self._exempt_cache.get(client)
         if known is None:
-            try:
-                address = ipaddress.ip_address(client)
-                known = any(address in network for network in self.exempt)
-            except ValueError:
-                known = False
+            known = in_networks(client, self.exempt)
             if len(self._exempt_cache) >= MAX_KEYS:
                 self._exempt_cache.clear()
             self._exempt_cache[client] = known

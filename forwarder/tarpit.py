@@ -22,6 +22,7 @@ import ipaddress
 from collections.abc import Callable, Iterable
 
 from forwarder import log
+from forwarder.addresses import in_networks, parse_networks
 from forwarder.policy import tarpit_delay
 
 LOG = log.get("forwarder.smtp")
@@ -43,14 +44,6 @@ def client_key(client: str) -> str:
     return str(address)
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(texts: Iterable[str]) -> tuple[Network, ...]:
-    """Networks from "192.0.2.0/24", "2001:db8::/32" or single addresses; ValueError."""
-    return tuple(ipaddress.ip_network(text.strip(), strict=False) for text in texts)
-
-
 class ErrorLedger:
     """Recent errors per client address, leaking one per LEAK_SECONDS."""
 
@@ -60,13 +53,7 @@ class ErrorLedger:
         self.exempt = parse_networks(exempt)
 
     def _exempt(self, client: str) -> bool:
-        if not self.exempt:
-            return False
-        try:
-            address = ipaddress.ip_address(client)
-        except ValueError:
-            return False
-        return any(address in network for network in self.exempt)
+        return bool(self.exempt) and in_networks(client, self.exempt)
 
     def level(self, client: str) -> float:
         entry = self._levels.get(client_key(client))

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 from forwarder import replies
+from forwarder.addresses import in_networks, parse_networks
 from forwarder.dsnparams import xtext_decode
 from forwarder.replies import Reply
 
@@ -114,8 +115,4 @@ def trusted(client: str, relays: tuple[str, ...]) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _in_networks(client: str, networks: tuple[str, ...]) -> bool:
     # Cached: asked once per connection, and the school's relay is most of them.
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
-        return False
-    return any(address in ipaddress.ip_network(n, strict=False) for n in networks)
+    return in_networks(client, parse_networks(networks))
