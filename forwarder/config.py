@@ -230,8 +230,7 @@ class Settings:
     directory_password: str = ""
     directory_max_staleness: float = 900.0
     directory_sweep: float = 30.0
-    # Relays allowed to send Postfix's XFORWARD (the school's MX in front, section 3 of
-    # docs/admin.md): addresses or networks. Empty: nobody (XFORWARD changes audit trails).
+    # Gateways allowed Postfix's XFORWARD (admin.md section 3); empty: nobody (audit trails).
     xforward_hosts: tuple[str, ...] = ()
 
     @property
@@ -352,14 +351,21 @@ def _networks(key: str, value: Any, problems: list[str]) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         problems.append(f"{key}: must be a list of addresses or networks")
         return ()
-    for network in value:
+    problem = _network_problem(value)
+    if problem is not None:
+        problems.append(f"{key}: {problem}")
+        return ()
+    return tuple(value)
+
+
+def _network_problem(values: list[str] | tuple[str, ...]) -> str | None:
+    """What is wrong with a list of addresses or networks (the first bad one), or None."""
+    for network in values:
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
-            problems.append(f"{key}: {network!r} is not an address or network "
-                            "(e.g. 10.0.0.25/32)")
-            return ()
-    return tuple(value)
+            return f"{network!r} is not an address or network (e.g. 10.0.0.25/32)"
+    return None
 
 
 _OUTBOUND_KEYS = ("tls_cert", "tls_key", "tls_ca_file", "source_address", "source_address6",
@@ -449,11 +455,7 @@ def _check(section: str, key: str, value: Any) -> str | None:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return "must be an http:// or https:// URL, e.g. http://127.0.0.1:11333"
     if (section, key) == ("rate_limits", "exempt"):
-        for network in value:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                return f"{network!r} is not an address or network (e.g. 10.0.0.25/32)"
+        return _network_problem(value)
     return None
 
 
