@@ -356,6 +356,10 @@ async def test_last_success_is_kept_fresh_once_a_day(
 ) -> None:
     """A delivery that changes nothing is not written at once: `last_success` is refreshed
     in batches, at most once a day per target."""
+    # The watch counts calendar days (UTC): start at 01:00 of the next one, so that the
+    # deliveries 0.1 and 0.2 days later fall on the same day whenever the test runs (from
+    # real time, as the fixture must: it failed between 19:12 and 21:36 UTC).
+    clock.advance(DAY - clock.now() % DAY + 3600)
     d = await start(start_daemon, providers)
     await graduate_with_targets(state_dir, d, HOME)
     await providers["perso.example"].wait_for(1)  # the notice: its success is noted too
