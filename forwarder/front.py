@@ -140,13 +140,17 @@ def _log_queued(session: SessionInfo, message: NewMessage, checked: dict[str, An
     if message.flags is not PLAIN:
         extra.update(body="8BITMIME" if message.flags.eight_bit else "7BIT",
                      smtputf8=message.flags.smtputf8)
-    asyncio.get_running_loop().call_soon(functools.partial(
-        LOG.info, "queued", queue_id=message.id, size=body_size(message.body),
-        client=message.client, **{"from": message.sender},
-        to=[r.rcpt for r in message.recipients],
-        orig_to=[r.orig_rcpt for r in message.recipients],
-        route=[r.route.value for r in message.recipients],
-        tls=tls.version if tls else "none", **extra, **checked))
+    fields = {"queue_id": message.id, "size": body_size(message.body),
+              "client": message.client, "from": message.sender,
+              "to": [r.rcpt for r in message.recipients],
+              "orig_to": [r.orig_rcpt for r in message.recipients],
+              "route": [r.route.value for r in message.recipients],
+              "tls": tls.version if tls else "none", **extra, **checked}
+    asyncio.get_running_loop().call_soon(_queued_line, fields)
+
+
+def _queued_line(fields: dict[str, Any]) -> None:
+    LOG.info("queued", **fields)
 
 
 def message_flags(envelope: Envelope[Accepted], content: bytes | Spilled) -> MessageFlags:
