@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from forwarder import __version__, log, sendtest
+from forwarder.accepting import Accepting
 from forwarder.checks import Checks
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import HostPort, Settings
@@ -94,7 +95,7 @@ class Daemon:
         self.metrics = Metrics()
         self.port = 0
         self._lock_fd: int | None = None
-        self._server: asyncio.Server | None = None
+        self.accepting: Accepting | None = None
         self._metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -196,6 +197,7 @@ class Daemon:
         delivery, the status loop and watchdog, the acceptors, and READY to systemd."""
         await self._start_metrics()
         assert self.directory is not None and self.listener is not None
+        assert self.accepting is not None
         await self.targets.start(self.directory)
         self._spawn(self.dispatcher.run(), "dispatcher")
         self._spawn(status_loop(self), "status")
@@ -204,7 +206,8 @@ class Daemon:
             self._spawn(watchdog_loop(self.notifier, interval), "watchdog")
         self.dispatcher.wake()
         await self.group.start_acceptors(self.listener, self.dispatcher.wake, self.metrics,
-                                         self.settings.stop_timeout, self._acceptors_serving)
+                                         self.settings.stop_timeout,
+                                         self.accepting.acceptors_serving)
         await self.status.start()
         LOG.info("listening", host=self.settings.listen.host, port=self.port,
                  domains=list(self.settings.domains), version=__version__,
@@ -240,40 +243,11 @@ class Daemon:
                            self.return_path, self.metrics, checks=self.checks,
                            spool=self.queue.spool, history=self.history)
         assert self.listener is not None
-        await self._accept()
-        self.port = self.listener.getsockname()[1]
-
-    async def _accept(self) -> None:
-        """Take connections from the listening socket in this process. The main process
-        of several serves a copy of the socket (dup): it stops accepting once its
-        acceptors do, and the socket itself must stay open for those started later."""
-        assert self.listener is not None and self.front is not None
         front = self.front
-        sock = self.listener if self.group.size == 1 else self.listener.dup()
-        # create_server calls listen() again with its own default of 100 unless told: every
-        # process passes the configured backlog, or the last one to start would reset it.
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: self._protocol(front), sock=sock, backlog=self.settings.listen_backlog)
-
-    def _acceptors_serving(self, count: int) -> None:
-        """The main process delivers everything; once an acceptor serves the socket, new
-        connections are theirs (the main process kept a share of them, and its loop was
-        the one that saturated first: docs/performance.md, "Many sessions"). With none
-        left (all died, being started again), the main process accepts until one is back.
-        Sessions already open here go on to their end either way."""
-        if self._stopped:
-            return
-        if count > 0 and self._server is not None:
-            self._server.close()
-            self._server = None
-            LOG.info("main_accepting", accepting=False, acceptors=count)
-        elif count == 0 and self._server is None:
-            self._spawn(self._resume_accepting(), "accept")
-
-    async def _resume_accepting(self) -> None:
-        if self._server is None and not self._stopped:
-            await self._accept()
-            LOG.warning("main_accepting", accepting=True, acceptors=0)
+        self.accepting = Accepting(self.listener, self.settings.listen_backlog,
+                                   lambda: self._protocol(front), shared=self.group.size > 1)
+        await self.accepting.start()
+        self.port = self.listener.getsockname()[1]
 
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
@@ -324,8 +298,8 @@ class Daemon:
         self._stopped = True
         if not quiet:
             self.notifier.stopping()
-        if self._server is not None:
-            self._server.close()
+        if self.accepting is not None:
+            self.accepting.close()
         if self.listener is not None:
             self.listener.close()
         # 421 to idle sessions; transactions in flight finish (bounded), here and in each

@@ -84,6 +84,15 @@ def _bad_reply(value: object) -> str:
     return str(replies.LOCAL_ERROR)
 
 
+def _answer_for(result: Any, then: Callable[[Any], None] | None
+                ) -> Callable[[Session[Any]], None]:
+    """What a handler's result does: goes to `then`, or is the reply."""
+    if then is not None:
+        return lambda session: then(result)
+    reply = result if isinstance(result, str) else _bad_reply(result)
+    return lambda session: session.reply(reply)
+
+
 def _new_session(settings: Settings, peer: object, client: str, tls_offered: bool,
                  spill: SpillFactory | None) -> Session[Any]:
     info = SessionInfo(peer, client, xforward_allowed=trusted(client, settings.xforward_hosts))
@@ -339,21 +348,13 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
             self._task = task
 
     async def _answer(self, work: Awaitable[Any], then: Callable[[Any], None] | None) -> None:
-        """`work`, then its answer, in the same step of the task: answered from a done
-        callback, every RCPT and DATA waited one more turn of the event loop for its reply
-        (docs/performance.md, "One session"). A cancelled task (the client left) ends
-        here, unanswered."""
+        """`work`, then its answer in the same step (from a done callback, each RCPT and
+        DATA waited one more turn of the loop). Cancelled (the client left): unanswered."""
         try:
             result = await work
         except Exception as error:  # the handler's bug or fault: a 451, never its text
-            failed = _exception_reply(self.handler, error)
-            self._done(lambda session: session.reply(failed))
-            return
-        if then is not None:
-            self._done(lambda session: then(result))
-        else:
-            reply = result if isinstance(result, str) else _bad_reply(result)
-            self._done(lambda session: session.reply(reply))
+            result, then = _exception_reply(self.handler, error), None
+        self._done(_answer_for(result, then))
 
     def _done(self, answer: Callable[[Session[T]], None]) -> None:
         self._task = None
