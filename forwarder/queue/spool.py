@@ -28,7 +28,7 @@ from forwarder.smtpbody import unstuff
 # A spool file no row names is removed once it is this old (seconds): longer than any
 # commit can take after its rename (busy_timeout is seconds).
 ORPHAN_AGE = 3600.0
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024
 _COUNTER = itertools.count()
 
 
