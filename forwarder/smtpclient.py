@@ -268,10 +268,11 @@ def _rcpt_results(out: Outgoing, replies: Sequence[Reply],
 
 async def _end_empty(client: aiosmtplib.SMTP, data: Reply) -> None:
     """DATA was answered although no transaction can go on (MAIL refused, or no recipient
-    accepted): on 354, end the data at once, without the body. RFC 2920 3.1 expects a
-    server to refuse DATA there, but Postfix's smtp client also meets a 354 with a lone
-    "." ("just send "." as per RFC 2197", smtp_proto.c); its reply means nothing. The
-    caller's RSET (or a closed session, if this fails) leaves the session clean."""
+    accepted). RFC 2920 3.1: the client "cannot assume that the DATA command will be
+    rejected"; if it was accepted (354) the client "should send a single dot", never the
+    body, as Postfix's smtp client does (smtp_proto.c: "just send "." as per RFC 2197").
+    That dot's reply means nothing. The caller's RSET (or a closed session, if this
+    fails) leaves the session clean."""
     if data.code != 354 or not client.is_connected:
         return
     with contextlib.suppress(*_TEMP_ERRORS):

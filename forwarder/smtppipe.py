@@ -82,8 +82,8 @@ async def exchange(client: aiosmtplib.SMTP, commands: Sequence[bytes],
                    wait: float | None) -> tuple[list[Reply], BaseException | None]:
     """Send `commands` (lines without CRLF) in one write and read their replies in order
     (RFC 2920 3.1), each within `wait`. Returns the replies read and, if reading
-    stopped early, why; the session is then closed (RFC 2920 3.1: a client that loses
-    track of the replies cannot go on). Like aiosmtplib's execute_command, refuses a
+    stopped early, why; the session is then closed (later replies could no longer be
+    paired with their commands). Like aiosmtplib's execute_command, refuses a
     command holding a control character (CR or LF would inject a command) before
     anything is written, and closes the session after a 421 (RFC 5321 3.8)."""
     for command in commands:

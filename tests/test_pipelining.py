@@ -173,8 +173,8 @@ async def test_a_hop_without_pipelining_gets_one_command_a_round_trip(
 async def test_all_recipients_refused_sends_no_body_and_the_session_goes_on(
     hop: Hop, sender: Sender, data_reply: bytes,
 ) -> None:
-    """RFC 2920 3.1: DATA's reply is read. A 354 after no accepted recipient (a broken
-    server) is ended at once with a lone "." as Postfix does, never with the body."""
+    """RFC 2920 3.1: DATA's reply is read. A 354 after no accepted recipient is ended at
+    once with a single dot (RFC 2920 3.1, as Postfix does), never with the body."""
     refused = refuse("a@x.test", "b@x.test")
     hop.answer = lambda line: data_reply + b"\r\n" if line == b"DATA" else refused(line)
     results = await send(sender, hop, "a@x.test", "b@x.test")
