@@ -204,7 +204,7 @@ class Daemon:
             self._spawn(watchdog_loop(self.notifier, interval), "watchdog")
         self.dispatcher.wake()
         await self.group.start_acceptors(self.listener, self.dispatcher.wake, self.metrics,
-                                         self.settings.stop_timeout)
+                                         self.settings.stop_timeout, self._acceptors_serving)
         await self.status.start()
         LOG.info("listening", host=self.settings.listen.host, port=self.port,
                  domains=list(self.settings.domains), version=__version__,
@@ -239,15 +239,41 @@ class Daemon:
         self.front = Front(self.settings, self.directory, intake, self.clock,
                            self.return_path, self.metrics, checks=self.checks,
                            spool=self.queue.spool, history=self.history)
-        front = self.front
-        loop = asyncio.get_running_loop()
         assert self.listener is not None
+        await self._accept()
+        self.port = self.listener.getsockname()[1]
+
+    async def _accept(self) -> None:
+        """Take connections from the listening socket in this process. The main process
+        of several serves a copy of the socket (dup): it stops accepting once its
+        acceptors do, and the socket itself must stay open for those started later."""
+        assert self.listener is not None and self.front is not None
+        front = self.front
+        sock = self.listener if self.group.size == 1 else self.listener.dup()
         # create_server calls listen() again with its own default of 100 unless told: every
         # process passes the configured backlog, or the last one to start would reset it.
-        self._server = await loop.create_server(lambda: self._protocol(front),
-                                                sock=self.listener,
-                                                backlog=self.settings.listen_backlog)
-        self.port = self.listener.getsockname()[1]
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: self._protocol(front), sock=sock, backlog=self.settings.listen_backlog)
+
+    def _acceptors_serving(self, count: int) -> None:
+        """The main process delivers everything; once an acceptor serves the socket, new
+        connections are theirs (the main process kept a share of them, and its loop was
+        the one that saturated first: docs/performance.md, "Many sessions"). With none
+        left (all died, being started again), the main process accepts until one is back.
+        Sessions already open here go on to their end either way."""
+        if self._stopped:
+            return
+        if count > 0 and self._server is not None:
+            self._server.close()
+            self._server = None
+            LOG.info("main_accepting", accepting=False, acceptors=count)
+        elif count == 0 and self._server is None:
+            self._spawn(self._resume_accepting(), "accept")
+
+    async def _resume_accepting(self) -> None:
+        if self._server is None and not self._stopped:
+            await self._accept()
+            LOG.warning("main_accepting", accepting=True, acceptors=0)
 
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))

@@ -332,27 +332,36 @@ class SmtpProtocol(asyncio.Protocol, Generic[T]):
         """Run `work` as a task, hold input meanwhile, then pass its result to `then` (by
         default: the reply). With `keep`, a client leaving does not cancel it."""
         self._busy = True
-        task = asyncio.ensure_future(work)
+        task = asyncio.ensure_future(self._answer(work, then))
         if keep:
             self.connections.keep(task)
         else:
             self._task = task
-        task.add_done_callback(lambda done: self._done(done, then))
 
-    def _done(self, task: asyncio.Future[Any], then: Callable[[Any], None] | None) -> None:
+    async def _answer(self, work: Awaitable[Any], then: Callable[[Any], None] | None) -> None:
+        """`work`, then its answer, in the same step of the task: answered from a done
+        callback, every RCPT and DATA waited one more turn of the event loop for its reply
+        (docs/performance.md, "One session"). A cancelled task (the client left) ends
+        here, unanswered."""
+        try:
+            result = await work
+        except Exception as error:  # the handler's bug or fault: a 451, never its text
+            failed = _exception_reply(self.handler, error)
+            self._done(lambda session: session.reply(failed))
+            return
+        if then is not None:
+            self._done(lambda session: then(result))
+        else:
+            reply = result if isinstance(result, str) else _bad_reply(result)
+            self._done(lambda session: session.reply(reply))
+
+    def _done(self, answer: Callable[[Session[T]], None]) -> None:
         self._task = None
         self._busy = False
         session = self.session
-        if session is None or self.transport is None or task.cancelled():
+        if session is None or self.transport is None:
             return
-        error = task.exception()
-        if error is not None:
-            session.reply(_exception_reply(self.handler, error))
-        elif then is not None:
-            then(task.result())
-        else:
-            result = task.result()
-            session.reply(result if isinstance(result, str) else _bad_reply(result))
+        answer(session)
         session.progressed = True
         self._pump()
 

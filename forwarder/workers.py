@@ -1,12 +1,15 @@
 """Several accepting processes on one listening socket, so SMTP parsing uses every core.
 
 One Python process is bound to one core, and under load the daemon is CPU-bound in the
-SMTP front (docs/performance.md). The main process keeps everything it always did (it
-accepts mail, delivers, recovers the queue, talks to systemd, serves /metrics) and starts
-`acceptors` extra processes that inherit the listening socket and only accept: the kernel
-hands each new connection to whichever process calls accept() first, so a busy process
-takes fewer. An acceptor commits each message to the same SQLite queue (WAL allows one
-writer at a time, readers always) and then tells the main process over a socketpair that
+SMTP front (docs/performance.md). The main process delivers, recovers the queue, talks to
+systemd and serves /metrics, and starts `acceptors` extra processes that inherit the
+listening socket and only accept: the kernel hands each new connection to whichever of
+them calls accept() first, so a busy one takes fewer. The main process accepts too, but
+only while no acceptor serves the socket (at start-up, and when all have died): when it
+kept a share of the connections, its loop, which also delivers everything, was the first
+to saturate (docs/performance.md, "Many sessions: who accepts"). An acceptor commits each
+message to the same SQLite queue (WAL allows one writer at a time, readers always) and
+then tells the main process over a socketpair that
 work is due; the main process's scanner leases it like any retry, so what is accepted is
 delivered exactly as in a single process, and a crash of either side loses nothing.
 
@@ -116,8 +119,12 @@ class Acceptors:
     def __init__(
         self, count: int, argv: Sequence[str], listener: socket.socket, counts: SharedCounts,
         on_wake: Callable[[], None], metrics: Metrics, stop_timeout: float,
+        on_serving: Callable[[int], None] | None = None,
     ) -> None:
         self.count = count
+        # Told how many acceptors serve the socket whenever that changes (one became
+        # ready, or one died): the main process accepts only while none does.
+        self.on_serving = on_serving
         self.argv = list(argv)
         self.listener = listener
         self.counts = counts
@@ -170,6 +177,7 @@ class Acceptors:
         elif kind == READY:
             child.ready.set()
             LOG.info("acceptor_ready", index=child.index, pid=child.proc.pid)
+            self._serving_changed()
         elif kind == METRICS:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 report = json.loads(payload)
@@ -188,12 +196,23 @@ class Acceptors:
         self.metrics.forget(f"acceptor-{child.index}")
         if self._stopping:
             return
+        self._serving_changed()
         # Like Postfix's master(8): a dead worker is replaced, after a pause so a worker
         # that cannot start does not spin.
         LOG.error("acceptor_exited", index=child.index, pid=child.proc.pid, code=code)
         await asyncio.sleep(RESPAWN_DELAY)
         if not self._stopping:
             await self._spawn(child.index)
+
+    @property
+    def serving(self) -> int:
+        """How many acceptors are ready and alive."""
+        return sum(1 for c in self.children.values()
+                   if c.ready.is_set() and c.proc.returncode is None)
+
+    def _serving_changed(self) -> None:
+        if self.on_serving is not None and not self._stopping:
+            self.on_serving(self.serving)
 
     def signal_all(self, sig: int) -> None:
         for child in self.children.values():
@@ -314,11 +333,12 @@ class ProcessGroup:
             self.link.wake()
 
     async def start_acceptors(self, listener: socket.socket, on_wake: Callable[[], None],
-                              metrics: Metrics, stop_timeout: float) -> None:
+                              metrics: Metrics, stop_timeout: float,
+                              on_serving: Callable[[int], None] | None = None) -> None:
         if self.size == 1 or self.argv is None:
             return
         self.acceptors = Acceptors(self.size - 1, self.argv, listener, self.counts, on_wake,
-                                   metrics, stop_timeout)
+                                   metrics, stop_timeout, on_serving)
         await self.acceptors.start()
 
     def signal_acceptors(self, sig: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 from forwarder.queue.writer import BACKSTOP_PAGES, DbThread, GroupCommitter, checkpoints
@@ -18,42 +19,51 @@ def synchronous(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA synchronous").fetchone()[0])
 
 
-async def committer(path: Path) -> tuple[DbThread, GroupCommitter, asyncio.Task[None]]:
+async def committer(path: Path) -> tuple[DbThread, GroupCommitter]:
     db = DbThread(path, 5.0, "test-writer", polls_locks=True)
-    group = GroupCommitter(db)
-    return db, group, asyncio.create_task(group.run())
+    return db, GroupCommitter(db)
+
+
+async def stop(db: DbThread, group: GroupCommitter) -> None:
+    group.close()
+    await group.drained()
+    await db.close()
 
 
 async def test_only_durable_operations_are_fsynced(tmp_path: Path) -> None:
-    db, group, task = await committer(tmp_path / "queue.sqlite3")
+    db, group = await committer(tmp_path / "queue.sqlite3")
     try:
         assert await group.submit(synchronous, durable=False) == 1
         assert await group.submit(synchronous) == 2
         assert await group.submit(synchronous, durable=False) == 1
     finally:
-        group.close()
-        await task
-        await db.close()
+        await stop(db, group)
 
 
 async def test_a_batch_with_one_durable_operation_is_fsynced_whole(tmp_path: Path) -> None:
-    db, group, task = await committer(tmp_path / "queue.sqlite3")
+    db, group = await committer(tmp_path / "queue.sqlite3")
+    release = threading.Event()
     try:
-        # Submitted in one turn of the loop: one batch, one transaction, one fsync.
+        # The first operation starts a transaction at once; those submitted while it is
+        # under way make one batch, one transaction, one fsync.
+        first = group.submit(lambda conn: release.wait(10), durable=False)
         futures = [group.submit(synchronous, durable=False), group.submit(synchronous),
                    group.submit(synchronous, durable=False)]
+        assert group.committing == 1
+        release.set()
+        assert await first
         assert await asyncio.gather(*futures) == [2, 2, 2]
+        assert group.commits == 2
     finally:
-        group.close()
-        await task
-        await db.close()
+        release.set()
+        await stop(db, group)
 
 
 async def test_the_wal_is_checkpointed_by_its_own_thread(tmp_path: Path) -> None:
     """The commit that crosses SQLite's checkpoint threshold no longer copies the WAL into
     the database before its futures resolve: the checkpoint thread does, shortly after."""
     path = tmp_path / "queue.sqlite3"
-    db, group, task = await committer(path)
+    db, group = await committer(path)
     checkpoint_db = DbThread(path, 5.0, "test-checkpoint")
     checkpointer = asyncio.create_task(checkpoints(checkpoint_db, group))
 
@@ -70,9 +80,7 @@ async def test_the_wal_is_checkpointed_by_its_own_thread(tmp_path: Path) -> None
         assert await db.run(lambda conn: conn.execute(
             "PRAGMA wal_autocheckpoint").fetchone()[0]) == BACKSTOP_PAGES
     finally:
-        group.close()
         checkpointer.cancel()
-        await task
         await asyncio.gather(checkpointer, return_exceptions=True)
-        await db.close()
+        await stop(db, group)
         await checkpoint_db.close()

@@ -37,7 +37,6 @@ class Queue:
         self._reader_db = DbThread(path, busy_timeout, "queue-reader")
         self._checkpoint_db = DbThread(path, busy_timeout, "queue-checkpoint")
         self._committer = GroupCommitter(self._writer_db)
-        self._task: asyncio.Task[None] | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         # Bodies too big for a row (forwarder/queue/spool.py), beside the queue file.
         self.spool = Spool(path.parent / "spool")
@@ -45,7 +44,6 @@ class Queue:
     async def open(self) -> None:
         await self._writer_db.run(lambda conn: None)  # create and migrate first
         await asyncio.to_thread(self.spool.ensure)
-        self._task = asyncio.create_task(self._committer.run(), name="queue-writer")
         self._checkpoints = asyncio.create_task(
             checkpoints(self._checkpoint_db, self._committer), name="queue-checkpoint")
 
@@ -55,8 +53,7 @@ class Queue:
             self._checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpoints
-        if self._task is not None:
-            await self._task
+        await self._committer.drained()
         await self._writer_db.close()
         await self._reader_db.close()
         await self._checkpoint_db.close()

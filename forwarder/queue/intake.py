@@ -1,9 +1,11 @@
 """The front's one door into the queue: `await intake.accept(message)`.
 
-`accept` returns once the message is committed and fsync'd (the `250` may then be sent)
-and has been passed on to whoever delivers it, or raises `QueueError` (its `no_space`
-tells `452` from `451`). Which of two kinds the front holds is decided once, when the
-process starts (forwarder/daemon.py):
+`accept` returns once the message is committed and fsync'd (the `250` may then be sent),
+or raises `QueueError` (its `no_space` tells `452` from `451`); whoever delivers it is told
+in the next turn of the event loop, so that a delivery's first step runs after the session
+has written its `250`, not before (it delayed the reply by some 150 us of Python:
+docs/performance.md, "One session"). Which of two kinds the front holds is decided once,
+when the process starts (forwarder/daemon.py):
 
 - `DirectIntake`, in the process that delivers (the only process, or the main one): the
   recipients are leased to this process in the commit itself, and the job goes straight to
@@ -15,6 +17,7 @@ process starts (forwarder/daemon.py):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -52,7 +55,7 @@ class DirectIntake:
         body = message.body
         if isinstance(body, SpooledBody):  # now under its queue id
             message = replace(message, body=replace(body, path=self.queue.spool.path(message.id)))
-        self.deliver(Job.fresh(message, ids))
+        asyncio.get_running_loop().call_soon(self.deliver, Job.fresh(message, ids))
         return message.id
 
 
@@ -66,5 +69,5 @@ class ScannerIntake:
 
     async def accept(self, message: NewMessage) -> str:
         await self.queue.enqueue(message, leased=False, also=self.journal(message))
-        self.wake()
+        asyncio.get_running_loop().call_soon(self.wake)
         return message.id

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import queue
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,15 +51,43 @@ def is_no_space(exc: BaseException) -> bool:
 
 
 class DbThread:
-    """One sqlite3 connection owned by one thread; coroutines run functions on it."""
+    """One sqlite3 connection owned by one thread; coroutines run functions on it.
+
+    A thread of its own fed by a SimpleQueue, each result posted back to the loop with one
+    `call_soon_threadsafe`, rather than a ThreadPoolExecutor and `run_in_executor`: with
+    one session at a time the executor's round trip cost 180-230 us beyond the work, this
+    one 60-70 (docs/performance.md, "One session"). The executor's wrapped futures and
+    its bookkeeping after the work hold the GIL while the other thread, just woken, wants
+    it, and on this kind of machine every such wait is a wake-up of an idle CPU."""
 
     def __init__(self, path: Path, busy_timeout: float, name: str,
                  polls_locks: bool = False) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        # A daemon thread: a process that dies without close() must not wait for it.
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._closed = False
         self._path = path
         self.busy_timeout = busy_timeout
         self._polls_locks = polls_locks
         self._conn: sqlite3.Connection | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def post(self, fn: Callable[..., Any], args: tuple[Any, ...], done: Done) -> None:
+        """Run `fn(connection, *args)` on the thread, then `done(result, error)` on the
+        running loop (`error` None on success). Raises QueueError once closed."""
+        if self._closed:
+            raise QueueError("queue is shutting down")
+        if not self._thread.is_alive():
+            self._thread.start()
+        self._jobs.put((fn, args, asyncio.get_running_loop(), done))
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.post(fn, args, functools.partial(_resolve, future))
+        return await future
 
     def _ensure(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -66,22 +97,58 @@ class DbThread:
                 self._conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
         return self._conn
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn, args)
+    def _serve(self) -> None:
+        while True:
+            fn, args, loop, done = self._jobs.get()
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                if fn is None:  # close: the last job
+                    self._close_connection()
+                else:
+                    result = fn(self._ensure(), *args)
+            except BaseException as exc:  # the caller's to handle, on its loop
+                error = exc
+            # The last thing before waiting for the next job: the loop, woken by this,
+            # then finds the GIL free.
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(done, result, error)
+            if fn is None:
+                return
+            del fn, args, result, error
 
-    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        return fn(self._ensure(), *args)
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     async def close(self) -> None:
-        def _close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
+        """Close the connection on its thread, after the jobs already posted; the thread
+        then ends. Later calls to `run` raise QueueError."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._thread.is_alive():
+            return
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, _close)
-        self._executor.shutdown(wait=True)
+        future: asyncio.Future[None] = loop.create_future()
+        self._jobs.put((None, (), loop, functools.partial(_resolve, future)))
+        await future
+
+
+# A job for a DbThread: the function (None: close), its arguments, the loop to answer on,
+# what to call there with the result.
+Done = Callable[[Any, BaseException | None], None]
+_Job = tuple[Callable[..., Any] | None, tuple[Any, ...], asyncio.AbstractEventLoop, Done]
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # its waiter was cancelled
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
 def _is_busy(exc: BaseException) -> bool:
@@ -138,14 +205,22 @@ Pending = tuple[Op, "asyncio.Future[Any]", bool]
 
 @dataclass
 class GroupCommitter:
-    """Collects write operations; commits everything pending in one transaction."""
+    """Collects write operations; commits everything pending in one transaction.
+
+    Driven by callbacks, with no task of its own: the first operation submitted while no
+    transaction is under way is posted to the writer thread at once, from `submit`, and
+    the thread's answer resolves the futures and starts the next transaction with all that
+    piled up meanwhile. A task woken by an event cost a turn of the loop (and its GIL)
+    before each commit (docs/performance.md, "One session")."""
 
     db: DbThread
     pending: list[Pending] = field(default_factory=list)
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     closing: bool = False
     committing: int = 0  # operations in the transaction under way (or waiting for the lock)
     commits: int = 0  # transactions committed so far
+    # The operations of a batch that failed, each retried in a transaction of its own.
+    _alone: deque[Pending] = field(default_factory=deque)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def submit(self, op: Op, durable: bool = True) -> asyncio.Future[Any]:
         """Queue `op` for the next commit. `durable`: fsync'd before the future resolves
@@ -158,41 +233,50 @@ class GroupCommitter:
             raise QueueError("queue is shutting down")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending.append((op, future, durable))
-        self.wakeup.set()
+        if not self.committing:
+            self._next()
         return future
 
-    async def run(self) -> None:
-        while not (self.closing and not self.pending):
-            await self.wakeup.wait()
-            self.wakeup.clear()
-            while self.pending:
-                batch = self.pending[:MAX_BATCH]
-                del self.pending[:MAX_BATCH]
-                await self._commit(batch)
-
-    async def _commit(self, batch: list[Pending]) -> None:
-        self.committing = len(batch)
-        try:
-            results = await self.db.run(apply_batch, [op for op, _, _ in batch],
-                                        self.db.busy_timeout, any(d for _, _, d in batch))
-        except Exception as exc:
-            if len(batch) == 1:
-                _fail(batch[0][1], exc)
-                return
-            # One bad operation must not fail its neighbours: retry each on its own.
-            for pending in batch:
-                await self._commit([pending])
+    def _next(self) -> None:
+        """Start the next transaction, if there is anything to commit."""
+        if self._alone:
+            batch = [self._alone.popleft()]
+        elif self.pending:
+            batch = self.pending[:MAX_BATCH]
+            del self.pending[:MAX_BATCH]
+        else:
+            self._idle.set()
             return
-        finally:
-            self.committing = 0
-        self.commits += 1
-        for (_, future, _), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+        self._idle.clear()
+        self.committing = len(batch)
+        self.db.post(apply_batch, ([op for op, _, _ in batch], self.db.busy_timeout,
+                                   any(d for _, _, d in batch)),
+                     functools.partial(self._committed, batch))
+
+    def _committed(self, batch: list[Pending], results: Any,
+                   error: BaseException | None) -> None:
+        self.committing = 0
+        if error is None:
+            self.commits += 1
+            for (_, future, _), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        elif len(batch) > 1 and isinstance(error, Exception):
+            # One bad operation must not fail its neighbours: retry each on its own.
+            self._alone.extend(batch)
+        else:
+            for _, future, _ in batch:
+                _fail(future, error)
+        self._next()
 
     def close(self) -> None:
+        """Refuse new operations (those already submitted are still committed)."""
         self.closing = True
-        self.wakeup.set()
+
+    async def drained(self) -> None:
+        """Return once every operation submitted so far is committed (or failed)."""
+        if self.committing or self.pending or self._alone:
+            await self._idle.wait()
 
 
 async def checkpoints(db: DbThread, committer: GroupCommitter) -> None:
@@ -228,7 +312,7 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
-def _fail(future: asyncio.Future[Any], exc: Exception) -> None:
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         code = getattr(exc, "sqlite_errorname", None)
         error = QueueError(f"queue commit failed: {type(exc).__name__}"
