@@ -15,7 +15,7 @@ at a time (`WireBody`), never processed in one pass on the event loop.
 from __future__ import annotations
 
 import asyncio
-import re
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -23,15 +23,21 @@ from typing import BinaryIO
 
 import aiosmtplib
 
-from forwarder import log, mime7bit
+from forwarder import log, mime7bit, smtpenvelope, smtppipe
 from forwarder.config import DeliverySettings
 from forwarder.dns import Destination
-from forwarder.dsnparams import encode_orcpt, xtext_encode
 from forwarder.metrics import Metrics
 from forwarder.policy import Outcome, outcome_of_reply
 from forwarder.queue import PLAIN, Body, MessageFlags, SpooledBody, body_size
 from forwarder.queue.spool import CHUNK as SPOOL_CHUNK
 from forwarder.smtpbody import HEAD_OCTETS, stuffed_pieces, unstuff
+from forwarder.smtpenvelope import (
+    PLAIN_MAILBOX,
+    mail_options,
+    pipeline_group,
+    plain_path,
+    rcpt_options,
+)
 from forwarder.smtppool import (
     ConnectionPool,
     PooledSession,
@@ -42,23 +48,14 @@ from forwarder.smtppool import (
 )
 
 LOG = log.get("forwarder.delivery")
+Reply = aiosmtplib.SMTPResponse
 
 __all__ = [
     "PLAIN_MAILBOX", "Attempt", "ConnectionPool", "OutRcpt", "Outgoing", "Sender",
-    "TlsPolicy", "TlsUse", "WireBody", "body_for", "describe", "local_attempt", "plain_path",
-    "relay_name", "reply_attempt", "send_data",
+    "TlsPolicy", "TlsUse", "WireBody", "body_for", "describe", "local_attempt",
+    "mail_options", "pipeline_group", "plain_path", "rcpt_options", "relay_name",
+    "reply_attempt", "send_body", "send_data",
 ]
-
-# A plain RFC 5321 mailbox: Dot-string "@" a domain of LDH labels (4.1.2). aiosmtplib's
-# mail() and rcpt() run every address through email.utils.parseaddr, an RFC 5322 header
-# parser, and that was 11 % of the delivering process's CPU (docs/performance.md); for
-# these addresses it returns them unchanged (tests/test_smtpclient_paths.py holds that
-# with hypothesis), so they go on the command line as they are. Anything else (a quoted
-# local part, an address literal, 8-bit) still goes through the library.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-PLAIN_MAILBOX = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*")
-
 
 @dataclass(frozen=True)
 class Attempt:
@@ -197,17 +194,22 @@ class Sender:
                            relay: str) -> tuple[dict[str, Attempt], bool]:
         """Per-recipient attempts, and whether the session needs RSET before reuse: not
         after a completed DATA, which ends the transaction (RFC 5321 4.1.1.4), so a
-        reused connection costs four round trips a message, not five."""
+        reused connection costs four round trips a message, not five (two where the
+        next hop pipelines: `_pipelined`)."""
         client = session.client
         wire = await body_for(client, out.flags, wire, self._metrics)
         dsn = client.supports_extension("dsn")
+        group = pipeline_group(client, out, wire.size, dsn)
+        if group is not None:
+            return await self._pipelined(session, out, wire, relay, group)
         utf8 = out.flags.smtputf8 and client.supports_extension("smtputf8")
-        await _mail(client, out.sender, mail_options(client, out, wire.size), utf8)
+        await smtpenvelope.mail(client, out.sender, mail_options(client, out, wire.size), utf8)
         results: dict[str, Attempt] = {}
         accepted: list[str] = []
         for rcpt in out.recipients:
             try:
-                await _rcpt(client, rcpt.address, rcpt_options(rcpt) if dsn else [], utf8)
+                options = rcpt_options(rcpt) if dsn else []
+                await smtpenvelope.rcpt(client, rcpt.address, options, utf8)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 results[rcpt.address] = reply_attempt(exc.code, exc.message, relay, session.tls)
                 continue
@@ -219,10 +221,69 @@ class Sender:
         # dot-stuffed, so no byte sequence we relay can be read as an end of data by the
         # destination (SMTP smuggling).
         reply = await send_data(client, wire, self._settings.data_timeout)
-        for rcpt_address in accepted:
-            results[rcpt_address] = reply_attempt(reply.code, reply.message, relay,
-                                                  session.tls, dsn)
-        return results, False
+        return _delivered(results, accepted, reply, relay, session.tls, dsn), False
+
+    async def _pipelined(self, session: PooledSession, out: Outgoing, wire: WireBody,
+                         relay: str, group: list[bytes]) -> tuple[dict[str, Attempt], bool]:
+        """RFC 2920 3.1: MAIL FROM, every RCPT TO and DATA in one write, then each reply
+        checked in order; the body follows a 354 as in lock step. Outcomes are those of
+        `_transaction` for the same replies."""
+        client = session.client
+        replies, error = await smtppipe.exchange(client, group, client.timeout)
+        if replies and replies[0].code != 250:
+            # The replies to the RCPTs and DATA after a refused MAIL were read (and are
+            # refusals, RFC 2920 3.1); the transaction fails with MAIL's reply.
+            if error is None:
+                await _end_empty(client, replies[-1])
+            raise aiosmtplib.SMTPSenderRefused(replies[0].code, replies[0].message, out.sender)
+        if error is not None:
+            raise error
+        results, accepted = _rcpt_results(out, replies[1:-1], relay, session.tls)
+        if not accepted:
+            await _end_empty(client, replies[-1])
+            return results, True
+        if replies[-1].code != 354:
+            raise aiosmtplib.SMTPDataError(replies[-1].code, replies[-1].message)
+        reply = await send_body(client, wire, self._settings.data_timeout)
+        dsn = client.supports_extension("dsn")
+        return _delivered(results, accepted, reply, relay, session.tls, dsn), False
+
+
+def _rcpt_results(out: Outgoing, replies: Sequence[Reply],
+                  relay: str, tls: TlsUse | None) -> tuple[dict[str, Attempt], list[str]]:
+    """The refused recipients' attempts and the accepted recipients, from the RCPT
+    replies. A 421 closed the session (smtppipe.exchange); in lock step the next command,
+    if there was one, would have found it so."""
+    results: dict[str, Attempt] = {}
+    accepted: list[str] = []
+    for index, (rcpt, reply) in enumerate(zip(out.recipients, replies, strict=True)):
+        if reply.code in (250, 251):  # RFC 5321 4.2.2: 251 will forward
+            accepted.append(rcpt.address)
+            continue
+        if reply.code == 421 and (accepted or index < len(replies) - 1):
+            raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+        results[rcpt.address] = reply_attempt(reply.code, reply.message, relay, tls)
+    return results, accepted
+
+
+async def _end_empty(client: aiosmtplib.SMTP, data: Reply) -> None:
+    """DATA was answered although no transaction can go on (MAIL refused, or no recipient
+    accepted). RFC 2920 3.1: the client "cannot assume that the DATA command will be
+    rejected"; if it was accepted (354) the client "should send a single dot", never the
+    body, as Postfix's smtp client does (smtp_proto.c: "just send "." as per RFC 2197").
+    That dot's reply means nothing. The caller's RSET (or a closed session, if this
+    fails) leaves the session clean."""
+    if data.code != 354 or not client.is_connected:
+        return
+    with contextlib.suppress(*_TEMP_ERRORS):
+        await client.execute_command(b".")
+
+
+def _delivered(results: dict[str, Attempt], accepted: list[str], reply: Reply, relay: str,
+               tls: TlsUse | None, dsn: bool) -> dict[str, Attempt]:
+    for rcpt_address in accepted:
+        results[rcpt_address] = reply_attempt(reply.code, reply.message, relay, tls, dsn)
+    return results
 
 
 async def body_for(client: aiosmtplib.SMTP, flags: MessageFlags, wire: WireBody,
@@ -305,12 +366,18 @@ class WireBody:
 
 async def send_data(client: aiosmtplib.SMTP, wire: WireBody,
                     wait: float) -> aiosmtplib.SMTPResponse:
-    """DATA, the message streamed with flow control (the transport never holds more than
-    its high-water mark), then the reply to the final dot; `wait` bounds the writing (a
-    destination that stops reading) and the wait for that reply each."""
+    """DATA, then the message (`send_body`)."""
     start = await client.execute_command(b"DATA")
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
+    return await send_body(client, wire, wait)
+
+
+async def send_body(client: aiosmtplib.SMTP, wire: WireBody,
+                    wait: float) -> aiosmtplib.SMTPResponse:
+    """The message after a 354, streamed with flow control (the transport never holds
+    more than its high-water mark), then the reply to the final dot; `wait` bounds the
+    writing (a destination that stops reading) and the wait for that reply each."""
     protocol = client.protocol
     try:
         if protocol is None:
@@ -349,67 +416,6 @@ def _cannot_carry(client: aiosmtplib.SMTP, out: Outgoing, body: bytes,
         return local_attempt("5.6.7", f"SMTPUTF8 is required, but was not offered by {relay}",
                              relay)
     return None
-
-
-def mail_options(client: aiosmtplib.SMTP, out: Outgoing, size: int) -> list[str]:
-    """MAIL FROM's parameters for this next hop (only the extensions it offered)."""
-    options = []
-    if client.supports_extension("size"):
-        options.append(f"SIZE={size}")  # RFC 1870 3
-    if out.flags.eight_bit and client.supports_extension("8bitmime"):
-        options.append("BODY=8BITMIME")
-    if out.flags.smtputf8 and client.supports_extension("smtputf8"):
-        options.append("SMTPUTF8")
-    if client.supports_extension("dsn"):
-        if out.flags.dsn.ret:
-            options.append(f"RET={out.flags.dsn.ret}")
-        if out.flags.dsn.envid:
-            options.append(f"ENVID={xtext_encode(out.flags.dsn.envid)}")
-    return options
-
-
-def rcpt_options(rcpt: OutRcpt) -> list[str]:
-    """RCPT TO's DSN parameters, for a next hop that offers DSN (RFC 3461 5.2.1)."""
-    options = []
-    if rcpt.notify:
-        options.append(f"NOTIFY={rcpt.notify}")
-    if rcpt.orcpt:
-        options.append(f"ORCPT={encode_orcpt(rcpt.orcpt)}")
-    return options
-
-
-def plain_path(address: str) -> bytes | None:
-    """`<address>` for the command line if it is plain (or the null path), else None."""
-    if not address:
-        return b"<>"
-    if PLAIN_MAILBOX.fullmatch(address):
-        return b"<" + address.encode("ascii") + b">"
-    return None
-
-
-async def _mail(client: aiosmtplib.SMTP, sender: str, options: list[str], utf8: bool) -> None:
-    """aiosmtplib's mail(), without its header parser for a plain address."""
-    path = plain_path(sender)
-    if path is None or client.is_ehlo_or_helo_needed:
-        await client.mail(sender, options=options, encoding="utf-8" if utf8 else "ascii")
-        return
-    reply = await client.execute_command(b"MAIL", b"FROM:" + path,
-                                         *(o.encode("ascii") for o in options))
-    if reply.code != 250:
-        raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, sender)
-
-
-async def _rcpt(client: aiosmtplib.SMTP, recipient: str, options: list[str],
-                utf8: bool) -> None:
-    """aiosmtplib's rcpt(), without its header parser for a plain address."""
-    path = plain_path(recipient) if recipient else None
-    if path is None or client.is_ehlo_or_helo_needed:
-        await client.rcpt(recipient, options=options, encoding="utf-8" if utf8 else "ascii")
-        return
-    reply = await client.execute_command(b"RCPT", b"TO:" + path,
-                                         *(o.encode("ascii") for o in options))
-    if reply.code not in (250, 251):  # RFC 5321 4.2.2: 251 will forward
-        raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
 
 
 def _all(recipients: Sequence[str], attempt: Attempt) -> dict[str, Attempt]:

@@ -3,7 +3,8 @@
 extension (passed on, or honoured in our own DSNs), the outbound source address and EHLO
 name, and the trace field for IPv6 and TLS clients.
 
-The next hops are aiosmtpd sinks that offer or lack 8BITMIME, SMTPUTF8 and DSN; aiosmtpd
+The next hops are aiosmtpd sinks that offer or lack 8BITMIME, SMTPUTF8 and DSN, each
+test once with PIPELINING offered as well and once without; aiosmtpd
 does not implement DSN, so `ExtSMTP` takes the DSN parameters off the command line,
 records them, and hands the rest to aiosmtpd.
 """
@@ -92,6 +93,8 @@ class ExtHandler(SinkHandler):
                 or r[4:] in self.offer]
         if "DSN" in self.offer:
             kept.append("250-DSN")
+        if "PIPELINING" in self.offer:
+            kept.append("250-PIPELINING")
         return [*kept, responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
@@ -129,19 +132,27 @@ class Hops:
     port: int
     provider: ExtSink  # 127.0.0.2: the graduate's provider (what it offers varies)
     origin: ExtSink  # 127.0.0.4: the senders' MX, offering everything (DSNs arrive here)
+    pipelining: bool  # both also offer PIPELINING (RFC 2920): the envelope in one write
 
     async def provider_offering(self, *offer: str) -> ExtSink:
         await self.provider.stop()
-        self.provider = ExtSink("127.0.0.2", set(offer))
+        self.provider = ExtSink("127.0.0.2", {*offer, *self.extra})
         await self.provider.start(self.port)
         return self.provider
 
+    @property
+    def extra(self) -> set[str]:
+        return {"PIPELINING"} if self.pipelining else set()
 
-@pytest.fixture
-async def hops(dns_server: DnsServer) -> AsyncIterator[Hops]:
+
+@pytest.fixture(params=[False, True], ids=["lockstep", "pipelined"])
+async def hops(dns_server: DnsServer, request: pytest.FixtureRequest) -> AsyncIterator[Hops]:
+    """Every test here runs against next hops that send one command a round trip and
+    against hops that pipeline: what crosses the gateway must not depend on it."""
     port = free_port(("127.0.0.2", "127.0.0.4", "127.0.0.5"))
-    provider = ExtSink("127.0.0.2", {"8BITMIME", "SMTPUTF8", "DSN"})
-    origin = ExtSink("127.0.0.4", {"8BITMIME", "SMTPUTF8", "DSN"})
+    extra = {"PIPELINING"} if request.param else set()
+    provider = ExtSink("127.0.0.2", {"8BITMIME", "SMTPUTF8", "DSN", *extra})
+    origin = ExtSink("127.0.0.4", {"8BITMIME", "SMTPUTF8", "DSN", *extra})
     for sink in (provider, origin):
         await sink.start(port)
     dns_server.set_records("gmail.test", "MX", [(10, "mx.gmail.test.")])
@@ -149,7 +160,7 @@ async def hops(dns_server: DnsServer) -> AsyncIterator[Hops]:
     for domain in ("jobteaser.test", "exämple.test"):
         dns_server.set_records(domain, "MX", [(10, "mx.origin.test.")])
     dns_server.set_records("mx.origin.test", "A", ["127.0.0.4"])
-    world = Hops(dns_server, port, provider, origin)
+    world = Hops(dns_server, port, provider, origin, request.param)
     yield world
     for sink in (world.provider, world.origin):
         await sink.stop()
