@@ -33,6 +33,7 @@ from forwarder.queue.spool import CHUNK as SPOOL_CHUNK
 from forwarder.smtpbody import HEAD_OCTETS, stuffed_pieces, unstuff
 from forwarder.smtpenvelope import (
     PLAIN_MAILBOX,
+    RCPT_ACCEPTED,
     mail_options,
     pipeline_group,
     plain_path,
@@ -201,7 +202,7 @@ class Sender:
         dsn = client.supports_extension("dsn")
         group = pipeline_group(client, out, wire.size, dsn)
         if group is not None:
-            return await self._pipelined(session, out, wire, relay, group)
+            return await self._pipelined(session, out, wire, relay, group, dsn)
         utf8 = out.flags.smtputf8 and client.supports_extension("smtputf8")
         await smtpenvelope.mail(client, out.sender, mail_options(client, out, wire.size), utf8)
         results: dict[str, Attempt] = {}
@@ -224,7 +225,8 @@ class Sender:
         return _delivered(results, accepted, reply, relay, session.tls, dsn), False
 
     async def _pipelined(self, session: PooledSession, out: Outgoing, wire: WireBody,
-                         relay: str, group: list[bytes]) -> tuple[dict[str, Attempt], bool]:
+                         relay: str, group: list[bytes],
+                         dsn: bool) -> tuple[dict[str, Attempt], bool]:
         """RFC 2920 3.1: MAIL FROM, every RCPT TO and DATA in one write, then each reply
         checked in order; the body follows a 354 as in lock step. Outcomes are those of
         `_transaction` for the same replies."""
@@ -245,7 +247,6 @@ class Sender:
         if replies[-1].code != 354:
             raise aiosmtplib.SMTPDataError(replies[-1].code, replies[-1].message)
         reply = await send_body(client, wire, self._settings.data_timeout)
-        dsn = client.supports_extension("dsn")
         return _delivered(results, accepted, reply, relay, session.tls, dsn), False
 
 
@@ -257,7 +258,7 @@ def _rcpt_results(out: Outgoing, replies: Sequence[Reply],
     results: dict[str, Attempt] = {}
     accepted: list[str] = []
     for index, (rcpt, reply) in enumerate(zip(out.recipients, replies, strict=True)):
-        if reply.code in (250, 251):  # RFC 5321 4.2.2: 251 will forward
+        if reply.code in RCPT_ACCEPTED:
             accepted.append(rcpt.address)
             continue
         if reply.code == 421 and (accepted or index < len(replies) - 1):

@@ -15,8 +15,8 @@ from forwarder.dsnparams import encode_orcpt, xtext_encode
 if TYPE_CHECKING:
     from forwarder.smtpclient import Outgoing, OutRcpt
 
-__all__ = ["PLAIN_MAILBOX", "mail", "mail_options", "pipeline_group", "plain_path", "rcpt",
-           "rcpt_options"]
+__all__ = ["PLAIN_MAILBOX", "RCPT_ACCEPTED", "mail", "mail_options", "pipeline_group",
+           "plain_path", "rcpt", "rcpt_options"]
 
 # A plain RFC 5321 mailbox: Dot-string "@" a domain of LDH labels (4.1.2). aiosmtplib's
 # mail() and rcpt() run every address through email.utils.parseaddr, an RFC 5322 header
@@ -27,6 +27,9 @@ __all__ = ["PLAIN_MAILBOX", "mail", "mail_options", "pipeline_group", "plain_pat
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 PLAIN_MAILBOX = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*")
+
+# The replies to RCPT TO that accept the recipient (RFC 5321 4.2.2: 251 will forward).
+RCPT_ACCEPTED = (250, 251)
 
 
 def mail_options(client: aiosmtplib.SMTP, out: Outgoing, size: int) -> list[str]:
@@ -65,6 +68,12 @@ def plain_path(address: str) -> bytes | None:
     return None
 
 
+def _rcpt_path(address: str) -> bytes | None:
+    """`<address>` for RCPT TO if it is plain; never the null path, which is no recipient
+    (None: the library's way)."""
+    return plain_path(address) if address else None
+
+
 def pipeline_group(client: aiosmtplib.SMTP, out: Outgoing, size: int,
                    dsn: bool) -> list[bytes] | None:
     """MAIL FROM, each RCPT TO and DATA as one RFC 2920 command group (DATA last, 3.1),
@@ -73,7 +82,7 @@ def pipeline_group(client: aiosmtplib.SMTP, out: Outgoing, size: int,
     if not client.supports_extension("pipelining") or client.is_ehlo_or_helo_needed:
         return None
     sender = plain_path(out.sender)
-    paths = [plain_path(r.address) if r.address else None for r in out.recipients]
+    paths = [_rcpt_path(r.address) for r in out.recipients]
     if sender is None or None in paths:
         return None
     group = [_command(b"MAIL", b"FROM:" + sender, mail_options(client, out, size))]
@@ -102,10 +111,10 @@ async def mail(client: aiosmtplib.SMTP, sender: str, options: list[str], utf8: b
 async def rcpt(client: aiosmtplib.SMTP, recipient: str, options: list[str],
                 utf8: bool) -> None:
     """aiosmtplib's rcpt(), without its header parser for a plain address."""
-    path = plain_path(recipient) if recipient else None
+    path = _rcpt_path(recipient)
     if path is None or client.is_ehlo_or_helo_needed:
         await client.rcpt(recipient, options=options, encoding="utf-8" if utf8 else "ascii")
         return
     reply = await client.execute_command(_command(b"RCPT", b"TO:" + path, options))
-    if reply.code not in (250, 251):  # RFC 5321 4.2.2: 251 will forward
+    if reply.code not in RCPT_ACCEPTED:
         raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
