@@ -9,7 +9,8 @@ mail that needs SMTPUTF8 fails permanently with 5.6.7 (RFC 6531 3.4), as Postfix
 Connections and their TLS are forwarder/smtppool.py's. Timeouts follow RFC 5321 4.5.3.2;
 the wait after the final dot is long on purpose, since giving up there while the server is
 still writing to disk duplicates mail. The body goes out in its wire form, a bounded piece
-at a time (`WireBody`), never processed in one pass on the event loop.
+at a time (`WireBody`), never processed in one pass on the event loop; a spooled body on a
+plain connection goes from its file by sendfile(2).
 """
 
 from __future__ import annotations
@@ -310,9 +311,10 @@ async def body_for(client: aiosmtplib.SMTP, flags: MessageFlags, wire: WireBody,
 class WireBody:
     """A queued message as it goes out after DATA: in its wire form (CRLF, dot-stuffed),
     a bounded piece at a time. A message kept in memory is stuffed piece by piece; a
-    spooled one is already in wire form after our own header fields, and is read from
-    its file in chunks, each read in a worker thread. Neither is ever processed in one
-    pass on the event loop (aiosmtplib's data() runs two regular expressions over the
+    spooled one is already in wire form after our own header fields: on a plain TCP
+    connection the kernel sends it from its file (sendfile(2), forwarder/filesend.py);
+    through TLS it is read in chunks, each in a worker thread. Neither is ever processed
+    in one pass on the event loop (aiosmtplib's data() runs two regular expressions over the
     whole message there). `head`: the message's first octets unstuffed (its header
     section, or the first HEAD_OCTETS of it)."""
 
@@ -406,9 +408,9 @@ async def send_data(client: aiosmtplib.SMTP, wire: WireBody,
 
 async def send_body(client: aiosmtplib.SMTP, wire: WireBody,
                     wait: float) -> aiosmtplib.SMTPResponse:
-    """The message after a 354, streamed with flow control (the transport never holds
-    more than its high-water mark), then the reply to the final dot; `wait` bounds the
-    writing (a destination that stops reading) and the wait for that reply each."""
+    """The message after a 354 (`WireBody.write_to`), then the reply to the final dot;
+    `wait` bounds the writing (a destination that stops reading) and the wait for that
+    reply each."""
     protocol = client.protocol
     try:
         if protocol is None:
