@@ -114,6 +114,14 @@ def lines_within(region: bytes | bytearray, longest: int) -> bool:
     return True
 
 
+def _no_end(buf: bytes, dots: int) -> tuple[int, int]:
+    """`_scan`'s answer when the end is not in `buf`: only the whole lines are taken, up
+    to the last CRLF; a dot right after it starts the partial line kept for the next
+    piece, and was counted among `dots`."""
+    last = buf.rfind(b"\r\n")
+    return -1, dots - (last >= 0 and buf[last + 2:last + 3] == b".")
+
+
 class Spill(Protocol):
     """Where a body too big for memory goes (the adapter's spool file). `write` and
     `close` raise OSError; `discard` never does and may be called more than once."""
@@ -162,7 +170,7 @@ class BodyReader:
     """
 
     # Lines starting with a stuffed dot looked at one by one in a piece (`_scan`).
-    dot_steps = 64
+    dot_steps = 16
 
     def __init__(self, max_size: int, max_line: int, spill: SpillFactory | None = None,
                  spill_at: int = 256 * 1024) -> None:
@@ -202,12 +210,31 @@ class BodyReader:
     def _scan(self, buf: bytes) -> tuple[int, int]:
         """One pass for two answers: where the end of data is (the offset of its `.`
         line, -1 if it is not in `buf`), and how many lines after the first, up to the
-        last whole line before the end, start with a stuffed `.`. Both are found by
-        looking for CRLF `.`: followed by CRLF it is the end, otherwise a stuffed dot.
-        Real mail has few lines that start with a dot; past `dot_steps` of them in one
-        piece, `find` and `count` take over, so a body of dot lines costs two passes at
-        C speed, not a Python step per line."""
+        last whole line before the end, start with a stuffed `.`. Both are found at the
+        dots that follow a CRLF: followed by CRLF it is the end, otherwise a stuffed dot.
+
+        The dots are looked for alone first: that is `memchr`, some 50 times faster
+        than looking for CRLF `.` (which stops at every line end), and a big body is
+        mostly an attachment in base64, which holds no dot at all. Past `dot_steps` dots
+        in one piece (text, with a dot in every sentence), CRLF `.` is looked for
+        instead (`_scan_lines`)."""
         pos = dots = 0
+        for _ in range(self.dot_steps):
+            found = buf.find(b".", pos)
+            if found < 0:
+                return _no_end(buf, dots)
+            if found >= 2 and buf[found - 2:found] == b"\r\n":
+                if buf[found + 1:found + 3] == b"\r\n":
+                    return found, dots
+                dots += 1
+            pos = found + 1
+        # A CRLF "." whose dot is at `pos` or later starts at `pos - 2` or later.
+        return self._scan_lines(buf, max(pos - 2, 0), dots)
+
+    def _scan_lines(self, buf: bytes, pos: int, dots: int) -> tuple[int, int]:
+        """`_scan` from `pos` on by looking for CRLF `.`. Real text has few lines that
+        start with a dot; past `dot_steps` of them, `find` and `count` take over, so a
+        body of dot lines costs two passes at C speed, not a Python step per line."""
         for _ in range(self.dot_steps):
             found = buf.find(b"\r\n.", pos)
             if found < 0:
@@ -220,10 +247,7 @@ class BodyReader:
             if found >= 0:
                 return found + 2, dots + buf.count(b"\r\n.", pos, found + 2)
             dots += buf.count(b"\r\n.", pos)
-        # No end: only the whole lines are taken, up to the last CRLF; a dot right after
-        # it starts the partial line kept for the next piece, and was counted above.
-        last = buf.rfind(b"\r\n")
-        return -1, dots - (last >= 0 and buf[last + 2:last + 3] == b".")
+        return _no_end(buf, dots)
 
     def _take(self, region: bytes, dots: int) -> None:
         """Whole lines (or nothing), `dots` of them (after the first) starting with a

@@ -9,21 +9,25 @@ mail that needs SMTPUTF8 fails permanently with 5.6.7 (RFC 6531 3.4), as Postfix
 Connections and their TLS are forwarder/smtppool.py's. Timeouts follow RFC 5321 4.5.3.2;
 the wait after the final dot is long on purpose, since giving up there while the server is
 still writing to disk duplicates mail. The body goes out in its wire form, a bounded piece
-at a time (`WireBody`), never processed in one pass on the event loop.
+at a time (`WireBody`), never processed in one pass on the event loop; a spooled body on a
+plain connection goes from its file by sendfile(2).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 
-from forwarder import log, mime7bit, smtpenvelope, smtppipe
+from forwarder import filesend, log, mime7bit, smtpenvelope, smtppipe
 from forwarder.config import DeliverySettings
 from forwarder.dns import Destination
 from forwarder.metrics import Metrics
@@ -307,9 +311,10 @@ async def body_for(client: aiosmtplib.SMTP, flags: MessageFlags, wire: WireBody,
 class WireBody:
     """A queued message as it goes out after DATA: in its wire form (CRLF, dot-stuffed),
     a bounded piece at a time. A message kept in memory is stuffed piece by piece; a
-    spooled one is already in wire form after our own header fields, and is read from
-    its file in chunks, each read in a worker thread. Neither is ever processed in one
-    pass on the event loop (aiosmtplib's data() runs two regular expressions over the
+    spooled one is already in wire form after our own header fields: on a plain TCP
+    connection the kernel sends it from its file (sendfile(2), forwarder/filesend.py);
+    through TLS it is read in chunks, each in a worker thread. Neither is ever processed
+    in one pass on the event loop (aiosmtplib's data() runs two regular expressions over the
     whole message there). `head`: the message's first octets unstuffed (its header
     section, or the first HEAD_OCTETS of it)."""
 
@@ -322,7 +327,7 @@ class WireBody:
 
     async def open(self) -> None:
         if isinstance(self.body, SpooledBody):
-            self._file = await asyncio.to_thread(open, self.body.path, "rb")
+            self._file = await asyncio.to_thread(_open_spooled, self.body.path)
             if not self.head:
                 raw = await asyncio.to_thread(self._file.read, HEAD_OCTETS)
                 self.head = self.body.prefix + unstuff(raw[:raw.rfind(b"\r\n") + 2])
@@ -354,15 +359,42 @@ class WireBody:
         while chunk := await asyncio.to_thread(self._file.read, SPOOL_CHUNK):
             yield self._sent(chunk)
 
+    async def write_to(self, protocol: SMTPProtocol) -> None:
+        """The message up to its end of data (`end`), with flow control (the transport
+        never holds more than its high-water mark). A spooled body on a plain TCP
+        connection goes from its file to the socket by sendfile(2) (forwarder/filesend.py)."""
+        fd = None if self._file is None else filesend.plain_socket(protocol.transport)
+        if fd is None:
+            async for piece in self.pieces():
+                protocol.write(piece)
+                await protocol._drain_helper()
+            return
+        assert self._file is not None and isinstance(self.body, SpooledBody)
+        file_fd = self._file.fileno()
+        size = os.fstat(file_fd).st_size
+        prefix = b"".join(stuffed_pieces(self.body.prefix))
+        await filesend.send(fd, prefix, file_fd, size)
+        self._sent(prefix)
+        self._sent(os.pread(file_fd, 2, max(size - 2, 0)))
+
     def _sent(self, piece: bytes) -> bytes:
-        if piece:
-            self._tail = piece[-2:]
+        self._tail = (self._tail + piece)[-2:]
         return piece
 
     @property
     def end(self) -> bytes:
         """The end of data: `.` CRLF on a line of its own (RFC 5321 4.5.2)."""
         return b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n"
+
+
+def _open_spooled(path: Path) -> BinaryIO:
+    """A spool file open for sending (in a worker thread). The kernel is asked to read it
+    ahead, so that sendfile(2) on the event loop finds its pages in memory even after a
+    restart (POSIX_FADV_WILLNEED starts the reads and returns)."""
+    fh = open(path, "rb")  # noqa: SIM115 (closed by WireBody.close)
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+    return fh
 
 
 async def send_data(client: aiosmtplib.SMTP, wire: WireBody,
@@ -376,17 +408,15 @@ async def send_data(client: aiosmtplib.SMTP, wire: WireBody,
 
 async def send_body(client: aiosmtplib.SMTP, wire: WireBody,
                     wait: float) -> aiosmtplib.SMTPResponse:
-    """The message after a 354, streamed with flow control (the transport never holds
-    more than its high-water mark), then the reply to the final dot; `wait` bounds the
-    writing (a destination that stops reading) and the wait for that reply each."""
+    """The message after a 354 (`WireBody.write_to`), then the reply to the final dot;
+    `wait` bounds the writing (a destination that stops reading) and the wait for that
+    reply each."""
     protocol = client.protocol
     try:
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         async with asyncio.timeout(wait):
-            async for piece in wire.pieces():
-                protocol.write(piece)
-                await protocol._drain_helper()
+            await wire.write_to(protocol)
         protocol.write(wire.end)
         reply = await protocol.read_response(timeout=wait)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, TimeoutError,

@@ -271,6 +271,29 @@ def self_signed(tmp_path: Path) -> ssl.SSLContext:
     return ctx
 
 
+async def test_a_spooled_message_goes_whole_through_starttls(
+    start_daemon: DaemonFactory, world: World, directory: Directory, tmp_path: Path,
+) -> None:
+    """A body past the spool threshold goes from its file by sendfile(2) on a plain
+    connection (forwarder/filesend.py); over TLS it must go through the TLS layer
+    instead, and arrives byte for byte, dot lines included."""
+    body = simple_message() + b"..a dot line\r\n" + (b"z" * 900 + b"\r\n") * 700
+    await world.mx1.stop()
+    tls_sink = Sink("127.0.0.2", tls_context=self_signed(tmp_path))
+    await tls_sink.start(world.port)
+    try:
+        world.dns.set_records("gmail.test", "MX", [(10, "mx1.gmail.test.")])
+        graduate(directory, "lea@gmail.test")
+        d = await start(start_daemon, world)
+        _, data = await smtp_send(d.port, SENDER, [GRAD], body)
+        assert data is not None and data[0] == 250
+        (got,) = await tls_sink.wait_for(1)
+        assert got.tls is True
+        assert got.content.startswith(b"Received: ") and got.content.endswith(body)
+    finally:
+        await tls_sink.stop()
+
+
 def tls_failures() -> list[dict[str, object]]:
     return [p for p in log.recent_problems() if p["event"] == "tls_failed"]
 
