@@ -66,6 +66,25 @@ async def _connected(receiver: Receiver) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _plain_pair() -> tuple[Any, asyncio.Server, int]:
+    """A plain connection, and its socket's descriptor."""
+    transport, _, server = await _pair()
+    fd = filesend.plain_socket(transport)
+    assert fd is not None
+    return transport, server, fd
+
+
+async def _stalled_pair() -> tuple[Any, Receiver, asyncio.Server, int]:
+    """A plain connection whose far end does not read (yet), and its socket's descriptor."""
+    transport, receiver, server = await _pair()
+    await _connected(receiver)
+    assert receiver.transport is not None
+    receiver.transport.pause_reading()
+    fd = filesend.plain_socket(transport)
+    assert fd is not None
+    return transport, receiver, server, fd
+
+
 async def _close(transport: Any, server: asyncio.Server, abort: bool = False,
                  receiver: Receiver | None = None) -> None:
     """Everything closed before the loop is (uvloop refuses to close with handles open)."""
@@ -87,12 +106,7 @@ def test_the_file_arrives_whole_and_in_order_past_a_reader_that_stops(
     path.write_bytes(CONTENT + b"not to be sent")
 
     async def main(file_fd: int) -> bytes:
-        transport, receiver, server = await _pair()
-        await _connected(receiver)
-        assert receiver.transport is not None
-        receiver.transport.pause_reading()
-        fd = filesend.plain_socket(transport)
-        assert fd is not None
+        transport, receiver, server, fd = await _stalled_pair()
         waits = 0
         real = filesend._writable
 
@@ -129,12 +143,7 @@ def test_a_peer_that_goes_away_is_an_error_not_a_hang(run: Runner, tmp_path: Pat
     path.write_bytes(CONTENT * 4)  # more than loopback's buffers hold
 
     async def main(file_fd: int) -> None:
-        transport, receiver, server = await _pair()
-        await _connected(receiver)
-        assert receiver.transport is not None
-        receiver.transport.pause_reading()
-        fd = filesend.plain_socket(transport)
-        assert fd is not None
+        transport, receiver, server, fd = await _stalled_pair()
         sending = asyncio.ensure_future(filesend.send(fd, b"", file_fd, len(CONTENT) * 4))
         await asyncio.sleep(0.2)
         assert not sending.done()  # waiting for the reader
@@ -153,9 +162,7 @@ def test_a_file_shorter_than_said_is_never_sent_cut(run: Runner, tmp_path: Path)
     path.write_bytes(b"line\r\n" * 10)
 
     async def main(file_fd: int) -> None:
-        transport, _, server = await _pair()
-        fd = filesend.plain_socket(transport)
-        assert fd is not None
+        transport, server, fd = await _plain_pair()
         with pytest.raises(OSError, match="shorter"):
             await filesend.send(fd, b"", file_fd, 1000)
         await _close(transport, server)
@@ -199,9 +206,7 @@ def test_the_duplicate_descriptor_is_closed(tmp_path: Path) -> None:
     path.write_bytes(b"line\r\n" * 1000)
 
     async def main(file_fd: int) -> None:
-        transport, _, server = await _pair()
-        fd = filesend.plain_socket(transport)
-        assert fd is not None
+        transport, server, fd = await _plain_pair()
         before = len(os.listdir("/proc/self/fd"))
         for _ in range(50):
             await filesend.send(fd, b"", file_fd, 6000)
