@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from forwarder.srs import new_key
 
@@ -246,24 +246,44 @@ class SqliteKeys:
         self._db.close()
 
 
-class SqliteKeyStore:
-    """`KeyStore` on `SqliteKeys`, which lives in one thread of its own: the connection is
-    opened there on first use (the file is only created once a long sender shows up) and
-    used there only, so the event loop never waits for SQLite."""
+class Keys(Protocol):
+    """A `KeyStore`'s synchronous side: one connection, used from one thread only."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def put(self, sender: str, now: float) -> str: ...
+
+    def get(self, key: str) -> str | None: ...
+
+    def purge(self, before: float) -> int: ...
+
+    def close(self) -> None: ...
+
+
+K = TypeVar("K", bound=Keys)
+
+
+class ThreadKeyStore(Generic[K]):
+    """`KeyStore` on a synchronous `Keys` that lives in one thread of its own: opened there
+    on first use (`_open`) and used there only, so the event loop never waits for the
+    database. A backend with more to do around a call overrides `_call`."""
+
+    def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="srs-keys")
-        self._keys: SqliteKeys | None = None
+        self._keys: K | None = None
 
-    def _open(self) -> SqliteKeys:
+    def _open(self) -> K:
+        raise NotImplementedError
+
+    def _call(self, fn: Callable[[K], T]) -> T:
         if self._keys is None:
-            self._keys = SqliteKeys(self.path)
-        return self._keys
+            self._keys = self._open()
+        return fn(self._keys)
 
-    async def _run(self, fn: Callable[[SqliteKeys], T]) -> T:
+    async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(self._open()))
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def _run(self, fn: Callable[[K], T]) -> T:
+        return await self._in_thread(self._call, fn)
 
     async def put(self, sender: str, now: float) -> str:
         return await self._run(lambda keys: keys.put(sender, now))
@@ -274,12 +294,23 @@ class SqliteKeyStore:
     async def purge(self, before: float) -> int:
         return await self._run(lambda keys: keys.purge(before))
 
-    async def close(self) -> None:
-        def _close() -> None:
-            if self._keys is not None:
-                self._keys.close()
-                self._keys = None
+    def _forget(self) -> None:
+        if self._keys is not None:
+            keys, self._keys = self._keys, None
+            keys.close()
 
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, _close)
+    async def close(self) -> None:
+        await self._in_thread(self._forget)
         self._executor.shutdown(wait=True)
+
+
+class SqliteKeyStore(ThreadKeyStore[SqliteKeys]):
+    """`KeyStore` on `SqliteKeys` (`ThreadKeyStore`): the file is only created once a long
+    sender shows up."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def _open(self) -> SqliteKeys:
+        return SqliteKeys(self.path)

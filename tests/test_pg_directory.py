@@ -20,6 +20,7 @@ from forwarder.directory import DirectoryError, ImportRow
 from forwarder.directory.cluster import Replicator
 from forwarder.directory.pgadmin import PgDirectory
 from forwarder.directory.pgschema import SCHEMA_VERSION, open_directory_db, schema_version
+from forwarder.directory.pgstores import PgKeyStore
 from forwarder.directory.upkeep import Upkeep
 from forwarder.policy import AccountState
 from tests.conftest import DOMAIN, make_settings
@@ -235,3 +236,22 @@ async def test_the_copy_replays_changes_and_starts_over_past_a_pruned_log(
         await conn.close()
         await replicator.close()
         directory.close()
+
+
+async def test_srs_keys_come_back_after_the_connection_is_cut(pg_url: str) -> None:
+    """A cut connection fails the call that finds it, as an OSError (the caller defers,
+    never a 5xx), and the next call opens a new one (srsstore.ThreadKeyStore's thread)."""
+    store = PgKeyStore(pg_url, PASSWORD)
+    sender = "a" * 50 + "@" + "c" * 40 + ".example"
+    try:
+        key = await store.put(sender, 1.0)
+        with psycopg.connect(pg_url, password=PASSWORD, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        with pytest.raises(OSError):
+            await store.get(key)
+        assert await store.get(key) == sender
+        assert await store.purge(2.0) == 1
+        assert await store.get(key) is None
+    finally:
+        await store.close()

@@ -10,10 +10,8 @@ another node in the last few milliseconds).
 
 from __future__ import annotations
 
-import asyncio
 import secrets as _secrets
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -22,6 +20,7 @@ from forwarder.directory.pgconn import PgConnection
 from forwarder.directory.pgschema import open_directory_db
 from forwarder.directory.replica import read_secrets, read_srs_key
 from forwarder.srs import new_key
+from forwarder.srsstore import ThreadKeyStore
 
 T = TypeVar("T")
 
@@ -126,57 +125,37 @@ class PgKeys:
         return self.conn.execute("DELETE FROM srs_keys WHERE stored_at < ?",
                                  (before,)).rowcount
 
+    def close(self) -> None:
+        self.conn.close()
 
-class PgKeyStore:
-    """srsstore.KeyStore on PostgreSQL, from a thread of its own; a broken connection is
-    opened again on the next call. Errors are OSErrors (pgconn.DirectoryUnavailable):
-    the caller defers, never a 5xx."""
+
+class PgKeyStore(ThreadKeyStore[PgKeys]):
+    """srsstore.KeyStore on PostgreSQL, from a thread of its own (`ThreadKeyStore`); a
+    broken connection is opened again on the next call. Errors are OSErrors
+    (pgconn.DirectoryUnavailable): the caller defers, never a 5xx."""
 
     def __init__(self, url: str, password: str, replica: Path | None = None) -> None:
+        super().__init__()
         self.url = url
         self.password = password
         # The node's copy: a key already copied there is read without the network.
         self.replica = replica
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="srs-keys")
-        self._keys: PgKeys | None = None
+
+    def _open(self) -> PgKeys:
+        return PgKeys(open_directory_db(self.url, self.password))
 
     def _call(self, fn: Callable[[PgKeys], T]) -> T:
-        if self._keys is None:
-            self._keys = PgKeys(open_directory_db(self.url, self.password))
-        keys = self._keys
         try:
-            return fn(keys)
+            return super()._call(fn)
         except Exception:
-            if keys.conn.broken:
-                keys.conn.close()
-                self._keys = None
+            if self._keys is not None and self._keys.conn.broken:
+                self._forget()
             raise
 
-    async def _run(self, fn: Callable[[PgKeys], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: self._call(fn))
-
-    async def put(self, sender: str, now: float) -> str:
-        return await self._run(lambda keys: keys.put(sender, now))
-
     async def get(self, key: str) -> str | None:
-        loop = asyncio.get_running_loop()
         if self.replica is not None:
-            found = await loop.run_in_executor(self._executor, read_srs_key, self.replica, key)
+            found = await self._in_thread(read_srs_key, self.replica, key)
             if found is not None:
                 return found
         # Made moments ago on another node and not copied yet (or no copy): ask PostgreSQL.
-        return await self._run(lambda keys: keys.get(key))
-
-    async def purge(self, before: float) -> int:
-        return await self._run(lambda keys: keys.purge(before))
-
-    async def close(self) -> None:
-        def _close() -> None:
-            if self._keys is not None:
-                self._keys.conn.close()
-                self._keys = None
-
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, _close)
-        self._executor.shutdown(wait=True)
+        return await super().get(key)
