@@ -35,11 +35,15 @@ from forwarder.directory.pgconn import DirectoryUnavailable, connect_kwargs
 from forwarder.directory.pgschema import NOTIFY_CHANNEL, open_directory_db
 from forwarder.directory.pgstores import PgKeyStore, PgSecrets, ReplicaSecrets
 from forwarder.directory.replica import (
+    FULL_COPY,
+    Batch,
     ReplicaFile,
     ReplicaState,
+    chunks,
     fetch,
     read_secrets,
     replica_path,
+    snapshot,
 )
 from forwarder.directory.upkeep import Upkeep
 from forwarder.policy import Account
@@ -50,6 +54,10 @@ LOG = log.get("forwarder.directory")
 T = TypeVar("T")
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 30.0
+
+
+def _insert(table: str, rows: list[tuple[Any, ...]]) -> Callable[[ReplicaFile], None]:
+    return lambda f: f.insert(table, rows)
 
 
 class Replicator:
@@ -90,15 +98,20 @@ class Replicator:
     async def sync(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Replay what the copy lacks; return how many rows changed (0: it was current)."""
         have = await self._in_thread(lambda f: f.state())
-        batch = await fetch(conn, have)
         now = self.clock.now()
-        if batch.empty:
-            await self._in_thread(lambda f: f.mark_synced(now))
-        else:
-            await self._in_thread(lambda f: f.apply(batch, now))
-            LOG.info("directory_synced", version=batch.version, full=batch.full,
-                     accounts=len(batch.accounts) + len(batch.gone_accounts),
-                     targets=len(batch.changed_targets) or len(batch.targets))
+        async with snapshot(conn):
+            batch = await fetch(conn, have)
+            if batch.full:
+                changed = await self._copy_all(conn, batch, now)
+            elif batch.empty:
+                changed = 0
+                await self._in_thread(lambda f: f.mark_synced(now))
+            else:
+                changed = len(batch.accounts) + len(batch.targets) + 1
+                await self._in_thread(lambda f: f.apply(batch, now))
+                LOG.info("directory_synced", version=batch.version, full=False,
+                         accounts=len(batch.accounts) + len(batch.gone_accounts),
+                         targets=len(batch.changed_targets))
         if batch.secrets is not None and self.on_secrets is not None:
             self.on_secrets()
         was_stale = self.synced_at is not None and self.stale()
@@ -106,7 +119,27 @@ class Replicator:
         self.syncs += 1
         if was_stale:
             LOG.warning("directory_fresh_again", version=batch.version)
-        return 0 if batch.empty else len(batch.accounts) + len(batch.targets) + 1
+        return changed
+
+    async def _copy_all(self, conn: psycopg.AsyncConnection[Any], batch: Batch,
+                        now: float) -> int:
+        """The whole directory into the copy, streamed (forwarder/directory/replica.py),
+        in one SQLite transaction: all of it or, cut short, none of it."""
+        counts = dict.fromkeys(FULL_COPY, 0)
+        await self._in_thread(lambda f: f.begin_full())
+        try:
+            for table in FULL_COPY:
+                async for rows in chunks(conn, table):
+                    await self._in_thread(_insert(table, rows))
+                    counts[table] += len(rows)
+            await self._in_thread(lambda f: f.finish_full(batch, now))
+        except BaseException:
+            # The same thread, after whatever it was running: the old copy stays whole.
+            await asyncio.shield(self._in_thread(lambda f: f.abort()))
+            raise
+        LOG.info("directory_synced", version=batch.version, full=True,
+                 accounts=counts["accounts"], targets=counts["targets"])
+        return sum(counts.values()) + 1
 
     def staleness(self) -> float:
         if self.synced_at is None:
