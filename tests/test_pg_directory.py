@@ -362,3 +362,51 @@ async def test_a_copy_far_behind_is_made_again_rather_than_replayed(
         await conn.close()
         await replicator.close()
         directory.close()
+
+
+async def test_the_change_log_is_pruned_hourly_past_its_retention(
+    tmp_path: Path, pg_url: str, clock: FakeClock
+) -> None:
+    """The main process removes the change log's entries older than
+    `directory_log_retention`, once an hour, and moves `pruned_through` past them (a node
+    behind that takes a full copy, above); the node that pruned stays current."""
+    settings = make_settings(tmp_path / "node", directory_url=pg_url,
+                             directory_password=PASSWORD,
+                             directory_log_retention=30 * 86400.0)
+    directory = PgDirectory(pg_url, PASSWORD, actor="test")
+    replicator = Replicator(settings, clock)
+    conn = await replicator.connect()
+
+    def log() -> tuple[list[int], int]:
+        versions = [row[0] for row in directory.pg.execute(
+            "SELECT version FROM changes ORDER BY version").fetchall()]
+        pruned = directory.pg.execute(
+            "SELECT value FROM meta WHERE name = 'pruned_through'").fetchone()[0]
+        return versions, int(pruned)
+
+    def age(through: int, days: int) -> None:
+        directory.pg.execute("UPDATE changes SET at = now() - make_interval(days => ?)"
+                             " WHERE version <= ?", (days, through))
+
+    try:
+        directory.add(f"anne.martin@{DOMAIN}", ["anne@gmail.example"])
+        old = log()[0]
+        directory.add(f"bob.durand@{DOMAIN}", ["bob@gmail.example"])
+        await replicator.sync(conn)
+        age(max(old), 40)
+        await replicator.prune_due(conn)
+        versions, pruned = log()
+        assert pruned == max(old) and versions and min(versions) > max(old)
+        age(max(versions), 31)  # old enough now, but an hour has not passed
+        await replicator.prune_due(conn)
+        assert log()[0] == versions
+        clock.advance(3600)
+        await replicator.prune_due(conn)
+        assert log() == ([], max(versions))
+        assert await replicator.sync(conn) == 0  # this node was current: nothing to do
+        assert set(copy_of(settings.state_dir)) == {f"anne.martin@{DOMAIN}",
+                                                     f"bob.durand@{DOMAIN}"}
+    finally:
+        await conn.close()
+        await replicator.close()
+        directory.close()

@@ -41,6 +41,7 @@ from forwarder.directory.replica import (
     ReplicaState,
     chunks,
     fetch,
+    prune_log,
     read_secrets,
     replica_path,
     snapshot,
@@ -54,6 +55,8 @@ LOG = log.get("forwarder.directory")
 T = TypeVar("T")
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 30.0
+# How often the main process prunes PostgreSQL's change log (replica.prune_log).
+PRUNE_INTERVAL = 3600.0
 
 
 def _insert(table: str, rows: list[tuple[Any, ...]]) -> Callable[[ReplicaFile], None]:
@@ -73,6 +76,7 @@ class Replicator:
         self.version = 0
         self.connected = False
         self.syncs = 0  # successful syncs so far
+        self.pruned_at: float | None = None
         # Called when the secrets changed (a rotation on any node): reload them.
         self.on_secrets: Callable[[], None] | None = None
 
@@ -181,9 +185,26 @@ class Replicator:
             else:
                 delay = BACKOFF_FIRST
 
+    async def prune_due(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Once every PRUNE_INTERVAL: PostgreSQL's change log past its retention goes
+        (`directory_log_retention`; docs/cluster.md). A failure waits for the next time."""
+        now = self.clock.now()
+        if self.pruned_at is not None and now - self.pruned_at < PRUNE_INTERVAL:
+            return
+        self.pruned_at = now
+        try:
+            rows = await prune_log(conn, self.settings.directory_log_retention)
+        except psycopg.Error as exc:
+            LOG.error("directory_log_prune_failed", error=type(exc).__name__)
+            return
+        if rows:
+            LOG.info("directory_log_pruned", rows=rows,
+                     retention=self.settings.directory_log_retention)
+
     async def _follow(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:
             await self.sync(conn)
+            await self.prune_due(conn)
             # A NOTIFY that came during the sync is kept by psycopg and ends this wait at
             # once; several changes in a burst are replayed together.
             async for _ in conn.notifies(timeout=self.settings.directory_sweep,

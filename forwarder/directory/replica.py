@@ -166,6 +166,19 @@ async def _read(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch
     return batch
 
 
+async def prune_log(conn: psycopg.AsyncConnection[Any], keep: float) -> int:
+    """Remove the change log's entries older than `keep` seconds, and move
+    `pruned_through` past them: a copy older than that is then made again in full. Every
+    node may do it, at any time: the deletion and the monotonic move are one statement."""
+    cur = await conn.execute(
+        "WITH gone AS (DELETE FROM changes WHERE at < now() - make_interval(secs => %s)"
+        " RETURNING version) UPDATE meta SET value = greatest(value::bigint,"
+        " (SELECT coalesce(max(version), 0) FROM gone))::text WHERE name = 'pruned_through'"
+        " RETURNING (SELECT count(*) FROM gone)", (keep,))
+    row = await cur.fetchone()
+    return 0 if row is None else int(row[0])
+
+
 async def _secrets(conn: psycopg.AsyncConnection[Any]) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {"srs": [], "token": []}
     for kind, secret in await _rows(conn, "SELECT kind, secret FROM secrets"
