@@ -230,6 +230,7 @@ class Settings:
     directory_password: str = ""
     directory_max_staleness: float = 900.0
     directory_sweep: float = 30.0
+    directory_log_retention: float = 30 * 86400.0  # the change log's, pruned hourly
     # Gateways allowed Postfix's XFORWARD (admin.md section 3); empty: nobody (audit trails).
     xforward_hosts: tuple[str, ...] = ()
 
@@ -267,9 +268,8 @@ class Settings:
 _HOSTPORT_KEYS = {"listen": 2525, "smarthost": 25, "mailbox_host": 25, "metrics_listen": 9325}
 _TOP_KEYS = {f.name for f in dataclasses.fields(Settings)} - {"config_file"}
 _SECTIONS: dict[str, type[Any]] = {"limits": Limits, "delivery": DeliverySettings,
-                                   "targets": TargetSettings,
-                                   "checks": CheckSettings, "rspamd": RspamdSettings,
-                                   "rate_limits": RateLimits,
+                                   "targets": TargetSettings, "checks": CheckSettings,
+                                   "rspamd": RspamdSettings, "rate_limits": RateLimits,
                                    "history": HistorySettings}
 DMARC_REJECT_MODES = ("reject", "mark", "off")
 _TOKEN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")

@@ -323,13 +323,16 @@ class WireBody:
         self.size = body_size(body)
         self.head = body if isinstance(body, bytes) else body.head
         self._file: BinaryIO | None = None
+        self._file_size, self._file_tail = 0, b""  # read with the open, off the loop
         self._tail = b"\r\n"  # the last octets sent (nothing sent: as after a line end)
 
     async def open(self) -> None:
         if isinstance(self.body, SpooledBody):
-            self._file = await asyncio.to_thread(_open_spooled, self.body.path)
+            opened, self._file_size, self._file_tail = await asyncio.to_thread(
+                _open_spooled, self.body.path)
+            self._file = opened
             if not self.head:
-                raw = await asyncio.to_thread(self._file.read, HEAD_OCTETS)
+                raw = await asyncio.to_thread(opened.read, HEAD_OCTETS)
                 self.head = self.body.prefix + unstuff(raw[:raw.rfind(b"\r\n") + 2])
 
     def close(self) -> None:
@@ -370,12 +373,10 @@ class WireBody:
                 await protocol._drain_helper()
             return
         assert self._file is not None and isinstance(self.body, SpooledBody)
-        file_fd = self._file.fileno()
-        size = os.fstat(file_fd).st_size
         prefix = b"".join(stuffed_pieces(self.body.prefix))
-        await filesend.send(fd, prefix, file_fd, size)
+        await filesend.send(fd, prefix, self._file.fileno(), self._file_size)
         self._sent(prefix)
-        self._sent(os.pread(file_fd, 2, max(size - 2, 0)))
+        self._sent(self._file_tail)
 
     def _sent(self, piece: bytes) -> bytes:
         self._tail = (self._tail + piece)[-2:]
@@ -387,14 +388,22 @@ class WireBody:
         return b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n"
 
 
-def _open_spooled(path: Path) -> BinaryIO:
-    """A spool file open for sending (in a worker thread). The kernel is asked to read it
-    ahead, so that sendfile(2) on the event loop finds its pages in memory even after a
-    restart (POSIX_FADV_WILLNEED starts the reads and returns)."""
+def _open_spooled(path: Path) -> tuple[BinaryIO, int, bytes]:
+    """A spool file open for sending (in a worker thread), its size and its last two
+    octets (the end of data depends on them): read here, so that no file call but
+    sendfile(2) runs on the event loop. The kernel is asked to read the file ahead, so
+    that sendfile(2) finds its pages in memory even after a restart (POSIX_FADV_WILLNEED
+    starts the reads and returns). A spool file never changes once queued."""
     fh = open(path, "rb")  # noqa: SIM115 (closed by WireBody.close)
+    try:
+        size = os.fstat(fh.fileno()).st_size
+        tail = os.pread(fh.fileno(), 2, max(size - 2, 0))
+    except OSError:
+        fh.close()
+        raise
     with contextlib.suppress(OSError):
         os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
-    return fh
+    return fh, size, tail
 
 
 async def send_data(client: aiosmtplib.SMTP, wire: WireBody,

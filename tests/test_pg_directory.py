@@ -9,18 +9,22 @@ import json
 import re
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from forwarder.cli import main
 from forwarder.clock import FakeClock
-from forwarder.directory import DirectoryError, ImportRow
+from forwarder.directory import DirectoryError, ImportRow, replica
 from forwarder.directory.cluster import Replicator
 from forwarder.directory.pgadmin import PgDirectory
+from forwarder.directory.pgconn import connect_kwargs
 from forwarder.directory.pgschema import SCHEMA_VERSION, open_directory_db, schema_version
 from forwarder.directory.pgstores import PgKeyStore
+from forwarder.directory.replica import ReplicaFile
 from forwarder.directory.upkeep import Upkeep
 from forwarder.policy import AccountState
 from tests.conftest import DOMAIN, make_settings
@@ -199,6 +203,14 @@ def copy_of(state: Path) -> dict[str, list[str]]:
         conn.close()
 
 
+def prune_log(directory: PgDirectory) -> None:
+    """The whole change log pruned, as docs/cluster.md shows it."""
+    directory.pg.execute(
+        "WITH gone AS (DELETE FROM changes RETURNING version) UPDATE meta SET value ="
+        " greatest(value::bigint, (SELECT coalesce(max(version), 0) FROM gone))::text"
+        " WHERE name = 'pruned_through'")
+
+
 async def test_the_copy_replays_changes_and_starts_over_past_a_pruned_log(
     tmp_path: Path, pg_url: str, clock: FakeClock
 ) -> None:
@@ -225,10 +237,7 @@ async def test_the_copy_replays_changes_and_starts_over_past_a_pruned_log(
         assert await replicator.sync(conn) == 0
         # The log pruned past this node's version: the copy is made again from scratch.
         directory.purge(anne)
-        directory.pg.execute(
-            "WITH gone AS (DELETE FROM changes RETURNING version) UPDATE meta SET value ="
-            " greatest(value::bigint, (SELECT coalesce(max(version), 0) FROM gone))::text"
-            " WHERE name = 'pruned_through'")
+        prune_log(directory)
         await replicator.sync(conn)
         assert copy_of(settings.state_dir) == {bob: ["active"]}
         assert await replicator.sync(conn) == 0  # current: nothing to do
@@ -255,3 +264,149 @@ async def test_srs_keys_come_back_after_the_connection_is_cut(pg_url: str) -> No
         assert await store.get(key) is None
     finally:
         await store.close()
+
+
+class Inserts:
+    """ReplicaFile.insert, counted: which table's chunk, how many rows; `then` runs after
+    a chunk is written (in the replicator's thread)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.seen: list[tuple[str, int]] = []
+        self.then: Callable[[], None] = lambda: None
+        real = ReplicaFile.insert
+
+        def insert(file: ReplicaFile, table: str, rows: list[tuple[Any, ...]]) -> None:
+            real(file, table, rows)
+            self.seen.append((table, len(rows)))
+            self.then()
+
+        monkeypatch.setattr(ReplicaFile, "insert", insert)
+
+
+async def test_a_full_copy_is_streamed_and_all_or_nothing(
+    tmp_path: Path, pg_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full copy moves COPY_CHUNK rows at a time from a cursor on the server into one
+    SQLite transaction: a node never holds the whole directory in memory, and a copy cut
+    short (its PostgreSQL connection killed half way) leaves the old copy whole, which the
+    next sync, on a new connection, replaces."""
+    monkeypatch.setattr(replica, "COPY_CHUNK", 3)
+    inserts = Inserts(monkeypatch)
+    settings = make_settings(tmp_path / "node", directory_url=pg_url,
+                             directory_password=PASSWORD)
+    people = {f"p{i}.nom@{DOMAIN}": ["active", f"p{i}@gmail.example"] for i in range(8)}
+    directory = PgDirectory(pg_url, PASSWORD, actor="test")
+    for address, (_, target) in people.items():
+        directory.add(address, [target])
+    replicator = Replicator(settings, clock)
+    conn = await replicator.connect()
+    try:
+        await replicator.sync(conn)  # no copy yet: a full one
+        assert copy_of(settings.state_dir) == people
+        assert inserts.seen == [("accounts", 3), ("accounts", 3), ("accounts", 2),
+                                ("targets", 3), ("targets", 3), ("targets", 2)]
+        version = replicator.version
+
+        directory.add(f"new.one@{DOMAIN}", ["new@gmail.example"])
+        prune_log(directory)  # this node is now behind the log: a full copy again
+
+        def cut() -> None:
+            with psycopg.connect(**connect_kwargs(pg_url, PASSWORD)) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+
+        inserts.then = cut
+        with pytest.raises(psycopg.OperationalError):
+            await replicator.sync(conn)
+        assert inserts.seen[6:] == [("accounts", 3)]  # cut after its first chunk
+        assert copy_of(settings.state_dir) == people  # the old copy, whole
+        assert (await replicator.load()).version == version
+    finally:
+        await conn.close()
+    inserts.then = lambda: None
+    conn = await replicator.connect()
+    try:
+        await replicator.sync(conn)
+        assert copy_of(settings.state_dir) == {
+            **people, f"new.one@{DOMAIN}": ["active", "new@gmail.example"]}
+    finally:
+        await conn.close()
+        await replicator.close()
+        directory.close()
+
+
+async def test_a_copy_far_behind_is_made_again_rather_than_replayed(
+    tmp_path: Path, pg_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay reads every changed row in one piece: past REPLAY_MAX versions behind, the
+    copy is streamed in full instead."""
+    monkeypatch.setattr(replica, "REPLAY_MAX", 3)
+    inserts = Inserts(monkeypatch)
+    settings = make_settings(tmp_path / "node", directory_url=pg_url,
+                             directory_password=PASSWORD)
+    directory = PgDirectory(pg_url, PASSWORD, actor="test")
+    replicator = Replicator(settings, clock)
+    conn = await replicator.connect()
+    try:
+        directory.add(f"anne.martin@{DOMAIN}")
+        await replicator.sync(conn)
+        inserts.seen.clear()
+        directory.add(f"bob.durand@{DOMAIN}")  # one version: replayed
+        await replicator.sync(conn)
+        assert inserts.seen == []
+        for name in ("carl", "dina", "emil", "fred"):  # four more: past the bound
+            directory.add(f"{name}.nom@{DOMAIN}")
+        await replicator.sync(conn)
+        assert inserts.seen == [("accounts", 6)]
+        assert len(copy_of(settings.state_dir)) == 6
+    finally:
+        await conn.close()
+        await replicator.close()
+        directory.close()
+
+
+async def test_the_change_log_is_pruned_hourly_past_its_retention(
+    tmp_path: Path, pg_url: str, clock: FakeClock
+) -> None:
+    """The main process removes the change log's entries older than
+    `directory_log_retention`, once an hour, and moves `pruned_through` past them (a node
+    behind that takes a full copy, above); the node that pruned stays current."""
+    settings = make_settings(tmp_path / "node", directory_url=pg_url,
+                             directory_password=PASSWORD,
+                             directory_log_retention=30 * 86400.0)
+    directory = PgDirectory(pg_url, PASSWORD, actor="test")
+    replicator = Replicator(settings, clock)
+    conn = await replicator.connect()
+
+    def log() -> tuple[list[int], int]:
+        versions = [row[0] for row in directory.pg.execute(
+            "SELECT version FROM changes ORDER BY version").fetchall()]
+        pruned = directory.pg.execute(
+            "SELECT value FROM meta WHERE name = 'pruned_through'").fetchone()[0]
+        return versions, int(pruned)
+
+    def age(through: int, days: int) -> None:
+        directory.pg.execute("UPDATE changes SET at = now() - make_interval(days => ?)"
+                             " WHERE version <= ?", (days, through))
+
+    try:
+        directory.add(f"anne.martin@{DOMAIN}", ["anne@gmail.example"])
+        old = log()[0]
+        directory.add(f"bob.durand@{DOMAIN}", ["bob@gmail.example"])
+        await replicator.sync(conn)
+        age(max(old), 40)
+        await replicator.prune_due(conn)
+        versions, pruned = log()
+        assert pruned == max(old) and versions and min(versions) > max(old)
+        age(max(versions), 31)  # old enough now, but an hour has not passed
+        await replicator.prune_due(conn)
+        assert log()[0] == versions
+        clock.advance(3600)
+        await replicator.prune_due(conn)
+        assert log() == ([], max(versions))
+        assert await replicator.sync(conn) == 0  # this node was current: nothing to do
+        assert set(copy_of(settings.state_dir)) == {f"anne.martin@{DOMAIN}",
+                                                     f"bob.durand@{DOMAIN}"}
+    finally:
+        await conn.close()
+        await replicator.close()
+        directory.close()

@@ -35,11 +35,16 @@ from forwarder.directory.pgconn import DirectoryUnavailable, connect_kwargs
 from forwarder.directory.pgschema import NOTIFY_CHANNEL, open_directory_db
 from forwarder.directory.pgstores import PgKeyStore, PgSecrets, ReplicaSecrets
 from forwarder.directory.replica import (
+    FULL_COPY,
+    Batch,
     ReplicaFile,
     ReplicaState,
+    chunks,
     fetch,
+    prune_log,
     read_secrets,
     replica_path,
+    snapshot,
 )
 from forwarder.directory.upkeep import Upkeep
 from forwarder.policy import Account
@@ -50,6 +55,12 @@ LOG = log.get("forwarder.directory")
 T = TypeVar("T")
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 30.0
+# How often the main process prunes PostgreSQL's change log (replica.prune_log).
+PRUNE_INTERVAL = 3600.0
+
+
+def _insert(table: str, rows: list[tuple[Any, ...]]) -> Callable[[ReplicaFile], None]:
+    return lambda f: f.insert(table, rows)
 
 
 class Replicator:
@@ -65,6 +76,7 @@ class Replicator:
         self.version = 0
         self.connected = False
         self.syncs = 0  # successful syncs so far
+        self.pruned_at: float | None = None
         # Called when the secrets changed (a rotation on any node): reload them.
         self.on_secrets: Callable[[], None] | None = None
 
@@ -90,15 +102,20 @@ class Replicator:
     async def sync(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Replay what the copy lacks; return how many rows changed (0: it was current)."""
         have = await self._in_thread(lambda f: f.state())
-        batch = await fetch(conn, have)
         now = self.clock.now()
-        if batch.empty:
-            await self._in_thread(lambda f: f.mark_synced(now))
-        else:
-            await self._in_thread(lambda f: f.apply(batch, now))
-            LOG.info("directory_synced", version=batch.version, full=batch.full,
-                     accounts=len(batch.accounts) + len(batch.gone_accounts),
-                     targets=len(batch.changed_targets) or len(batch.targets))
+        async with snapshot(conn):
+            batch = await fetch(conn, have)
+            if batch.full:
+                changed = await self._copy_all(conn, batch, now)
+            elif batch.empty:
+                changed = 0
+                await self._in_thread(lambda f: f.mark_synced(now))
+            else:
+                changed = len(batch.accounts) + len(batch.targets) + 1
+                await self._in_thread(lambda f: f.apply(batch, now))
+                LOG.info("directory_synced", version=batch.version, full=False,
+                         accounts=len(batch.accounts) + len(batch.gone_accounts),
+                         targets=len(batch.changed_targets))
         if batch.secrets is not None and self.on_secrets is not None:
             self.on_secrets()
         was_stale = self.synced_at is not None and self.stale()
@@ -106,7 +123,27 @@ class Replicator:
         self.syncs += 1
         if was_stale:
             LOG.warning("directory_fresh_again", version=batch.version)
-        return 0 if batch.empty else len(batch.accounts) + len(batch.targets) + 1
+        return changed
+
+    async def _copy_all(self, conn: psycopg.AsyncConnection[Any], batch: Batch,
+                        now: float) -> int:
+        """The whole directory into the copy, streamed (forwarder/directory/replica.py),
+        in one SQLite transaction: all of it or, cut short, none of it."""
+        counts = dict.fromkeys(FULL_COPY, 0)
+        await self._in_thread(lambda f: f.begin_full())
+        try:
+            for table in FULL_COPY:
+                async for rows in chunks(conn, table):
+                    await self._in_thread(_insert(table, rows))
+                    counts[table] += len(rows)
+            await self._in_thread(lambda f: f.finish_full(batch, now))
+        except BaseException:
+            # The same thread, after whatever it was running: the old copy stays whole.
+            await asyncio.shield(self._in_thread(lambda f: f.abort()))
+            raise
+        LOG.info("directory_synced", version=batch.version, full=True,
+                 accounts=counts["accounts"], targets=counts["targets"])
+        return sum(counts.values()) + 1
 
     def staleness(self) -> float:
         if self.synced_at is None:
@@ -148,9 +185,26 @@ class Replicator:
             else:
                 delay = BACKOFF_FIRST
 
+    async def prune_due(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Once every PRUNE_INTERVAL: PostgreSQL's change log past its retention goes
+        (`directory_log_retention`; docs/cluster.md). A failure waits for the next time."""
+        now = self.clock.now()
+        if self.pruned_at is not None and now - self.pruned_at < PRUNE_INTERVAL:
+            return
+        self.pruned_at = now
+        try:
+            rows = await prune_log(conn, self.settings.directory_log_retention)
+        except psycopg.Error as exc:
+            LOG.error("directory_log_prune_failed", error=type(exc).__name__)
+            return
+        if rows:
+            LOG.info("directory_log_pruned", rows=rows,
+                     retention=self.settings.directory_log_retention)
+
     async def _follow(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:
             await self.sync(conn)
+            await self.prune_due(conn)
             # A NOTIFY that came during the sync is kept by psycopg and ends this wait at
             # once; several changes in a burst are replayed together.
             async for _ in conn.notifies(timeout=self.settings.directory_sweep,

@@ -7,13 +7,19 @@ embedded directory is. The copy is kept current from PostgreSQL's change log
 changed since the copy's version (the current rows of the accounts, targets and secrets
 named by the log), and `ReplicaFile.apply` writes it in one SQLite transaction together
 with the new version. A copy from another directory (its id differs), one older than the
-pruned part of the log, or one ahead of it (a directory restored from a backup) is
-replaced by a full copy, in the same way.
+pruned part of the log, one ahead of it (a directory restored from a backup) or one more
+than REPLAY_MAX versions behind is replaced by a full copy, read in the same snapshot.
+A full copy is streamed: a server-side cursor hands COPY_CHUNK rows at a time to the
+copy's open transaction (`ReplicaFile.begin_full`, `insert`, `finish_full`), so that a node
+holds a chunk in memory, not the directory (a million graduates would be gigabytes of
+rows), and readers see the old copy, whole, until the new one commits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,28 @@ _REPLICA_TABLES = (
 )
 
 
+# Rows a full copy moves at a time from PostgreSQL into the copy's transaction: what it
+# holds in memory, whatever the directory's size.
+COPY_CHUNK = 2_000
+# A copy further behind than this many versions is made again in full (streamed) rather
+# than replayed: a replay reads every changed row in one piece.
+REPLAY_MAX = 20_000
+# What a full copy streams, in this order (a target's account before the target).
+FULL_COPY = {
+    "accounts": "SELECT address, state, created_at, updated_at FROM accounts",
+    "targets": f"SELECT {TARGET_FIELDS} FROM targets",
+    "srs_keys": "SELECT key, sender FROM srs_keys",
+}
+_INSERT = {
+    "accounts": "INSERT INTO accounts (address, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (address) DO UPDATE SET"
+                " state = excluded.state, created_at = excluded.created_at,"
+                " updated_at = excluded.updated_at",
+    "targets": f"INSERT INTO targets ({TARGET_FIELDS}) VALUES ({', '.join('?' * 15)})",
+    "srs_keys": "INSERT INTO replica_srs_keys VALUES (?, ?)",
+}
+
+
 def replica_path(state_dir: Path) -> Path:
     return state_dir / REPLICA_FILE
 
@@ -50,7 +78,8 @@ class ReplicaState:
 
 @dataclass
 class Batch:
-    """What changed since a version, as read in one snapshot of PostgreSQL."""
+    """What changed since a version, as read in one snapshot of PostgreSQL. A full copy's
+    rows are not in it: they are streamed (`chunks`) within the same snapshot."""
 
     directory_id: str
     version: int
@@ -69,14 +98,30 @@ class Batch:
                     or self.secrets is not None or self.changed_srs_keys)
 
 
-async def fetch(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch:
-    """What the copy at `have` lacks, read in one snapshot (the connection autocommits)."""
+@contextlib.asynccontextmanager
+async def snapshot(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """One consistent view of the directory for what is read within (the connection
+    autocommits otherwise)."""
     await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
     try:
-        batch = await _read(conn, have)
+        yield
     finally:
         await conn.execute("ROLLBACK")
-    return batch
+
+
+async def fetch(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch:
+    """What the copy at `have` lacks (within a `snapshot`)."""
+    return await _read(conn, have)
+
+
+async def chunks(conn: psycopg.AsyncConnection[Any],
+                 table: str) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """Every row of one of FULL_COPY's tables, COPY_CHUNK at a time, through a cursor on
+    the server (within a `snapshot`: the cursor lives in its transaction)."""
+    async with conn.cursor(name=f"full_copy_{table}") as cur:
+        await cur.execute(FULL_COPY[table])
+        while rows := await cur.fetchmany(COPY_CHUNK):
+            yield rows
 
 
 async def _rows(conn: psycopg.AsyncConnection[Any], sql: str,
@@ -92,13 +137,10 @@ async def _read(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch
     top = max(pruned, int((await _rows(conn, "SELECT coalesce(max(version), 0)"
                                              " FROM changes"))[0][0]))
     batch = Batch(directory_id, top)
-    if directory_id != have.directory_id or have.version < pruned or have.version > top:
+    if (directory_id != have.directory_id or have.version < pruned or have.version > top
+            or top - have.version > REPLAY_MAX):
         batch.full = True
-        batch.accounts = await _rows(
-            conn, "SELECT address, state, created_at, updated_at FROM accounts")
-        batch.targets = await _rows(conn, f"SELECT {TARGET_FIELDS} FROM targets")
         batch.secrets = await _secrets(conn)
-        batch.srs_keys = await _rows(conn, "SELECT key, sender FROM srs_keys")
         return batch
     if top == have.version:
         return batch
@@ -122,6 +164,19 @@ async def _read(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch
         batch.srs_keys = await _rows(conn, "SELECT key, sender FROM srs_keys"
                                            " WHERE key = ANY(%s)", (batch.changed_srs_keys,))
     return batch
+
+
+async def prune_log(conn: psycopg.AsyncConnection[Any], keep: float) -> int:
+    """Remove the change log's entries older than `keep` seconds, and move
+    `pruned_through` past them: a copy older than that is then made again in full. Every
+    node may do it, at any time: the deletion and the monotonic move are one statement."""
+    cur = await conn.execute(
+        "WITH gone AS (DELETE FROM changes WHERE at < now() - make_interval(secs => %s)"
+        " RETURNING version) UPDATE meta SET value = greatest(value::bigint,"
+        " (SELECT coalesce(max(version), 0) FROM gone))::text WHERE name = 'pruned_through'"
+        " RETURNING (SELECT count(*) FROM gone)", (keep,))
+    row = await cur.fetchone()
+    return 0 if row is None else int(row[0])
 
 
 async def _secrets(conn: psycopg.AsyncConnection[Any]) -> dict[str, list[str]]:
@@ -152,38 +207,50 @@ class ReplicaFile:
                           (repr(synced_at),))
 
     def apply(self, batch: Batch, synced_at: float) -> None:
-        """Write the batch and its version in one transaction."""
+        """Write a replayed batch and its version in one transaction."""
         with Transaction(self.conn):
-            if batch.full:
-                self.conn.execute("DELETE FROM targets")
-                self.conn.execute("DELETE FROM accounts")
-            self.conn.executemany(
-                "INSERT INTO accounts (address, state, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (address) DO UPDATE SET"
-                " state = excluded.state, created_at = excluded.created_at,"
-                " updated_at = excluded.updated_at", batch.accounts)
+            self.conn.executemany(_INSERT["accounts"], batch.accounts)
             # Every changed target out first, then the current ones in: a target that
             # moved to another id never meets its old row in the (address, target) index.
             self.conn.executemany("DELETE FROM targets WHERE id = ?",
                                   [(i,) for i in batch.changed_targets])
-            self.conn.executemany(
-                f"INSERT INTO targets ({TARGET_FIELDS}) VALUES ({', '.join('?' * 15)})",
-                batch.targets)
+            self.conn.executemany(_INSERT["targets"], batch.targets)
             self.conn.executemany("DELETE FROM accounts WHERE address = ?",
                                   [(a,) for a in batch.gone_accounts])
-            if batch.full:
-                self.conn.execute("DELETE FROM replica_srs_keys")
             self.conn.executemany("DELETE FROM replica_srs_keys WHERE key = ?",
                                   [(k,) for k in batch.changed_srs_keys])
-            self.conn.executemany("INSERT INTO replica_srs_keys VALUES (?, ?)", batch.srs_keys)
-            if batch.secrets is not None:
-                self._write_secrets(batch.secrets)
-                self.conn.execute("INSERT OR REPLACE INTO replica_meta"
-                                  " VALUES ('secrets_version', ?)", (str(batch.version),))
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO replica_meta VALUES (?, ?)",
-                [("directory_id", batch.directory_id), ("version", str(batch.version)),
-                 ("synced_at", repr(synced_at))])
+            self.conn.executemany(_INSERT["srs_keys"], batch.srs_keys)
+            self._write_version(batch, synced_at)
+
+    def begin_full(self) -> None:
+        """A full copy starts: one transaction, in which the old rows go and the new ones
+        come a chunk at a time (`insert`). Readers see the old copy until `finish_full`;
+        SQLite spills what does not fit its page cache to the WAL, not to memory."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        for table in ("targets", "accounts", "replica_srs_keys"):
+            self.conn.execute(f"DELETE FROM {table}")
+
+    def insert(self, table: str, rows: list[tuple[Any, ...]]) -> None:
+        self.conn.executemany(_INSERT[table], rows)
+
+    def finish_full(self, batch: Batch, synced_at: float) -> None:
+        self._write_version(batch, synced_at)
+        self.conn.execute("COMMIT")
+
+    def abort(self) -> None:
+        """A full copy cut short (PostgreSQL went away): the old copy stays, whole."""
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def _write_version(self, batch: Batch, synced_at: float) -> None:
+        if batch.secrets is not None:
+            self._write_secrets(batch.secrets)
+            self.conn.execute("INSERT OR REPLACE INTO replica_meta"
+                              " VALUES ('secrets_version', ?)", (str(batch.version),))
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO replica_meta VALUES (?, ?)",
+            [("directory_id", batch.directory_id), ("version", str(batch.version)),
+             ("synced_at", repr(synced_at))])
 
     def _write_secrets(self, secrets: dict[str, list[str]]) -> None:
         self.conn.execute("DELETE FROM replica_secrets")
