@@ -5,6 +5,7 @@ while PostgreSQL is down fails with one line; `forwarder check` reports the node
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
@@ -272,7 +273,7 @@ class Inserts:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.seen: list[tuple[str, int]] = []
-        self.then: Callable[[], None] = lambda: None
+        self.then: Callable[[], object] = lambda: None
         real = ReplicaFile.insert
 
         def insert(file: ReplicaFile, table: str, rows: list[tuple[Any, ...]]) -> None:
@@ -406,6 +407,40 @@ async def test_the_change_log_is_pruned_hourly_past_its_retention(
         assert await replicator.sync(conn) == 0  # this node was current: nothing to do
         assert set(copy_of(settings.state_dir)) == {f"anne.martin@{DOMAIN}",
                                                      f"bob.durand@{DOMAIN}"}
+    finally:
+        await conn.close()
+        await replicator.close()
+        directory.close()
+
+
+async def test_a_full_copy_cancelled_half_way_leaves_the_old_copy_and_a_usable_connection(
+    tmp_path: Path, pg_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon stopping during a full copy: the copy's transaction is rolled back, its
+    cursor closed with the snapshot, and the same connection syncs again afterwards."""
+    monkeypatch.setattr(replica, "COPY_CHUNK", 2)
+    inserts = Inserts(monkeypatch)
+    settings = make_settings(tmp_path / "node", directory_url=pg_url,
+                             directory_password=PASSWORD)
+    directory = PgDirectory(pg_url, PASSWORD, actor="test")
+    for i in range(5):
+        directory.add(f"p{i}.nom@{DOMAIN}")
+    replicator = Replicator(settings, clock)
+    conn = await replicator.connect()
+    try:
+        await replicator.sync(conn)
+        before = copy_of(settings.state_dir)
+        directory.add(f"new.one@{DOMAIN}")
+        prune_log(directory)
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(replicator.sync(conn))
+        inserts.then = lambda: loop.call_soon_threadsafe(task.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert copy_of(settings.state_dir) == before
+        inserts.then = lambda: None
+        await replicator.sync(conn)  # the same connection: no cursor or snapshot left
+        assert len(copy_of(settings.state_dir)) == 6
     finally:
         await conn.close()
         await replicator.close()

@@ -133,9 +133,11 @@ class Replicator:
         await self._in_thread(lambda f: f.begin_full())
         try:
             for table in FULL_COPY:
-                async for rows in chunks(conn, table):
-                    await self._in_thread(_insert(table, rows))
-                    counts[table] += len(rows)
+                # Closed here, whatever happens: its cursor goes before the snapshot ends.
+                async with contextlib.aclosing(chunks(conn, table)) as table_rows:
+                    async for rows in table_rows:
+                        await self._in_thread(_insert(table, rows))
+                        counts[table] += len(rows)
             await self._in_thread(lambda f: f.finish_full(batch, now))
         except BaseException:
             # The same thread, after whatever it was running: the old copy stays whole.

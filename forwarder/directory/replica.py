@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,7 @@ async def fetch(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch
 
 
 async def chunks(conn: psycopg.AsyncConnection[Any],
-                 table: str) -> AsyncIterator[list[tuple[Any, ...]]]:
+                 table: str) -> AsyncGenerator[list[tuple[Any, ...]], None]:
     """Every row of one of FULL_COPY's tables, COPY_CHUNK at a time, through a cursor on
     the server (within a `snapshot`: the cursor lives in its transaction)."""
     async with conn.cursor(name=f"full_copy_{table}") as cur:
