@@ -10,7 +10,8 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -284,8 +285,33 @@ class Inserts:
         monkeypatch.setattr(ReplicaFile, "insert", insert)
 
 
+@dataclass
+class Node:
+    """A node's replicator on its own connection, and an admin's PgDirectory."""
+
+    state: Path
+    directory: PgDirectory
+    replicator: Replicator
+    conn: psycopg.AsyncConnection[Any]
+
+
+@pytest.fixture
+async def node(tmp_path: Path, pg_url: str, clock: FakeClock) -> AsyncIterator[Node]:
+    settings = make_settings(tmp_path / "node", directory_url=pg_url,
+                             directory_password=PASSWORD)
+    directory = PgDirectory(pg_url, PASSWORD, actor="test")
+    replicator = Replicator(settings, clock)
+    found = Node(settings.state_dir, directory, replicator, await replicator.connect())
+    try:
+        yield found
+    finally:
+        await found.conn.close()
+        await replicator.close()
+        directory.close()
+
+
 async def test_a_full_copy_is_streamed_and_all_or_nothing(
-    tmp_path: Path, pg_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    node: Node, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A full copy moves COPY_CHUNK rows at a time from a cursor on the server into one
     SQLite transaction: a node never holds the whole directory in memory, and a copy cut
@@ -293,155 +319,112 @@ async def test_a_full_copy_is_streamed_and_all_or_nothing(
     next sync, on a new connection, replaces."""
     monkeypatch.setattr(replica, "COPY_CHUNK", 3)
     inserts = Inserts(monkeypatch)
-    settings = make_settings(tmp_path / "node", directory_url=pg_url,
-                             directory_password=PASSWORD)
     people = {f"p{i}.nom@{DOMAIN}": ["active", f"p{i}@gmail.example"] for i in range(8)}
-    directory = PgDirectory(pg_url, PASSWORD, actor="test")
     for address, (_, target) in people.items():
-        directory.add(address, [target])
-    replicator = Replicator(settings, clock)
-    conn = await replicator.connect()
-    try:
-        await replicator.sync(conn)  # no copy yet: a full one
-        assert copy_of(settings.state_dir) == people
-        assert inserts.seen == [("accounts", 3), ("accounts", 3), ("accounts", 2),
-                                ("targets", 3), ("targets", 3), ("targets", 2)]
-        version = replicator.version
+        node.directory.add(address, [target])
+    await node.replicator.sync(node.conn)  # no copy yet: a full one
+    assert copy_of(node.state) == people
+    assert inserts.seen == [("accounts", 3), ("accounts", 3), ("accounts", 2),
+                            ("targets", 3), ("targets", 3), ("targets", 2)]
+    version = node.replicator.version
 
-        directory.add(f"new.one@{DOMAIN}", ["new@gmail.example"])
-        prune_log(directory)  # this node is now behind the log: a full copy again
+    node.directory.add(f"new.one@{DOMAIN}", ["new@gmail.example"])
+    prune_log(node.directory)  # this node is now behind the log: a full copy again
 
-        def cut() -> None:
-            with psycopg.connect(**connect_kwargs(pg_url, PASSWORD)) as admin:
-                admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+    def cut() -> None:
+        with psycopg.connect(**connect_kwargs(pg_url, PASSWORD)) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (node.conn.info.backend_pid,))
 
-        inserts.then = cut
-        with pytest.raises(psycopg.OperationalError):
-            await replicator.sync(conn)
-        assert inserts.seen[6:] == [("accounts", 3)]  # cut after its first chunk
-        assert copy_of(settings.state_dir) == people  # the old copy, whole
-        assert (await replicator.load()).version == version
-    finally:
-        await conn.close()
+    inserts.then = cut
+    with pytest.raises(psycopg.OperationalError):
+        await node.replicator.sync(node.conn)
+    assert inserts.seen[6:] == [("accounts", 3)]  # cut after its first chunk
+    assert copy_of(node.state) == people  # the old copy, whole
+    assert (await node.replicator.load()).version == version
+
     inserts.then = lambda: None
-    conn = await replicator.connect()
-    try:
-        await replicator.sync(conn)
-        assert copy_of(settings.state_dir) == {
-            **people, f"new.one@{DOMAIN}": ["active", "new@gmail.example"]}
-    finally:
-        await conn.close()
-        await replicator.close()
-        directory.close()
+    await node.conn.close()
+    node.conn = await node.replicator.connect()
+    await node.replicator.sync(node.conn)
+    assert copy_of(node.state) == {**people, f"new.one@{DOMAIN}": ["active", "new@gmail.example"]}
 
 
 async def test_a_copy_far_behind_is_made_again_rather_than_replayed(
-    tmp_path: Path, pg_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A replay reads every changed row in one piece: past REPLAY_MAX versions behind, the
     copy is streamed in full instead."""
     monkeypatch.setattr(replica, "REPLAY_MAX", 3)
     inserts = Inserts(monkeypatch)
-    settings = make_settings(tmp_path / "node", directory_url=pg_url,
-                             directory_password=PASSWORD)
-    directory = PgDirectory(pg_url, PASSWORD, actor="test")
-    replicator = Replicator(settings, clock)
-    conn = await replicator.connect()
-    try:
-        directory.add(f"anne.martin@{DOMAIN}")
-        await replicator.sync(conn)
-        inserts.seen.clear()
-        directory.add(f"bob.durand@{DOMAIN}")  # one version: replayed
-        await replicator.sync(conn)
-        assert inserts.seen == []
-        for name in ("carl", "dina", "emil", "fred"):  # four more: past the bound
-            directory.add(f"{name}.nom@{DOMAIN}")
-        await replicator.sync(conn)
-        assert inserts.seen == [("accounts", 6)]
-        assert len(copy_of(settings.state_dir)) == 6
-    finally:
-        await conn.close()
-        await replicator.close()
-        directory.close()
+    node.directory.add(f"anne.martin@{DOMAIN}")
+    await node.replicator.sync(node.conn)
+    inserts.seen.clear()
+    node.directory.add(f"bob.durand@{DOMAIN}")  # one version: replayed
+    await node.replicator.sync(node.conn)
+    assert inserts.seen == []
+    for name in ("carl", "dina", "emil", "fred"):  # four more: past the bound
+        node.directory.add(f"{name}.nom@{DOMAIN}")
+    await node.replicator.sync(node.conn)
+    assert inserts.seen == [("accounts", 6)]
+    assert len(copy_of(node.state)) == 6
 
 
 async def test_the_change_log_is_pruned_hourly_past_its_retention(
-    tmp_path: Path, pg_url: str, clock: FakeClock
+    node: Node, clock: FakeClock
 ) -> None:
     """The main process removes the change log's entries older than
-    `directory_log_retention`, once an hour, and moves `pruned_through` past them (a node
-    behind that takes a full copy, above); the node that pruned stays current."""
-    settings = make_settings(tmp_path / "node", directory_url=pg_url,
-                             directory_password=PASSWORD,
-                             directory_log_retention=30 * 86400.0)
-    directory = PgDirectory(pg_url, PASSWORD, actor="test")
-    replicator = Replicator(settings, clock)
-    conn = await replicator.connect()
+    `directory_log_retention` (30 days by default), once an hour, and moves
+    `pruned_through` past them (a node behind that takes a full copy, above); the node
+    that pruned stays current."""
+    pg = node.directory.pg
 
     def log() -> tuple[list[int], int]:
-        versions = [row[0] for row in directory.pg.execute(
+        versions = [row[0] for row in pg.execute(
             "SELECT version FROM changes ORDER BY version").fetchall()]
-        pruned = directory.pg.execute(
-            "SELECT value FROM meta WHERE name = 'pruned_through'").fetchone()[0]
-        return versions, int(pruned)
+        pruned = pg.execute("SELECT value FROM meta WHERE name = 'pruned_through'").fetchone()
+        return versions, int(pruned[0])
 
     def age(through: int, days: int) -> None:
-        directory.pg.execute("UPDATE changes SET at = now() - make_interval(days => ?)"
-                             " WHERE version <= ?", (days, through))
+        pg.execute("UPDATE changes SET at = now() - make_interval(days => ?)"
+                   " WHERE version <= ?", (days, through))
 
-    try:
-        directory.add(f"anne.martin@{DOMAIN}", ["anne@gmail.example"])
-        old = log()[0]
-        directory.add(f"bob.durand@{DOMAIN}", ["bob@gmail.example"])
-        await replicator.sync(conn)
-        age(max(old), 40)
-        await replicator.prune_due(conn)
-        versions, pruned = log()
-        assert pruned == max(old) and versions and min(versions) > max(old)
-        age(max(versions), 31)  # old enough now, but an hour has not passed
-        await replicator.prune_due(conn)
-        assert log()[0] == versions
-        clock.advance(3600)
-        await replicator.prune_due(conn)
-        assert log() == ([], max(versions))
-        assert await replicator.sync(conn) == 0  # this node was current: nothing to do
-        assert set(copy_of(settings.state_dir)) == {f"anne.martin@{DOMAIN}",
-                                                     f"bob.durand@{DOMAIN}"}
-    finally:
-        await conn.close()
-        await replicator.close()
-        directory.close()
+    node.directory.add(f"anne.martin@{DOMAIN}", ["anne@gmail.example"])
+    old = log()[0]
+    node.directory.add(f"bob.durand@{DOMAIN}", ["bob@gmail.example"])
+    await node.replicator.sync(node.conn)
+    age(max(old), 40)
+    await node.replicator.prune_due(node.conn)
+    versions, pruned = log()
+    assert pruned == max(old) and versions and min(versions) > max(old)
+    age(max(versions), 31)  # old enough now, but an hour has not passed
+    await node.replicator.prune_due(node.conn)
+    assert log()[0] == versions
+    clock.advance(3600)
+    await node.replicator.prune_due(node.conn)
+    assert log() == ([], max(versions))
+    assert await node.replicator.sync(node.conn) == 0  # this node was current
+    assert set(copy_of(node.state)) == {f"anne.martin@{DOMAIN}", f"bob.durand@{DOMAIN}"}
 
 
 async def test_a_full_copy_cancelled_half_way_leaves_the_old_copy_and_a_usable_connection(
-    tmp_path: Path, pg_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon stopping during a full copy: the copy's transaction is rolled back, its
     cursor closed with the snapshot, and the same connection syncs again afterwards."""
     monkeypatch.setattr(replica, "COPY_CHUNK", 2)
     inserts = Inserts(monkeypatch)
-    settings = make_settings(tmp_path / "node", directory_url=pg_url,
-                             directory_password=PASSWORD)
-    directory = PgDirectory(pg_url, PASSWORD, actor="test")
     for i in range(5):
-        directory.add(f"p{i}.nom@{DOMAIN}")
-    replicator = Replicator(settings, clock)
-    conn = await replicator.connect()
-    try:
-        await replicator.sync(conn)
-        before = copy_of(settings.state_dir)
-        directory.add(f"new.one@{DOMAIN}")
-        prune_log(directory)
-        loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(replicator.sync(conn))
-        inserts.then = lambda: loop.call_soon_threadsafe(task.cancel)
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert copy_of(settings.state_dir) == before
-        inserts.then = lambda: None
-        await replicator.sync(conn)  # the same connection: no cursor or snapshot left
-        assert len(copy_of(settings.state_dir)) == 6
-    finally:
-        await conn.close()
-        await replicator.close()
-        directory.close()
+        node.directory.add(f"p{i}.nom@{DOMAIN}")
+    await node.replicator.sync(node.conn)
+    before = copy_of(node.state)
+    node.directory.add(f"new.one@{DOMAIN}")
+    prune_log(node.directory)
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(node.replicator.sync(node.conn))
+    inserts.then = lambda: loop.call_soon_threadsafe(task.cancel)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert copy_of(node.state) == before
+    inserts.then = lambda: None
+    await node.replicator.sync(node.conn)  # the same connection: no cursor or snapshot left
+    assert len(copy_of(node.state)) == 6
