@@ -145,6 +145,16 @@ def _same_umask() -> Iterator[None]:
     os.umask(before)
 
 
+def pending_datagrams(sock: socket.socket) -> list[bytes]:
+    """The datagrams waiting on a non-blocking socket, now."""
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(100))
+        except BlockingIOError:
+            return got
+
+
 def make_settings(state_dir: Path, **changes: Any) -> Settings:
     base = Settings(
         listen=HostPort("127.0.0.1", 0),

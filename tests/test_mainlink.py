@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from forwarder.workers import WAKE, WAKE_SPACING, MainLink, wake_wait
+from tests.conftest import pending_datagrams
 
 
 def test_wake_wait() -> None:
@@ -30,15 +31,6 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     theirs.close()
 
 
-def _received(sock: socket.socket) -> list[bytes]:
-    found = []
-    while True:
-        try:
-            found.append(sock.recv(64))
-        except BlockingIOError:
-            return found
-
-
 async def _turns(n: int = 3) -> None:
     for _ in range(n):
         await asyncio.sleep(0)
@@ -55,18 +47,18 @@ async def test_wakes_within_the_spacing_ride_on_one(
     try:
         link.wake()
         await _turns()
-        assert _received(theirs) == [WAKE]  # the first: at once
+        assert pending_datagrams(theirs) == [WAKE]  # the first: at once
         now[0] += WAKE_SPACING / 4
         for _ in range(5):  # five commits in the same spell
             link.wake()
             await _turns()
-        assert _received(theirs) == []
+        assert pending_datagrams(theirs) == []
         now[0] += WAKE_SPACING  # the spell is over: one wake for all five
         await _turns()
-        assert _received(theirs) == [WAKE]
+        assert pending_datagrams(theirs) == [WAKE]
         now[0] += 10 * WAKE_SPACING  # quiet; the next goes at once again
         link.wake()
         await _turns()
-        assert _received(theirs) == [WAKE]
+        assert pending_datagrams(theirs) == [WAKE]
     finally:
         link.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from forwarder.systemd import Notifier, watchdog_interval, watchdog_loop
+from tests.conftest import pending_datagrams
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -161,16 +162,6 @@ class Sleeps:
         self._go.release()
 
 
-def _pending(sock: socket.socket) -> list[bytes]:
-    """The datagrams waiting on a non-blocking socket, now."""
-    got = []
-    while True:
-        try:
-            got.append(sock.recv(100))
-        except BlockingIOError:
-            return got
-
-
 async def test_watchdog_loop_pings_once_per_half_interval(
     path_socket: tuple[socket.socket, str],
 ) -> None:
@@ -184,7 +175,7 @@ async def test_watchdog_loop_pings_once_per_half_interval(
     try:
         for _ in range(3):
             await sleeps.asleep()
-            assert _pending(sock) == [b"WATCHDOG=1"]  # exactly one ping per sleep
+            assert pending_datagrams(sock) == [b"WATCHDOG=1"]  # exactly one ping per sleep
             sleeps.end_one()
         assert sleeps.asked == [0.05, 0.05, 0.05]
     finally:
@@ -216,7 +207,7 @@ async def test_watchdog_loop_stops_when_the_loop_is_stuck(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert _pending(sock) == [b"WATCHDOG=1"]
+    assert pending_datagrams(sock) == [b"WATCHDOG=1"]
 
 
 async def test_watchdog_loop_rejects_a_nonpositive_interval() -> None:
