@@ -239,7 +239,7 @@ class Acceptors:
 # The main process is woken at most this often by an acceptor's commits. Woken for each
 # message, at one session it leased, delivered and settled each in transactions of its
 # own (1.1-1.7 ms of CPU a message, on the two cores the acceptor needs too); a wake
-# every 20 ms hands it the messages of that spell together (0.5-0.6 ms a message), and
+# every 20 ms hands it the messages of that spell together (0.4-0.7 ms a message), and
 # the acceptor's one-session rate was higher in 13 pairs of 15 (docs/performance.md,
 # "Waking the main process"). A message then waits at most 20 ms more for delivery.
 WAKE_SPACING = 0.02

@@ -109,11 +109,6 @@ async def snapshot(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
         await conn.execute("ROLLBACK")
 
 
-async def fetch(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch:
-    """What the copy at `have` lacks (within a `snapshot`)."""
-    return await _read(conn, have)
-
-
 async def chunks(conn: psycopg.AsyncConnection[Any],
                  table: str) -> AsyncGenerator[list[tuple[Any, ...]], None]:
     """Every row of one of FULL_COPY's tables, COPY_CHUNK at a time, through a cursor on
@@ -130,7 +125,8 @@ async def _rows(conn: psycopg.AsyncConnection[Any], sql: str,
     return await cur.fetchall()
 
 
-async def _read(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch:
+async def fetch(conn: psycopg.AsyncConnection[Any], have: ReplicaState) -> Batch:
+    """What the copy at `have` lacks (within a `snapshot`)."""
     meta = dict(await _rows(conn, "SELECT name, value FROM meta"))
     directory_id, pruned = meta["directory_id"], int(meta["pruned_through"])
     # The newest version committed; a log pruned empty still has its versions behind it.
