@@ -9,6 +9,7 @@ import asyncio
 import itertools
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -205,6 +206,33 @@ def test_a_spill_that_fails_refuses_with_a_temporary_reply() -> None:
     assert body.feed(b"x" * 40 + b"\r\n") is None
     assert body.feed(b".\r\n") == (replies.QUEUE_FULL, b"")
     assert spill.discarded
+
+
+@pytest.mark.parametrize(("line", "fault"), [
+    (b"a\rb\r\n", replies.BARE_LINE_END),  # a CR alone inside a line
+    (b"a\nb\r\n", replies.BARE_LINE_END),  # an LF alone
+    (b"a\r\n\nb\r\n", replies.BARE_LINE_END),  # an LF right after a CRLF
+    (b"a\r\r\n", replies.BARE_LINE_END),  # a CR right before a CRLF
+    (b"\tx\x0b\x0c\x01\r\n", None),  # control characters below CR end no line
+    (b"caf\xc3\xa9\r\n", None),  # 8-bit text: one character per octet, never an error
+])
+def test_bare_line_ends_are_found_however_the_body_is_cut(line: bytes,
+                                                          fault: Reply | None) -> None:
+    """RFC 5321 2.3.8: a CR or LF outside a CRLF refuses the message (SMTP smuggling),
+    wherever the pieces are cut and whether the body is kept or spilled; the 8-bit flag
+    a spilled body carries (RFC 6152) is found on the way."""
+    wire = b"x\r\n" * 30 + line * 3 + b".\r\n"
+    for cut in range(1, len(wire)):
+        spill = MemorySpill()
+        body = BodyReader(10**6, 1000, itertools.repeat(spill).__next__, spill_at=64)
+        done = body.feed(wire[:cut]) or body.feed(wire[cut:])
+        assert done is not None and done[1] == b""
+        if fault is not None:
+            assert done[0] == fault and not spill.data  # nothing is left behind
+        else:
+            assert isinstance(done[0], Spilled)
+            assert done[0].eight_bit == (not line.isascii())
+            assert bytes(spill.data) == wire[:-3]
 
 
 @given(lines=st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"")
