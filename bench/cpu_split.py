@@ -3,7 +3,7 @@ acceptor processes, smtp-sink and smtp-source, for compare.sh's load at one poin
 (messages, sessions, body size), each forwarder given run in turn (interleaved pairs, so
 machine drift hits all alike). Prints the accept and end-to-end rates and the CPU a
 message of each process (`/proc/PID/stat`, and the children's rusage for smtp-source),
-with the processes' minor page faults a message.
+with the processes' minor page faults a message, and the daemon's peak resident memory.
 
     .venv/bin/python bench/cpu_split.py --point 100,20,5000000 --rounds 3 \\
         /path/to/a/.venv/bin/forwarder /path/to/b/.venv/bin/forwarder
@@ -32,6 +32,14 @@ def proc_stat(pid: int) -> tuple[float, int]:
     """CPU seconds (user + system) and minor faults of one process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def acceptors(pid: int) -> list[int]:
@@ -67,6 +75,7 @@ def one_run(forwarder: str, work: Path, point: tuple[int, int, int]) -> str:
             time.sleep(0.01)
         e2e = time.monotonic() - t0
         after = {k: [proc_stat(p) for p in v] for k, v in groups.items()}
+        peak = {k: sum(peak_rss_mib(p) for p in groups[k]) for k in ("main", "acceptors")}
     finally:
         daemon.stop()
         sink.stop()
@@ -76,6 +85,7 @@ def one_run(forwarder: str, work: Path, point: tuple[int, int, int]) -> str:
         faults = sum(a[1] - b[1] for a, b in zip(after[name], before[name], strict=True))
         cells.append(f"{name} {cpu * 1000 / messages:.1f} ms ({faults / messages:.0f} faults)")
     cells.append(f"smtp-source {source * 1000 / messages:.1f} ms")
+    cells.append("peak RSS main {main:.0f} MiB, acceptors {acceptors:.0f} MiB".format(**peak))
     return "; ".join(cells)
 
 

@@ -41,6 +41,7 @@ from forwarder.daemonparts import (
     start_error,
     sweep_spool,
     tune_gc,
+    tune_malloc,
 )
 from forwarder.daemonupkeep import reload as reload_daemon
 from forwarder.daemonupkeep import report_loop, space_loop, status_loop
@@ -395,6 +396,7 @@ def run(
                     inherited=inherited)
     daemon.record_faults = inherited is None
     tune_gc()
+    tune_malloc()
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop  # optional: faster event loop where installed
