@@ -147,6 +147,9 @@ def tune_malloc() -> bool:
     if platform.libc_ver()[0] != "glibc" or any(env in os.environ
                                                 for _, env, _ in MALLOC_SETTINGS):
         return False
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, _, value in MALLOC_SETTINGS)
+    try:  # a tuning, never a reason not to start (checked under MemoryDenyWriteExecute)
+        mallopt = ctypes.CDLL(None).mallopt
+        mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+        return all(mallopt(param, value) == 1 for param, _, value in MALLOC_SETTINGS)
+    except (OSError, AttributeError):
+        return False

@@ -52,3 +52,29 @@ def test_tuned_allocator_reuses_the_heap_for_body_sized_buffers() -> None:
 def test_the_environment_wins_over_the_tuning() -> None:
     tuned, _ = _run(tune=True, env={"MALLOC_TRIM_THRESHOLD_": "131072"})
     assert not tuned
+
+
+# The systemd unit has MemoryDenyWriteExecute=yes: the tuning goes through ctypes, which
+# must need no memory both writable and executable. PR_SET_MDWE (Linux 6.3) is the same
+# rule set from inside the process; where the kernel lacks it, the case is skipped.
+UNDER_MDWE = """
+import ctypes, mmap, sys
+if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, REFUSE_EXEC_GAIN
+    print("unsupported")
+    sys.exit()
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    print("not enforced")
+except OSError:
+    from forwarder.daemonparts import tune_malloc
+    print("tuned" if tune_malloc() else "untuned")
+"""
+
+
+def test_the_tuning_works_where_memory_cannot_be_writable_and_executable() -> None:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", UNDER_MDWE], env=environment,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    if out in ("unsupported", "not enforced"):
+        pytest.skip(f"PR_SET_MDWE {out} on this kernel")
+    assert out == "tuned"
