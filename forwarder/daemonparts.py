@@ -133,7 +133,7 @@ def tune_gc() -> None:
 # back to the kernel whenever twice that threshold is free, so the next message's buffers
 # fault their pages in again: 600-1,500 minor faults a 5 MB message in the acceptor.
 # Buffers up to 1 MiB from the heap and up to 8 MiB of free heap kept: 12 faults a
-# message, 1.5-2.6 ms less of the acceptor's CPU a 5 MB message (about a sixth), the same
+# message, 1.5-3 ms less of the acceptor's CPU a 5 MB message (a sixth or so), the same
 # peak RSS (docs/performance.md, "Fourth pass"). Set in the environment, glibc's own
 # MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ win.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
