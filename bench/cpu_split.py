@@ -14,7 +14,6 @@ docs/performance.md quotes its output ("Fourth pass").
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import shutil
 import sys
@@ -23,23 +22,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import DEFAULT_FORWARDER, Daemon, Sink, build_directory, free_port, smtp_source
+from run import (
+    DEFAULT_FORWARDER,
+    Daemon,
+    Sink,
+    build_directory,
+    free_port,
+    proc_stat,
+    proc_status,
+    smtp_source,
+)
 
 DIRECTORY_N = 50_000
-
-
-def proc_stat(pid: int) -> tuple[float, int]:
-    """CPU seconds (user + system) and minor faults of one process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
-
-
-def peak_rss_mib(pid: int) -> float:
-    """The process's peak resident memory (VmHWM), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def acceptors(pid: int) -> list[int]:
@@ -75,7 +69,8 @@ def one_run(forwarder: str, work: Path, point: tuple[int, int, int]) -> str:
             time.sleep(0.01)
         e2e = time.monotonic() - t0
         after = {k: [proc_stat(p) for p in v] for k, v in groups.items()}
-        peak = {k: sum(peak_rss_mib(p) for p in groups[k]) for k in ("main", "acceptors")}
+        peak = {k: sum(proc_status(p, "VmHWM") for p in groups[k]) / 1024
+                for k in ("main", "acceptors")}
     finally:
         daemon.stop()
         sink.stop()

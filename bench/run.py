@@ -141,14 +141,10 @@ class Daemon:
 
     def status(self, key: str) -> int:
         """VmHWM / VmRSS of the daemon, in KiB."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-        return 0
+        return proc_status(self.pid, key)
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_stat(self.pid)[0]
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -159,6 +155,20 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A /proc/PID/status figure (VmHWM, VmRSS: in KiB), 0 if absent."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def proc_stat(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system) and minor page faults of one process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
