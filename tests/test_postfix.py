@@ -121,7 +121,9 @@ class Gateway:
 
     async def start(self) -> None:
         self.write()
-        await run("postmap", f"hash:{self.conf}/transport_forwarder",
+        # `-c`: the private configuration, not /etc/postfix/main.cf, which a machine whose
+        # postfix was installed with "No configuration" does not have.
+        await run("postmap", "-c", str(self.conf), f"hash:{self.conf}/transport_forwarder",
                   f"hash:{self.conf}/relay_recipients")
         await run(POSTFIX, "-c", str(self.conf), "start")
 
