@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,9 +199,9 @@ def latencies(forwarder: str, config: Path, capacity: float, args: argparse.Name
         return
     work = Path(tempfile.mkdtemp(prefix="edges-latency."))
     with bench_lock():
-        procs = start_both(forwarder, config, work)
+        procs, sinks = start_both(forwarder, config, work)
         try:
-            measure_latencies(capacity, args)
+            measure_latencies(capacity, args, lambda: settle(sinks))
         finally:
             for p in procs:
                 p.terminate()
@@ -210,7 +210,8 @@ def latencies(forwarder: str, config: Path, capacity: float, args: argparse.Name
             subprocess.run(["postfix", "stop"], capture_output=True)
 
 
-def start_both(forwarder: str, config: Path, work: Path) -> list[subprocess.Popen[bytes]]:
+def start_both(forwarder: str, config: Path,
+               work: Path) -> tuple[list[subprocess.Popen[bytes]], list[Sink]]:
     subprocess.run(["postfix", "start"], capture_output=True)
     sinks = [Sink(PF_SINK, work / "pf-sink.out"), Sink(FW_SINK, work / "fw-sink.out")]
     for s in sinks:
@@ -228,20 +229,37 @@ def start_both(forwarder: str, config: Path, work: Path) -> list[subprocess.Pope
         stdout=open(work / "forwarder.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
     wait_port(FW_PORT)
     wait_port(PF_PORT)
-    return [daemon, *(s.proc for s in sinks if s.proc is not None)]
+    return [daemon, *(s.proc for s in sinks if s.proc is not None)], sinks
 
 
-def measure_latencies(capacity: float, args: argparse.Namespace) -> None:
+def settle(sinks: list[Sink], quiet: float = 1.0, limit: float = 120.0) -> None:
+    """Wait until neither MTA is still delivering what the last load left queued (both
+    sinks' counts unchanged for `quiet` s): otherwise the next load is measured while the
+    other MTA drains its queue on the same two cores."""
+    counts, since, deadline = [-1], time.monotonic(), time.monotonic() + limit
+    while time.monotonic() < deadline:
+        now = [s.delivered() for s in sinks]
+        if now != counts:
+            counts, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.1)
+
+
+def measure_latencies(capacity: float, args: argparse.Namespace,
+                      settle: Callable[[], None]) -> None:
     body = make_body(2000)
     print("\n| load | MTA | dot -> 250 p50 ms | p99 ms | RCPT p50 ms | errors | load average |")
     print("|---|---|---|---|---|---|---|")
     for name, port in (("Postfix", PF_PORT), ("forwarder", FW_PORT)):
+        settle()
         lat, took = asyncio.run(sequential(port, args.latency_messages, body))
         latency_line(name, "one sequential client", lat,
                      f"{len(lat.dot) / took:.0f} msg/s; ")
     for share in (0.5, 0.9):
         rate = share * capacity
         for name, port in (("Postfix", PF_PORT), ("forwarder", FW_PORT)):
+            settle()
             lat = asyncio.run(paced(port, rate, args.latency_seconds, body))
             latency_line(name, f"{share:.0%} of {capacity:.0f} msg/s ({rate:.0f} msg/s)", lat)
     print("(the machine is shared with other work: the load average is beside each line)")
