@@ -247,19 +247,19 @@ def settle(sinks: list[Sink], quiet: float = 1.0, limit: float = 120.0) -> None:
 
 
 def measure_latencies(capacity: float, args: argparse.Namespace,
-                      settle: Callable[[], None]) -> None:
+                      drained: Callable[[], None]) -> None:
     body = make_body(2000)
     print("\n| load | MTA | dot -> 250 p50 ms | p99 ms | RCPT p50 ms | errors | load average |")
     print("|---|---|---|---|---|---|---|")
     for name, port in (("Postfix", PF_PORT), ("forwarder", FW_PORT)):
-        settle()
+        drained()
         lat, took = asyncio.run(sequential(port, args.latency_messages, body))
         latency_line(name, "one sequential client", lat,
                      f"{len(lat.dot) / took:.0f} msg/s; ")
     for share in (0.5, 0.9):
         rate = share * capacity
         for name, port in (("Postfix", PF_PORT), ("forwarder", FW_PORT)):
-            settle()
+            drained()
             lat = asyncio.run(paced(port, rate, args.latency_seconds, body))
             latency_line(name, f"{share:.0%} of {capacity:.0f} msg/s ({rate:.0f} msg/s)", lat)
     print("(the machine is shared with other work: the load average is beside each line)")
